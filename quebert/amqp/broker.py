@@ -1,0 +1,95 @@
+# -*- test-case-name: tests.test_amqp -*-
+"""
+``AMQPBroker``: the :class:`~quebert.interfaces.IBroker` on RabbitMQ.
+
+Two connections, as RabbitMQ recommends: one publishes (and may be blocked
+by a memory or disk alarm), the other consumes and acks, so flow control on
+publishing never stops acknowledgements.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from zope.interface import implementer
+
+from quebert.amqp.connection import AMQPConnection
+from quebert.amqp.consumer import QueueConsumer
+from quebert.amqp.publisher import Publisher, properties
+from quebert.amqp.topology import MAX_DELAY_MS, Topology
+from quebert.interfaces import IBroker
+
+
+@implementer(IBroker)
+class AMQPBroker(MultiService):
+    """
+    Publisher and consumers for one RabbitMQ node.
+
+    :param consume: whether to open the consuming connection (a producer
+        only needs the publishing one).
+    """
+
+    def __init__(self, url: str, topology: Optional[Topology] = None, *, reactor: Any = None,
+                 consume: bool = True, name: str = "quebert") -> None:
+        super().__init__()
+        self.topology = topology or Topology()
+        self.exchange = self.topology.exchange
+        self.publishing = AMQPConnection(url, name=f"{name}-publisher", reactor=reactor)
+        self.publishing.setServiceParent(self)
+        self.reactor = self.publishing.reactor
+        self.publisher = Publisher(self.publishing, self.topology)
+        self.consuming: Optional[AMQPConnection] = None
+        if consume:
+            self.consuming = AMQPConnection(url, name=f"{name}-consumer", reactor=reactor)
+            self.consuming.setServiceParent(self)
+        self.consumers: dict[str, QueueConsumer] = {}
+
+    # -- publishing ------------------------------------------------------
+
+    def publish(self, queue: str, body: bytes, headers: dict, *, message_id: str,
+                content_type: Optional[str] = "application/json", delay: float = 0.0):
+        props = properties(message_id, headers, content_type=content_type)
+        delay_ms = int(round(max(delay, 0.0) * 1000))
+        if delay_ms <= 0:
+            return self.publisher.publish(self.exchange, queue, body, props, declare=queue)
+        exchange, routing_key = self.topology.delay_route(min(delay_ms, MAX_DELAY_MS), queue)
+        return self.publisher.publish(exchange, routing_key, body, props, declare=queue)
+
+    def publish_errored(self, queue: str, body: bytes, headers: dict, *,
+                        message_id: Optional[str],
+                        content_type: Optional[str] = "application/json"):
+        props = properties(message_id, headers, content_type=content_type)
+        return self.publisher.publish("", self.topology.errored_queue(queue), body, props,
+                                      declare=queue)
+
+    # -- consuming ---------------------------------------------------------
+
+    def consume(self, queue: str, prefetch: int, on_delivery: Callable) -> None:
+        if self.consuming is None:
+            raise RuntimeError("this broker was built with consume=False")
+        if self.consuming.running:
+            raise RuntimeError("add consumers before the broker starts")
+        self.consumers[queue] = QueueConsumer(self.consuming, self.topology, queue, prefetch,
+                                              on_delivery)
+
+    @defer.inlineCallbacks
+    def pause_consuming(self):
+        yield defer.DeferredList([c.pause() for c in self.consumers.values()],
+                                 consumeErrors=True)
+
+    def close_consumers(self) -> None:
+        for consumer in self.consumers.values():
+            consumer.close_channel()
+
+    def whenConnected(self):
+        """Fires once every connection of this broker is ready."""
+        waits = [self.publishing.whenConnected()]
+        if self.consuming is not None:
+            waits.append(self.consuming.whenConnected())
+        return defer.gatherResults(waits, consumeErrors=True)
+
+    def stopService(self):
+        self.publisher.stop()
+        return super().stopService()

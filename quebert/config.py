@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Worker configuration: a JSON file, then command-line options on top.
+
+The file takes the guillotina_amqp ``amqp`` block as it is (``host``,
+``port``, ``login``, ``password``, ``vhost``, ``heartbeat``, ``exchange``,
+``queue``, ``max_running_tasks``, ``delayed_ttl_ms``, ``errored_ttl_ms``,
+``state_ttl``, ``max_task_retries``) plus quebert's own keys; see
+``docs/configuration.rst`` for every key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from quebert.amqp.connection import DEFAULT_AMQP_URL, amqp_url
+from quebert.errors import ConfigurationError
+from quebert.mediator import QueueSettings
+from quebert.protocol import QUEUE_RE
+from quebert.retry import RETRY_FIELDS, RetryPolicy
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "default"
+DEFAULT_MEDIATOR = "quebert.mediator.DelayOnErrorMediator"
+
+
+@attrs.define
+class WorkerConfig:
+    """Everything a worker needs to run, already validated."""
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    exchange: str = "quebert"
+    queue_type: str = "classic"
+    queues: list = attrs.field(factory=list)
+    max_running_tasks: int = 100
+    threads: Optional[int] = None
+    state: str = "redis"
+    redis_url: str = DEFAULT_REDIS_URL
+    state_prefix: str = "quebert:"
+    state_ttl: float = 24 * 3600.0
+    errored_ttl_ms: Optional[int] = 7 * 24 * 3600 * 1000
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    shutdown_timeout: float = 30.0
+    mediator: str = DEFAULT_MEDIATOR
+    tasks: list = attrs.field(factory=list)
+    max_message_size: int = 1024 * 1024
+    log_level: str = "info"
+
+    def queue_settings(self) -> list[QueueSettings]:
+        """The queues to consume, with the defaults filled in."""
+        queues = self.queues or [{"name": DEFAULT_QUEUE}]
+        result = []
+        for q in queues:
+            retry = self.retry.replace(**{k: q[k] for k in RETRY_FIELDS if k in q})
+            result.append(QueueSettings(
+                name=q["name"],
+                concurrency=int(q.get("concurrency") or min(self.max_running_tasks, 100)),
+                retry=retry,
+                timeout=q.get("timeout"),
+            ))
+        return result
+
+
+def parse_queue_option(value: str) -> dict:
+    """``NAME[:CONCURRENCY]`` from the command line."""
+    name, _, concurrency = value.partition(":")
+    if not QUEUE_RE.match(name):
+        raise ConfigurationError(f"{name!r} is not a valid queue name "
+                                 "(letters, digits, _ . : - ; at most 100)")
+    queue: dict[str, Any] = {"name": name}
+    if concurrency:
+        try:
+            queue["concurrency"] = int(concurrency)
+        except ValueError:
+            raise ConfigurationError(f"queue concurrency must be an integer: {value!r}")
+        if queue["concurrency"] < 1:
+            raise ConfigurationError(f"queue concurrency must be >= 1: {value!r}")
+    return queue
+
+
+def _positive(value: Any, what: str, integer: bool = False) -> Any:
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{what} must be a number, not {value!r}")
+    if number <= 0:
+        raise ConfigurationError(f"{what} must be > 0, not {value!r}")
+    return number
+
+
+def load_file(path: str) -> dict:
+    """Read a JSON config file with errors a human can act on."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigurationError(f"cannot read config file {path!r}: {e.strerror}")
+    except ValueError as e:
+        raise ConfigurationError(f"config file {path!r} is not valid JSON: {e}")
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"config file {path!r} must hold a JSON object")
+    return data
+
+
+def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
+    """Build a :class:`WorkerConfig` from a parsed config file."""
+    config = WorkerConfig()
+    amqp = data.get("amqp") or {}
+    if not isinstance(amqp, dict):
+        raise ConfigurationError("'amqp' must be a JSON object")
+    if "url" in amqp:
+        config.amqp_url = str(amqp["url"])
+    elif any(k in amqp for k in ("host", "port", "login", "password", "vhost", "heartbeat")):
+        config.amqp_url = amqp_url(
+            host=amqp.get("host", "127.0.0.1"), port=amqp.get("port", 5672),
+            login=amqp.get("login", "guest"), password=amqp.get("password", "guest"),
+            vhost=amqp.get("vhost", "/"), heartbeat=amqp.get("heartbeat"),
+            ssl=bool(amqp.get("ssl", False)),
+        )
+    config.exchange = amqp.get("exchange", config.exchange)
+    config.queue_type = amqp.get("queue_type", config.queue_type)
+    if "max_running_tasks" in amqp:
+        config.max_running_tasks = _positive(amqp["max_running_tasks"], "max_running_tasks",
+                                             integer=True)
+    if "errored_ttl_ms" in amqp:
+        config.errored_ttl_ms = int(amqp["errored_ttl_ms"]) or None
+    if "state_ttl" in amqp:
+        config.state_ttl = float(amqp["state_ttl"])
+
+    retry: dict[str, Any] = {}
+    if "delayed_ttl_ms" in amqp:
+        # guillotina_amqp's fixed retry delay becomes the first backoff.
+        retry["min_backoff"] = float(amqp["delayed_ttl_ms"]) / 1000.0
+        retry["max_backoff"] = max(retry["min_backoff"], config.retry.max_backoff)
+    if "max_task_retries" in amqp:
+        retry["max_attempts"] = int(amqp["max_task_retries"]) + 1
+    retry.update(data.get("retry") or {})
+    try:
+        config.retry = RetryPolicy.from_mapping(retry, config.retry)
+    except (TypeError, ValueError) as e:
+        raise ConfigurationError(f"bad retry settings: {e}")
+
+    queues = data.get("queues")
+    if queues is None and "queue" in amqp:
+        queues = [{"name": amqp["queue"]}]
+    if queues is not None:
+        config.queues = _parse_queues(queues)
+
+    state = data.get("state") or {}
+    if not isinstance(state, dict):
+        raise ConfigurationError("'state' must be a JSON object")
+    config.state = state.get("backend", config.state)
+    config.redis_url = state.get("url", config.redis_url)
+    config.state_prefix = state.get("prefix", config.state_prefix)
+    if "ttl" in state:
+        config.state_ttl = float(state["ttl"])
+
+    for key in ("shutdown_timeout",):
+        if key in data:
+            setattr(config, key, _positive(data[key], key))
+    if "max_message_size" in data:
+        config.max_message_size = _positive(data["max_message_size"], "max_message_size",
+                                            integer=True)
+    if "threads" in data:
+        config.threads = _positive(data["threads"], "threads", integer=True)
+    if "mediator" in data:
+        config.mediator = str(data["mediator"])
+    if "tasks" in data:
+        tasks = data["tasks"]
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigurationError("'tasks' must be a list of module names")
+        config.tasks = list(tasks)
+    if "log_level" in data:
+        config.log_level = str(data["log_level"])
+    return config
+
+
+def _parse_queues(queues: Any) -> list[dict]:
+    if isinstance(queues, dict):
+        items = [dict(v or {}, name=k) for k, v in queues.items()]
+    elif isinstance(queues, list):
+        items = [{"name": q} if isinstance(q, str) else dict(q) for q in queues]
+    else:
+        raise ConfigurationError("'queues' must be an object or a list")
+    result = []
+    for q in items:
+        name = q.get("name")
+        if not isinstance(name, str) or not QUEUE_RE.match(name):
+            raise ConfigurationError(f"{name!r} is not a valid queue name")
+        unknown = set(q) - {"name", "concurrency", "timeout", *RETRY_FIELDS}
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) for queue {name!r}: {', '.join(sorted(unknown))}"
+            )
+        if "concurrency" in q:
+            q["concurrency"] = _positive(q["concurrency"], f"queues.{name}.concurrency",
+                                         integer=True)
+        if q.get("timeout") is not None:
+            q["timeout"] = _positive(q["timeout"], f"queues.{name}.timeout")
+        RetryPolicy.from_mapping(q)  # validate early
+        result.append(q)
+    return result

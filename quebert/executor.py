@@ -1,0 +1,132 @@
+# -*- test-case-name: tests.test_executor -*-
+"""
+Running a task's callable without ever blocking the reactor.
+
+Plain functions run in a bounded thread pool; ``async def``,
+``inlineCallbacks`` and other Deferred-returning callables (registered with
+``executor="reactor"``) run on the reactor.  A per-task timeout cancels a
+reactor task's Deferred; a thread cannot be interrupted, so a timed-out
+thread task is reported failed at once and its eventual result discarded
+(it keeps its thread until it returns, which bounds the pool's damage to
+the tasks that overran).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any, Mapping, Optional
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from quebert.errors import TaskTimeout
+from quebert.registry import REACTOR, TaskDefinition
+
+
+class _DaemonThreadPool(ThreadPool):
+    """A thread stuck in a task must not keep the process from exiting."""
+
+    def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore
+        thread = threading.Thread(*args, **kwargs)
+        thread.daemon = True
+        return thread
+
+
+class Executor:
+    """Runs task callables; one per worker."""
+
+    def __init__(self, reactor: Any, max_threads: int = 10) -> None:
+        self.reactor = reactor
+        self.pool = _DaemonThreadPool(minthreads=0, maxthreads=max(1, max_threads),
+                                      name="quebert-tasks")
+        self.max_threads = max_threads
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self, join: bool = True) -> None:
+        """Stop the pool; ``join=False`` leaves stuck threads behind."""
+        if not self.pool.started:
+            return
+        if join:
+            self.pool.stop()
+        else:
+            self.pool.joined = True
+            self.pool.started = False
+
+    def run(self, definition: TaskDefinition, args: tuple, kwargs: Mapping[str, Any],
+            timeout: Optional[float] = None) -> defer.Deferred:
+        """Fire with the callable's result, or fail with its error."""
+        if definition.executor == REACTOR:
+            d = defer.maybeDeferred(_call_on_reactor, definition, args, dict(kwargs))
+            if timeout:
+                d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out(definition,
+                                                                                timeout))
+            return d
+        d = deferToThreadPool(self.reactor, self.pool, _call_in_thread, definition, args,
+                              dict(kwargs))
+        if not timeout:
+            return d
+        return _race(d, timeout, self.reactor, definition)
+
+
+def _call_on_reactor(definition: TaskDefinition, args: tuple, kwargs: dict) -> Any:
+    result = definition.fn(*args, **kwargs)
+    if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
+        return defer.ensureDeferred(result)
+    return result
+
+
+def _call_in_thread(definition: TaskDefinition, args: tuple, kwargs: dict) -> Any:
+    result = definition.fn(*args, **kwargs)
+    if inspect.iscoroutine(result):
+        result.close()
+        raise TypeError(
+            f"task {definition.name!r} returned a coroutine from a thread; "
+            "define it with 'async def' or register it with executor='reactor'"
+        )
+    if isinstance(result, defer.Deferred):
+        raise TypeError(
+            f"task {definition.name!r} returned a Deferred from a thread; "
+            "register it with executor='reactor'"
+        )
+    return result
+
+
+def _timed_out(definition: TaskDefinition, timeout: float):
+    def convert(result: Any, seconds: float) -> Any:
+        if isinstance(result, defer.Failure) and result.check(defer.CancelledError):
+            raise TaskTimeout(f"task {definition.name!r} timed out after {timeout:g}s")
+        return result
+
+    return convert
+
+
+def _race(d: defer.Deferred, timeout: float, reactor: Any,
+          definition: TaskDefinition) -> defer.Deferred:
+    """Report a thread task as failed after ``timeout``; ignore it thereafter."""
+    outer: defer.Deferred = defer.Deferred()
+
+    def expire() -> None:
+        if not outer.called:
+            outer.errback(TaskTimeout(
+                f"task {definition.name!r} timed out after {timeout:g}s "
+                "(its thread keeps running until the function returns)"
+            ))
+
+    call = reactor.callLater(timeout, expire)
+
+    def finished(result: Any) -> None:
+        if call.active():
+            call.cancel()
+        if not outer.called:
+            if isinstance(result, defer.Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+        return None
+
+    d.addBoth(finished)
+    return outer

@@ -1,0 +1,531 @@
+# -*- test-case-name: tests.test_mediator -*-
+"""
+The mediator: from a delivered message to a durable outcome.
+
+For each delivery: decode -> look up the registered task -> check its
+arguments -> (re-delay if it is early; count a lost attempt if a worker
+died running it) -> before-hooks -> state ``running`` -> executor ->
+after-hooks or error-hooks -> outcome.  The outcome is made durable before
+the original message is acked: a retry or errored copy is published with
+publisher confirms first, so a worker killed at any instant loses nothing
+(at-least-once; duplicates are possible).
+
+``Mediator`` sends a failed task straight to its errored queue;
+:class:`DelayOnErrorMediator` (the default) retries it through the broker's
+delay queues with the Cloud Tasks backoff until its attempts and retry
+duration are spent.
+
+Extension points for subclasses: ``before_task``, ``after_task``,
+``task_failed`` (hooks, may return Deferreds), ``on_failure`` (choose
+retry or fail), ``policy_for`` (the retry policy of a task) and
+``timeout_for``.  Hooks may also be given as :class:`Hook` objects.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import traceback
+from typing import Any, Iterable, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from quebert import protocol
+from quebert.errors import InvalidMessage, QuebertError, WorkerLost
+from quebert.protocol import (
+    H_ATTEMPTS,
+    H_ERROR_MESSAGE,
+    H_ERROR_TYPE,
+    H_FIRST_ATTEMPT,
+    H_NOT_BEFORE,
+    H_QUEUE,
+    H_REASON,
+    TaskMessage,
+)
+from quebert.registry import Registry, TaskDefinition, default_registry
+from quebert.retry import RetryPolicy
+from quebert.state.interface import CANCELED, FAILED, SCHEDULED, SUCCEEDED
+
+log = Logger(namespace="quebert.mediator")
+
+#: A task arriving this many seconds or more before its due time is delayed again.
+EARLY_TOLERANCE = 1.0
+_HEADER_TEXT_LIMIT = 1000
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@attrs.define(eq=False)
+class Task:
+    """What hooks and subclasses see of a task being run."""
+
+    id: str
+    name: str
+    queue: str
+    args: tuple
+    kwargs: dict
+    attempt: int
+    message: TaskMessage
+    definition: TaskDefinition
+    policy: RetryPolicy
+    first_attempt_at: float
+    started_at: float
+    delivery: Any = attrs.field(repr=False)
+    #: Free-form storage for hooks (e.g. timings, a span).
+    context: dict = attrs.field(factory=dict)
+
+
+class Hook:
+    """
+    A no-op base class for mediator hooks; override what you need.
+
+    Before-hooks run in order, after- and error-hooks in reverse order.
+    Any method may return a Deferred.  ``before`` returning ``False`` skips
+    the task: it is acked and recorded ``canceled``.  A hook that raises is
+    logged with the task id and otherwise ignored.
+    """
+
+    def before(self, task: Task) -> Any:
+        return None
+
+    def after(self, task: Task, result: Any) -> Any:
+        return None
+
+    def error(self, task: Task, failure: Failure) -> Any:
+        return None
+
+
+@attrs.frozen
+class QueueSettings:
+    """Per-queue settings: concurrency (prefetch), retry and timeout defaults."""
+
+    name: str
+    concurrency: int = 10
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    timeout: Optional[float] = None
+
+
+def error_info(failure: Failure) -> dict:
+    """The ``error`` record of a failure: type, message, traceback."""
+    exc = failure.value
+    try:
+        tb = failure.getTraceback()
+    except Exception:
+        tb = "".join(traceback.format_exception_only(type(exc), exc))
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb[-8000:],
+    }
+
+
+def _header_text(value: str) -> str:
+    return value if len(value) <= _HEADER_TEXT_LIMIT else value[: _HEADER_TEXT_LIMIT - 3] + "..."
+
+
+class Mediator:
+    """
+    Runs deliveries through hooks and the executor to a durable outcome.
+
+    On failure the task goes to its errored queue; see
+    :class:`DelayOnErrorMediator` for retries.
+    """
+
+    def __init__(self, *, broker: Any, state: Any, executor: Any, clock: Any,
+                 queues: Iterable[QueueSettings], registry: Optional[Registry] = None,
+                 max_running_tasks: int = 100, worker_id: Optional[str] = None,
+                 hooks: Iterable[Hook] = (), max_message_size: int = 1024 * 1024,
+                 task_log_level: LogLevel = LogLevel.info) -> None:
+        self.broker = broker
+        self.state = state
+        self.executor = executor
+        self.clock = clock
+        self.registry = registry if registry is not None else default_registry
+        self.queues = {q.name: q for q in queues}
+        self.max_running_tasks = max_running_tasks
+        self.worker_id = worker_id or default_worker_id()
+        self.hooks = list(hooks)
+        self.max_message_size = max_message_size
+        self.task_log_level = task_log_level
+        #: Tasks currently in the executor, by id.
+        self.running: dict[str, Task] = {}
+        self._inflight: dict[Any, defer.Deferred] = {}
+        self._waiting: collections.deque = collections.deque()
+        self.stopping = False
+        #: Seconds before a message whose handling failed unexpectedly is returned.
+        self.unexpected_error_delay = 2.0
+        self.counts: collections.Counter = collections.Counter()
+
+    # -- intake ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register a consumer for every queue with the broker."""
+        for settings in self.queues.values():
+            self.broker.consume(settings.name, settings.concurrency, self.on_delivery)
+
+    def on_delivery(self, delivery: Any) -> None:
+        """Called by the broker for each message; never raises."""
+        if self.stopping:
+            # Not started: give it back now rather than at channel close.
+            delivery.nack(requeue=True)
+            return
+        if len(self._inflight) >= self.max_running_tasks:
+            self._waiting.append(delivery)
+            return
+        self._start(delivery)
+
+    def _start(self, delivery: Any) -> None:
+        d = defer.ensureDeferred(self.handle(delivery))
+        self._inflight[delivery] = d
+        d.addErrback(self._unexpected, delivery)
+        d.addBoth(self._finished, delivery)
+
+    def _unexpected(self, failure: Failure, delivery: Any) -> None:
+        # Typically the broker refused or lost an outcome publish.  Give the
+        # message back, after a pause so that a persistent fault cannot
+        # spin a hot redelivery loop.
+        log.failure("mediator failed on message {message_id} from {queue}; returning it "
+                    "to the queue in {delay}s", failure, message_id=delivery.message_id,
+                    queue=delivery.queue, delay=self.unexpected_error_delay)
+        self.counts["unexpected"] += 1
+        self.clock.callLater(self.unexpected_error_delay, delivery.nack, True)
+
+    def _finished(self, _: Any, delivery: Any) -> None:
+        self._inflight.pop(delivery, None)
+        while self._waiting and len(self._inflight) < self.max_running_tasks:
+            waiting = self._waiting.popleft()
+            if self.stopping:
+                waiting.nack(requeue=True)
+            else:
+                self._start(waiting)
+
+    # -- the path of one task -------------------------------------------
+
+    async def handle(self, delivery: Any) -> None:
+        """Take one delivery all the way to an acked, recorded outcome."""
+        now = self.clock.seconds()
+        try:
+            message = protocol.decode(delivery.body, delivery.content_type,
+                                      default_queue=delivery.queue,
+                                      max_size=self.max_message_size)
+            definition = self.registry.get(message.task, message.id)
+            definition.bind(message.args, message.kwargs, message.id)
+        except InvalidMessage as e:
+            await self.reject(delivery, e)
+            return
+
+        headers = delivery.headers or {}
+        previous = protocol.int_header(headers, H_ATTEMPTS)
+        first_attempt_at = protocol.time_header(headers, H_FIRST_ATTEMPT)
+        policy = self.policy_for(message, definition)
+
+        not_before = protocol.time_header(headers, H_NOT_BEFORE) or message.eta
+        if not_before is not None and not_before - now >= EARLY_TOLERANCE:
+            await self._delay(delivery, message, not_before - now, {})
+            return
+
+        if delivery.redelivered or delivery.delivery_count:
+            lost = await self._lost_attempts(message, delivery, previous)
+            if lost > previous:
+                await self._worker_lost(delivery, message, definition, policy, lost,
+                                        first_attempt_at or now)
+                return
+
+        attempt = previous + 1
+        task = Task(
+            id=message.id, name=message.task, queue=delivery.queue, args=message.args,
+            kwargs=dict(message.kwargs), attempt=attempt, message=message,
+            definition=definition, policy=policy,
+            first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
+        )
+        if not await self._run_before_hooks(task):
+            await self.state.finished(task.id, CANCELED, attempt - 1, message.info(),
+                                      self.clock.seconds(), reason="skipped by a before-hook")
+            delivery.ack()
+            self._log(task, "task {task_id} ({task}) skipped by a before-hook")
+            self.counts["skipped"] += 1
+            return
+
+        await self.state.started(task.id, attempt, self.worker_id, message.info(), now)
+        self._log(task, "task {task_id} ({task}) attempt {attempt} started")
+        self.running[task.id] = task
+        try:
+            result = await self.executor.run(definition, task.args, task.kwargs,
+                                             self.timeout_for(task))
+        except Exception:
+            failure = Failure()
+        else:
+            failure = None
+        finally:
+            self.running.pop(task.id, None)
+
+        if failure is None:
+            await self._run_after_hooks(task, result)
+            await self.state.finished(task.id, SUCCEEDED, attempt, message.info(),
+                                      self.clock.seconds(), result=result)
+            delivery.ack()
+            self.counts["succeeded"] += 1
+            self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
+                      "in {duration:.3f}s", duration=self.clock.seconds() - now)
+        else:
+            await self._run_error_hooks(task, failure)
+            await self.on_failure(task, failure)
+
+    # -- extension points ------------------------------------------------
+
+    def policy_for(self, message: TaskMessage, definition: TaskDefinition) -> RetryPolicy:
+        """Queue default, overridden by the task's, overridden by the message's."""
+        settings = self.queues.get(message.queue)
+        base = settings.retry if settings is not None else RetryPolicy()
+        try:
+            return base.replace(**definition.retry).replace(**message.retry)
+        except QuebertError as e:
+            log.warn("task {task_id}: bad retry options ({error}); using queue defaults",
+                     task_id=message.id, error=e)
+            return base
+
+    def timeout_for(self, task: Task) -> Optional[float]:
+        """Seconds an attempt may run: message, then task, then queue."""
+        if task.message.timeout:
+            return task.message.timeout
+        if task.definition.timeout:
+            return task.definition.timeout
+        settings = self.queues.get(task.queue)
+        return settings.timeout if settings is not None else None
+
+    def before_task(self, task: Task) -> Any:
+        """Hook: before a task runs.  Return ``False`` to skip it."""
+        return None
+
+    def after_task(self, task: Task, result: Any) -> Any:
+        """Hook: after a task succeeded, with its result."""
+        return None
+
+    def task_failed(self, task: Task, failure: Failure) -> Any:
+        """Hook: after an attempt failed (before retry or errored)."""
+        return None
+
+    async def on_failure(self, task: Task, failure: Failure) -> None:
+        """Decide what a failed attempt leads to: here, always the errored queue."""
+        await self.fail(task, failure)
+
+    # -- outcomes ----------------------------------------------------------
+
+    async def retry(self, task: Task, failure: Failure, delay: float) -> None:
+        """Publish a delayed copy (confirmed), record ``scheduled``, ack."""
+        error = error_info(failure)
+        headers = protocol.republish_headers(task.delivery.headers, **{
+            H_ATTEMPTS: task.attempt,
+            H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
+            H_QUEUE: task.queue,
+            H_ERROR_TYPE: error["type"],
+            H_ERROR_MESSAGE: _header_text(error["message"]),
+        })
+        headers.pop(H_NOT_BEFORE, None)
+        await self.broker.publish(task.queue, task.delivery.body, headers,
+                                  message_id=task.id,
+                                  content_type=task.delivery.content_type, delay=delay)
+        now = self.clock.seconds()
+        await self.state.finished(task.id, SCHEDULED, task.attempt, task.message.info(), now,
+                                  error=error, retry_at=now + delay)
+        task.delivery.ack()
+        self.counts["retried"] += 1
+        self._log(task, "task {task_id} ({task}) attempt {attempt} failed: {error}; "
+                  "retry in {delay:.3f}s", error=error["message"] or error["type"],
+                  delay=delay, level=LogLevel.warn)
+
+    async def fail(self, task: Task, failure: Failure, reason: Optional[str] = None) -> None:
+        """Publish an errored copy (confirmed), record ``failed``, ack."""
+        error = error_info(failure)
+        reason = reason or (
+            f"attempt {task.attempt} failed with {error['type']} and the retry budget "
+            f"({task.policy.max_attempts} attempts) is spent"
+            if task.policy.max_attempts != -1 or task.policy.max_retry_duration
+            else f"attempt {task.attempt} failed"
+        )
+        headers = protocol.republish_headers(task.delivery.headers, **{
+            H_ATTEMPTS: task.attempt,
+            H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
+            H_QUEUE: task.queue,
+            H_ERROR_TYPE: error["type"],
+            H_ERROR_MESSAGE: _header_text(error["message"]),
+            H_REASON: _header_text(reason),
+        })
+        await self.broker.publish_errored(task.queue, task.delivery.body, headers,
+                                          message_id=task.id,
+                                          content_type=task.delivery.content_type)
+        await self.state.finished(task.id, FAILED, task.attempt, task.message.info(),
+                                  self.clock.seconds(), error=error, reason=reason)
+        task.delivery.ack()
+        self.counts["failed"] += 1
+        self._log(task, "task {task_id} ({task}) failed for good after attempt {attempt}: "
+                  "{reason}", reason=reason, level=LogLevel.error)
+
+    async def reject(self, delivery: Any, error: InvalidMessage) -> None:
+        """
+        A message that can never run: errored queue with the reason, state
+        ``failed`` when it has an id, ack.  Logged once.
+        """
+        reason = error.reason
+        headers = protocol.republish_headers(delivery.headers, **{
+            H_QUEUE: delivery.queue,
+            H_ERROR_TYPE: f"quebert.errors.{type(error).__name__}",
+            H_ERROR_MESSAGE: _header_text(reason),
+            H_REASON: _header_text(reason),
+        })
+        task_id = error.task_id or delivery.message_id
+        await self.broker.publish_errored(delivery.queue, delivery.body, headers,
+                                          message_id=task_id,
+                                          content_type=delivery.content_type)
+        if error.task_id:
+            info = {"queue": delivery.queue}
+            await self.state.finished(
+                error.task_id, FAILED, protocol.int_header(headers, H_ATTEMPTS), info,
+                self.clock.seconds(),
+                error={"type": headers[H_ERROR_TYPE], "message": reason, "traceback": None,
+                       "field": error.field},
+                reason=reason,
+            )
+        delivery.ack()
+        self.counts["rejected"] += 1
+        log.error("message {message_id} from {queue} refused: {reason}",
+                  message_id=task_id, queue=delivery.queue, reason=reason, field=error.field)
+
+    async def _delay(self, delivery: Any, message: TaskMessage, delay: float,
+                     extra: dict) -> None:
+        headers = protocol.republish_headers(delivery.headers, **extra)
+        headers[H_NOT_BEFORE] = protocol.to_ms(self.clock.seconds() + delay)
+        await self.broker.publish(delivery.queue, delivery.body, headers,
+                                  message_id=message.id, content_type=delivery.content_type,
+                                  delay=delay)
+        delivery.ack()
+
+    async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int) -> int:
+        """
+        How many attempts were really started, for a redelivered message.
+
+        The state store knows (``attempts`` is written before an attempt
+        starts); when it cannot be reached, the redelivery itself is
+        counted, so a task that kills its worker still runs out of attempts.
+        """
+        try:
+            record = await self.state.get(message.id)
+        except Exception as e:
+            log.warn("task {task_id} redelivered and the state store is unavailable "
+                     "({error}); counting the redelivery as a lost attempt",
+                     task_id=message.id, error=e)
+            return previous + max(1, delivery.delivery_count or 1)
+        if record is None:
+            return previous
+        return max(previous, int(record.get("attempts") or 0))
+
+    async def _worker_lost(self, delivery: Any, message: TaskMessage,
+                           definition: TaskDefinition, policy: RetryPolicy, attempts: int,
+                           first_attempt_at: float) -> None:
+        task = Task(
+            id=message.id, name=message.task, queue=delivery.queue, args=message.args,
+            kwargs=dict(message.kwargs), attempt=attempts, message=message,
+            definition=definition, policy=policy, first_attempt_at=first_attempt_at,
+            started_at=self.clock.seconds(), delivery=delivery,
+        )
+        failure = Failure(WorkerLost(
+            f"the worker running attempt {attempts} was lost (killed, crashed or stalled)"
+        ))
+        log.warn("task {task_id} ({task}) redelivered: attempt {attempt} was lost with its "
+                 "worker", task_id=task.id, task=task.name, attempt=attempts)
+        await self.on_failure(task, failure)
+
+    # -- hooks -------------------------------------------------------------
+
+    async def _call_hook(self, what: str, task: Task, fn: Any, *args: Any) -> Any:
+        try:
+            return await defer.maybeDeferred(fn, task, *args)
+        except Exception:
+            log.failure("{what}-hook {hook!r} failed for task {task_id}", what=what,
+                        hook=fn, task_id=task.id)
+            return None
+
+    async def _run_before_hooks(self, task: Task) -> bool:
+        for fn in [self.before_task] + [h.before for h in self.hooks]:
+            if await self._call_hook("before", task, fn) is False:
+                return False
+        return True
+
+    async def _run_after_hooks(self, task: Task, result: Any) -> None:
+        for fn in [h.after for h in reversed(self.hooks)] + [self.after_task]:
+            await self._call_hook("after", task, fn, result)
+
+    async def _run_error_hooks(self, task: Task, failure: Failure) -> None:
+        for fn in [h.error for h in reversed(self.hooks)] + [self.task_failed]:
+            await self._call_hook("error", task, fn, failure)
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> int:
+        """
+        Stop taking tasks and wait up to ``timeout`` seconds for the running
+        ones.  Fires with how many were still running (left unacked, so
+        the broker redelivers them).
+        """
+        self.stopping = True
+        await self.broker.pause_consuming()
+        while self._waiting:
+            self._waiting.popleft().nack(requeue=True)
+        pending = list(self._inflight.values())
+        if pending:
+            log.info("waiting up to {timeout}s for {count} running task(s)", timeout=timeout,
+                     count=len(pending))
+            done = defer.DeferredList([_mirror(d) for d in pending], consumeErrors=True)
+            timer = defer.Deferred()
+            call = self.clock.callLater(timeout, timer.callback, None)
+            await defer.DeferredList([done, timer], fireOnOneCallback=True,
+                                     consumeErrors=True)
+            if call.active():
+                call.cancel()
+        left = len(self._inflight)
+        if left:
+            log.warn("{count} task(s) still running after {timeout}s; leaving them unacked "
+                     "for redelivery: {ids}", count=left, timeout=timeout,
+                     ids=sorted(self.running))
+        return left
+
+    # -- logging -------------------------------------------------------------
+
+    def _log(self, task: Task, fmt: str, level: LogLevel = LogLevel.info, **kw: Any) -> None:
+        if level < self.task_log_level:
+            return
+        log.emit(level, fmt, task_id=task.id, task=task.name, attempt=task.attempt,
+                 queue=task.queue, **kw)
+
+
+class DelayOnErrorMediator(Mediator):
+    """
+    Retries failed attempts through the broker's delay queues with the
+    Cloud Tasks backoff, until both the attempt limit and the retry
+    duration are spent; then the errored queue.
+    """
+
+    async def on_failure(self, task: Task, failure: Failure) -> None:
+        now = self.clock.seconds()
+        if task.policy.should_retry(task.attempt, task.first_attempt_at, now):
+            await self.retry(task, failure, task.policy.delay(task.attempt))
+        else:
+            await self.fail(task, failure)
+
+
+def _mirror(d: defer.Deferred) -> defer.Deferred:
+    ours: defer.Deferred = defer.Deferred()
+
+    def forward(result: Any) -> Any:
+        if not ours.called:
+            ours.callback(None)
+        return result
+
+    d.addBoth(forward)
+    return ours

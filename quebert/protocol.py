@@ -1,0 +1,431 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The wire protocol: what a task looks like on the broker.
+
+A task message is a JSON object (``content_type: application/json``,
+``delivery_mode: 2``, ``message_id`` = task id).  Version 1::
+
+    {
+      "version": 1,
+      "id": "5f0c...",               # unique task id (string)
+      "kind": "call",                # "call" (or "url", reserved)
+      "task": "app.tasks.add",       # registered task name (kind "call")
+      "args": [1, 2],
+      "kwargs": {},
+      "queue": "default",            # work queue the task belongs to
+      "eta": 1767225600.0,           # optional: not before (epoch seconds)
+      "name": null,                  # optional unique name
+      "retry": {"max_attempts": 5},  # optional RetryPolicy overrides
+      "timeout": 30.0,               # optional: seconds per attempt
+      "created_at": 1767225590.0
+    }
+
+Unknown keys are ignored so that the format can grow.  Run-time bookkeeping
+(how many attempts were made, when the first one started) travels in AMQP
+headers, because the body of a task never changes between attempts.
+
+The worker also accepts the body that guillotina_amqp publishes (``func``,
+``args``, ``kwargs``, ``task_id``, ...), see :func:`decode`.
+
+This module only converts; it never imports anything a message names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from typing import Any, Mapping, Optional
+
+import attrs
+
+from quebert.errors import InvalidMessage, SerializationError
+from quebert.retry import RETRY_FIELDS
+
+VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+CONTENT_TYPE = "application/json"
+KINDS = frozenset({"call"})
+
+#: AMQP header: attempts made (started) before this delivery.
+H_ATTEMPTS = "x-quebert-attempts"
+#: AMQP header: epoch milliseconds (integer) when the first attempt started.
+H_FIRST_ATTEMPT = "x-quebert-first-attempt-ms"
+#: AMQP header: epoch milliseconds (integer) before which the task must not run.
+H_NOT_BEFORE = "x-quebert-not-before-ms"
+#: AMQP header: work queue a delayed or errored copy belongs to.
+H_QUEUE = "x-quebert-queue"
+#: AMQP headers on errored copies and retries.
+H_ERROR_TYPE = "x-quebert-error-type"
+H_ERROR_MESSAGE = "x-quebert-error-message"
+H_REASON = "x-quebert-reason"
+#: AMQP header set by quorum queues: deliveries returned to the queue.
+H_DELIVERY_COUNT = "x-delivery-count"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.:\-]{0,99}$")
+
+
+def new_task_id() -> str:
+    """A fresh random task id."""
+    return uuid.uuid4().hex
+
+
+@attrs.frozen
+class TaskMessage:
+    """One task as read from (or written to) the broker."""
+
+    id: str
+    task: str
+    queue: str
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    kind: str = "call"
+    eta: Optional[float] = None
+    name: Optional[str] = None
+    retry: Mapping[str, Any] = attrs.field(factory=dict)
+    timeout: Optional[float] = None
+    created_at: Optional[float] = None
+    #: "quebert" for version-1 bodies, "guillotina" for guillotina_amqp ones.
+    origin: str = "quebert"
+    #: Extra guillotina_amqp context (req_data, db_id, container_id).
+    context: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_body(self) -> dict:
+        """The JSON-ready body of this message."""
+        body: dict[str, Any] = {
+            "version": VERSION,
+            "id": self.id,
+            "kind": self.kind,
+            "task": self.task,
+            "args": list(self.args),
+            "kwargs": dict(self.kwargs),
+            "queue": self.queue,
+            "eta": self.eta,
+            "name": self.name,
+            "retry": dict(self.retry) or None,
+            "timeout": self.timeout,
+            "created_at": self.created_at,
+        }
+        return body
+
+    def info(self) -> dict:
+        """The metadata the state store keeps about this task."""
+        return {
+            "queue": self.queue,
+            "kind": self.kind,
+            "task": self.task,
+            "name": self.name,
+            "eta": self.eta,
+            "created_at": self.created_at,
+        }
+
+
+def dumps(value: Any) -> bytes:
+    """Strict JSON encoding: no NaN, no arbitrary objects."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def build(
+    task: str,
+    args: tuple = (),
+    kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    queue: str,
+    task_id: Optional[str] = None,
+    eta: Optional[float] = None,
+    name: Optional[str] = None,
+    retry: Optional[Mapping[str, Any]] = None,
+    timeout: Optional[float] = None,
+    now: Optional[float] = None,
+) -> tuple[TaskMessage, bytes]:
+    """
+    Build a validated call task and its encoded body.
+
+    Raises :class:`SerializationError` when the arguments are not JSON, and
+    :class:`InvalidMessage` when an option is malformed, so that producers
+    fail at the call rather than in a worker.
+    """
+    kwargs = dict(kwargs or {})
+    message = TaskMessage(
+        id=task_id or new_task_id(),
+        task=task,
+        queue=queue,
+        args=tuple(args),
+        kwargs=kwargs,
+        eta=eta,
+        name=name,
+        retry=dict(retry or {}),
+        timeout=timeout,
+        created_at=time.time() if now is None else now,
+    )
+    body = message.to_body()
+    try:
+        encoded = dumps(body)
+    except (TypeError, ValueError) as e:
+        raise SerializationError(
+            f"arguments of task {task!r} cannot be sent as JSON: {e}"
+        ) from e
+    # Round-trip through the decoder so producers and workers agree.
+    _validate(json.loads(encoded))
+    return message, encoded
+
+
+def decode(
+    body: bytes,
+    content_type: Optional[str] = None,
+    default_queue: str = "default",
+    max_size: Optional[int] = None,
+) -> TaskMessage:
+    """
+    Decode and validate a message body.
+
+    Raises :class:`InvalidMessage` with a reason naming the field at fault.
+    Bodies without a ``version`` but with ``func`` and ``task_id`` are read
+    as guillotina_amqp tasks.
+    """
+    if max_size is not None and len(body) > max_size:
+        raise InvalidMessage(
+            f"message body is {len(body)} bytes, larger than the {max_size} byte limit",
+            field="body",
+        )
+    if content_type and content_type.split(";")[0].strip().lower() not in (
+        CONTENT_TYPE,
+        "text/json",
+    ):
+        raise InvalidMessage(
+            f"content type {content_type!r} is not supported (use {CONTENT_TYPE})",
+            field="content_type",
+        )
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidMessage("message body is not UTF-8 text", field="body")
+    except ValueError as e:
+        raise InvalidMessage(f"message body is not JSON: {e}", field="body")
+    if not isinstance(data, dict):
+        raise InvalidMessage(
+            f"message body must be a JSON object, not {type(data).__name__}", field="body"
+        )
+    if "version" not in data and "func" in data:
+        return _decode_guillotina(data, default_queue)
+    return _validate(data, default_queue)
+
+
+def _task_id_of(data: Mapping[str, Any]) -> Optional[str]:
+    value = data.get("id", data.get("task_id"))
+    if isinstance(value, str) and _ID_RE.match(value):
+        return value
+    return None
+
+
+def _number(data: Mapping[str, Any], key: str, task_id: Optional[str]) -> Optional[float]:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidMessage(
+            f"{key!r} must be a number, not {value!r}", field=key, task_id=task_id
+        )
+    if value < 0:
+        raise InvalidMessage(f"{key!r} must be >= 0, not {value!r}", field=key, task_id=task_id)
+    return float(value)
+
+
+def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMessage:
+    task_id = _task_id_of(data)
+    version = data.get("version")
+    if version is None:
+        raise InvalidMessage("missing field 'version'", field="version", task_id=task_id)
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise InvalidMessage(
+            f"protocol version {version!r} is not supported (supported: "
+            f"{', '.join(map(str, sorted(SUPPORTED_VERSIONS)))})",
+            field="version",
+            task_id=task_id,
+        )
+    raw_id = data.get("id")
+    if raw_id is None:
+        raise InvalidMessage("missing field 'id'", field="id")
+    if task_id is None:
+        raise InvalidMessage(
+            f"'id' must be 1-200 characters of A-Z a-z 0-9 _ . : -, not {raw_id!r}", field="id"
+        )
+    kind = data.get("kind", "call")
+    if kind not in KINDS:
+        raise InvalidMessage(
+            f"task kind {kind!r} is not supported (supported: {', '.join(sorted(KINDS))})",
+            field="kind",
+            task_id=task_id,
+        )
+    name = data.get("task")
+    if name is None:
+        raise InvalidMessage("missing field 'task'", field="task", task_id=task_id)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidMessage(
+            f"'task' must be a registered task name, not {name!r}", field="task", task_id=task_id
+        )
+    args = data.get("args", [])
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        raise InvalidMessage(
+            f"'args' must be a JSON array, not {type(args).__name__}", field="args", task_id=task_id
+        )
+    kwargs = data.get("kwargs", {})
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise InvalidMessage(
+            f"'kwargs' must be a JSON object, not {type(kwargs).__name__}",
+            field="kwargs",
+            task_id=task_id,
+        )
+    queue = data.get("queue") or default_queue
+    if not isinstance(queue, str) or not QUEUE_RE.match(queue):
+        raise InvalidMessage(f"'queue' is not a valid queue name: {queue!r}", field="queue",
+                             task_id=task_id)
+    unique = data.get("name")
+    if unique is not None and (not isinstance(unique, str) or not _ID_RE.match(unique)):
+        raise InvalidMessage(
+            f"'name' must be 1-200 characters of A-Z a-z 0-9 _ . : -, not {unique!r}",
+            field="name",
+            task_id=task_id,
+        )
+    retry = data.get("retry") or {}
+    if not isinstance(retry, dict):
+        raise InvalidMessage("'retry' must be a JSON object", field="retry", task_id=task_id)
+    unknown = set(retry) - set(RETRY_FIELDS)
+    if unknown:
+        raise InvalidMessage(
+            f"unknown retry option(s): {', '.join(sorted(unknown))}",
+            field="retry",
+            task_id=task_id,
+        )
+    for key, value in retry.items():
+        _number(retry, key, task_id) if key != "max_attempts" else None
+        if key == "max_attempts" and (
+            isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1
+        ):
+            raise InvalidMessage(
+                f"'retry.max_attempts' must be -1 or a positive integer, not {value!r}",
+                field="retry.max_attempts",
+                task_id=task_id,
+            )
+    timeout = _number(data, "timeout", task_id)
+    if timeout == 0:
+        timeout = None
+    return TaskMessage(
+        id=task_id,
+        task=name,
+        queue=queue,
+        args=tuple(args),
+        kwargs=kwargs,
+        kind=kind,
+        eta=_number(data, "eta", task_id),
+        name=unique,
+        retry=retry,
+        timeout=timeout,
+        created_at=_number(data, "created_at", task_id),
+    )
+
+
+def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessage:
+    task_id = data.get("task_id")
+    if not isinstance(task_id, str) or not _ID_RE.match(task_id):
+        raise InvalidMessage(
+            f"guillotina task: 'task_id' must be an id string, not {task_id!r}", field="task_id"
+        )
+    func = data.get("func")
+    if not isinstance(func, str) or not _NAME_RE.match(func):
+        raise InvalidMessage(
+            f"guillotina task: 'func' must be a task name, not {func!r}",
+            field="func",
+            task_id=task_id,
+        )
+    args = data.get("args") or []
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(args, list):
+        raise InvalidMessage("guillotina task: 'args' must be a JSON array", field="args",
+                             task_id=task_id)
+    if not isinstance(kwargs, dict):
+        raise InvalidMessage("guillotina task: 'kwargs' must be a JSON object", field="kwargs",
+                             task_id=task_id)
+    context = {k: data.get(k) for k in ("req_data", "db_id", "container_id") if k in data}
+    return TaskMessage(
+        id=task_id,
+        task=func,
+        queue=default_queue,
+        args=tuple(args),
+        kwargs=kwargs,
+        origin="guillotina",
+        context=context,
+    )
+
+
+#: Headers RabbitMQ sets itself.  They must not be copied into a republished
+#: message: the broker drops a message that is dead-lettered through a queue
+#: its ``x-death`` already names (cycle detection), which would silently
+#: lose a task on its second pass through the delay queues.
+BROKER_HEADERS = frozenset({
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    H_DELIVERY_COUNT,
+})
+
+
+def republish_headers(headers: Optional[Mapping[str, Any]], **updates: Any) -> dict:
+    """
+    The headers for a copy of a message: the producer's headers, without
+    the broker's own, with ``updates`` applied.
+    """
+    result = {k: v for k, v in (headers or {}).items() if k not in BROKER_HEADERS}
+    result.update(updates)
+    return result
+
+
+def int_header(headers: Optional[Mapping[str, Any]], key: str, default: int = 0) -> int:
+    """Read an integer header defensively (producers in other languages)."""
+    if not headers:
+        return default
+    value = headers.get(key)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        return max(int(value), 0) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def to_ms(seconds: float) -> int:
+    """Epoch seconds as the integer milliseconds time headers carry."""
+    return int(round(seconds * 1000))
+
+
+def time_header(headers: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
+    """Read an epoch-milliseconds header as epoch seconds; ``None`` if absent or bad."""
+    value = _float_header(headers, key)
+    return None if value is None else value / 1000.0
+
+
+def _float_header(headers: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
+    if not headers:
+        return None
+    value = headers.get(key)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        result = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    if result is not None and not math.isfinite(result):
+        return None
+    return result

@@ -1,0 +1,243 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+Registered tasks: the only code a message can make a worker run.
+
+``@task`` registers a function under a name (``<module>.<qualname>`` by
+default) in the default :class:`Registry`.  Calling the decorated function
+enqueues it through the default client and returns a ``Deferred`` firing
+with the task's :class:`~quebert.client.TaskInfo`; ``.run(...)`` calls the
+original function directly.
+
+A worker imports the modules named by ``--tasks``; a message can only name
+a task registered that way, never a dotted path to import.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Optional, Union
+
+import attrs
+
+from quebert.errors import ConfigurationError, InvalidMessage, UnknownTask
+from quebert.protocol import _NAME_RE, QUEUE_RE
+from quebert.retry import RETRY_FIELDS
+
+#: How a task's callable is run: in the worker's thread pool, or on the reactor.
+THREAD = "thread"
+REACTOR = "reactor"
+
+
+def _runs_on_reactor(fn: Callable) -> bool:
+    """``async def`` and ``inlineCallbacks`` functions run on the reactor."""
+    target = inspect.unwrap(fn)
+    return inspect.iscoroutinefunction(target) or inspect.isgeneratorfunction(target)
+
+
+@attrs.frozen
+class TaskDefinition:
+    """A registered task: its name, callable and default options."""
+
+    name: str
+    fn: Callable[..., Any]
+    queue: Optional[str] = None
+    retry: Mapping[str, Any] = attrs.field(factory=dict)
+    timeout: Optional[float] = None
+    executor: str = THREAD
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any], task_id: Optional[str] = None) -> None:
+        """
+        Check that ``args`` and ``kwargs`` fit the function's signature,
+        raising :class:`InvalidMessage` naming the mismatch.
+        """
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InvalidMessage(
+                f"arguments do not fit task {self.name!r}{signature}: {e}",
+                field="args",
+                task_id=task_id,
+            )
+
+
+class Registry:
+    """A name -> :class:`TaskDefinition` map with clear errors."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskDefinition] = {}
+
+    def register(
+        self,
+        fn: Callable[..., Any],
+        name: Optional[str] = None,
+        *,
+        queue: Optional[str] = None,
+        timeout: Optional[float] = None,
+        executor: Optional[str] = None,
+        **retry: Any,
+    ) -> TaskDefinition:
+        """Register ``fn``; re-registering the same function is harmless."""
+        name = name or f"{fn.__module__}.{fn.__qualname__}"
+        if not _NAME_RE.match(name):
+            raise ConfigurationError(f"{name!r} is not a valid task name")
+        if queue is not None and not QUEUE_RE.match(queue):
+            raise ConfigurationError(f"{queue!r} is not a valid queue name")
+        unknown = set(retry) - set(RETRY_FIELDS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) for task {name!r}: {', '.join(sorted(unknown))}"
+            )
+        if executor is None:
+            executor = REACTOR if _runs_on_reactor(fn) else THREAD
+        if executor not in (THREAD, REACTOR):
+            raise ConfigurationError(f"executor must be {THREAD!r} or {REACTOR!r}")
+        definition = TaskDefinition(
+            name=name,
+            fn=fn,
+            queue=queue,
+            retry={k: v for k, v in retry.items() if v is not None},
+            timeout=timeout,
+            executor=executor,
+        )
+        existing = self._tasks.get(name)
+        if existing is not None and inspect.unwrap(existing.fn) is not inspect.unwrap(fn):
+            # Reloading a module registers new function objects for the same
+            # code; only a different function under the same name is an error.
+            if (existing.fn.__module__, existing.fn.__qualname__) != (
+                fn.__module__,
+                fn.__qualname__,
+            ):
+                raise ConfigurationError(
+                    f"task name {name!r} is already registered for "
+                    f"{existing.fn.__module__}.{existing.fn.__qualname__}"
+                )
+        self._tasks[name] = definition
+        return definition
+
+    def get(self, name: str, task_id: Optional[str] = None) -> TaskDefinition:
+        """The definition of ``name``, or :class:`UnknownTask`."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(
+                f"task {name!r} is not registered in this worker (is its module in --tasks?)",
+                field="task",
+                task_id=task_id,
+            )
+
+    def lookup(self, name: str) -> Optional[TaskDefinition]:
+        """The definition of ``name``, or ``None``."""
+        return self._tasks.get(name)
+
+    def find_function(self, fn: Callable[..., Any]) -> Optional[TaskDefinition]:
+        """The definition registered for function ``fn``, or ``None``."""
+        for definition in self._tasks.values():
+            if definition.fn is fn:
+                return definition
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self):
+        return iter(sorted(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def unregister(self, name: str) -> None:
+        self._tasks.pop(name, None)
+
+
+#: The registry ``@task`` uses unless told otherwise.
+default_registry = Registry()
+
+
+class TaskFunction:
+    """
+    What ``@task`` returns: calling it enqueues the task.
+
+    ``.run(*args, **kwargs)`` calls the original function directly;
+    ``.enqueue(*args, _client=None, **kwargs)`` enqueues through a given
+    client (or the default one).
+    """
+
+    def __init__(self, definition: TaskDefinition) -> None:
+        self.definition = definition
+        self.name = definition.name
+        self.__wrapped__ = definition.fn
+        self.__doc__ = definition.fn.__doc__
+        self.__name__ = getattr(definition.fn, "__name__", definition.name)
+        self.__qualname__ = getattr(definition.fn, "__qualname__", definition.name)
+        self.__module__ = definition.fn.__module__
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the task's function in this process, now."""
+        return self.definition.fn(*args, **kwargs)
+
+    def enqueue(self, *args: Any, _client: Any = None, **kwargs: Any):
+        """Publish this task; returns a ``Deferred`` of its ``TaskInfo``."""
+        from quebert.client import get_default_client
+
+        client = _client if _client is not None else get_default_client()
+        return client.add_task(self.name, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.enqueue(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<quebert task {self.name}>"
+
+
+def task(
+    fn: Optional[Callable[..., Any]] = None,
+    *,
+    name: Optional[str] = None,
+    queue: Optional[str] = None,
+    timeout: Optional[float] = None,
+    executor: Optional[str] = None,
+    registry: Optional[Registry] = None,
+    max_attempts: Optional[int] = None,
+    max_retry_duration: Optional[float] = None,
+    min_backoff: Optional[float] = None,
+    max_backoff: Optional[float] = None,
+    max_doublings: Optional[int] = None,
+    jitter: Optional[float] = None,
+) -> Union[TaskFunction, Callable[[Callable[..., Any]], TaskFunction]]:
+    """
+    Register a function as a task, with or without options::
+
+        @task
+        def add(x, y): ...
+
+        @task(queue="high", max_attempts=10, min_backoff=5)
+        async def fetch(url): ...
+
+    ``async def`` and ``inlineCallbacks`` functions run on the reactor;
+    other functions run in the worker's thread pool unless
+    ``executor="reactor"`` says they return a Deferred.
+    """
+
+    def decorate(f: Callable[..., Any]) -> TaskFunction:
+        definition = (registry or default_registry).register(
+            f,
+            name,
+            queue=queue,
+            timeout=timeout,
+            executor=executor,
+            max_attempts=max_attempts,
+            max_retry_duration=max_retry_duration,
+            min_backoff=min_backoff,
+            max_backoff=max_backoff,
+            max_doublings=max_doublings,
+            jitter=jitter,
+        )
+        return TaskFunction(definition)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

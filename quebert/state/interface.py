@@ -1,0 +1,109 @@
+"""
+The state store contract: one record per task, written atomically.
+
+A record is a JSON-ready ``dict``::
+
+    {
+      "id": "5f0c...",
+      "state": "queued" | "scheduled" | "running" | "succeeded" | "failed" | "canceled",
+      "queue": "default", "kind": "call", "task": "app.tasks.add", "name": None,
+      "attempts": 2,                 # attempts started so far
+      "created_at": 1767225590.0, "updated_at": ..., "eta": None or epoch,
+      "started_at": ... or None,     # start of the latest attempt
+      "finished_at": ... or None,    # set for succeeded/failed/canceled
+      "worker": "host:pid" or None,  # worker of the latest attempt
+      "result": <JSON value> or None,
+      "error": {"type": ..., "message": ..., "traceback": ...} or None,
+      "reason": "sentence" or None,  # why it failed / was canceled
+      "history": [                   # the latest HISTORY_LIMIT attempts, oldest first
+        {"attempt": 1, "state": "scheduled", "worker": ..., "started_at": ...,
+         "finished_at": ..., "error": {...} or None, "retry_at": ... or None},
+      ],
+    }
+
+``info`` mappings passed to the writers carry task metadata (``queue``,
+``kind``, ``task``, ``name``, ``eta``, ``created_at``); a writer creates the
+record when it does not exist yet, so any write may be the first one a
+task gets (producers without a state store, messages from other
+languages).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from zope.interface import Attribute, Interface
+
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELED = "canceled"
+
+STATES = (QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+#: States after which a record expires (after the finished TTL).
+FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
+#: States ``finished`` may record.
+OUTCOME_STATES = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
+
+HISTORY_LIMIT = 20
+INFO_FIELDS = ("queue", "kind", "task", "name", "eta", "created_at")
+
+
+class IStateManager(Interface):
+    """
+    Where the global view of tasks lives.  Every method returns a
+    ``Deferred``; writers fire with ``None`` once the write is durable in
+    the store.
+    """
+
+    finished_ttl = Attribute("Seconds a finished record is kept (0: forever).")
+
+    def enqueued(task_id: str, state: str, info: Mapping[str, Any], at: float):
+        """
+        Record a task a producer just published: ``state`` is ``queued``
+        or ``scheduled`` (it has an ETA).  Does nothing to a record that
+        already exists, so a late producer write never rewinds a task a
+        worker has already advanced.
+        """
+
+    def started(task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float):
+        """
+        Attempt number ``attempt`` (1-based) starts on ``worker``: state
+        ``running``, ``attempts = attempt``, ``started_at = at``, and a new
+        history entry.  Atomic: a crash leaves either all or nothing.
+        """
+
+    def finished(
+        task_id: str,
+        state: str,
+        attempt: int,
+        info: Mapping[str, Any],
+        at: float,
+        result: Any = None,
+        error: Optional[Mapping[str, Any]] = None,
+        reason: Optional[str] = None,
+        retry_at: Optional[float] = None,
+    ):
+        """
+        Attempt ``attempt`` ended in ``state`` (one of ``OUTCOME_STATES``).
+
+        ``scheduled`` means a retry at ``retry_at`` (stored as ``eta``);
+        the terminal states set ``finished_at`` and make the record expire
+        after ``finished_ttl``.  The history entry of that attempt gets the
+        outcome (one is added when the attempt never started, e.g. a
+        message refused before running).  ``attempts`` becomes
+        ``max(attempts, attempt)``.
+        """
+
+    def get(task_id: str):
+        """Fire with the record (see module docstring) or ``None``."""
+
+    def list(state: Optional[str] = None, queue: Optional[str] = None, limit: int = 100,
+             offset: int = 0):
+        """
+        Fire with up to ``limit`` records, most recently updated first,
+        optionally only those in ``state`` and/or ``queue``.  Uses indexes,
+        never a scan of the keyspace.
+        """

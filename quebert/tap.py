@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd amqp-worker``: options and the service maker.
+
+Command-line options override the config file; every error says what to
+change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from quebert.config import (
+    WorkerConfig,
+    from_mapping,
+    load_file,
+    parse_queue_option,
+)
+from quebert.errors import ConfigurationError
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a quebert worker: consume tasks from RabbitMQ, run them, retry failures "
+        "through broker-side delay queues and record their state in Redis."
+    )
+    optParameters = [
+        ["config", "c", None, "JSON config file (guillotina_amqp-style 'amqp' block)."],
+        ["amqp-url", None, None, "AMQP URL [default: amqp://guest:guest@127.0.0.1:5672/]."],
+        ["redis-url", None, None, "Redis URL for task state [default: redis://127.0.0.1:6379/0]."],
+        ["state", None, None, "State backend: redis or memory [default: redis]."],
+        ["max-running-tasks", None, None, "Tasks run at once by this worker, all queues."],
+        ["threads", None, None, "Threads for synchronous tasks [default: min(max, 50)]."],
+        ["mediator", None, None, "Dotted name of the Mediator class to use."],
+        ["shutdown-timeout", None, None, "Seconds running tasks get to finish on stop."],
+        ["exchange", None, None, "Main exchange name [default: quebert]."],
+        ["queue-type", None, None, "classic or quorum queues [default: classic]."],
+        ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tasks"] = []
+        self["queues"] = []
+
+    def opt_tasks(self, module: str) -> None:
+        """Module that registers tasks (repeatable)."""
+        self["tasks"].append(module)
+
+    def opt_queue(self, value: str) -> None:
+        """Queue to consume, NAME[:CONCURRENCY] (repeatable) [default: default]."""
+        try:
+            self["queues"].append(parse_queue_option(value))
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+
+    def postOptions(self) -> None:
+        try:
+            self["worker_config"] = build_config(self)
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+
+
+def _int(value: str, flag: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigurationError(f"--{flag} must be an integer, not {value!r}")
+    if number < 1:
+        raise ConfigurationError(f"--{flag} must be at least 1, not {value!r}")
+    return number
+
+
+def _float(value: str, flag: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigurationError(f"--{flag} must be a number, not {value!r}")
+    if number < 0:
+        raise ConfigurationError(f"--{flag} must be >= 0, not {value!r}")
+    return number
+
+
+def build_config(options: Any) -> WorkerConfig:
+    """The config file (if any) with the command line on top."""
+    config = from_mapping(load_file(options["config"])) if options["config"] else WorkerConfig()
+    if options["amqp-url"]:
+        config.amqp_url = options["amqp-url"]
+    if options["redis-url"]:
+        config.redis_url = options["redis-url"]
+        if not options["state"]:
+            config.state = "redis"
+    if options["state"]:
+        if options["state"] not in ("redis", "memory"):
+            raise ConfigurationError(f"--state must be redis or memory, not {options['state']!r}")
+        config.state = options["state"]
+    if options["max-running-tasks"]:
+        config.max_running_tasks = _int(options["max-running-tasks"], "max-running-tasks")
+    if options["threads"]:
+        config.threads = _int(options["threads"], "threads")
+    if options["mediator"]:
+        config.mediator = options["mediator"]
+    if options["shutdown-timeout"]:
+        config.shutdown_timeout = _float(options["shutdown-timeout"], "shutdown-timeout")
+    if options["exchange"]:
+        config.exchange = options["exchange"]
+    if options["queue-type"]:
+        config.queue_type = options["queue-type"]
+    if options["log-level"]:
+        config.log_level = options["log-level"]
+    config.tasks = list(config.tasks) + list(options["tasks"])
+    if options["queues"]:
+        config.queues = list(options["queues"])
+    # Validate everything that can be validated before the reactor runs.
+    from quebert.amqp.connection import parse_amqp_url
+    from quebert.amqp.topology import Topology
+    from quebert.worker import import_tasks, load_mediator_class
+
+    parse_amqp_url(config.amqp_url)
+    Topology(exchange=config.exchange, queue_type=config.queue_type)
+    if config.state == "redis":
+        from quebert.state.redis import parse_redis_url
+
+        parse_redis_url(config.redis_url)
+    import_tasks(config.tasks)
+    load_mediator_class(config.mediator)
+    config.queue_settings()
+    return config
+
+
+def makeService(options: Options):
+    """Build the worker service for ``twistd``."""
+    from quebert.worker import WorkerService
+
+    try:
+        return WorkerService(options["worker_config"])
+    except ConfigurationError as e:
+        raise usage.UsageError(str(e))

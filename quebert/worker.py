@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_worker -*-
+"""
+The worker as a Twisted service: broker + state + executor + mediator.
+
+Stop order matters and ``MultiService`` stops its children all at once, so
+``WorkerService.stopService`` drains the mediator first (no new tasks,
+running ones get ``shutdown_timeout`` seconds), then flushes pending state
+writes, and only then closes the connections.  Tasks still running at that
+point stay unacked and the broker redelivers them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+from twisted.python.reflect import namedAny
+
+from quebert.amqp.broker import AMQPBroker
+from quebert.amqp.topology import Topology
+from quebert.config import WorkerConfig
+from quebert.errors import ConfigurationError
+from quebert.executor import Executor
+from quebert.mediator import Mediator
+from quebert.registry import Registry, default_registry
+from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateManager
+from quebert.state.redis import connect_redis
+
+log = Logger(namespace="quebert.worker")
+
+
+def import_tasks(modules: list[str]) -> None:
+    """Import the modules that register tasks, with errors a human can act on."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigurationError(f"cannot import tasks module {name!r}: {e}")
+        except Exception as e:
+            raise ConfigurationError(f"importing tasks module {name!r} failed: {e!r}")
+
+
+def load_mediator_class(dotted: str) -> type:
+    """The Mediator subclass named by ``dotted``."""
+    try:
+        cls = namedAny(dotted)
+    except Exception as e:
+        raise ConfigurationError(f"cannot load mediator {dotted!r}: {e}")
+    if not (isinstance(cls, type) and issubclass(cls, Mediator)):
+        raise ConfigurationError(f"{dotted!r} is not a subclass of quebert.Mediator")
+    return cls
+
+
+class WorkerService(MultiService):
+    """A complete worker, ready to be run by ``twistd`` or embedded."""
+
+    def __init__(self, config: WorkerConfig, *, reactor: Any = None,
+                 registry: Optional[Registry] = None, state: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        import_tasks(config.tasks)
+        mediator_class = load_mediator_class(config.mediator)
+        registry = registry if registry is not None else default_registry
+        if not len(registry):
+            log.warn("no tasks are registered: every message will be refused "
+                     "(pass --tasks MODULE)")
+
+        topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
+                            errored_ttl_ms=config.errored_ttl_ms)
+        self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor)
+        self.broker.setServiceParent(self)
+
+        self._redis = None
+        if state is None:
+            if config.state == "memory":
+                state = MemoryStateManager(finished_ttl=config.state_ttl, clock=reactor)
+            elif config.state == "redis":
+                self._redis = connect_redis(config.redis_url, reactor=reactor)
+                state = RedisStateManager(self._redis, prefix=config.state_prefix,
+                                          finished_ttl=config.state_ttl)
+            else:
+                raise ConfigurationError(
+                    f"state backend must be 'redis' or 'memory', not {config.state!r}")
+            state = ResilientStateManager(state, clock=reactor)
+        self.state = state
+
+        threads = config.threads or min(config.max_running_tasks, 50)
+        self.executor = Executor(reactor, max_threads=threads)
+        try:
+            level = LogLevel.levelWithName(config.log_level)
+        except Exception:
+            raise ConfigurationError(f"unknown log level {config.log_level!r}")
+        self.mediator = mediator_class(
+            broker=self.broker, state=self.state, executor=self.executor, clock=reactor,
+            queues=config.queue_settings(), registry=registry,
+            max_running_tasks=config.max_running_tasks,
+            max_message_size=config.max_message_size, task_log_level=level,
+        )
+        self.mediator.start()
+
+    def startService(self) -> None:
+        log.info(
+            "quebert worker {worker} starting: queues {queues}, max {max} running tasks, "
+            "{threads} threads, state {state}, {count} registered task(s)",
+            worker=self.mediator.worker_id,
+            queues=", ".join(f"{q.name}:{q.concurrency}" for q in self.config.queue_settings()),
+            max=self.config.max_running_tasks, threads=self.executor.max_threads,
+            state=self.config.state, count=len(self.mediator.registry),
+        )
+        self.executor.start()
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        log.info("quebert worker stopping: draining")
+        left = yield defer.ensureDeferred(self.mediator.drain(self.config.shutdown_timeout))
+        self.broker.close_consumers()
+        flush = getattr(self.state, "flush", None)
+        if flush is not None:
+            yield _bounded(flush(), 5.0, self.reactor)
+        stop = getattr(self.state, "stop", None)
+        if stop is not None:
+            stop()
+        yield super().stopService()
+        if self._redis is not None:
+            try:
+                yield self._redis.disconnect()
+            except Exception:
+                pass
+        self.executor.stop(join=left == 0)
+        log.info("quebert worker stopped ({counts})", counts=dict(self.mediator.counts))
+
+
+def _bounded(d: defer.Deferred, seconds: float, clock: Any) -> defer.Deferred:
+    ours: defer.Deferred = defer.Deferred()
+    call = clock.callLater(seconds, lambda: ours.called or ours.callback(None))
+
+    def done(result: Any) -> None:
+        if call.active():
+            call.cancel()
+        if not ours.called:
+            ours.callback(None)
+
+    d.addBoth(done)
+    return ours
