@@ -32,12 +32,15 @@ class Options(usage.Options):
         ["amqp-url", None, None, "AMQP URL [default: amqp://guest:guest@127.0.0.1:5672/]."],
         ["redis-url", None, None, "Redis URL for task state [default: redis://127.0.0.1:6379/0]."],
         ["state", None, None, "State backend: redis or memory [default: redis]."],
+        ["state-prefix", None, None, "Key prefix of task state in Redis [default: quebert:]."],
         ["max-running-tasks", None, None, "Tasks run at once by this worker, all queues."],
         ["threads", None, None, "Threads for synchronous tasks [default: min(max, 50)]."],
         ["mediator", None, None, "Dotted name of the Mediator class to use."],
         ["shutdown-timeout", None, None, "Seconds running tasks get to finish on stop."],
         ["exchange", None, None, "Main exchange name [default: quebert]."],
         ["queue-type", None, None, "classic or quorum queues [default: classic]."],
+        ["max-message-size", None, None, "Largest message body accepted, in bytes "
+         "[default: 1048576]."],
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
     ]
 
@@ -97,6 +100,8 @@ def build_config(options: Any) -> WorkerConfig:
         if options["state"] not in ("redis", "memory"):
             raise ConfigurationError(f"--state must be redis or memory, not {options['state']!r}")
         config.state = options["state"]
+    if options["state-prefix"]:
+        config.state_prefix = options["state-prefix"]
     if options["max-running-tasks"]:
         config.max_running_tasks = _int(options["max-running-tasks"], "max-running-tasks")
     if options["threads"]:
@@ -109,6 +114,8 @@ def build_config(options: Any) -> WorkerConfig:
         config.exchange = options["exchange"]
     if options["queue-type"]:
         config.queue_type = options["queue-type"]
+    if options["max-message-size"]:
+        config.max_message_size = _int(options["max-message-size"], "max-message-size")
     if options["log-level"]:
         config.log_level = options["log-level"]
     config.tasks = list(config.tasks) + list(options["tasks"])

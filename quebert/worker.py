@@ -136,6 +136,10 @@ class WorkerService(MultiService):
             except Exception:
                 pass
         self.executor.stop(join=left == 0)
+        # twistd re-raises the signal that stopped the reactor once it
+        # returns, so a drained worker would exit -15; a graceful stop exits 0.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
         log.info("quebert worker stopped ({counts})", counts=dict(self.mediator.counts))
 
 

@@ -1,0 +1,559 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The ``quebert`` command: enqueue a task, read its state, list tasks.
+
+::
+
+    quebert enqueue NAME [--args JSON] [--kwargs JSON] [--queue Q] ...
+    quebert status TASK_ID
+    quebert list [--state S] [--queue Q] [--limit N]
+
+Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
+(``$QUEBERT_REDIS_URL``), ``--prefix``, ``--exchange`` and
+``--connect-timeout``, before or after the command name.
+
+Output is for scripts: ``enqueue`` prints the task id alone, ``status`` a
+record as indented JSON, ``list`` one compact JSON record per line.  Exit
+codes: 0 done, 1 error (one ``quebert: error: ...`` line on stderr), 2 bad
+command line.  Every wait on the network is bounded by
+``--connect-timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import traceback
+from typing import Any, Awaitable, Callable, List, Optional, Sequence
+from urllib.parse import urlsplit
+
+from pika.exceptions import AMQPConnectionError
+from twisted.internet import defer, task
+
+from quebert.amqp.connection import DEFAULT_AMQP_URL
+from quebert.client import Client
+from quebert.config import DEFAULT_REDIS_URL
+from quebert.errors import QuebertError
+from quebert.state.interface import STATES
+
+PROG = "quebert"
+DEFAULT_PREFIX = "quebert:"
+DEFAULT_EXCHANGE = "quebert"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Keyword names ``Client.add_task`` keeps for itself.
+_RESERVED_KWARGS = frozenset({"fn_or_name"})
+
+
+class CommandError(Exception):
+    """A failure to report as one ``quebert: error:`` line (exit code 1)."""
+
+
+# -- argument types (argparse turns ArgumentTypeError into exit code 2) -------
+
+
+def _json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {value!r}")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def json_array(value: str) -> list:
+    """``--args``: a JSON array."""
+    decoded = _json(value)
+    if not isinstance(decoded, list):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON array such as '[1, \"two\"]', not {_json_type(decoded)}")
+    return decoded
+
+
+def json_object(value: str) -> dict:
+    """``--kwargs``: a JSON object whose keys can be Python keyword names."""
+    decoded = _json(value)
+    if not isinstance(decoded, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"key\": 1}}', not {_json_type(decoded)}")
+    reserved = sorted(k for k in decoded if k.startswith("_") or k in _RESERVED_KWARGS)
+    if reserved:
+        raise argparse.ArgumentTypeError(
+            f"key(s) {', '.join(map(repr, reserved))} cannot be sent: quebert keeps names "
+            "starting with '_' (and 'fn_or_name') for its own task options")
+    return decoded
+
+
+def eta(value: str) -> float:
+    """``--eta``: epoch seconds, or an ISO 8601 time with a UTC offset."""
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(number) or number < 0:
+            raise argparse.ArgumentTypeError(f"must be epoch seconds >= 0, not {value!r}")
+        return number
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be epoch seconds or an ISO 8601 time such as 2030-01-01T12:00:00Z, "
+            f"not {value!r}")
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has no UTC offset; add one (2030-01-01T12:00:00+02:00) or Z for UTC")
+    return when.timestamp()
+
+
+def _number(value: str, *, integer: bool = False) -> float:
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise argparse.ArgumentTypeError(f"must be {kind}, not {value!r}")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {value!r}")
+    return number
+
+
+def non_negative(value: str) -> float:
+    number = _number(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value!r}")
+    return number
+
+
+def positive(value: str) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    number = int(_number(value, integer=True))
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value!r}")
+    return number
+
+
+def attempts(value: str) -> int:
+    number = int(_number(value, integer=True))
+    if number == 0 or number < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (unlimited) or >= 1, not {value!r}")
+    return number
+
+
+# -- the parser ---------------------------------------------------------------
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """
+    The options every command takes.  They are given to the main parser
+    with their defaults and to each sub-parser with ``SUPPRESS``, so they
+    may come before or after the command name without the sub-parser's
+    default overwriting a value given before it.
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection options")
+    group.add_argument(
+        "--amqp-url", metavar="URL",
+        default=default(os.environ.get("QUEBERT_AMQP_URL", DEFAULT_AMQP_URL)),
+        help=f"RabbitMQ URL [env QUEBERT_AMQP_URL, default {DEFAULT_AMQP_URL}]")
+    group.add_argument(
+        "--redis-url", metavar="URL",
+        default=default(os.environ.get("QUEBERT_REDIS_URL", DEFAULT_REDIS_URL)),
+        help=f"Redis URL of the task state [env QUEBERT_REDIS_URL, default {DEFAULT_REDIS_URL}]")
+    group.add_argument("--prefix", metavar="PREFIX", default=default(DEFAULT_PREFIX),
+                       help=f"key prefix of the task state in Redis [default {DEFAULT_PREFIX}]")
+    group.add_argument("--exchange", metavar="NAME", default=default(DEFAULT_EXCHANGE),
+                       help=f"main exchange [default {DEFAULT_EXCHANGE}]")
+    group.add_argument("--connect-timeout", metavar="S", type=positive,
+                       default=default(DEFAULT_CONNECT_TIMEOUT),
+                       help="seconds to wait for RabbitMQ or Redis before giving up "
+                       f"[default {DEFAULT_CONNECT_TIMEOUT:g}]")
+    group.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                       help="log connection events and show tracebacks on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``quebert`` command line."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Enqueue quebert tasks and read their state.")
+    _add_connection_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    enqueue = commands.add_parser(
+        "enqueue", help="publish a task and print its id",
+        description="Publish task NAME to RabbitMQ and print its id. The task does not "
+                    "need to be importable here; a worker that registered NAME runs it.")
+    enqueue.add_argument("task", metavar="NAME", help="registered task name")
+    enqueue.add_argument("--args", type=json_array, default=[], metavar="JSON",
+                         help="positional arguments, a JSON array")
+    enqueue.add_argument("--kwargs", type=json_object, default={}, metavar="JSON",
+                         help="keyword arguments, a JSON object")
+    enqueue.add_argument("--queue", metavar="Q", help="work queue [default: default]")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--countdown", type=non_negative, metavar="S",
+                      help="run no sooner than S seconds from now")
+    when.add_argument("--eta", type=eta, metavar="TIME",
+                      help="run no sooner than TIME: epoch seconds or ISO 8601 with offset")
+    enqueue.add_argument("--name", metavar="UNIQUE", help="unique task name")
+    enqueue.add_argument("--task-id", metavar="ID", help="task id [default: random]")
+    enqueue.add_argument("--timeout", type=positive, metavar="S",
+                         help="seconds each attempt may run")
+    enqueue.add_argument("--max-attempts", type=attempts, metavar="N",
+                         help="attempts allowed, first included (-1: unlimited)")
+    enqueue.add_argument("--min-backoff", type=non_negative, metavar="S",
+                         help="delay before the first retry")
+    enqueue.add_argument("--max-backoff", type=non_negative, metavar="S",
+                         help="longest delay between retries")
+    enqueue.add_argument("--no-state", action="store_true",
+                         help="do not record the task in Redis")
+    _add_connection_options(enqueue, suppress=True)
+    enqueue.set_defaults(run=cmd_enqueue)
+
+    status = commands.add_parser(
+        "status", help="print the state record of a task",
+        description="Print the state record of TASK_ID as JSON.")
+    status.add_argument("task_id", metavar="TASK_ID")
+    _add_connection_options(status, suppress=True)
+    status.set_defaults(run=cmd_status)
+
+    listing = commands.add_parser(
+        "list", help="print state records, newest first",
+        description="Print state records as JSON lines, most recently updated first.")
+    listing.add_argument("--state", choices=STATES, help="only tasks in this state")
+    listing.add_argument("--queue", metavar="Q", help="only tasks of this queue")
+    listing.add_argument("--limit", type=positive_int, default=100, metavar="N",
+                         help="at most N records [default %(default)s]")
+    _add_connection_options(listing, suppress=True)
+    listing.set_defaults(run=cmd_list)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    """Checks that involve more than one option."""
+    if options.command == "enqueue":
+        low, high = options.min_backoff, options.max_backoff
+        if low is not None and high is not None and high < low:
+            parser.error(f"--max-backoff ({high:g}) must be >= --min-backoff ({low:g})")
+
+
+# -- bounded waits --------------------------------------------------------------
+
+
+def _bounded(reactor: Any, waits: Sequence[defer.Deferred], seconds: float,
+             message: str) -> defer.Deferred:
+    """
+    A Deferred of our own with the outcome of whichever of ``waits`` fires
+    first, or failing with ``CommandError(message)`` after ``seconds``.
+
+    Nothing in ``waits`` is cancelled (pika leaves a channel unusable when
+    one of its Deferreds is); their later results are consumed here.
+    """
+    outcome: defer.Deferred = defer.Deferred()
+
+    def expire() -> None:
+        if not outcome.called:
+            outcome.errback(CommandError(message))
+
+    timer = reactor.callLater(seconds, expire)
+
+    def deliver(result: Any) -> None:
+        if outcome.called:
+            return
+        if isinstance(result, defer.Failure):
+            outcome.errback(result)
+        else:
+            outcome.callback(result)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+            # On a fresh stack: ``waits`` may fire from inside a state
+            # machine transition (ClientService), which the caller's next
+            # step (say, stopService) must not re-enter.
+            reactor.callLater(0, deliver, result)
+        return None
+
+    for wait in waits:
+        wait.addBoth(settle)
+    return outcome
+
+
+async def _quietly(reactor: Any, closing: Callable[[], Any], seconds: float) -> None:
+    """Close something, giving up (silently) after ``seconds``."""
+    try:
+        await _bounded(reactor, [defer.maybeDeferred(closing)], seconds, "close timed out")
+    except Exception:
+        pass
+
+
+def _where(url: str) -> str:
+    """``host:port/vhost`` of a URL, without its credentials."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    return f"{host}:{port}{parts.path}" if port else f"{host}{parts.path}"
+
+
+def _describe(error: BaseException) -> str:
+    """An exception as one line of text."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# -- state ----------------------------------------------------------------------
+
+
+def _open_state(reactor: Any, options: argparse.Namespace):
+    """``(redis, state manager)``; the connection is lazy (made in the background)."""
+    from quebert.state.redis import RedisStateManager, connect_redis
+
+    redis = connect_redis(options.redis_url, reactor=reactor)
+    # The manager's own time limit is a backstop: the callers' shorter
+    # bound fails first, with a message that says which Redis it was.
+    return redis, RedisStateManager(redis, prefix=options.prefix, clock=reactor,
+                                    timeout=options.connect_timeout + 1)
+
+
+class _BackgroundRecorder:
+    """
+    The ``state=`` that ``enqueue`` gives its :class:`Client`.
+
+    The Client records a task only once RabbitMQ confirmed it, and swallows
+    a failed write.  This starts the write (bounded in time) and returns at
+    once, so an unreachable Redis never delays or fails the publish;
+    :meth:`problem` then waits for the write and says why it failed.
+    """
+
+    def __init__(self, state: Any, reactor: Any, timeout: float, where: str) -> None:
+        self.state = state
+        self.reactor = reactor
+        self.timeout = timeout
+        self.where = where
+        self._writes: List[defer.Deferred] = []
+
+    def enqueued(self, task_id: str, state: str, info: Any, at: float) -> defer.Deferred:
+        write = defer.maybeDeferred(self.state.enqueued, task_id, state, info, at)
+        self._writes.append(_bounded(
+            self.reactor, [write], self.timeout,
+            f"Redis at {self.where} did not answer within {self.timeout:g} s"))
+        return defer.succeed(None)
+
+    async def problem(self) -> Optional[str]:
+        """``None`` once every write is stored, else why one was not."""
+        for write in self._writes:
+            try:
+                await write
+            except Exception as e:
+                return _describe(e)
+        return None
+
+
+async def _ask_state(reactor: Any, options: argparse.Namespace,
+                     query: Callable[[Any], Any]) -> Any:
+    """Run ``query(state_manager)`` against Redis, bounded in time."""
+    where = _where(options.redis_url)
+    redis, state = _open_state(reactor, options)
+    try:
+        return await _bounded(
+            reactor, [defer.maybeDeferred(query, state)], options.connect_timeout,
+            f"Redis at {where} did not answer within {options.connect_timeout:g} s")
+    finally:
+        await _quietly(reactor, redis.disconnect, 2.0)
+
+
+# -- output ---------------------------------------------------------------------
+
+
+def _print(line: str) -> None:
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``quebert list | head``): nothing to tell it.
+        pass
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+    sys.stderr.flush()
+
+
+# -- commands -------------------------------------------------------------------
+
+
+async def _wait_connected(reactor: Any, client: Client, options: argparse.Namespace) -> None:
+    """
+    Wait until the client's connection is ready: fail with the reason at the
+    first failed attempt, or after ``--connect-timeout`` if attempts hang.
+    """
+    where = _where(options.amqp_url)
+    ready = client.whenConnected()
+    # Client.whenConnected() retries forever; ask the connection service to
+    # report the first failure too, so "connection refused" says so at once.
+    first_failure = client.broker.publishing.whenConnected(failAfterFailures=1)
+    try:
+        await _bounded(
+            reactor, [ready, first_failure], options.connect_timeout,
+            f"could not connect to RabbitMQ at {where} within {options.connect_timeout:g} s")
+    except CommandError:
+        raise
+    except AMQPConnectionError:
+        # pika's Twisted adapter drops the broker's reason (its message is
+        # just the number of attempts); name what usually causes it.
+        raise CommandError(
+            f"cannot connect to RabbitMQ at {where}: the broker ended the AMQP handshake "
+            "(check the user name, password and vhost of --amqp-url)")
+    except Exception as e:
+        raise CommandError(f"cannot connect to RabbitMQ at {where}: {_describe(e)}")
+
+
+async def cmd_enqueue(reactor: Any, options: argparse.Namespace) -> int:
+    """Publish one task; print its id."""
+    redis = recorder = None
+    if not options.no_state:
+        redis, state = _open_state(reactor, options)
+        recorder = _BackgroundRecorder(state, reactor, options.connect_timeout,
+                                       _where(options.redis_url))
+    try:
+        client = Client(options.amqp_url, reactor=reactor, state=recorder,
+                        exchange=options.exchange)
+        retry = {key: value for key, value in (
+            ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
+            ("max_backoff", options.max_backoff)) if value is not None}
+        try:
+            # Checks every option before anything touches the network.
+            sent = client.add_task(
+                options.task, *options.args, _queue=options.queue,
+                _countdown=options.countdown, _eta=options.eta, _name=options.name,
+                _task_id=options.task_id, _timeout=options.timeout, _retry=retry,
+                **options.kwargs)
+        except BaseException:
+            await _quietly(reactor, client.close, 5.0)
+            raise
+        try:
+            await _wait_connected(reactor, client, options)
+            info = await _bounded(
+                reactor, [sent], options.connect_timeout,
+                f"RabbitMQ did not confirm the task within {options.connect_timeout:g} s; "
+                "it may or may not have been queued")
+        finally:
+            sent.addErrback(lambda _: None)
+            await _quietly(reactor, client.close, 5.0)
+        if recorder is not None:
+            problem = await recorder.problem()
+            if problem is not None:
+                _warn(f"task {info.id} is queued but its state was not recorded: {problem}")
+    finally:
+        if redis is not None:
+            await _quietly(reactor, redis.disconnect, 2.0)
+    _print(info.id)
+    return 0
+
+
+async def cmd_status(reactor: Any, options: argparse.Namespace) -> int:
+    """Print one task's record."""
+    record = await _ask_state(reactor, options, lambda state: state.get(options.task_id))
+    if record is None:
+        _error(f"no such task: {options.task_id}")
+        return 1
+    _print(json.dumps(record, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+async def cmd_list(reactor: Any, options: argparse.Namespace) -> int:
+    """Print records as JSON lines, most recently updated first."""
+    records = await _ask_state(reactor, options, lambda state: state.list(
+        state=options.state, queue=options.queue, limit=options.limit))
+    for record in records:
+        _print(json.dumps(record, separators=(",", ":"), sort_keys=True, default=str))
+    return 0
+
+
+# -- running ----------------------------------------------------------------------
+
+
+Command = Callable[[Any, argparse.Namespace], Awaitable[int]]
+
+
+async def _run(reactor: Any, options: argparse.Namespace) -> None:
+    command: Command = options.run
+    try:
+        code = await command(reactor, options)
+    except (CommandError, QuebertError) as e:
+        _error(_describe(e))
+        code = 1
+    except Exception as e:
+        if options.verbose:
+            traceback.print_exc()
+        _error(f"{type(e).__name__}: {_describe(e)}")
+        code = 1
+    if code:
+        raise SystemExit(code)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """
+    Quiet by default: the one-line errors say what went wrong, and neither
+    pika (stdlib logging) nor Twisted (critical events before logging
+    starts) may print a traceback of their own.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    observers: List[Any] = []
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        observers.append(FilteringLogObserver(
+            textFileLogObserver(sys.stderr),
+            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]))
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())
+        logging.getLogger("pika").propagate = False
+        logging.getLogger("pika").addHandler(logging.NullHandler())
+    globalLogBeginner.beginLoggingTo(observers, discardBuffer=True,
+                                     redirectStandardIO=False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``quebert`` console script; exits the process."""
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    _check(parser, options)
+    _configure_logging(options.verbose)
+    task.react(_run, (options,))
+
+
+if __name__ == "__main__":
+    main()

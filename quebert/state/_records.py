@@ -1,0 +1,419 @@
+# -*- test-case-name: tests.test_state -*-
+"""
+Record building shared by every state manager.
+
+The memory and Redis managers must produce exactly the same records from
+the same writes, so everything that decides *what* a record holds lives
+here: argument checks, the JSON form of results, error normalisation, the
+fields each writer sets or clears, history entries, and the string form of
+fields in a Redis hash.  The managers only decide *where* it is kept.
+
+Strings are cleaned of lone surrogates and long texts are truncated, so a
+record can always be encoded (UTF-8, JSON) and its size stays bounded: a
+write that could never be stored would otherwise be retried forever by
+:class:`quebert.state.resilient.ResilientStateManager`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from numbers import Real
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from quebert.state.interface import (
+    FINISHED_STATES,
+    HISTORY_LIMIT,
+    INFO_FIELDS,
+    OUTCOME_STATES,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    STATES,
+)
+
+#: Every key of a record, in the order records are built.
+RECORD_FIELDS = (
+    "id",
+    "state",
+    "queue",
+    "kind",
+    "task",
+    "name",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "eta",
+    "started_at",
+    "finished_at",
+    "worker",
+    "result",
+    "error",
+    "reason",
+    "history",
+)
+STRING_FIELDS = frozenset({"id", "state", "queue", "kind", "task", "name", "worker", "reason"})
+FLOAT_FIELDS = frozenset({"created_at", "updated_at", "eta", "started_at", "finished_at"})
+INT_FIELDS = frozenset({"attempts"})
+JSON_FIELDS = frozenset({"result", "error", "history"})
+
+#: Info fields a later write may change on an existing record.  ``created_at``
+#: and ``eta`` are only taken when the record is created: a worker's copy of
+#: the original ETA must not overwrite the retry time of a scheduled task.
+MUTABLE_INFO_FIELDS = ("queue", "kind", "task", "name")
+
+#: Keys of a history entry, in order; a new entry starts with all of them unset.
+HISTORY_FIELDS = ("attempt", "state", "worker", "started_at", "finished_at", "error", "retry_at")
+_EMPTY_ENTRY: Dict[str, Any] = dict.fromkeys(HISTORY_FIELDS)
+_ENTRY_FLOATS = ("started_at", "finished_at", "retry_at")
+
+#: Longest ``repr()`` kept for a result that is not JSON.
+REPR_LIMIT = 1000
+#: Longest error message or reason kept (characters).
+MESSAGE_LIMIT = 4000
+#: Longest traceback kept; its *end* is kept, where the error is.
+TRACEBACK_LIMIT = 20000
+#: Most keys kept in an error mapping besides type, message and traceback.
+ERROR_EXTRA_LIMIT = 10
+
+
+# -- argument checks ---------------------------------------------------------
+
+
+def check_task_id(task_id: Any) -> None:
+    """Refuse a task id that is empty, not a ``str``, or not encodable as UTF-8."""
+    if not isinstance(task_id, str) or not task_id:
+        raise TypeError(f"task_id must be a non-empty str, not {task_id!r}")
+    try:
+        task_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"task_id {task_id!r} cannot be encoded as UTF-8")
+
+
+def _check_time(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number of epoch seconds, not {value!r}")
+
+
+def _check_attempt(attempt: Any, minimum: int) -> None:
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < minimum:
+        raise ValueError(f"attempt must be an int >= {minimum}, not {attempt!r}")
+
+
+def _check_info(info: Any) -> None:
+    if info is not None and not isinstance(info, Mapping):
+        raise TypeError(f"info must be a mapping, not {type(info).__name__}")
+    for name in ("eta", "created_at"):
+        _check_time(f"info[{name!r}]", (info or {}).get(name), optional=True)
+
+
+def check_enqueued(task_id: Any, state: Any, info: Any, at: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` if an ``enqueued`` write is malformed."""
+    check_task_id(task_id)
+    if state not in (QUEUED, SCHEDULED):
+        raise ValueError(f"enqueued state must be {QUEUED!r} or {SCHEDULED!r}, not {state!r}")
+    _check_info(info)
+    _check_time("at", at)
+
+
+def check_started(task_id: Any, attempt: Any, worker: Any, info: Any, at: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` if a ``started`` write is malformed."""
+    check_task_id(task_id)
+    _check_attempt(attempt, 1)
+    if worker is not None and not isinstance(worker, str):
+        raise TypeError(f"worker must be a str, not {worker!r}")
+    _check_info(info)
+    _check_time("at", at)
+
+
+def check_finished(
+    task_id: Any,
+    state: Any,
+    attempt: Any,
+    info: Any,
+    at: Any,
+    error: Any = None,
+    reason: Any = None,
+    retry_at: Any = None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` if a ``finished`` write is malformed."""
+    check_task_id(task_id)
+    if state not in OUTCOME_STATES:
+        raise ValueError(f"finished state must be one of {sorted(OUTCOME_STATES)}, not {state!r}")
+    _check_attempt(attempt, 0)
+    _check_info(info)
+    _check_time("at", at)
+    _check_time("retry_at", retry_at, optional=True)
+    if error is not None and not isinstance(error, Mapping):
+        raise TypeError(f"error must be a mapping or None, not {type(error).__name__}")
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"reason must be a str or None, not {reason!r}")
+
+
+def check_list(state: Any, queue: Any, limit: Any, offset: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` for ``list()`` arguments that make no sense."""
+    if state is not None and state not in STATES:
+        raise ValueError(f"state must be one of {list(STATES)} or None, not {state!r}")
+    if queue is not None and not isinstance(queue, str):
+        raise TypeError(f"queue must be a str or None, not {queue!r}")
+    for name, value in (("limit", limit), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+
+
+# -- values ------------------------------------------------------------------
+
+
+def text(value: Any, limit: Optional[int] = None, keep_end: bool = False) -> Optional[str]:
+    """
+    ``value`` as a ``str`` that UTF-8 can encode (lone surrogates become
+    ``?``), cut to ``limit`` characters (its end when ``keep_end``).
+    """
+    if value is None:
+        return None
+    value = str(value)
+    if limit is not None and len(value) > limit:
+        value = value[-limit:] if keep_end else value[:limit]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _time(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def to_json(value: Any) -> str:
+    """
+    The JSON text stored for a task result; never raises.
+
+    A value JSON cannot represent (an object, ``NaN``, a cycle, a mapping
+    with non-string keys...) is stored as ``{"repr": repr(value)[:1000]}`` so
+    that recording an outcome never fails because of what a task returned.
+    """
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        try:
+            shown = repr(value)
+        except Exception as e:  # a broken __repr__ must not lose the outcome
+            shown = f"<unrepresentable {type(value).__name__}: {type(e).__name__}>"
+        return json.dumps({"repr": text(shown, REPR_LIMIT)}, separators=(",", ":"))
+
+
+def json_value(value: Any) -> Any:
+    """The result as it will be read back: a fresh JSON value (see :func:`to_json`)."""
+    return json.loads(to_json(value))
+
+
+def normalize_error(error: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Optional[str]]]:
+    """
+    An error mapping as stored: ``type``, ``message`` and ``traceback``
+    always present (``None`` where missing), other keys (such as ``field``
+    for a refused message, at most ``ERROR_EXTRA_LIMIT`` of them) kept; every
+    value a string or ``None``, long texts truncated.
+    """
+    if error is None:
+        return None
+    normalized = {
+        "type": text(error.get("type"), MESSAGE_LIMIT),
+        "message": text(error.get("message"), MESSAGE_LIMIT),
+        "traceback": text(error.get("traceback"), TRACEBACK_LIMIT, keep_end=True),
+    }
+    extras = [key for key in error if key not in normalized][:ERROR_EXTRA_LIMIT]
+    for key in extras:
+        normalized[text(key, 100)] = text(error[key], MESSAGE_LIMIT)  # type: ignore[index]
+    return normalized
+
+
+def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``INFO_FIELDS`` of ``info`` with their record types (missing ones ``None``)."""
+    info = info or {}
+    result: Dict[str, Any] = {}
+    for name in INFO_FIELDS:
+        value = info.get(name)
+        result[name] = _time(value) if name in FLOAT_FIELDS else text(value, MESSAGE_LIMIT)
+    return result
+
+
+# -- what each writer does ---------------------------------------------------
+
+
+def new_record(task_id: str, info: Optional[Mapping[str, Any]], at: float) -> Dict[str, Any]:
+    """A record for a task never seen before; a writer then applies its changes."""
+    record: Dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(normalize_info(info))
+    record["id"] = task_id
+    record["attempts"] = 0
+    record["created_at"] = record["created_at"] if record["created_at"] is not None else float(at)
+    record["updated_at"] = float(at)
+    record["history"] = []
+    return record
+
+
+def info_updates(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The info fields a write sets on an existing record: those it knows."""
+    normalized = normalize_info(info)
+    return {name: normalized[name] for name in MUTABLE_INFO_FIELDS if normalized[name] is not None}
+
+
+def enqueued_changes(state: str, at: float) -> Dict[str, Any]:
+    """Fields ``enqueued`` sets on the record it creates."""
+    return {"state": state, "updated_at": float(at)}
+
+
+def started_changes(attempt: int, worker: Optional[str], at: float) -> Dict[str, Any]:
+    """
+    Fields ``started`` sets (``None`` clears): the outcome of a previous
+    attempt (result, error, reason, finished_at) no longer describes the
+    task; it stays in that attempt's history entry.
+    """
+    return {
+        "state": RUNNING,
+        "attempts": attempt,
+        "worker": text(worker, MESSAGE_LIMIT),
+        "started_at": float(at),
+        "updated_at": float(at),
+        "finished_at": None,
+        "result": None,
+        "error": None,
+        "reason": None,
+    }
+
+
+def finished_changes(
+    state: str,
+    at: float,
+    result: Any,
+    error: Optional[Mapping[str, Any]],
+    reason: Optional[str],
+    retry_at: Optional[float],
+) -> Dict[str, Any]:
+    """
+    Fields ``finished`` sets (``None`` clears).  ``attempts`` is not among
+    them: it becomes ``max(attempts, attempt)``, which needs the stored value.
+    """
+    changes = {
+        "state": state,
+        "updated_at": float(at),
+        "finished_at": float(at) if state in FINISHED_STATES else None,
+        "result": json_value(result),
+        "error": normalize_error(error),
+        "reason": text(reason, MESSAGE_LIMIT),
+    }
+    if state == SCHEDULED:
+        changes["eta"] = _time(retry_at)
+    return changes
+
+
+def started_entry(attempt: int, worker: Optional[str], at: float) -> Dict[str, Any]:
+    """The history entry of an attempt that starts (it replaces any for that attempt)."""
+    entry = dict(_EMPTY_ENTRY)
+    entry.update(
+        attempt=attempt, state=RUNNING, worker=text(worker, MESSAGE_LIMIT), started_at=float(at)
+    )
+    return entry
+
+
+def outcome_entry(
+    attempt: int,
+    state: str,
+    at: float,
+    error: Optional[Mapping[str, Any]],
+    retry_at: Optional[float],
+) -> Dict[str, Any]:
+    """
+    What ``finished`` merges into the history entry of ``attempt`` (the
+    entry is created, without worker and start time, if the attempt never
+    started).
+    """
+    return {
+        "attempt": attempt,
+        "state": state,
+        "finished_at": float(at),
+        "error": normalize_error(error),
+        "retry_at": _time(retry_at),
+    }
+
+
+def upsert_history(
+    history: List[Dict[str, Any]], attempt: int, fields: Mapping[str, Any], replace: bool
+) -> List[Dict[str, Any]]:
+    """
+    A new history list (sorted by attempt, one entry per attempt) with
+    ``fields`` replacing (``replace``) or merged into the entry of
+    ``attempt``, keeping the latest ``HISTORY_LIMIT`` entries.
+
+    The Redis scripts implement the same rule in Lua; keep them in step.
+    """
+    history = [dict(entry) for entry in history]
+    for index, entry in enumerate(history):
+        if entry["attempt"] == attempt:
+            if replace:
+                history[index] = {**_EMPTY_ENTRY, **fields}
+            else:
+                entry.update(fields)
+            break
+        if entry["attempt"] > attempt:
+            history.insert(index, {**_EMPTY_ENTRY, **fields})
+            break
+    else:
+        history.append({**_EMPTY_ENTRY, **fields})
+    return history[-HISTORY_LIMIT:]
+
+
+# -- Redis hash form ---------------------------------------------------------
+
+
+def encode_fields(changes: Mapping[str, Any]) -> Tuple[Dict[str, str], List[str]]:
+    """
+    ``changes`` as hash fields to set (all strings, numbers exact) and the
+    names of fields to delete (those whose value is ``None``).
+    """
+    values: Dict[str, str] = {}
+    clear: List[str] = []
+    for name, value in changes.items():
+        if value is None:
+            clear.append(name)
+        elif name in FLOAT_FIELDS:
+            values[name] = repr(float(value))
+        elif name in INT_FIELDS:
+            values[name] = str(int(value))
+        elif name in JSON_FIELDS:
+            values[name] = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        else:
+            values[name] = value
+    return values, clear
+
+
+def _decode_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    decoded = {**_EMPTY_ENTRY, **entry}
+    decoded["attempt"] = int(decoded["attempt"])
+    for name in _ENTRY_FLOATS:
+        decoded[name] = _time(decoded[name])
+    return decoded
+
+
+def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """A record (module docstring of the interface) from the fields of its hash."""
+    record: Dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            record[name] = None
+        elif name in FLOAT_FIELDS:
+            record[name] = float(value)
+        elif name in INT_FIELDS:
+            record[name] = int(value)
+        elif name in JSON_FIELDS:
+            record[name] = json.loads(value)
+        else:
+            record[name] = str(value)
+    record["attempts"] = record["attempts"] or 0
+    # cjson writes an empty Lua table as an object
+    record["history"] = [_decode_entry(entry) for entry in record["history"] or ()]
+    return record

@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_state -*-
+"""
+A state store in process memory, for tests and single-process setups.
+
+It keeps the same records as the Redis store (both build them with
+:mod:`quebert.state._records`) and passes the same contract tests.  Every
+method returns an already-fired ``Deferred``.  Records handed out are deep
+copies, so callers can never change what is stored.
+
+Finished records expire ``finished_ttl`` seconds after they were written,
+measured on the clock given (a ``twisted.internet.task.Clock`` in tests);
+expired records are dropped lazily, on the next call, in deadline order,
+so the cost does not grow with the number of live records.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+from bisect import bisect_left, insort
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from quebert.errors import ConfigurationError
+from quebert.state import _records
+from quebert.state.interface import FINISHED_STATES, STATES, IStateManager
+
+
+class _Index:
+    """Task ids ordered by ``(updated_at, id)``, walked newest first."""
+
+    def __init__(self) -> None:
+        self._keys: List[Tuple[float, str]] = []
+        self._scores: Dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, task_id: str, score: float) -> None:
+        self.discard(task_id)
+        insort(self._keys, (score, task_id))
+        self._scores[task_id] = score
+
+    def discard(self, task_id: str) -> None:
+        score = self._scores.pop(task_id, None)
+        if score is not None:
+            del self._keys[bisect_left(self._keys, (score, task_id))]
+
+    def newest(self, start: int = 0) -> Iterator[str]:
+        """Ids from the ``start``-th newest on (same order as Redis ``ZREVRANGE``)."""
+        for index in range(len(self._keys) - 1 - start, -1, -1):
+            yield self._keys[index][1]
+
+
+@implementer(IStateManager)
+class MemoryStateManager:
+    """
+    :class:`IStateManager` in memory.
+
+    :param finished_ttl: seconds a finished record is kept (0: forever).
+    :param clock: ``IReactorTime`` used only to expire finished records;
+        the global reactor when ``None``.
+    """
+
+    def __init__(self, finished_ttl: float = 86400, clock: Optional[IReactorTime] = None) -> None:
+        if finished_ttl < 0:
+            raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
+        self.finished_ttl = finished_ttl
+        self._clock = clock
+        self._records: Dict[str, Dict[str, Any]] = {}
+        self._deadline: Dict[str, float] = {}
+        self._deadlines: List[Tuple[float, str]] = []  # heap; stale entries skipped
+        self._states = {state: _Index() for state in STATES}
+        self._queues: Dict[str, _Index] = {}
+        self._all = _Index()
+
+    # -- IStateManager --------------------------------------------------
+
+    def enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
+        """Create the record of a task just published, unless it exists."""
+        return maybeDeferred(self._enqueued, task_id, state, info, at)
+
+    def started(
+        self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
+    ) -> Deferred:
+        """Record that attempt ``attempt`` of the task starts on ``worker``."""
+        return maybeDeferred(self._started, task_id, attempt, worker, info, at)
+
+    def finished(
+        self,
+        task_id: str,
+        state: str,
+        attempt: int,
+        info: Mapping[str, Any],
+        at: float,
+        result: Any = None,
+        error: Optional[Mapping[str, Any]] = None,
+        reason: Optional[str] = None,
+        retry_at: Optional[float] = None,
+    ) -> Deferred:
+        """Record the outcome of attempt ``attempt``."""
+        return maybeDeferred(
+            self._finished, task_id, state, attempt, info, at, result, error, reason, retry_at
+        )
+
+    def get(self, task_id: str) -> Deferred:
+        """Fire with a copy of the record, or ``None``."""
+        return maybeDeferred(self._get, task_id)
+
+    def list(
+        self,
+        state: Optional[str] = None,
+        queue: Optional[str] = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Deferred:
+        """Fire with copies of up to ``limit`` records, most recently updated first."""
+        return maybeDeferred(self._list, state, queue, limit, offset)
+
+    # -- implementation -------------------------------------------------
+
+    def _now(self) -> float:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock.seconds()  # type: ignore[union-attr]
+
+    def _expire(self) -> None:
+        """Drop the finished records whose deadline has passed."""
+        if not self._deadlines:
+            return
+        now = self._now()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, task_id = heapq.heappop(self._deadlines)
+            if self._deadline.get(task_id) == deadline:
+                self._remove(task_id)
+
+    def _remove(self, task_id: str) -> None:
+        record = self._records.pop(task_id)
+        self._deadline.pop(task_id, None)
+        self._states[record["state"]].discard(task_id)
+        self._unqueue(task_id, record["queue"])
+        self._all.discard(task_id)
+
+    def _unqueue(self, task_id: str, queue: Optional[str]) -> None:
+        index = self._queues.get(queue) if queue is not None else None
+        if index is not None:
+            index.discard(task_id)
+            if not index:
+                del self._queues[queue]
+
+    def _load(self, task_id: str, info: Any, at: float) -> Tuple[Dict[str, Any], Any, Any]:
+        """The stored record (or a new one) and its state and queue before the write."""
+        self._expire()
+        record = self._records.get(task_id)
+        if record is None:
+            return _records.new_record(task_id, info, at), None, None
+        # a copy, so that a write failing half-way changes nothing
+        return dict(record), record["state"], record["queue"]
+
+    def _store(self, record: Dict[str, Any], old_state: Any, old_queue: Any) -> None:
+        """Keep ``record`` and move it in the indexes and the expiry schedule."""
+        task_id, score, state, queue = (
+            record["id"],
+            record["updated_at"],
+            record["state"],
+            record["queue"],
+        )
+        self._records[task_id] = record
+        if old_state is not None and old_state != state:
+            self._states[old_state].discard(task_id)
+        self._states[state].add(task_id, score)
+        if old_queue != queue:
+            self._unqueue(task_id, old_queue)
+        if queue is not None:
+            self._queues.setdefault(queue, _Index()).add(task_id, score)
+        self._all.add(task_id, score)
+        if state in FINISHED_STATES and self.finished_ttl > 0:
+            deadline = self._now() + self.finished_ttl
+            self._deadline[task_id] = deadline
+            heapq.heappush(self._deadlines, (deadline, task_id))
+        else:
+            self._deadline.pop(task_id, None)
+
+    def _enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> None:
+        _records.check_enqueued(task_id, state, info, at)
+        record, old_state, old_queue = self._load(task_id, info, at)
+        if old_state is not None:
+            return
+        record.update(_records.enqueued_changes(state, at))
+        self._store(record, None, None)
+
+    def _started(
+        self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
+    ) -> None:
+        _records.check_started(task_id, attempt, worker, info, at)
+        record, old_state, old_queue = self._load(task_id, info, at)
+        record.update(_records.info_updates(info))
+        record.update(_records.started_changes(attempt, worker, at))
+        record["history"] = _records.upsert_history(
+            record["history"], attempt, _records.started_entry(attempt, worker, at), replace=True
+        )
+        self._store(record, old_state, old_queue)
+
+    def _finished(
+        self,
+        task_id: str,
+        state: str,
+        attempt: int,
+        info: Mapping[str, Any],
+        at: float,
+        result: Any,
+        error: Optional[Mapping[str, Any]],
+        reason: Optional[str],
+        retry_at: Optional[float],
+    ) -> None:
+        _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
+        record, old_state, old_queue = self._load(task_id, info, at)
+        record.update(_records.info_updates(info))
+        record.update(_records.finished_changes(state, at, result, error, reason, retry_at))
+        record["attempts"] = max(record["attempts"], attempt)
+        record["history"] = _records.upsert_history(
+            record["history"],
+            attempt,
+            _records.outcome_entry(attempt, state, at, error, retry_at),
+            replace=False,
+        )
+        self._store(record, old_state, old_queue)
+
+    def _get(self, task_id: str) -> Optional[Dict[str, Any]]:
+        _records.check_task_id(task_id)
+        self._expire()
+        record = self._records.get(task_id)
+        return copy.deepcopy(record) if record is not None else None
+
+    def _list(
+        self, state: Optional[str], queue: Optional[str], limit: int, offset: int
+    ) -> List[Dict[str, Any]]:
+        _records.check_list(state, queue, limit, offset)
+        self._expire()
+        empty = _Index()
+        if state is not None and queue is not None:
+            # walk the smaller index, check the other attribute on each record
+            by_state, by_queue = self._states[state], self._queues.get(queue, empty)
+            index = by_state if len(by_state) <= len(by_queue) else by_queue
+            ids = (
+                task_id
+                for task_id in index.newest()
+                if self._records[task_id]["state"] == state
+                and self._records[task_id]["queue"] == queue
+            )
+            skip = offset
+        else:
+            if state is not None:
+                index = self._states[state]
+            elif queue is not None:
+                index = self._queues.get(queue, empty)
+            else:
+                index = self._all
+            ids = index.newest(offset)
+            skip = 0
+        found: List[Dict[str, Any]] = []
+        for task_id in ids:
+            if len(found) >= limit:
+                break
+            if skip:
+                skip -= 1
+                continue
+            found.append(copy.deepcopy(self._records[task_id]))
+        return found

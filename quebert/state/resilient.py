@@ -1,0 +1,488 @@
+# -*- test-case-name: tests.test_state_resilient -*-
+"""
+A state manager that keeps tasks running while the state store is down.
+
+Losing Redis must not stop task execution (DESIGN, "State").  This wrapper
+writes through to another :class:`IStateManager` while it is healthy.  When
+a write fails it turns *unhealthy*, logs one warning, and from then on
+queues every write in a single FIFO; a drain loop retries the oldest write
+with exponential backoff on the given clock and, once the store takes it,
+replays the rest in order and turns healthy again.  One global order (not
+one per task) means a retried ``started`` can never land after the
+``finished`` of the same attempt.
+
+While healthy, writes of different tasks go out concurrently, but a write
+waits for the previous write of the *same* task to settle, so that the
+order of a task's writes never depends on the transport; if that previous
+write fails, the waiting ones are queued behind it.
+
+Callers wait for a write only while it can succeed quickly:
+
+* healthy: the Deferred fires once the write is durable; ``started`` waits
+  at most ``start_wait`` seconds, then fires and the write carries on (and
+  is queued if it fails), so a slow store delays a task by a bounded time;
+* unhealthy: the write is queued and the Deferred fires at once.
+
+Memory is bounded: past ``max_pending`` queued writes the oldest ones are
+dropped (and counted in ``dropped``), with an error in the log.  Reads are
+passed through; they fail with :class:`StateError` while the store is down.
+
+Arguments are checked before anything is queued, so a malformed write fails
+its caller at once instead of blocking the queue forever.  A write the store
+rejects with ``ValueError`` or ``TypeError`` is a bug, not an outage: its
+caller gets the error (or, when replaying, it is logged and dropped).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from quebert.errors import ConfigurationError, StateError
+from quebert.state import _records
+from quebert.state.interface import IStateManager
+
+log = Logger(namespace="quebert.state.resilient")
+
+#: Failures that mean "this write is wrong", not "the store is down".
+_BUGS = (ValueError, TypeError)
+
+
+def _no_jitter() -> float:
+    return 0.0
+
+
+class _Write:
+    """One state write, from the moment it is asked for until it is durable."""
+
+    __slots__ = ("seq", "task_id", "method", "args", "kwargs", "waiter", "timer")
+
+    def __init__(
+        self, seq: int, task_id: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> None:
+        self.seq = seq
+        self.task_id = task_id
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.waiter: Optional[Deferred] = None
+        self.timer: Optional[IDelayedCall] = None
+
+    def release(self, result: Any = None) -> None:
+        """Fire the caller's Deferred (once) and cancel the ``start_wait`` timer."""
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.called:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+
+@implementer(IStateManager)
+class ResilientStateManager:
+    """
+    :class:`IStateManager` around ``inner`` that never lets an unreachable
+    store stop task execution (module docstring).
+
+    :param inner: the real state manager.
+    :param clock: ``IReactorTime`` for retries and ``start_wait``; the
+        global reactor when ``None``.
+    :param max_pending: most writes kept while the store is down.
+    :param start_wait: seconds a healthy ``started`` may delay its caller.
+    :param retry_policy: ``attempt -> seconds`` before retrying the oldest
+        queued write (``attempt`` counts failed retries, from 0); by default
+        1 s doubling up to 30 s.
+
+    ``healthy`` says whether writes go straight to the store, ``pending``
+    how many are queued, ``dropped`` how many were given up for good.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        clock: Optional[IReactorTime] = None,
+        max_pending: int = 10000,
+        start_wait: float = 2.0,
+        retry_policy: Optional[Callable[[int], float]] = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ConfigurationError(f"max_pending must be >= 1, not {max_pending!r}")
+        if start_wait < 0:
+            raise ConfigurationError(f"start_wait must be >= 0 seconds, not {start_wait!r}")
+        self.inner = inner
+        self.max_pending = max_pending
+        self.start_wait = start_wait
+        self.healthy = True
+        self.dropped = 0
+        self._clock = clock
+        self._retry_policy = retry_policy or backoffPolicy(
+            initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=_no_jitter
+        )
+        self._seq = 0
+        self._queue: Deque[_Write] = deque()  # ordered by seq
+        self._inflight: Dict[int, _Write] = {}  # direct writes, healthy
+        self._waiting: Dict[str, Deque[_Write]] = {}  # task -> writes behind its in-flight one
+        self._replaying: Optional[_Write] = None
+        self._draining = False
+        self._retry: Optional[IDelayedCall] = None
+        self._failures = 0
+        self._replayed = 0
+        self._dropped_in_outage = 0
+        self._flushes: List[Deferred] = []
+        self._stopped = False
+
+    @property
+    def finished_ttl(self) -> float:
+        """The inner store's finished TTL."""
+        return self.inner.finished_ttl
+
+    @property
+    def pending(self) -> int:
+        """Writes queued until the store is back."""
+        return len(self._queue)
+
+    # -- IStateManager writers ------------------------------------------
+
+    def enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
+        """Record a task a producer just published (see :class:`IStateManager`)."""
+        try:
+            _records.check_enqueued(task_id, state, info, at)
+        except _BUGS:
+            return fail()
+        return self._write("enqueued", task_id, (task_id, state, dict(info or {}), at), {})
+
+    def started(
+        self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
+    ) -> Deferred:
+        """Record an attempt that starts; waits at most ``start_wait`` seconds."""
+        try:
+            _records.check_started(task_id, attempt, worker, info, at)
+        except _BUGS:
+            return fail()
+        args = (task_id, attempt, worker, dict(info or {}), at)
+        return self._write("started", task_id, args, {}, bounded=True)
+
+    def finished(
+        self,
+        task_id: str,
+        state: str,
+        attempt: int,
+        info: Mapping[str, Any],
+        at: float,
+        result: Any = None,
+        error: Optional[Mapping[str, Any]] = None,
+        reason: Optional[str] = None,
+        retry_at: Optional[float] = None,
+    ) -> Deferred:
+        """Record the outcome of an attempt (see :class:`IStateManager`)."""
+        try:
+            _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
+        except _BUGS:
+            return fail()
+        # snapshots: a queued write must not see later changes by the caller
+        kwargs = {
+            "result": _records.json_value(result),
+            "error": dict(error) if error is not None else None,
+            "reason": reason,
+            "retry_at": retry_at,
+        }
+        args = (task_id, state, attempt, dict(info or {}), at)
+        return self._write("finished", task_id, args, kwargs)
+
+    # -- reads ----------------------------------------------------------
+
+    def get(self, task_id: str) -> Deferred:
+        """The inner store's record; ``StateError`` when it cannot be read."""
+        return maybeDeferred(self.inner.get, task_id).addErrback(self._read_failed)
+
+    def list(
+        self,
+        state: Optional[str] = None,
+        queue: Optional[str] = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Deferred:
+        """The inner store's records; ``StateError`` when they cannot be read."""
+        d = maybeDeferred(self.inner.list, state=state, queue=queue, limit=limit, offset=offset)
+        return d.addErrback(self._read_failed)
+
+    @staticmethod
+    def _read_failed(failure: Failure) -> Failure:
+        if failure.check(StateError, CancelledError, *_BUGS):
+            return failure
+        error = failure.value
+        raise StateError(f"state store read failed: {type(error).__name__}: {error}") from error
+
+    # -- lifecycle ------------------------------------------------------
+
+    def flush(self) -> Deferred:
+        """
+        A Deferred that fires when every write so far is durable (or
+        dropped), for a clean shutdown.  It never fires while the store
+        stays down: bound it with a timeout (cancelling it is fine).
+        """
+        if self._idle():
+            return succeed(None)
+
+        def cancel(d: Deferred) -> None:
+            if d in self._flushes:
+                self._flushes.remove(d)
+
+        d = Deferred(cancel)
+        self._flushes.append(d)
+        return d
+
+    def stop(self) -> None:
+        """
+        Cancel every timer: the retry of the queue (nothing is retried
+        afterwards) and the ``start_wait`` of ``started`` writes (their
+        callers are released).  Pending ``flush()`` calls fail with
+        ``StateError`` if writes are still queued.
+        """
+        self._stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        for write in list(self._inflight.values()) + [
+            w for waiting in self._waiting.values() for w in waiting
+        ]:
+            if write.timer is not None:
+                write.release()
+        if self._queue:
+            flushes, self._flushes = self._flushes, []
+            for d in flushes:
+                d.errback(StateError(f"stopped with {len(self._queue)} state writes not saved"))
+
+    # -- writing --------------------------------------------------------
+
+    def _timers(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    def _write(
+        self,
+        method: str,
+        task_id: str,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        bounded: bool = False,
+    ) -> Deferred:
+        self._seq += 1
+        write = _Write(self._seq, task_id, method, args, kwargs)
+        waiter = write.waiter = Deferred()
+        if not self.healthy:
+            self._enqueue(write)
+            write.release()
+            return waiter
+        if bounded:
+            if self.start_wait > 0:
+                write.timer = self._timers().callLater(self.start_wait, write.release)
+            else:
+                write.release()
+        if task_id in self._waiting:
+            self._waiting[task_id].append(write)
+        else:
+            self._waiting[task_id] = deque()
+            self._send(write)
+        return waiter
+
+    def _send(self, write: _Write) -> None:
+        """Write straight to the store (healthy)."""
+        self._inflight[write.seq] = write
+        d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
+        d.addCallbacks(self._sent, self._send_failed, (write,), None, (write,))
+
+    def _sent(self, _: Any, write: _Write) -> None:
+        del self._inflight[write.seq]
+        write.release()
+        self._next_of(write.task_id)
+        self._settled()
+
+    def _send_failed(self, failure: Failure, write: _Write) -> None:
+        del self._inflight[write.seq]
+        if failure.check(*_BUGS):
+            log.failure(
+                "state store refused {method} of task {task_id}",
+                failure,
+                method=write.method,
+                task_id=write.task_id,
+            )
+            write.release(failure)
+            self._next_of(write.task_id)
+        else:
+            self._insert(write)
+            write.release()
+            if self.healthy:
+                self._outage(failure)
+            self._waiting.pop(write.task_id, None)
+        self._settled()
+
+    def _next_of(self, task_id: str) -> None:
+        """Send the next write of ``task_id`` that waited behind the one that settled."""
+        waiting = self._waiting.get(task_id)
+        if waiting:
+            self._send(waiting.popleft())
+        else:
+            self._waiting.pop(task_id, None)
+
+    def _outage(self, failure: Failure) -> None:
+        """Turn unhealthy: queue the writes waiting behind in-flight ones, warn once."""
+        self.healthy = False
+        self._failures = 0
+        self._replayed = 0
+        self._dropped_in_outage = 0
+        held = sorted((w for waiting in self._waiting.values() for w in waiting), key=_seq)
+        for waiting in self._waiting.values():
+            waiting.clear()
+        for write in held:
+            self._insert(write)
+            write.release()
+        log.warn(
+            "state store unavailable ({error}); tasks keep running and state writes are "
+            "queued until it is back ({pending} pending)",
+            error=f"{type(failure.value).__name__}: {failure.getErrorMessage()}",
+            pending=len(self._queue),
+        )
+        self._schedule()
+
+    def _insert(self, write: _Write) -> None:
+        """Queue ``write`` in sequence order (normally at the end)."""
+        position = len(self._queue)
+        while position and self._queue[position - 1].seq > write.seq:
+            position -= 1
+        self._queue.insert(position, write)
+        self._bound()
+
+    def _enqueue(self, write: _Write) -> None:
+        self._queue.append(write)
+        self._bound()
+
+    def _bound(self) -> None:
+        """Drop the oldest queued writes past ``max_pending`` (never one being replayed)."""
+        excess = len(self._queue) - self.max_pending
+        if excess <= 0:
+            return
+        keep_head = self._replaying is not None and self._queue[0] is self._replaying
+        for _ in range(excess):
+            if keep_head:
+                victim = self._queue[1]
+                del self._queue[1]
+            else:
+                victim = self._queue.popleft()
+            victim.release()
+        self.dropped += excess
+        before = self._dropped_in_outage
+        self._dropped_in_outage += excess
+        # one error when dropping starts, then one per max_pending more
+        if before == 0 or before // self.max_pending != self._dropped_in_outage // self.max_pending:
+            log.error(
+                "state store unavailable and {max_pending} state writes pending: dropped "
+                "the {dropped} oldest so far in this outage; their tasks' records will be "
+                "stale",
+                max_pending=self.max_pending,
+                dropped=self._dropped_in_outage,
+            )
+
+    # -- draining -------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Retry the oldest queued write after the backoff delay."""
+        if self._stopped or self._retry is not None or self._replaying is not None:
+            return
+        delay = self._retry_policy(self._failures)
+        self._retry = self._timers().callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._drain()
+
+    def _settled(self) -> None:
+        """An in-flight write settled: maybe start replaying, maybe fire flushes."""
+        if not self.healthy and not self._inflight and self._retry is None:
+            # the queue waits for in-flight writes, which may belong before it
+            self._drain()
+        self._maybe_idle()
+
+    def _drain(self) -> None:
+        """Replay queued writes in order, one at a time, until one fails."""
+        if self._draining or self._replaying is not None or self._inflight:
+            return
+        self._draining = True
+        try:
+            while self._queue and self._replaying is None and self._retry is None:
+                write = self._replaying = self._queue[0]
+                d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
+                d.addBoth(self._replay_done, write)
+        finally:
+            self._draining = False
+        if not self._queue and self._replaying is None and not self.healthy:
+            self._recovered()
+
+    def _replay_done(self, outcome: Any, write: _Write) -> None:
+        self._replaying = None
+        if isinstance(outcome, Failure) and not outcome.check(*_BUGS):
+            self._failures += 1
+            log.debug(
+                "state store still unavailable ({error}); {pending} writes pending",
+                error=outcome.getErrorMessage(),
+                pending=len(self._queue),
+            )
+            self._schedule()
+            return
+        self._queue.popleft()
+        if isinstance(outcome, Failure):
+            self.dropped += 1
+            log.failure(
+                "state store refused replayed {method} of task {task_id}; dropped",
+                outcome,
+                method=write.method,
+                task_id=write.task_id,
+            )
+        else:
+            self._replayed += 1
+        self._failures = 0
+        if not self._draining:
+            self._drain()
+
+    def _recovered(self) -> None:
+        self.healthy = True
+        self._failures = 0
+        log.info(
+            "state store available again: replayed {replayed} queued state writes"
+            " ({dropped} dropped)",
+            replayed=self._replayed,
+            dropped=self._dropped_in_outage,
+        )
+        self._maybe_idle()
+
+    def _idle(self) -> bool:
+        return (
+            not self._queue
+            and not self._inflight
+            and self._replaying is None
+            and not any(self._waiting.values())
+        )
+
+    def _maybe_idle(self) -> None:
+        if self._flushes and self._idle():
+            flushes, self._flushes = self._flushes, []
+            for d in flushes:
+                d.callback(None)
+
+
+def _seq(write: _Write) -> int:
+    return write.seq

@@ -1,0 +1,69 @@
+"""
+An isolated RabbitMQ vhost per test (class), created with ``rabbitmqctl``.
+
+Tests never touch queues they did not create: everything lives in a fresh
+vhost that is deleted in cleanup.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.utils import getProcessOutputAndValue
+
+RABBIT_HOST = "127.0.0.1"
+RABBIT_PORT = 5672
+
+
+def _rabbitmqctl_sync(*args: str) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+@defer.inlineCallbacks
+def rabbitmqctl(*args: str):
+    """Run ``rabbitmqctl -q ARGS`` without blocking the reactor; fire with stdout."""
+    out, err, code = yield getProcessOutputAndValue("rabbitmqctl", ("-q", *args))
+    if code != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({code}): "
+                           f"{err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+def amqp_url_for(vhost: str) -> str:
+    return f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
+
+
+def make_vhost(testcase, prefix: str = "quebert-test") -> str:
+    """
+    Create a fresh vhost (deleted in ``testcase``'s cleanup) and return
+    its AMQP URL.  Synchronous: for ``setUp``/``setUpClass``.
+    """
+    vhost = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl_sync("add_vhost", vhost)
+    testcase.addCleanup(_rabbitmqctl_sync, "delete_vhost", vhost)
+    _rabbitmqctl_sync("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return amqp_url_for(vhost)
+
+
+def vhost_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+@defer.inlineCallbacks
+def queue_counts(url: str, queue: Optional[str] = None):
+    """``{queue: (ready, unacked)}`` for the vhost of ``url``."""
+    out = yield rabbitmqctl("list_queues", "-p", vhost_of(url), "name", "messages_ready",
+                            "messages_unacknowledged")
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[1].isdigit():
+            counts[parts[0]] = (int(parts[1]), int(parts[2]))
+    return counts if queue is None else counts.get(queue, (0, 0))

@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_state -*-
+"""
+An isolated Redis for tests.
+
+Each test gets database 9 of the Redis at ``QUEBERT_TEST_REDIS_URL``
+(default ``redis://127.0.0.1:6379/9``) and its own key prefix
+``quebert-test-<uuid>:``; cleanup deletes only the keys with that prefix,
+so tests can share a server with anything else.  Nothing is flushed, and
+nothing is skipped: without Redis the test fails and says how to start one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from quebert.state.redis import connect_redis
+
+REDIS_URL = os.environ.get("QUEBERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+#: Seconds to wait for the test Redis to answer a PING.
+CONNECT_WAIT = 5.0
+
+
+def _bounded(d: Deferred, seconds: float) -> Deferred:
+    """``d`` or a ``TimeoutError`` after ``seconds``, without cancelling ``d``."""
+    result: Deferred = Deferred()
+    timer = reactor.callLater(seconds, result.errback, TimeoutError(f"no answer in {seconds}s"))
+
+    def done(outcome: Any) -> None:
+        if timer.active():
+            timer.cancel()
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+    d.addBoth(done)
+    return result
+
+
+@inlineCallbacks
+def isolated_redis(testcase: TestCase) -> Deferred:
+    """
+    Fire with ``(connection, prefix)`` for ``testcase``: a txredisapi
+    connection to the test database and the key prefix only this test uses.
+    Registers the cleanup (delete the prefix's keys, then disconnect).
+    """
+    connection = connect_redis(REDIS_URL)
+    testcase.addCleanup(connection.disconnect)
+    try:
+        yield _bounded(connection.ping(), CONNECT_WAIT)
+    except Exception as e:
+        testcase.fail(
+            f"The test Redis at {REDIS_URL} is not reachable ({type(e).__name__}: {e}). "
+            "Start one with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
+            '--save "" --appendonly no (or set QUEBERT_TEST_REDIS_URL).'
+        )
+    prefix = f"quebert-test-{uuid.uuid4().hex}:"
+    testcase.addCleanup(delete_prefixed, connection, prefix)
+    return connection, prefix
+
+
+@inlineCallbacks
+def delete_prefixed(connection: Any, prefix: str) -> Deferred:
+    """Delete every key starting with ``prefix`` (SCAN: for test cleanup only)."""
+    cursor = 0
+    while True:
+        cursor, keys = yield connection.scan(cursor, pattern=prefix + "*", count=500)
+        if keys:
+            yield connection.delete(keys)
+        if int(cursor) == 0:
+            break
