@@ -390,8 +390,9 @@ def _print(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
-        # The reader went away (``quebert list | head``): nothing to tell it.
-        pass
+        # The reader went away (``quebert list | head``): nothing to tell
+        # it, and nothing for Python to complain about when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _error(message: str) -> None:

@@ -50,6 +50,9 @@ from quebert.registry import Registry, TaskDefinition, default_registry
 from quebert.retry import RetryPolicy
 from quebert.state.interface import CANCELED, FAILED, SCHEDULED, SUCCEEDED
 
+#: Outcomes recorded only after they were made durable on the broker.
+_SETTLED = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
+
 log = Logger(namespace="quebert.mediator")
 
 #: A task arriving this many seconds or more before its due time is delayed again.
@@ -230,8 +233,28 @@ class Mediator:
             await self._delay(delivery, message, not_before - now, {})
             return
 
+        running = self.running.get(message.id)
+        if running is not None and running.delivery is not delivery:
+            # The connection dropped while this attempt runs here, and the
+            # broker gave the message back to us: the running attempt will
+            # settle the new copy (the old delivery tag died with its channel).
+            log.info("task {task_id} redelivered while its attempt {attempt} still runs "
+                     "here; that attempt will settle the new copy", task_id=message.id,
+                     attempt=running.attempt)
+            running.delivery = delivery
+            return
+
         if delivery.redelivered or delivery.delivery_count:
-            lost = await self._lost_attempts(message, delivery, previous)
+            lost, settled = await self._lost_attempts(message, delivery, previous)
+            if settled is not None:
+                # The attempt's outcome was made durable before its worker
+                # died, only the ack was lost: do not run it again.
+                log.info("task {task_id} redelivered after its attempt {attempt} already "
+                         "ended {state}; acking the copy", task_id=message.id,
+                         attempt=lost, state=settled)
+                delivery.ack()
+                self.counts["redelivered_settled"] += 1
+                return
             if lost > previous:
                 await self._worker_lost(delivery, message, definition, policy, lost,
                                         first_attempt_at or now)
@@ -256,23 +279,28 @@ class Mediator:
         self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
         try:
-            result = await self.executor.run(definition, task.args, task.kwargs,
+            await self._run(task)
+        finally:
+            self.running.pop(task.id, None)
+
+    async def _run(self, task: Task) -> None:
+        """Run one attempt and settle it (``task.delivery`` may be swapped meanwhile)."""
+        try:
+            result = await self.executor.run(task.definition, task.args, task.kwargs,
                                              self.timeout_for(task))
         except Exception:
             failure = Failure()
         else:
             failure = None
-        finally:
-            self.running.pop(task.id, None)
 
         if failure is None:
             await self._run_after_hooks(task, result)
-            await self.state.finished(task.id, SUCCEEDED, attempt, message.info(),
+            await self.state.finished(task.id, SUCCEEDED, task.attempt, task.message.info(),
                                       self.clock.seconds(), result=result)
-            delivery.ack()
+            task.delivery.ack()
             self.counts["succeeded"] += 1
             self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
-                      "in {duration:.3f}s", duration=self.clock.seconds() - now)
+                      "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
         else:
             await self._run_error_hooks(task, failure)
             await self.on_failure(task, failure)
@@ -406,13 +434,16 @@ class Mediator:
                                   delay=delay)
         delivery.ack()
 
-    async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int) -> int:
+    async def _lost_attempts(self, message: TaskMessage, delivery: Any,
+                             previous: int) -> tuple[int, Optional[str]]:
         """
-        How many attempts were really started, for a redelivered message.
+        For a redelivered message: how many attempts were really started,
+        and the outcome state if the latest one had already ended.
 
         The state store knows (``attempts`` is written before an attempt
-        starts); when it cannot be reached, the redelivery itself is
-        counted, so a task that kills its worker still runs out of attempts.
+        starts and its outcome before the ack); when it cannot be reached,
+        the redelivery itself is counted, so a task that kills its worker
+        still runs out of attempts.
         """
         try:
             record = await self.state.get(message.id)
@@ -420,10 +451,13 @@ class Mediator:
             log.warn("task {task_id} redelivered and the state store is unavailable "
                      "({error}); counting the redelivery as a lost attempt",
                      task_id=message.id, error=e)
-            return previous + max(1, delivery.delivery_count or 1)
+            return previous + max(1, delivery.delivery_count or 1), None
         if record is None:
-            return previous
-        return max(previous, int(record.get("attempts") or 0))
+            return previous, None
+        started = int(record.get("attempts") or 0)
+        if started > previous and record.get("state") in _SETTLED:
+            return started, record["state"]
+        return max(previous, started), None
 
     async def _worker_lost(self, delivery: Any, message: TaskMessage,
                            definition: TaskDefinition, policy: RetryPolicy, attempts: int,

@@ -54,7 +54,7 @@ class StubMessage:
 class StubDelivery:
     """A :class:`StubMessage` handed to a consumer, not yet settled."""
 
-    broker: "StubBroker" = attrs.field(repr=False)
+    broker: StubBroker = attrs.field(repr=False)
     queue: str
     message: StubMessage
     settled: bool = False

@@ -11,7 +11,10 @@ point stay unacked and the broker redelivers them.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import sys
 from typing import Any, Optional
 
 from twisted.application.service import MultiService
@@ -30,6 +33,27 @@ from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateM
 from quebert.state.redis import connect_redis
 
 log = Logger(namespace="quebert.worker")
+
+#: Exit codes of ``twistd amqp-worker`` (see docs/operations.rst).
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_BROKER_REFUSED = 3
+
+
+def exit_after_shutdown(code: int) -> None:
+    """
+    Make the process exit with ``code`` once twistd has shut down
+    (twistd itself always exits 0 after a normal reactor stop).
+    """
+    def _exit() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+    atexit.register(_exit)
 
 
 def import_tasks(modules: list[str]) -> None:
@@ -77,6 +101,9 @@ class WorkerService(MultiService):
                             errored_ttl_ms=config.errored_ttl_ms)
         self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor)
         self.broker.setServiceParent(self)
+        self.exit_code = EXIT_OK
+        for connection in self.broker.connections():
+            connection.on_fatal = self._broker_refused
 
         self._redis = None
         if state is None:
@@ -105,6 +132,20 @@ class WorkerService(MultiService):
             max_message_size=config.max_message_size, task_log_level=level,
         )
         self.mediator.start()
+
+    def _broker_refused(self, failure) -> None:
+        if self.exit_code != EXIT_OK:
+            return
+        self.exit_code = EXIT_BROKER_REFUSED
+        log.critical(
+            "RabbitMQ refused this worker's setup for good ({error}); check permissions and "
+            "that existing queues were declared with the same arguments (queue type, TTLs). "
+            "Stopping with exit code {code}.",
+            error=failure.getErrorMessage(), code=self.exit_code,
+        )
+        exit_after_shutdown(self.exit_code)
+        if self.reactor.running:
+            self.reactor.stop()
 
     def startService(self) -> None:
         log.info(
@@ -138,7 +179,7 @@ class WorkerService(MultiService):
         self.executor.stop(join=left == 0)
         # twistd re-raises the signal that stopped the reactor once it
         # returns, so a drained worker would exit -15; a graceful stop exits 0.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
+        if self.exit_code == EXIT_OK and getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
         log.info("quebert worker stopped ({counts})", counts=dict(self.mediator.counts))
 

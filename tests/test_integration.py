@@ -87,7 +87,10 @@ class IntegrationTestCase(TestCase):
     def _cleanup(self):
         return defer.ensureDeferred(self._cleanup_async())
 
+    queue_type = "classic"
+
     def worker(self, *extra, queues=("default:50",), name="worker") -> WorkerProcess:
+        extra = ("--queue-type", self.queue_type, *extra)
         return WorkerProcess(self, self.url, REDIS_URL, self.prefix, queues=queues,
                              extra=extra, name=name)
 
@@ -170,6 +173,11 @@ class TaskLifecycleTests(IntegrationTestCase):
         self.assertEqual(await worker.stop(), 0)
 
     def test_success_retry_failure_and_countdown(self):
+        return defer.ensureDeferred(self._test_success_retry_failure_countdown())
+
+    def test_success_retry_failure_and_countdown_on_quorum_queues(self):
+        self.queue_type = "quorum"
+        self.client = Client(self.url, state=self.state, queue_type="quorum")
         return defer.ensureDeferred(self._test_success_retry_failure_countdown())
 
     async def _test_bad_messages(self):
@@ -378,7 +386,8 @@ class FaultTests(IntegrationTestCase):
             await wait_for(lambda: len(_read_lines(path)) == 10, 60,
                            what="tasks to run without Redis")
             self.assertTrue(worker.alive)
-            self.assertIn("state store", worker.log().lower())
+            await wait_for(lambda: "state store unavailable" in worker.log(), 30,
+                           what="the worker to warn that the state store is unavailable")
             self.assertEqual(await worker.stop(), 0)
 
         return defer.ensureDeferred(run())
@@ -414,3 +423,24 @@ class PluginTests(TestCase):
             capture_output=True, text=True, cwd="/", timeout=60,
         )
         self.assertEqual(out.stdout.strip(), "amqp-worker", out.stderr)
+
+
+class BrokerRefusalTests(IntegrationTestCase):
+    def test_conflicting_queue_arguments_stop_the_worker_with_exit_code_3(self):
+        async def run():
+            def declare_conflicting():
+                connection = pika.BlockingConnection(pika.URLParameters(self.url))
+                try:
+                    connection.channel().queue_declare(
+                        "default", durable=True, arguments={"x-max-length": 5})
+                finally:
+                    connection.close()
+
+            await deferToThread(declare_conflicting)
+            worker = self.worker().start()
+            await wait_for(lambda: not worker.alive, 60, what="worker to give up")
+            self.assertEqual(worker.process.returncode, 3)
+            self.assertIn("PRECONDITION_FAILED", worker.log())
+            self.assertIn("exit code 3", worker.log())
+
+        return defer.ensureDeferred(run())

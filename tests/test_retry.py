@@ -84,6 +84,16 @@ class DelayTests(SynchronousTestCase):
         policy = RetryPolicy(min_backoff=1, max_backoff=60, max_doublings=16)
         self.assertEqual(policy.delay(10**9), 60)
 
+    def test_many_doublings_do_not_overflow(self):
+        """
+        A large max_doublings (a message may set it) must not make late
+        retries raise OverflowError: 2**1100 does not fit in a float.
+        """
+        policy = RetryPolicy(min_backoff=1, max_backoff=60, max_doublings=5000)
+        self.assertEqual(policy.delay(1100), 60)
+        self.assertEqual(RetryPolicy(min_backoff=0, max_backoff=0,
+                                     max_doublings=5000).delay(1100), 0)
+
 
 class JitterTests(SynchronousTestCase):
     """Jitter shortens a delay by at most the jitter fraction."""

@@ -83,12 +83,17 @@ class AMQPBroker(MultiService):
         for consumer in self.consumers.values():
             consumer.close_channel()
 
-    def whenConnected(self):
+    def connections(self) -> list:
+        """The AMQP connections this broker keeps."""
+        return [c for c in (self.publishing, self.consuming) if c is not None]
+
+    def whenConnected(self, fail_after_failures=None):
         """Fires once every connection of this broker is ready."""
-        waits = [self.publishing.whenConnected()]
+        waits = [self.publishing.whenReady(fail_after_failures)]
         if self.consuming is not None:
-            waits.append(self.consuming.whenConnected())
-        return defer.gatherResults(waits, consumeErrors=True)
+            waits.append(self.consuming.whenReady(fail_after_failures))
+        d = defer.gatherResults(waits, consumeErrors=True)
+        return d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
 
     def stopService(self):
         self.publisher.stop()

@@ -24,6 +24,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from quebert.errors import ConfigurationError
 
@@ -40,17 +41,26 @@ def _reactor(reactor: Any) -> Any:
     return reactor
 
 
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def parse_amqp_url(url: str) -> pika.URLParameters:
     """pika parameters for ``url``, or a :class:`ConfigurationError`."""
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ConfigurationError(
-            f"AMQP URL must look like amqp://user:password@host:5672/vhost, not {url!r}"
+            f"AMQP URL must look like amqp://user:password@host:5672/vhost, not {redact(url)!r}"
         )
     try:
         return pika.URLParameters(url)
     except Exception as e:  # pika raises assorted errors for bad query args
-        raise ConfigurationError(f"bad AMQP URL {url!r}: {e}") from e
+        raise ConfigurationError(f"bad AMQP URL {redact(url)!r}: {e}") from e
 
 
 def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
@@ -68,6 +78,8 @@ def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
 
 
 class _PikaFactory(Factory):
+    noisy = False
+
     def __init__(self, parameters: pika.URLParameters, reactor: Any) -> None:
         self.parameters = parameters
         self.reactor = reactor
@@ -83,6 +95,12 @@ class AMQPConnection(ClientService):
     :param url: ``amqp://`` or ``amqps://`` URL.  pika ignores host, port and
         TLS under Twisted, so they configure the endpoint here.
     :param name: used in log events (``publisher``, ``consumer``...).
+
+    Use :meth:`whenReady` rather than ``whenConnected``: the latter may hand
+    out a connection whose AMQP handshake or preparation failed.  (A failed
+    preparation is reported to ``ClientService`` as a made connection that
+    is then dropped: its own prepare-failure path leaves the socket open and
+    trips over the later disconnect.)
     """
 
     log = Logger()
@@ -94,17 +112,24 @@ class AMQPConnection(ClientService):
         self.parameters = parse_amqp_url(url)
         self.reactor = _reactor(reactor)
         self._preparers: List[Preparer] = []
+        self._ready_waiters: list = []
         self.connected_count = 0
+        self.failed_preparations = 0
         self.current: Optional[TwistedProtocolConnection] = None
+        #: Called with a Failure when the broker refuses our setup for good
+        #: (access refused, conflicting queue arguments).
+        self.on_fatal: Optional[Callable[[Failure], Any]] = None
         parts = urlsplit(url)
+        self.address = f"{parts.hostname}:{parts.port or 5672}/{self.parameters.virtual_host}"
         endpoint = HostnameEndpoint(self.reactor, parts.hostname, parts.port or (
             5671 if parts.scheme == "amqps" else 5672), timeout=10)
         if parts.scheme == "amqps":
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
+        policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         super().__init__(
             endpoint,
             _PikaFactory(self.parameters, self.reactor),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            retryPolicy=lambda failures: policy(max(failures, self.failed_preparations)),
             clock=self.reactor,
             prepareConnection=self._prepare,
         )
@@ -116,31 +141,87 @@ class AMQPConnection(ClientService):
         """
         self._preparers.append(preparer)
 
-    @defer.inlineCallbacks
+    def whenReady(self, fail_after_failures: Optional[int] = None) -> defer.Deferred:
+        """
+        Fire with the current prepared protocol, or the next one.  With
+        ``fail_after_failures``, fail after that many consecutive failed
+        attempts (TCP or AMQP).
+        """
+        current = self.current
+        if current is not None and current.is_open:
+            return defer.succeed(current)
+        waiter: defer.Deferred = defer.Deferred()
+        self._ready_waiters.append([waiter, fail_after_failures])
+        if fail_after_failures is not None:
+            tcp = self.whenConnected(failAfterFailures=fail_after_failures)
+            tcp.addErrback(self._fail_waiter, waiter)
+        return waiter
+
+    def _fail_waiter(self, failure: Failure, waiter: defer.Deferred) -> None:
+        if failure.check(defer.CancelledError) and not self.running:
+            failure = Failure(ConnectionError("connection service stopped"))
+        self._ready_waiters = [w for w in self._ready_waiters if w[0] is not waiter]
+        if not waiter.called:
+            waiter.errback(failure)
+
     def _prepare(self, proxy):
         protocol = getattr(proxy, "_protocol", proxy)
-        try:
-            # pika's ``ready`` is ours to wait on, never to cancel.
-            yield protocol.ready
-            for preparer in self._preparers:
-                yield preparer(protocol)
-        except Exception as e:
-            self.log.warn(
-                "AMQP {name} connection to {host} could not be prepared: {error}",
-                name=self.connection_name, host=self.parameters.host, error=e,
-            )
+
+        def abort(_: defer.Deferred) -> None:
+            # Stopped while preparing; pika's own Deferreds are left alone.
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
-            raise
+
+        reported: defer.Deferred = defer.Deferred(canceller=abort)
+        work = defer.ensureDeferred(self._run_preparers(protocol))
+        work.addCallbacks(self._prepared, self._not_prepared, callbackArgs=(protocol,),
+                          errbackArgs=(protocol, reported))
+        work.addBoth(lambda _: reported.called or reported.callback(None))
+        return reported
+
+    async def _run_preparers(self, protocol) -> None:
+        await mirror(protocol.ready)
+        for preparer in self._preparers:
+            await preparer(protocol)
+
+    def _prepared(self, _: Any, protocol) -> None:
         self.current = protocol
         self.connected_count += 1
+        self.failed_preparations = 0
         if protocol.closed is not None:
             protocol.closed.addBoth(self._lost, protocol)
         self.log.info(
-            "AMQP {name} connection ready ({host}:{port}{vhost}, connection #{count})",
-            name=self.connection_name, host=self.parameters.host, port=self.parameters.port,
-            vhost=self.parameters.virtual_host, count=self.connected_count,
+            "AMQP {name} connection ready ({address}, connection #{count})",
+            name=self.connection_name, address=self.address, count=self.connected_count,
         )
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter, _remaining in waiters:
+            if not waiter.called:
+                waiter.callback(protocol)
+
+    def _not_prepared(self, failure: Failure, protocol, reported: defer.Deferred) -> None:
+        self.failed_preparations += 1
+        self.log.warn(
+            "AMQP {name} connection to {address} could not be prepared (attempt {n}): {error}",
+            name=self.connection_name, address=self.address, n=self.failed_preparations,
+            error=describe(failure.value),
+        )
+        # Hand ClientService a "made" connection, then drop it: it reconnects
+        # with backoff (see the class docstring).
+        if not reported.called:
+            reported.callback(None)
+        if protocol.transport is not None and protocol.transport.connected:
+            protocol.transport.abortConnection()
+        remaining = []
+        for waiter, left in self._ready_waiters:
+            if left is not None and left <= 1:
+                if not waiter.called:
+                    waiter.errback(failure)
+            else:
+                remaining.append([waiter, None if left is None else left - 1])
+        self._ready_waiters = remaining
+        if is_permanent(failure.value) and self.on_fatal is not None:
+            self.on_fatal(failure)
 
     def _lost(self, reason: Any, protocol) -> None:
         if self.current is protocol:
@@ -152,18 +233,61 @@ class AMQPConnection(ClientService):
     @defer.inlineCallbacks
     def stopService(self):
         protocol = self.current
+        self.current = None
         if protocol is not None and protocol.is_open:
             closed = protocol.closed
             protocol.close()
             if closed is not None:
                 # Give the broker a moment to confirm the close.
-                timeout = defer.Deferred()
-                call = self.reactor.callLater(2.0, timeout.callback, None)
-                mirror = defer.Deferred()
-                closed.addBoth(lambda r: (mirror.called or mirror.callback(None), r)[1])
-                yield defer.DeferredList([mirror, timeout], fireOnOneCallback=True,
+                timer: defer.Deferred = defer.Deferred()
+                call = self.reactor.callLater(2.0, timer.callback, None)
+                yield defer.DeferredList([mirror(closed), timer], fireOnOneCallback=True,
                                          consumeErrors=True)
                 if call.active():
                     call.cancel()
-        self.current = None
         yield super().stopService()
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter, _ in waiters:
+            if not waiter.called:
+                waiter.errback(ConnectionError("connection service stopped"))
+
+
+def mirror(pika_deferred: defer.Deferred) -> defer.Deferred:
+    """
+    A Deferred of our own that follows ``pika_deferred``.
+
+    pika leaves a channel broken if one of its Deferreds is cancelled, so
+    anything that may be cancelled or timed out waits on a mirror instead.
+    """
+    ours: defer.Deferred = defer.Deferred()
+
+    def forward(result: Any) -> None:
+        if not ours.called:
+            if isinstance(result, Failure):
+                ours.errback(result)
+            else:
+                ours.callback(result)
+
+    pika_deferred.addBoth(forward)
+    return ours
+
+
+#: AMQP reply codes that retrying cannot fix.
+PERMANENT_REPLY_CODES = frozenset({403, 406, 530})
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether the broker refused something for good (access, arguments)."""
+    return isinstance(error, pika.exceptions.ChannelClosedByBroker) and (
+        error.reply_code in PERMANENT_REPLY_CODES
+    )
+
+
+def describe(error: BaseException) -> str:
+    """A readable sentence for pika's terse errors."""
+    if isinstance(error, pika.exceptions.ChannelClosed):
+        return f"broker closed the channel: {error.reply_code} {error.reply_text}"
+    if isinstance(error, pika.exceptions.AMQPConnectionError):
+        return ("AMQP handshake failed (wrong credentials, unknown vhost or no permission, "
+                "or the broker closed the connection)")
+    return f"{type(error).__name__}: {error}"

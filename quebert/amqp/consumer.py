@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from quebert.amqp.connection import AMQPConnection
+from quebert.amqp.connection import AMQPConnection, mirror
 from quebert.amqp.topology import Topology
 from quebert.protocol import H_DELIVERY_COUNT
 
@@ -247,6 +247,4 @@ class QueueConsumer:
 
 
 def mirror_cancel(channel, tag: str) -> defer.Deferred:
-    from quebert.amqp.publisher import mirror
-
     return mirror(channel.basic_cancel(tag))

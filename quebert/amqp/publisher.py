@@ -19,30 +19,9 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from quebert.amqp.connection import AMQPConnection
+from quebert.amqp.connection import AMQPConnection, mirror
 from quebert.amqp.topology import Topology
 from quebert.errors import BrokerError, UnroutableError
-
-
-def mirror(pika_deferred: defer.Deferred) -> defer.Deferred:
-    """
-    A Deferred of our own that follows ``pika_deferred``.
-
-    pika leaves a channel broken if one of its Deferreds is cancelled, so
-    anything that may be cancelled or timed out waits on a mirror instead.
-    """
-    ours: defer.Deferred = defer.Deferred()
-
-    def forward(result: Any) -> None:
-        if not ours.called:
-            if isinstance(result, defer.Failure):
-                ours.errback(result)
-            else:
-                ours.callback(result)
-
-    pika_deferred.addBoth(forward)
-    return ours
-
 
 _TRANSIENT = (
     pika.exceptions.AMQPChannelError,
@@ -120,8 +99,8 @@ class Publisher:
                     yield deferLater(self.clock, 0.5, lambda: None)
                 continue
             try:
-                yield self.connection.whenConnected()
-            except defer.CancelledError:
+                yield self.connection.whenReady()
+            except (defer.CancelledError, ConnectionError):
                 raise BrokerError("publisher is stopped")
 
     def _reopen(self, protocol):

@@ -506,10 +506,18 @@ class RedisStateManager:
             from twisted.internet import reactor
 
             self._clock = reactor  # type: ignore[assignment]
-        result = Deferred()
+
+        def cancel(_: Deferred) -> None:
+            if timer.active():
+                timer.cancel()
+
+        result = Deferred(cancel)
 
         def expire() -> None:
-            result.errback(StateError(f"Redis did not answer {name} within {self.timeout} seconds"))
+            if not result.called:
+                result.errback(
+                    StateError(f"Redis did not answer {name} within {self.timeout} seconds")
+                )
 
         timer = self._clock.callLater(self.timeout, expire)  # type: ignore[union-attr]
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -318,6 +318,7 @@ class ResilientStateManager:
             log.failure(
                 "state store refused {method} of task {task_id}",
                 failure,
+                LogLevel.error,
                 method=write.method,
                 task_id=write.task_id,
             )
@@ -404,6 +405,7 @@ class ResilientStateManager:
         if self._stopped or self._retry is not None or self._replaying is not None:
             return
         delay = self._retry_policy(self._failures)
+        self._failures += 1
         self._retry = self._timers().callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -435,7 +437,6 @@ class ResilientStateManager:
     def _replay_done(self, outcome: Any, write: _Write) -> None:
         self._replaying = None
         if isinstance(outcome, Failure) and not outcome.check(*_BUGS):
-            self._failures += 1
             log.debug(
                 "state store still unavailable ({error}); {pending} writes pending",
                 error=outcome.getErrorMessage(),
@@ -449,6 +450,7 @@ class ResilientStateManager:
             log.failure(
                 "state store refused replayed {method} of task {task_id}; dropped",
                 outcome,
+                LogLevel.error,
                 method=write.method,
                 task_id=write.task_id,
             )

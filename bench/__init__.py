@@ -1,0 +1,1 @@
+"""Benchmarks of quebert; see ``bench/README.rst``."""

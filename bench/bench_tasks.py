@@ -1,0 +1,105 @@
+"""
+No-op tasks and a recording mediator for ``bench/bench_throughput.py``.
+
+The worker under test imports this module (``--tasks bench.bench_tasks``)
+and runs with ``--mediator bench.bench_tasks.BenchMediator``.  The baseline
+consumer in ``bench_throughput.py`` uses the same :class:`Recorder`, so both
+sides pay for exactly the same measurement:
+
+* when the task starts (the baseline: when the message is received), one
+  ``time.time()`` and one list append, with the enqueue time of the message;
+* when the message has been acked, one ``time.time()`` and one list append.
+
+Nothing else is measured in-process.  When a phase has seen as many
+completions as the benchmark asked for (it writes the count in
+``OUT.K.expect`` before publishing phase ``K``), the recorder writes
+``OUT.K.json`` and starts the next phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from quebert import DelayOnErrorMediator, task
+
+#: Environment variable naming the output prefix (unset: record nothing).
+ENV_OUT = "QUEBERT_BENCH_OUT"
+
+
+class Recorder:
+    """Start and completion times, dumped once per phase."""
+
+    def __init__(self, out: Optional[str]) -> None:
+        self.out = out
+        self.phase = 0
+        self.expect: Optional[int] = None
+        self.starts: list = []
+        self.created: list = []
+        self.ends: list = []
+
+    def started(self, created_at: Any) -> None:
+        """A task (message) starts; ``created_at`` is its enqueue time."""
+        self.starts.append(time.time())
+        self.created.append(created_at)
+
+    def finished(self) -> None:
+        """A task (message) was acked."""
+        self.ends.append(time.time())
+        if self.out is None:
+            return
+        if self.expect is None:
+            self.expect = self._read_expect()
+        if self.expect is not None and len(self.ends) >= self.expect:
+            self._dump()
+
+    def _read_expect(self) -> Optional[int]:
+        try:
+            with open(f"{self.out}.{self.phase}.expect", encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _dump(self) -> None:
+        starts, created, ends = self.starts, self.created, self.ends
+        self.starts, self.created, self.ends = [], [], []
+        data = {
+            "phase": self.phase,
+            "count": len(ends),
+            "first_start": min(starts) if starts else None,
+            "last_end": max(ends),
+            "latencies": [s - c for s, c in zip(starts, created, strict=True) if c is not None],
+        }
+        path = f"{self.out}.{self.phase}.json"
+        with open(path + ".tmp", "w", encoding="ascii") as f:
+            json.dump(data, f)
+        os.replace(path + ".tmp", path)
+        self.phase += 1
+        self.expect = None
+
+
+RECORDER = Recorder(os.environ.get(ENV_OUT))
+
+
+@task(name="bench.noop")
+async def noop(created_at: Optional[float] = None) -> None:
+    """A no-op that runs on the reactor."""
+    RECORDER.started(created_at)
+
+
+@task(name="bench.noop_thread")
+def noop_thread(created_at: Optional[float] = None) -> None:
+    """A no-op that runs in the worker's thread pool."""
+    RECORDER.started(created_at)
+
+
+class BenchMediator(DelayOnErrorMediator):
+    """The default mediator, noting when each delivery's handling is over (acked)."""
+
+    async def handle(self, delivery: Any) -> None:
+        try:
+            await super().handle(delivery)
+        finally:
+            RECORDER.finished()

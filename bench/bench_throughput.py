@@ -1,0 +1,668 @@
+"""
+Throughput, latency and memory of a quebert worker against a bare pika consumer.
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_throughput.py [--tasks N] [--repeat R]
+
+It needs the local RabbitMQ (``rabbitmqctl`` on the PATH, guest/guest on
+127.0.0.1:5672) and Redis (database 9).  Everything lives in a fresh vhost,
+deleted at the end, and under a unique Redis key prefix, whose keys (and
+only those) are deleted at the end.  See ``bench/README.rst`` for what the
+figures mean and how they are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pika  # noqa: E402
+
+from quebert import protocol  # noqa: E402
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+QUEUE = "bench"
+PREFETCH = 200
+
+#: name -> (kind, registered task, state backend)
+CONFIGS = {
+    "baseline": ("baseline", "bench.noop", None),
+    "memory-async": ("worker", "bench.noop", "memory"),
+    "memory-thread": ("worker", "bench.noop_thread", "memory"),
+    "redis-async": ("worker", "bench.noop", "redis"),
+    "redis-thread": ("worker", "bench.noop_thread", "redis"),
+}
+LABELS = {
+    "baseline": "baseline: bare pika consumer",
+    "memory-async": "quebert, memory state, async def",
+    "memory-thread": "quebert, memory state, thread",
+    "redis-async": "quebert, redis state, async def",
+    "redis-thread": "quebert, redis state, thread",
+}
+#: The configuration the target is about.
+TARGET_CONFIG = "redis-async"
+TARGET_RATIO = 0.5
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the baseline consumer (run in its own process) ---------------------------
+
+
+def baseline_consumer(url: str, queue: str, prefetch: int, out: str) -> None:
+    """
+    The least a consumer can do on pika's TwistedProtocolConnection: QoS
+    ``prefetch``, read the enqueue time from the body, ``basic_ack`` each
+    message.  Records with the same :class:`~bench.bench_tasks.Recorder`
+    as the worker.  Runs until killed.
+    """
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from twisted.internet import defer, reactor
+    from twisted.internet import protocol as tprotocol
+    from twisted.python.failure import Failure
+
+    from bench.bench_tasks import Recorder
+
+    recorder = Recorder(out)
+    parameters = pika.URLParameters(url)
+
+    def one(message: Any) -> None:
+        channel, method, _properties, body = message
+        recorder.started(json.loads(body).get("created_at"))
+        channel.basic_ack(method.delivery_tag)
+        recorder.finished()
+
+    def pump(queue_object: Any) -> None:
+        # Same loop as quebert's consumer: drain fired Deferreds, then wait.
+        while True:
+            d = queue_object.get()
+            if not d.called:
+                d.addCallback(lambda m: (one(m), pump(queue_object)))
+                d.addErrback(stop)
+                return
+            box: list = []
+            d.addBoth(box.append)
+            if isinstance(box[0], Failure):
+                stop(box[0])
+                return
+            one(box[0])
+
+    def stop(failure: Failure) -> None:
+        print(f"baseline consumer failed: {failure.getErrorMessage()}", file=sys.stderr)
+        if reactor.running:
+            reactor.stop()
+
+    @defer.inlineCallbacks
+    def start():
+        creator = tprotocol.ClientCreator(reactor, TwistedProtocolConnection, parameters)
+        connection = yield creator.connectTCP(parameters.host, parameters.port)
+        yield connection.ready
+        channel = yield connection.channel()
+        yield channel.basic_qos(prefetch_count=prefetch)
+        queue_object, _tag = yield channel.basic_consume(queue=queue, auto_ack=False)
+        pump(queue_object)
+
+    reactor.callWhenRunning(lambda: start().addErrback(stop))
+    reactor.run()
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+class MiniRedis:
+    """Just enough RESP to check and delete the benchmark's keys."""
+
+    def __init__(self, host: str, port: int, db: int, password: Optional[str] = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.file = self.sock.makefile("rb")
+        if password:
+            self.call("AUTH", password)
+        self.call("SELECT", db)
+
+    def call(self, *args: Any) -> Any:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            parts += [f"${len(data)}\r\n".encode(), data, b"\r\n"]
+        self.sock.sendall(b"".join(parts))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self.file.read(size + 2)[:-2]
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self._read() for _ in range(size)]
+        raise RuntimeError(f"unexpected Redis reply {line!r}")
+
+    def delete_prefixed(self, prefix: str) -> int:
+        deleted, cursor = 0, b"0"
+        while True:
+            cursor, keys = self.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+            if keys:
+                deleted += self.call("DEL", *keys)
+            if cursor == b"0":
+                return deleted
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def peak_rss_kb(pid: int) -> Optional[int]:
+    """VmHWM of ``pid`` in kB (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def percentile(values: list, q: float) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q / 100.0 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+class Broker:
+    """A blocking pika connection to the benchmark's vhost, for publishing."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        # What quebert declares for a classic work queue (no arguments).
+        self.channel.queue_declare(QUEUE, durable=True)
+
+    def depth(self) -> tuple[int, int]:
+        ok = self.channel.queue_declare(QUEUE, passive=True).method
+        return ok.message_count, ok.consumer_count
+
+    def _publish(self, task_name: str) -> None:
+        now = time.time()
+        message, body = protocol.build(task_name, (now,), queue=QUEUE, now=now)
+        self.channel.basic_publish(
+            "", QUEUE, body,
+            pika.BasicProperties(content_type=protocol.CONTENT_TYPE, delivery_mode=2,
+                                 message_id=message.id, headers={protocol.H_ATTEMPTS: 0}),
+        )
+
+    def prefill(self, count: int, task_name: str, timeout: float = 120.0) -> None:
+        """Publish ``count`` tasks and wait until the queue holds them all."""
+        for _ in range(count):
+            self._publish(task_name)
+        deadline = time.monotonic() + timeout
+        while self.depth()[0] < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"queue holds {self.depth()[0]} of {count} messages")
+            self.connection.sleep(0.05)
+
+    def paced(self, count: int, rate: float, task_name: str) -> float:
+        """Publish ``count`` tasks at ``rate`` per second; returns the rate achieved."""
+        start = time.perf_counter()
+        sent = 0
+        while sent < count:
+            due = min(count, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                self._publish(task_name)
+                sent += 1
+            self.connection.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        return count / elapsed if elapsed > 0 else float("inf")
+
+    def purge(self) -> None:
+        self.channel.queue_purge(QUEUE)
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except Exception:
+            pass
+
+
+class Run:
+    """One process under test: a baseline consumer or a worker."""
+
+    def __init__(self, name: str, url: str, redis_url: str, prefix: str, workdir: str,
+                 repeat: int) -> None:
+        self.name = name
+        self.kind, self.task, self.state = CONFIGS[name]
+        tag = f"{name}-{repeat}"
+        self.out = os.path.join(workdir, tag)
+        self.log_path = os.path.join(workdir, tag + ".log")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env["QUEBERT_BENCH_OUT"] = self.out
+        if self.kind == "baseline":
+            args = [sys.executable, os.path.abspath(__file__), "_consume", "--url", url,
+                    "--queue", QUEUE, "--prefetch", str(PREFETCH), "--out", self.out]
+        else:
+            args = [TWISTD, "--pidfile=", "-n", f"--logfile={self.log_path}", "amqp-worker",
+                    "--amqp-url", url, "--state", self.state, "--tasks", "bench.bench_tasks",
+                    "--mediator", "bench.bench_tasks.BenchMediator",
+                    "--queue", f"{QUEUE}:{PREFETCH}", "--max-running-tasks", str(PREFETCH),
+                    "--log-level", "warn"]
+            if self.state == "redis":
+                args += ["--redis-url", redis_url, "--state-prefix", prefix]
+        self.args = args
+        self.env = env
+        self.process: Optional[subprocess.Popen] = None
+        self.log_file: Any = None
+
+    def start(self) -> None:
+        self.log_file = open(self.log_path + ".out", "wb")
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT)
+
+    def expect(self, phase: int, count: int) -> None:
+        with open(f"{self.out}.{phase}.expect", "w", encoding="ascii") as f:
+            f.write(str(count))
+
+    def wait_phase(self, phase: int, timeout: float) -> dict:
+        path = f"{self.out}.{phase}.json"
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   + self.log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: phase {phase} not done after {timeout:.0f}s\n"
+                                   + self.log_tail())
+            time.sleep(0.05)
+        with open(path, encoding="ascii") as f:
+            return json.load(f)
+
+    def log_tail(self) -> str:
+        text = ""
+        for path in (self.log_path, self.log_path + ".out"):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text += f.read()[-3000:]
+            except OSError:
+                pass
+        return text
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM, wait; SIGKILL if it does not go.  Returns the exit code."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        return process.returncode
+
+
+# -- one configuration ----------------------------------------------------------
+
+
+def _wait_consumer(broker: Broker, run: Run, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while broker.depth()[1] < 1:
+        if run.process is not None and run.process.poll() is not None:
+            raise RuntimeError(f"{run.name} exited with {run.process.returncode}:\n"
+                               + run.log_tail())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{run.name} did not consume within {timeout:.0f}s\n"
+                               + run.log_tail())
+        broker.connection.sleep(0.05)
+
+
+def _idle(broker: Broker, name: str) -> None:
+    ready, consumers = broker.depth()
+    if ready or consumers:
+        raise RuntimeError(f"queue {QUEUE} not idle before {name}: {ready} ready, "
+                           f"{consumers} consumers")
+
+
+def _finish(run: Run, result: dict, broker: Broker) -> None:
+    result["exit_code"] = run.stop()
+    if result["exit_code"] not in (0, None):
+        log(f"{run.name}: exit code {result['exit_code']}\n{run.log_tail()[-1500:]}")
+    if broker.depth()[0]:
+        broker.purge()
+
+
+def _check_redis(result: dict, redis: Optional[MiniRedis], run: Run, prefix: str,
+                 expected: int) -> None:
+    if redis is None or run.state != "redis":
+        return
+    done = redis.call("ZCARD", f"{prefix}idx:state:succeeded")
+    result["redis_succeeded"] = done
+    if done != expected:
+        result["warning"] = (f"Redis holds {done} succeeded records, expected {expected}: "
+                             "state writes were queued or lost")
+
+
+def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
+                   redis_url: str, prefix: str, workdir: str, repeat: int,
+                   redis: Optional[MiniRedis]) -> dict:
+    """Drain a pre-filled queue of ``args.tasks`` tasks."""
+    _idle(broker, name)
+    run = Run(name, url, redis_url, prefix, workdir, f"tp{repeat}")
+    result: dict = {"config": name, "repeat": repeat}
+    try:
+        run.expect(0, args.tasks)
+        broker.prefill(args.tasks, run.task)
+        run.start()
+        began = time.time()
+        data = run.wait_phase(0, timeout=60 + args.tasks / 50)
+        drain = data["last_end"] - data["first_start"]
+        result["tasks_per_s"] = data["count"] / drain if drain > 0 else float("inf")
+        result["drain_s"] = drain
+        result["startup_s"] = data["first_start"] - began
+        result["queued_p50_ms"] = 1000 * percentile(data["latencies"], 50)
+        result["peak_rss_kb"] = peak_rss_kb(run.process.pid)
+        _check_redis(result, redis, run, prefix, args.tasks)
+    finally:
+        _finish(run, result, broker)
+    return result
+
+
+def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
+                redis_url: str, prefix: str, workdir: str, repeat: int, rate: float,
+                redis: Optional[MiniRedis]) -> dict:
+    """Publish at ``rate`` while the consumer runs; enqueue-to-start latency."""
+    _idle(broker, name)
+    run = Run(name, url, redis_url, prefix, workdir, f"lat{repeat}")
+    result: dict = {"config": name, "repeat": repeat, "rate": rate}
+    warmup = max(20, int(rate * 0.5))
+    count = max(100, int(rate * args.paced_seconds))
+    try:
+        run.expect(0, warmup)
+        run.start()
+        _wait_consumer(broker, run)
+        # Warm up (connections, Redis script cache, thread pool), not measured.
+        broker.paced(warmup, rate, run.task)
+        run.wait_phase(0, timeout=60 + warmup / 50)
+        run.expect(1, count)
+        result["paced_rate"] = broker.paced(count, rate, run.task)
+        data = run.wait_phase(1, timeout=60 + count / 50)
+        result["p50_ms"] = 1000 * percentile(data["latencies"], 50)
+        result["p99_ms"] = 1000 * percentile(data["latencies"], 99)
+        result["max_ms"] = 1000 * max(data["latencies"])
+        result["peak_rss_kb"] = peak_rss_kb(run.process.pid)
+        if result["paced_rate"] < 0.9 * rate:
+            result["warning"] = (f"the publisher reached only {result['paced_rate']:.0f} of "
+                                 f"{rate:.0f} messages/s")
+        _check_redis(result, redis, run, prefix, warmup + count)
+    finally:
+        _finish(run, result, broker)
+    return result
+
+
+# -- reporting ------------------------------------------------------------------
+
+
+def summarise(throughput: list, latency: list) -> dict:
+    summary: dict = {}
+    for name in CONFIGS:
+        tp = [r for r in throughput if r["config"] == name and "tasks_per_s" in r]
+        lat = [r for r in latency if r["config"] == name and "p50_ms" in r]
+        if not tp and not lat:
+            continue
+        rss = [r["peak_rss_kb"] or 0 for r in tp + lat]
+        summary[name] = {
+            "tasks_per_s": statistics.median(r["tasks_per_s"] for r in tp) if tp else None,
+            "all_tasks_per_s": [round(r["tasks_per_s"]) for r in tp],
+            "startup_s": statistics.median(r["startup_s"] for r in tp) if tp else None,
+            "paced_rate": statistics.median(r["paced_rate"] for r in lat) if lat else None,
+            "p50_ms": statistics.median(r["p50_ms"] for r in lat) if lat else None,
+            "p99_ms": statistics.median(r["p99_ms"] for r in lat) if lat else None,
+            "peak_rss_mb": max(rss) / 1024 if rss else None,
+            "warnings": [r["warning"] for r in tp + lat if "warning" in r],
+            "errors": [r["error"] for r in throughput + latency
+                       if r["config"] == name and "error" in r],
+        }
+    return summary
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> str:
+    base = (summary.get("baseline") or {}).get("tasks_per_s")
+    width = 86
+    lines = [
+        f"quebert throughput benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{os.cpu_count()} CPUs: {args.tasks} pre-filled tasks, prefetch {PREFETCH}, "
+        f"{args.repeat} repeat(s), medians",
+        "",
+        f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'paced/s':>8} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'peak RSS MB':>11}",
+        "-" * width,
+    ]
+    for name in CONFIGS:
+        s = summary.get(name)
+        if s is None:
+            continue
+        tps = s["tasks_per_s"]
+        ratio = f"{tps / base:.2f}x" if base and tps else "-"
+        lines.append(
+            f"{LABELS[name]:<34} {_fmt(tps, '8.0f'):>8} {ratio:>6} "
+            f"{_fmt(s['paced_rate'], '8.0f'):>8} {_fmt(s['p50_ms'], '7.2f'):>7} "
+            f"{_fmt(s['p99_ms'], '7.2f'):>7} {_fmt(s['peak_rss_mb'], '11.1f'):>11}"
+        )
+    lines += [
+        "-" * width,
+        "tasks/s: draining a pre-filled queue, from the first task start to the last ack;",
+        "ratio: tasks/s over the baseline's.  p50/p99: enqueue (created_at) to task start",
+        f"while one publisher sends at a common rate of {_fmt(rate, '.0f')}/s "
+        f"({args.paced_fraction:.0%} of the slowest",
+        "configuration's tasks/s, so that no consumer is saturated).  Peak RSS: VmHWM.",
+    ]
+    if args.repeat > 1:
+        lines.append("")
+        for name in CONFIGS:
+            if name in summary:
+                lines.append(f"  {name}: tasks/s per repeat {summary[name]['all_tasks_per_s']}, "
+                             f"start-up {_fmt(summary[name]['startup_s'], '.2f')} s")
+    for name, s in summary.items():
+        for warning in s["warnings"]:
+            lines.append(f"WARNING {name}: {warning}")
+        for error in s["errors"]:
+            lines.append(f"ERROR {name}: {error.splitlines()[0]}")
+    target = summary.get(TARGET_CONFIG) or {}
+    lines.append("")
+    if base and target.get("tasks_per_s"):
+        ratio = target["tasks_per_s"] / base
+        verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+        lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: {verdict} "
+                     f"({ratio:.2f}x: {target['tasks_per_s']:.0f} vs {base:.0f} tasks/s)")
+    else:
+        lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: "
+                     "not measured")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def parse_args(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10000,
+                        help="tasks in the pre-filled queue per run [default: 10000]")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of every configuration; medians are reported [default: 2]")
+    parser.add_argument("--paced-seconds", type=float, default=3.0,
+                        help="seconds of paced publishing per run [default: 3]")
+    parser.add_argument("--paced-fraction", type=float, default=0.5,
+                        help="paced rate as a fraction of the slowest configuration's "
+                             "throughput [default: 0.5]")
+    parser.add_argument("--paced-rate", type=float,
+                        help="paced rate in messages/s (overrides --paced-fraction)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672",
+                        help="RabbitMQ, without a vhost [default: %(default)s]")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9",
+                        help="Redis for the redis-state runs [default: %(default)s]")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working directory (worker logs)")
+    args = parser.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(args.configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
+    if "baseline" not in args.configs:
+        args.configs.insert(0, "baseline")
+    if args.tasks < 100 or args.repeat < 1:
+        parser.error("--tasks must be >= 100 and --repeat >= 1")
+    return args
+
+
+def consume_main(argv: list) -> None:
+    parser = argparse.ArgumentParser(prog="bench_throughput.py _consume")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--prefetch", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    a = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    baseline_consumer(a.url, a.queue, a.prefetch, a.out)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_consume"]:
+        consume_main(argv[1:])
+        return 0
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+
+    from quebert.state.redis import parse_redis_url
+
+    redis_options = parse_redis_url(args.redis_url)
+    vhost = f"quebert-bench-{uuid.uuid4().hex[:12]}"
+    prefix = f"quebert-bench-{uuid.uuid4().hex[:12]}:"
+    url = f"{args.amqp.rstrip('/')}/{vhost}"
+    workdir = tempfile.mkdtemp(prefix="quebert-bench-")
+    redis = None
+    broker = None
+    log(f"vhost {vhost}, Redis prefix {prefix} in db {redis_options['db']}, files in {workdir}")
+    rabbitmqctl("add_vhost", vhost)
+    throughput: list = []
+    latency: list = []
+    rate: Optional[float] = args.paced_rate
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        if any(CONFIGS[c][2] == "redis" for c in args.configs):
+            redis = MiniRedis(redis_options["host"], redis_options["port"], redis_options["db"],
+                              redis_options["password"])
+        broker = Broker(url)
+
+        def attempt(results: list, what: str, fn: Any, name: str, repeat: int,
+                    *extra: Any) -> Optional[dict]:
+            log(f"{what} {repeat + 1}/{args.repeat}: {name}")
+            try:
+                r = fn(name, broker, args, url, args.redis_url,
+                       f"{prefix}{what}-{name}-{repeat}:", workdir, repeat, *extra, redis)
+            except Exception as e:
+                log(f"  {name} failed: {e}")
+                results.append({"config": name, "repeat": repeat, "error": str(e)})
+                return None
+            results.append(r)
+            return r
+
+        for repeat in range(args.repeat):
+            for name in args.configs:
+                r = attempt(throughput, "throughput", throughput_run, name, repeat)
+                if r is not None:
+                    log(f"  {r['tasks_per_s']:.0f} tasks/s (start-up {r['startup_s']:.2f} s, "
+                        f"peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB)")
+        rates = [r["tasks_per_s"] for r in throughput if "tasks_per_s" in r]
+        if rate is None and rates:
+            slowest = min(statistics.median(r["tasks_per_s"] for r in throughput
+                                            if r["config"] == c and "tasks_per_s" in r)
+                          for c in {r["config"] for r in throughput if "tasks_per_s" in r})
+            rate = slowest * args.paced_fraction
+        if rate:
+            for repeat in range(args.repeat):
+                for name in args.configs:
+                    r = attempt(latency, "latency", latency_run, name, repeat, rate)
+                    if r is not None:
+                        log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
+                            f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+    finally:
+        if broker is not None:
+            broker.close()
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+        except Exception as e:
+            log(f"could not delete vhost {vhost}: {e}")
+        if redis is not None:
+            try:
+                deleted = redis.delete_prefixed(prefix)
+                log(f"deleted {deleted} Redis keys under {prefix}")
+            except Exception as e:
+                log(f"could not delete Redis keys under {prefix}: {e}")
+            redis.close()
+        if not args.keep:
+            for entry in os.listdir(workdir):
+                os.unlink(os.path.join(workdir, entry))
+            os.rmdir(workdir)
+
+    summary = summarise(throughput, latency)
+    text = report(summary, args, rate)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "rate": rate, "throughput": throughput,
+                       "latency": latency, "summary": summary}, f,
+                      indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,931 @@
+# -*- test-case-name: tests.test_state -*-
+"""
+Tests for the state stores: one contract, run against the memory store and
+against the Redis store on a real server, plus tests of what only one of
+them has (Redis scripts, connection, expiry bookkeeping).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional
+
+import txredisapi
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from quebert.errors import ConfigurationError, StateError
+from quebert.state import (
+    CANCELED,
+    FAILED,
+    HISTORY_LIMIT,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+    IStateManager,
+    MemoryStateManager,
+    RedisStateManager,
+    _records,
+    connect_redis,
+)
+from quebert.state.redis import parse_redis_url
+from tests._redis import REDIS_URL, isolated_redis
+
+#: A realistic epoch with microseconds, to check that nothing rounds it.
+T0 = 1767225590.123456
+
+ERROR = {"type": "builtins.ValueError", "message": "bad input", "traceback": "Traceback...\n"}
+
+
+def info(queue: Optional[str] = "default", **extra: Any) -> Dict[str, Any]:
+    """Task metadata as producers and workers pass it."""
+    base = {
+        "queue": queue,
+        "kind": "call",
+        "task": "app.tasks.add",
+        "name": None,
+        "eta": None,
+        "created_at": T0,
+    }
+    base.update(extra)
+    return base
+
+
+def ids(records: List[Dict[str, Any]]) -> List[str]:
+    return [record["id"] for record in records]
+
+
+class Unprintable:
+    """A result that is not JSON and whose repr is long."""
+
+    def __repr__(self) -> str:
+        return "u" * 5000
+
+
+class StateContractMixin:
+    """
+    The :class:`IStateManager` contract.  A subclass provides the store
+    (``make_manager``) and four hooks about expiry and raw indexes.
+    """
+
+    manager: Any
+
+    def make_manager(self, finished_ttl: float = 86400) -> Any:
+        raise NotImplementedError
+
+    async def assert_expire(self, manager: Any, task_ids: List[str], ttl: float) -> None:
+        """Check the finished records ``task_ids`` go away after ``ttl`` seconds."""
+        raise NotImplementedError
+
+    async def assert_kept(self, manager: Any, task_id: str) -> None:
+        """Check the record ``task_id`` is not going to expire."""
+        raise NotImplementedError
+
+    async def forget(self, manager: Any, task_id: str, ttl: float) -> None:
+        """Make the store lose ``task_id`` as its expiry would."""
+        raise NotImplementedError
+
+    async def index_ids(self, manager: Any, index: str) -> List[str]:
+        """Ids in a raw index: ``all``, ``state:<state>`` or ``queue:<queue>``."""
+        raise NotImplementedError
+
+    async def run_task(
+        self, task_id: str, queue: str = "default", at: float = T0, outcome: str = SUCCEEDED
+    ) -> None:
+        """Enqueue, start and finish ``task_id`` at ``at``, ``at+1``, ``at+2``."""
+        await self.manager.enqueued(task_id, QUEUED, info(queue), at)
+        await self.manager.started(task_id, 1, "host:1", info(queue), at + 1)
+        await self.manager.finished(task_id, outcome, 1, info(queue), at + 2)
+
+    # -- basics -------------------------------------------------------------
+
+    def test_provides_interface(self) -> None:
+        """The store provides IStateManager and says how long finished records live."""
+        self.assertTrue(verifyObject(IStateManager, self.manager))
+        self.assertEqual(self.manager.finished_ttl, 86400)
+
+    async def test_unknown_task_is_none(self) -> None:
+        """get() of a task never written fires with None."""
+        self.assertIsNone(await self.manager.get("nope"))
+
+    async def test_writers_fire_with_none(self) -> None:
+        """Every writer fires with None once the write is stored."""
+        self.assertIsNone(await self.manager.enqueued("a", QUEUED, info(), T0))
+        self.assertIsNone(await self.manager.started("a", 1, "w", info(), T0 + 1))
+        self.assertIsNone(await self.manager.finished("a", SUCCEEDED, 1, info(), T0 + 2))
+
+    # -- enqueued -------------------------------------------------------------
+
+    async def test_enqueued_creates_queued_record(self) -> None:
+        """enqueued creates the whole record from the task metadata."""
+        await self.manager.enqueued("a", QUEUED, info("mail", name="dedup-1"), T0 + 5)
+        self.assertEqual(
+            await self.manager.get("a"),
+            {
+                "id": "a",
+                "state": QUEUED,
+                "queue": "mail",
+                "kind": "call",
+                "task": "app.tasks.add",
+                "name": "dedup-1",
+                "attempts": 0,
+                "created_at": T0,
+                "updated_at": T0 + 5,
+                "eta": None,
+                "started_at": None,
+                "finished_at": None,
+                "worker": None,
+                "result": None,
+                "error": None,
+                "reason": None,
+                "history": [],
+            },
+        )
+
+    async def test_enqueued_scheduled_keeps_eta(self) -> None:
+        """A task published with an ETA is recorded scheduled, with that ETA."""
+        await self.manager.enqueued("a", SCHEDULED, info(eta=T0 + 3600), T0)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["eta"]), (SCHEDULED, T0 + 3600))
+
+    async def test_enqueued_without_created_at_uses_write_time(self) -> None:
+        """Without created_at in info, the record is created at the write time."""
+        await self.manager.enqueued("a", QUEUED, {"queue": "q"}, T0 + 7)
+        self.assertEqual((await self.manager.get("a"))["created_at"], T0 + 7)
+
+    async def test_enqueued_does_not_modify_existing_record(self) -> None:
+        """A second or late enqueued leaves the record exactly as it was."""
+        await self.manager.enqueued("a", QUEUED, info("q1"), T0)
+        await self.manager.enqueued("a", SCHEDULED, info("q2", eta=T0 + 9), T0 + 1)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["queue"], record["eta"]), (QUEUED, "q1", None))
+
+        await self.manager.started("b", 1, "w", info(), T0 + 2)
+        before = await self.manager.get("b")
+        await self.manager.enqueued("b", QUEUED, info("other"), T0 + 3)
+        self.assertEqual(await self.manager.get("b"), before)
+        self.assertEqual(ids(await self.manager.list(state=QUEUED)), ["a"])
+
+    async def test_writers_reject_malformed_calls(self) -> None:
+        """States a writer may not record, and bad attempts, fail with ValueError."""
+        with self.assertRaises(ValueError):
+            await self.manager.enqueued("a", RUNNING, info(), T0)
+        with self.assertRaises(ValueError):
+            await self.manager.started("a", 0, "w", info(), T0)
+        with self.assertRaises(ValueError):
+            await self.manager.finished("a", RUNNING, 1, info(), T0)
+        with self.assertRaises(TypeError):
+            await self.manager.finished("a", FAILED, 1, info(), T0, error="boom")
+        with self.assertRaises(ValueError):
+            await self.manager.list(state="lost")
+        self.assertIsNone(await self.manager.get("a"))
+
+    # -- started / finished ---------------------------------------------------
+
+    async def test_started_records_running_attempt(self) -> None:
+        """started: running, attempts, worker, start time and a history entry."""
+        await self.manager.enqueued("a", QUEUED, info(), T0)
+        await self.manager.started("a", 1, "host:42", info(), T0 + 1)
+        record = await self.manager.get("a")
+        self.assertEqual(
+            {k: record[k] for k in ("state", "attempts", "worker", "started_at", "updated_at")},
+            {
+                "state": RUNNING,
+                "attempts": 1,
+                "worker": "host:42",
+                "started_at": T0 + 1,
+                "updated_at": T0 + 1,
+            },
+        )
+        self.assertEqual(
+            record["history"],
+            [
+                {
+                    "attempt": 1,
+                    "state": RUNNING,
+                    "worker": "host:42",
+                    "started_at": T0 + 1,
+                    "finished_at": None,
+                    "error": None,
+                    "retry_at": None,
+                }
+            ],
+        )
+
+    async def test_started_creates_missing_record(self) -> None:
+        """A task nobody enqueued (foreign producer) gets its record on start."""
+        await self.manager.started("a", 1, "w", info("q", created_at=None), T0 + 3)
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["state"], record["queue"], record["created_at"]), (RUNNING, "q", T0 + 3)
+        )
+
+    async def test_succeeded_stores_result_and_finish_time(self) -> None:
+        """finished(succeeded): result, finished_at and the history outcome."""
+        await self.manager.started("a", 1, "w", info(), T0)
+        await self.manager.finished("a", SUCCEEDED, 1, info(), T0 + 2, result={"sum": 3})
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["state"], record["result"], record["finished_at"], record["attempts"]),
+            (SUCCEEDED, {"sum": 3}, T0 + 2, 1),
+        )
+        self.assertEqual(
+            record["history"][0],
+            {
+                "attempt": 1,
+                "state": SUCCEEDED,
+                "worker": "w",
+                "started_at": T0,
+                "finished_at": T0 + 2,
+                "error": None,
+                "retry_at": None,
+            },
+        )
+
+    async def test_scheduled_retry_stores_error_and_eta(self) -> None:
+        """finished(scheduled): error, eta = retry_at, not finished."""
+        await self.manager.started("a", 1, "w", info(), T0)
+        await self.manager.finished(
+            "a", SCHEDULED, 1, info(), T0 + 1, error=ERROR, retry_at=T0 + 11.5
+        )
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["state"], record["eta"], record["finished_at"], record["error"]),
+            (SCHEDULED, T0 + 11.5, None, ERROR),
+        )
+        self.assertEqual(record["history"][0]["retry_at"], T0 + 11.5)
+        self.assertEqual(record["history"][0]["error"], ERROR)
+        self.assertEqual(ids(await self.manager.list(state=SCHEDULED)), ["a"])
+
+    async def test_next_attempt_clears_previous_outcome(self) -> None:
+        """A new attempt clears result/error/reason; the history keeps them."""
+        await self.manager.started("a", 1, "w1", info(), T0)
+        await self.manager.finished("a", SCHEDULED, 1, info(), T0 + 1, error=ERROR, retry_at=T0 + 5)
+        await self.manager.started("a", 2, "w2", info(), T0 + 5)
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["state"], record["attempts"], record["worker"], record["error"]),
+            (RUNNING, 2, "w2", None),
+        )
+        self.assertEqual([e["attempt"] for e in record["history"]], [1, 2])
+        self.assertEqual(record["history"][0]["error"], ERROR)
+        self.assertEqual(record["history"][1]["worker"], "w2")
+
+    async def test_failed_and_canceled_store_reason(self) -> None:
+        """Terminal failures keep the reason sentence and the error."""
+        await self.manager.started("a", 3, "w", info(), T0)
+        await self.manager.finished(
+            "a", FAILED, 3, info(), T0 + 1, error=ERROR, reason="attempts spent"
+        )
+        await self.manager.finished("b", CANCELED, 0, info(), T0 + 2, reason="skipped")
+        a, b = await self.manager.get("a"), await self.manager.get("b")
+        self.assertEqual(
+            (a["state"], a["reason"], a["error"], a["finished_at"]),
+            (FAILED, "attempts spent", ERROR, T0 + 1),
+        )
+        self.assertEqual((b["state"], b["reason"], b["attempts"]), (CANCELED, "skipped", 0))
+
+    async def test_finished_without_start_adds_history_entry(self) -> None:
+        """An attempt refused before it ran still gets a history entry."""
+        await self.manager.finished("a", FAILED, 2, info(), T0, error=ERROR, reason="refused")
+        record = await self.manager.get("a")
+        self.assertEqual(record["attempts"], 2)
+        self.assertEqual(
+            record["history"],
+            [
+                {
+                    "attempt": 2,
+                    "state": FAILED,
+                    "worker": None,
+                    "started_at": None,
+                    "finished_at": T0,
+                    "error": ERROR,
+                    "retry_at": None,
+                }
+            ],
+        )
+
+    async def test_finished_keeps_highest_attempt_count(self) -> None:
+        """attempts becomes max(attempts, attempt): a late outcome never lowers it."""
+        await self.manager.started("a", 3, "w", info(), T0)
+        await self.manager.finished("a", SCHEDULED, 1, info(), T0 + 1, retry_at=T0 + 2)
+        record = await self.manager.get("a")
+        self.assertEqual(record["attempts"], 3)
+        self.assertEqual([e["attempt"] for e in record["history"]], [1, 3])
+
+    async def test_history_keeps_latest_attempts_oldest_first(self) -> None:
+        """The history is capped at HISTORY_LIMIT entries, the newest kept."""
+        for attempt in range(1, HISTORY_LIMIT + 6):
+            at = T0 + attempt * 10
+            await self.manager.started("a", attempt, "w", info(), at)
+            await self.manager.finished(
+                "a", SCHEDULED, attempt, info(), at + 1, error=ERROR, retry_at=at + 5
+            )
+        record = await self.manager.get("a")
+        self.assertEqual(record["attempts"], HISTORY_LIMIT + 5)
+        self.assertEqual(
+            [e["attempt"] for e in record["history"]], list(range(6, HISTORY_LIMIT + 6))
+        )
+        self.assertTrue(all(e["state"] == SCHEDULED for e in record["history"]))
+
+    async def test_restarted_attempt_replaces_its_history_entry(self) -> None:
+        """Starting the same attempt again (redelivery) keeps one entry for it."""
+        await self.manager.started("a", 1, "w1", info(), T0)
+        await self.manager.started("a", 1, "w2", info(), T0 + 1)
+        history = (await self.manager.get("a"))["history"]
+        self.assertEqual([(e["attempt"], e["worker"]) for e in history], [(1, "w2")])
+
+    async def test_info_updates_task_fields_but_not_creation_or_eta(self) -> None:
+        """Later writes fill in queue/kind/task/name, never created_at or eta."""
+        await self.manager.enqueued("a", SCHEDULED, {"queue": "q", "eta": T0 + 9}, T0)
+        await self.manager.started(
+            "a", 1, "w", info("q", name="n", eta=T0 + 99, created_at=T0 - 50), T0 + 10
+        )
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["task"], record["name"], record["eta"], record["created_at"]),
+            ("app.tasks.add", "n", T0 + 9, T0),
+        )
+
+    async def test_error_is_normalised(self) -> None:
+        """Errors keep type/message/traceback (None when missing), extras as text."""
+        long_tb = "x" * 30000 + "END"
+        await self.manager.finished(
+            "a",
+            FAILED,
+            1,
+            info(),
+            T0,
+            error={"type": "E", "message": "m", "field": "args", "traceback": long_tb},
+        )
+        await self.manager.finished("b", FAILED, 1, info(), T0, error={"message": 42})
+        a, b = await self.manager.get("a"), await self.manager.get("b")
+        self.assertEqual(a["error"]["field"], "args")
+        self.assertEqual(len(a["error"]["traceback"]), _records.TRACEBACK_LIMIT)
+        self.assertTrue(a["error"]["traceback"].endswith("END"))
+        self.assertEqual(b["error"], {"type": None, "message": "42", "traceback": None})
+        self.assertEqual(b["history"][0]["error"], b["error"])
+
+    # -- results --------------------------------------------------------------
+
+    async def test_json_results_round_trip(self) -> None:
+        """JSON results come back as JSON values (tuples as lists), exactly."""
+        result = {
+            "n": 2**53 + 1,
+            "f": 0.1,
+            "t": (1, "two"),
+            "u": "héllo ☃",
+            "nested": [{"a": None, "b": True}],
+            "s": "123",
+        }
+        await self.manager.finished("a", SUCCEEDED, 1, info(), T0, result=result)
+        self.assertEqual(
+            (await self.manager.get("a"))["result"],
+            {
+                "n": 2**53 + 1,
+                "f": 0.1,
+                "t": [1, "two"],
+                "u": "héllo ☃",
+                "nested": [{"a": None, "b": True}],
+                "s": "123",
+            },
+        )
+
+    async def test_scalar_results_round_trip(self) -> None:
+        """Scalar results (numbers, strings that look like numbers) keep their type."""
+        for n, result in enumerate([0, 1.5, "42", "", False, [], {}]):
+            await self.manager.finished(f"t{n}", SUCCEEDED, 1, info(), T0, result=result)
+            self.assertEqual((await self.manager.get(f"t{n}"))["result"], result)
+
+    async def test_non_json_results_stored_as_repr(self) -> None:
+        """Results JSON cannot hold are stored as {"repr": repr(value)[:1000]}."""
+        cases = {
+            "nan": float("nan"),
+            "obj": Unprintable(),
+            "set": {1},
+            "keys": {(1, 2): "tuple key"},
+        }
+        for task_id, result in cases.items():
+            await self.manager.finished(task_id, SUCCEEDED, 1, info(), T0, result=result)
+        self.assertEqual((await self.manager.get("nan"))["result"], {"repr": "nan"})
+        self.assertEqual((await self.manager.get("obj"))["result"], {"repr": "u" * 1000})
+        self.assertEqual((await self.manager.get("set"))["result"], {"repr": "{1}"})
+        self.assertEqual(
+            (await self.manager.get("keys"))["result"], {"repr": "{(1, 2): 'tuple key'}"}
+        )
+
+    async def test_timestamps_and_strings_keep_exact_values(self) -> None:
+        """Timestamps keep microseconds; strings that look like numbers stay strings."""
+        at, task_info = 1767225590.987654, info("007", name="1.50", task="1e3")
+        await self.manager.started("a", 1, "0042", task_info, at)
+        await self.manager.finished("a", SCHEDULED, 1, task_info, at + 0.000001, retry_at=at + 1)
+        record = await self.manager.get("a")
+        self.assertEqual(
+            (record["queue"], record["name"], record["task"], record["worker"]),
+            ("007", "1.50", "1e3", "0042"),
+        )
+        self.assertEqual(record["started_at"], at)
+        self.assertEqual(record["updated_at"], at + 0.000001)
+        self.assertEqual(record["history"][0]["finished_at"], at + 0.000001)
+        self.assertEqual(record["history"][0]["retry_at"], at + 1)
+        self.assertIsInstance(record["attempts"], int)
+        self.assertIsInstance(record["created_at"], float)
+
+    async def test_unicode_task_ids_and_queues(self) -> None:
+        """Ids and queue names may hold any text."""
+        await self.manager.enqueued("tâche:1/☃ x", QUEUED, info("file d'attente"), T0)
+        self.assertEqual(ids(await self.manager.list(queue="file d'attente")), ["tâche:1/☃ x"])
+        self.assertEqual((await self.manager.get("tâche:1/☃ x"))["queue"], "file d'attente")
+
+    async def test_returned_records_are_copies(self) -> None:
+        """Changing a returned record changes nothing in the store."""
+        await self.manager.finished("a", SUCCEEDED, 1, info(), T0, result={"x": [1]})
+        record = await self.manager.get("a")
+        record["state"] = FAILED
+        record["result"]["x"].append(2)
+        record["history"].clear()
+        listed = (await self.manager.list())[0]
+        listed["history"].append({})
+        again = await self.manager.get("a")
+        self.assertEqual(
+            (again["state"], again["result"], len(again["history"])), (SUCCEEDED, {"x": [1]}, 1)
+        )
+
+    # -- listing --------------------------------------------------------------
+
+    async def test_list_newest_first(self) -> None:
+        """list() orders by updated_at, most recent first, whatever the write order."""
+        await self.manager.enqueued("b", QUEUED, info(), T0 + 2)
+        await self.manager.enqueued("a", QUEUED, info(), T0 + 1)
+        await self.manager.enqueued("c", QUEUED, info(), T0 + 3)
+        self.assertEqual(ids(await self.manager.list()), ["c", "b", "a"])
+        await self.manager.started("a", 1, "w", info(), T0 + 4)
+        self.assertEqual(ids(await self.manager.list()), ["a", "c", "b"])
+
+    async def test_list_pages_with_limit_and_offset(self) -> None:
+        """Pages of list() put together give every record once, in order."""
+        for n in range(25):
+            await self.manager.enqueued(f"t{n:02}", QUEUED, info(), T0 + n)
+        expected = [f"t{n:02}" for n in reversed(range(25))]
+        pages = [ids(await self.manager.list(limit=10, offset=o)) for o in (0, 10, 20, 30)]
+        self.assertEqual([len(p) for p in pages], [10, 10, 5, 0])
+        self.assertEqual(sum(pages, []), expected)
+        self.assertEqual(await self.manager.list(limit=0), [])
+
+    async def test_list_by_state(self) -> None:
+        """list(state=...) returns only records in that state."""
+        await self.run_task("done", at=T0)
+        await self.manager.started("busy", 1, "w", info(), T0 + 10)
+        await self.manager.enqueued("waiting", QUEUED, info(), T0 + 11)
+        await self.run_task("broken", at=T0 + 20, outcome=FAILED)
+        self.assertEqual(ids(await self.manager.list(state=SUCCEEDED)), ["done"])
+        self.assertEqual(ids(await self.manager.list(state=RUNNING)), ["busy"])
+        self.assertEqual(ids(await self.manager.list(state=QUEUED)), ["waiting"])
+        self.assertEqual(ids(await self.manager.list(state=FAILED)), ["broken"])
+        self.assertEqual(await self.manager.list(state=CANCELED), [])
+
+    async def test_list_by_queue(self) -> None:
+        """list(queue=...) returns only records of that queue."""
+        for n in range(6):
+            await self.manager.enqueued(f"t{n}", QUEUED, info(f"q{n % 2}"), T0 + n)
+        self.assertEqual(ids(await self.manager.list(queue="q0")), ["t4", "t2", "t0"])
+        self.assertEqual(ids(await self.manager.list(queue="q1", limit=2)), ["t5", "t3"])
+        self.assertEqual(await self.manager.list(queue="nope"), [])
+
+    async def test_list_by_state_and_queue_pages_correctly(self) -> None:
+        """Both filters together page over exactly the matching records."""
+        expected = []
+        for n in range(40):
+            task_id, queue, at = f"t{n:02}", f"q{n % 2}", T0 + n
+            if n % 3 == 0:
+                await self.manager.started(task_id, 1, "w", info(queue), at)
+            else:
+                await self.manager.enqueued(task_id, QUEUED, info(queue), at)
+                if queue == "q1":
+                    expected.insert(0, task_id)
+        pages = [
+            ids(await self.manager.list(state=QUEUED, queue="q1", limit=4, offset=o))
+            for o in range(0, 20, 4)
+        ]
+        self.assertEqual(sum(pages, []), expected)
+        running_q0 = await self.manager.list(state=RUNNING, queue="q0", limit=3)
+        self.assertEqual(ids(running_q0), ["t36", "t30", "t24"])
+
+    async def test_transition_moves_record_between_state_lists(self) -> None:
+        """A record is listed under its current state only."""
+        await self.manager.enqueued("a", QUEUED, info(), T0)
+        await self.manager.started("a", 1, "w", info(), T0 + 1)
+        self.assertEqual(await self.manager.list(state=QUEUED), [])
+        await self.manager.finished("a", SCHEDULED, 1, info(), T0 + 2, retry_at=T0 + 9)
+        self.assertEqual(await self.manager.list(state=RUNNING), [])
+        self.assertEqual(ids(await self.manager.list(state=SCHEDULED)), ["a"])
+
+    async def test_queue_change_moves_record_between_queue_lists(self) -> None:
+        """A task whose queue changes is listed under the new queue only."""
+        await self.manager.enqueued("a", QUEUED, info("old"), T0)
+        await self.manager.started("a", 1, "w", info("new"), T0 + 1)
+        self.assertEqual(await self.manager.list(queue="old"), [])
+        self.assertEqual(ids(await self.manager.list(queue="new")), ["a"])
+        self.assertEqual(await self.index_ids(self.manager, "queue:old"), [])
+
+    # -- expiry ---------------------------------------------------------------
+
+    async def test_finished_records_expire_after_ttl(self) -> None:
+        """Succeeded, failed and canceled records expire after finished_ttl."""
+        self.manager = self.make_manager(finished_ttl=600)
+        for task_id, outcome in (("s", SUCCEEDED), ("f", FAILED), ("c", CANCELED)):
+            await self.run_task(task_id, outcome=outcome)
+        await self.assert_expire(self.manager, ["s", "f", "c"], 600)
+
+    async def test_unfinished_records_do_not_expire(self) -> None:
+        """Queued, running and scheduled records stay, however old."""
+        self.manager = self.make_manager(finished_ttl=600)
+        await self.manager.enqueued("q", QUEUED, info(), T0)
+        await self.manager.started("r", 1, "w", info(), T0)
+        await self.manager.finished("s", SCHEDULED, 1, info(), T0, retry_at=T0 + 5)
+        for task_id in ("q", "r", "s"):
+            await self.assert_kept(self.manager, task_id)
+
+    async def test_restarted_finished_record_no_longer_expires(self) -> None:
+        """A finished task that starts again (redelivery) loses its expiry."""
+        self.manager = self.make_manager(finished_ttl=600)
+        await self.run_task("a")
+        await self.manager.started("a", 2, "w", info(), T0 + 10)
+        await self.assert_kept(self.manager, "a")
+
+    async def test_zero_ttl_keeps_finished_records(self) -> None:
+        """finished_ttl = 0 keeps finished records forever."""
+        self.manager = self.make_manager(finished_ttl=0)
+        await self.run_task("a")
+        await self.assert_kept(self.manager, "a")
+
+    async def test_expired_records_leave_lists_and_indexes(self) -> None:
+        """Records gone by expiry are not listed and are removed from the indexes."""
+        self.manager = self.make_manager(finished_ttl=600)
+        await self.run_task("old", queue="q", at=T0)
+        await self.manager.started("alive", 1, "w", info("q"), T0 + 10)
+        await self.forget(self.manager, "old", 600)
+        self.assertIsNone(await self.manager.get("old"))
+        self.assertEqual(ids(await self.manager.list()), ["alive"])
+        self.assertEqual(ids(await self.manager.list(queue="q")), ["alive"])
+        self.assertEqual(await self.manager.list(state=SUCCEEDED), [])
+        self.assertEqual(await self.index_ids(self.manager, "all"), ["alive"])
+        self.assertEqual(await self.index_ids(self.manager, "queue:q"), ["alive"])
+        self.assertEqual(await self.index_ids(self.manager, f"state:{SUCCEEDED}"), [])
+
+    # -- atomicity ------------------------------------------------------------
+
+    async def test_concurrent_writes_keep_indexes_consistent(self) -> None:
+        """Hundreds of writes fired at once leave every index matching the records."""
+        writes = []
+        for n in range(100):
+            writes.append(self.manager.started(f"t{n:03}", 1, "w", info(f"q{n % 3}"), T0 + n))
+        for n in range(0, 100, 2):
+            writes.append(
+                self.manager.finished(
+                    f"t{n:03}", SUCCEEDED, 1, info(f"q{n % 3}"), T0 + 200 + n, result=n
+                )
+            )
+        for attempt in range(1, 31):
+            writes.append(self.manager.started("hot", attempt, "w", info(), T0 + 400 + attempt))
+        await gatherResults(writes, consumeErrors=True)
+
+        running = ids(await self.manager.list(state=RUNNING, limit=1000))
+        done = ids(await self.manager.list(state=SUCCEEDED, limit=1000))
+        self.assertEqual(sorted(running), sorted([f"t{n:03}" for n in range(1, 100, 2)] + ["hot"]))
+        self.assertEqual(sorted(done), [f"t{n:03}" for n in range(0, 100, 2)])
+        self.assertEqual(len(await self.manager.list(limit=1000)), 101)
+        for queue in ("q0", "q1", "q2"):
+            for record in await self.manager.list(queue=queue, limit=1000):
+                self.assertEqual(record["queue"], queue)
+        self.assertEqual(len(await self.manager.list(queue="q0", limit=1000)), 34)
+        hot = await self.manager.get("hot")
+        self.assertEqual(hot["attempts"], 30)
+        self.assertEqual([e["attempt"] for e in hot["history"]], list(range(11, 31)))
+
+
+class MemoryStateTests(StateContractMixin, TestCase):
+    """The contract, in memory, on a fake clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.manager = self.make_manager()
+
+    def make_manager(self, finished_ttl: float = 86400) -> MemoryStateManager:
+        return MemoryStateManager(finished_ttl=finished_ttl, clock=self.clock)
+
+    async def assert_expire(self, manager: Any, task_ids: List[str], ttl: float) -> None:
+        self.clock.advance(ttl - 0.5)
+        for task_id in task_ids:
+            self.assertIsNotNone(await manager.get(task_id))
+        self.clock.advance(0.5)
+        for task_id in task_ids:
+            self.assertIsNone(await manager.get(task_id))
+
+    async def assert_kept(self, manager: Any, task_id: str) -> None:
+        self.clock.advance(10 * (manager.finished_ttl or 86400))
+        self.assertIsNotNone(await manager.get(task_id))
+
+    async def forget(self, manager: Any, task_id: str, ttl: float) -> None:
+        self.clock.advance(ttl)
+
+    async def index_ids(self, manager: Any, index: str) -> List[str]:
+        kind, _, name = index.partition(":")
+        if kind == "all":
+            found = manager._all
+        elif kind == "state":
+            found = manager._states[name]
+        else:
+            found = manager._queues.get(name)
+        return list(found.newest()) if found is not None else []
+
+    def test_expiry_follows_the_clock_not_write_times(self) -> None:
+        """Memory expiry counts from when the record was written, on the clock."""
+        manager = self.make_manager(finished_ttl=60)
+        self.successResultOf(manager.finished("a", SUCCEEDED, 1, info(), T0 - 10**6))
+        self.clock.advance(59)
+        self.assertIsNotNone(self.successResultOf(manager.get("a")))
+        self.clock.advance(1)
+        self.assertIsNone(self.successResultOf(manager.get("a")))
+
+    def test_expired_records_are_purged_without_reads(self) -> None:
+        """Expired records are dropped by later writes too, so memory stays bounded."""
+        manager = self.make_manager(finished_ttl=60)
+        for n in range(50):
+            manager.finished(f"t{n}", SUCCEEDED, 1, info(), T0)
+        self.clock.advance(61)
+        manager.enqueued("new", QUEUED, info(), T0)
+        self.assertEqual(list(manager._records), ["new"])
+        self.assertEqual(len(manager._all), 1)
+
+    def test_results_are_fired_already(self) -> None:
+        """Every method returns an already-fired Deferred."""
+        manager = self.make_manager()
+        for d in (
+            manager.enqueued("a", QUEUED, info(), T0),
+            manager.started("a", 1, "w", info(), T0),
+            manager.finished("a", SUCCEEDED, 1, info(), T0),
+            manager.get("a"),
+            manager.list(),
+        ):
+            self.assertTrue(d.called)
+            self.successResultOf(d)
+
+    def test_default_clock_is_the_reactor(self) -> None:
+        """Without a clock the global reactor's time is used, resolved on first need."""
+        from twisted.internet import reactor
+
+        manager = MemoryStateManager(finished_ttl=60)
+        self.successResultOf(manager.finished("a", SUCCEEDED, 1, info(), T0))
+        self.assertIs(manager._clock, reactor)
+
+    def test_negative_ttl_is_a_configuration_error(self) -> None:
+        """A negative finished_ttl is refused when the store is built."""
+        self.assertRaises(ConfigurationError, MemoryStateManager, finished_ttl=-1)
+
+
+class RedisStateTests(StateContractMixin, TestCase):
+    """The contract, on the real Redis (database 9, a key prefix per test)."""
+
+    async def setUp(self) -> None:
+        self.redis, self.prefix = await isolated_redis(self)
+        self.manager = self.make_manager()
+
+    def make_manager(self, finished_ttl: float = 86400) -> RedisStateManager:
+        return RedisStateManager(self.redis, prefix=self.prefix, finished_ttl=finished_ttl)
+
+    def key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    async def score(self, index: str, member: str) -> float:
+        # txredisapi's zscore() wants integers when numbers are not converted
+        return float(await self.redis.execute_command("ZSCORE", self.key(index), member))
+
+    async def assert_expire(self, manager: Any, task_ids: List[str], ttl: float) -> None:
+        for task_id in task_ids:
+            left = await self.redis.execute_command("PTTL", self.key("task:" + task_id))
+            self.assertTrue(ttl * 1000 - 10000 < left <= ttl * 1000, (task_id, left))
+
+    async def assert_kept(self, manager: Any, task_id: str) -> None:
+        self.assertEqual(await self.redis.execute_command("TTL", self.key("task:" + task_id)), -1)
+
+    async def forget(self, manager: Any, task_id: str, ttl: float) -> None:
+        # what EXPIRE does when the time comes
+        await self.redis.delete(self.key("task:" + task_id))
+
+    async def index_ids(self, manager: Any, index: str) -> List[str]:
+        return await self.redis.zrevrange(self.key("idx:" + index), 0, -1)
+
+    async def test_finished_record_has_redis_ttl(self) -> None:
+        """The TTL of a finished record's hash is finished_ttl (TTL command)."""
+        self.manager = self.make_manager(finished_ttl=3600)
+        await self.run_task("a")
+        ttl = await self.redis.execute_command("TTL", self.key("task:a"))
+        self.assertTrue(3590 <= ttl <= 3600, ttl)
+
+    async def test_record_layout(self) -> None:
+        """A record is a hash of strings; indexes are sorted sets scored by updated_at."""
+        await self.manager.started("a", 1, "w", info("q"), T0)
+        fields = await self.redis.hgetall(self.key("task:a"))
+        self.assertEqual(fields["attempts"], "1")
+        self.assertEqual(float(fields["started_at"]), T0)
+        self.assertEqual(json.loads(fields["history"])[0]["started_at"], T0)
+        for index in ("idx:all", "idx:queue:q", "idx:state:running"):
+            self.assertEqual(await self.score(index, "a"), T0)
+
+    async def test_later_writes_prune_indexes_of_expired_records(self) -> None:
+        """Writes drop index entries of records expired since (bounded work per write)."""
+        self.manager = self.make_manager(finished_ttl=100)
+        await self.run_task("gone", queue="qa", at=T0)
+        await self.manager.started("alive", 1, "w", info("qa"), T0 + 3)
+        await self.forget(self.manager, "gone", 100)
+        await self.run_task("recent", queue="qa", at=T0 + 450)
+        await self.manager.enqueued("other", QUEUED, info("qb"), T0 + 500)
+        self.assertEqual(await self.index_ids(self.manager, "state:succeeded"), ["recent"])
+        self.assertEqual(await self.index_ids(self.manager, "queue:qa"), ["recent", "alive"])
+        self.assertEqual(await self.index_ids(self.manager, "all"), ["other", "recent", "alive"])
+        self.assertEqual(
+            await self.redis.zrange(self.key("idx:expiry"), 0, -1), ['["recent","qa"]']
+        )
+
+    async def test_pruning_waits_for_records_that_have_not_expired_yet(self) -> None:
+        """A record past the horizon by writer time but alive in Redis stays indexed."""
+        self.manager = self.make_manager(finished_ttl=100)
+        await self.run_task("slow", queue="qa", at=T0)
+        await self.manager.enqueued("later", QUEUED, info("qa"), T0 + 500)
+        self.assertIsNotNone(await self.manager.get("slow"))
+        self.assertIn("slow", await self.index_ids(self.manager, "all"))
+        score = await self.score("idx:expiry", '["slow","qa"]')
+        self.assertTrue(score > T0 + 400, score)
+
+    async def test_redis_with_number_conversion_keeps_strings(self) -> None:
+        """A connection converting numbers (txredisapi default) reads records unchanged."""
+        host, port = parse_redis_url(REDIS_URL)["host"], parse_redis_url(REDIS_URL)["port"]
+        converting = txredisapi.lazyConnection(
+            host, port, dbid=parse_redis_url(REDIS_URL)["db"], convertNumbers=True
+        )
+        self.addCleanup(converting.disconnect)
+        manager = RedisStateManager(converting, prefix=self.prefix)
+        await manager.started("a", 1, "12", info("007", name="1.0"), T0)
+        record = await manager.get("a")
+        self.assertEqual((record["worker"], record["queue"], record["name"]), ("12", "007", "1.0"))
+        self.assertEqual(ids(await manager.list(queue="007")), ["a"])
+
+    async def test_server_errors_become_state_errors(self) -> None:
+        """An error reply from Redis is raised as StateError, caused by the original."""
+        await self.redis.set(self.key("idx:all"), "not a sorted set")
+        with self.assertRaises(StateError) as caught:
+            await self.manager.enqueued("a", QUEUED, info(), T0)
+        self.assertIsInstance(caught.exception.__cause__, txredisapi.ResponseError)
+        with self.assertRaises(StateError):
+            await self.manager.list()
+
+    async def test_unreachable_redis_raises_state_error(self) -> None:
+        """With nothing listening, calls fail with StateError once the timeout passes."""
+        clock = Clock()
+        dead = connect_redis("redis://127.0.0.1:1/0")
+        self.addCleanup(dead.disconnect)
+        manager = RedisStateManager(dead, prefix=self.prefix, timeout=3, clock=clock)
+        calls = [
+            manager.get("a"),
+            manager.list(),
+            manager.started("a", 1, "w", info(), T0),
+            manager.finished("a", SUCCEEDED, 1, info(), T0),
+        ]
+        for d in calls:
+            self.assertFalse(d.called)
+        clock.advance(3)
+        for d in calls:
+            failure = self.failureResultOf(d, StateError)
+            self.assertIn("did not answer", failure.getErrorMessage())
+
+
+class FakeRedis:
+    """Stands in for a txredisapi connection: script calls answered from a list."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls: List[tuple] = []
+
+    def _answer(self, call: tuple) -> Deferred:
+        self.calls.append(call)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Deferred):
+            return answer
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed(answer)
+
+    def evalsha(self, sha: str, keys: list, args: list) -> Deferred:
+        return self._answer(("evalsha", sha, tuple(args)))
+
+    def eval(self, source: str, keys: list, args: list) -> Deferred:
+        return self._answer(("eval", source, tuple(args)))
+
+
+class RedisScriptTests(SynchronousTestCase):
+    """How RedisStateManager runs its scripts, without a server."""
+
+    def test_unknown_script_falls_back_to_eval(self) -> None:
+        """NOSCRIPT from EVALSHA sends the script's source with EVAL."""
+        redis = FakeRedis(txredisapi.ScriptDoesNotExist("NOSCRIPT"), 1)
+        manager = RedisStateManager(redis, clock=Clock())
+        self.assertIsNone(self.successResultOf(manager.enqueued("a", QUEUED, info(), T0)))
+        (first, _, args1), (second, source, args2) = redis.calls
+        self.assertEqual((first, second, args1), ("evalsha", "eval", args2))
+        self.assertIn("EXISTS", source)
+        self.assertEqual(args1[:2], ("quebert:", "a"))
+
+    def test_scripts_are_not_sent_when_known(self) -> None:
+        """A script Redis knows is run by its SHA1 only."""
+        redis = FakeRedis(None)
+        manager = RedisStateManager(redis, clock=Clock())
+        self.assertIsNone(self.successResultOf(manager.get("a")))
+        self.assertEqual([call[0] for call in redis.calls], ["evalsha"])
+
+    def test_timeout_leaves_the_command_alone(self) -> None:
+        """A timed-out command is not cancelled; its late answer is ignored."""
+        clock, late = Clock(), Deferred(lambda d: self.fail("cancelled"))
+        manager = RedisStateManager(FakeRedis(late), timeout=2, clock=clock)
+        d = manager.get("a")
+        clock.advance(2)
+        self.failureResultOf(d, StateError)
+        late.callback('{"id": "a", "state": "queued"}')
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_answer_before_timeout_cancels_timer(self) -> None:
+        """An answer in time is returned and leaves no timer behind."""
+        clock, answer = Clock(), Deferred()
+        manager = RedisStateManager(FakeRedis(answer), timeout=2, clock=clock)
+        d = manager.get("a")
+        answer.callback(None)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancelling_a_call_stops_its_timer(self) -> None:
+        """A caller giving up on a call leaves no timer and ignores the answer."""
+        clock, answer = Clock(), Deferred()
+        manager = RedisStateManager(FakeRedis(answer), timeout=2, clock=clock)
+        d = manager.get("a")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        answer.errback(txredisapi.ConnectionError("late"))
+
+    def test_connection_errors_become_state_errors(self) -> None:
+        """txredisapi connection errors are raised as StateError from the original."""
+        redis = FakeRedis(txredisapi.ConnectionError("Not connected"))
+        manager = RedisStateManager(redis, clock=Clock())
+        failure = self.failureResultOf(manager.get("a"), StateError)
+        self.assertIsInstance(failure.value.__cause__, txredisapi.ConnectionError)
+
+    def test_bad_settings_are_configuration_errors(self) -> None:
+        """Negative TTLs and non-positive timeouts are refused."""
+        self.assertRaises(ConfigurationError, RedisStateManager, FakeRedis(), finished_ttl=-5)
+        self.assertRaises(ConfigurationError, RedisStateManager, FakeRedis(), timeout=0)
+
+
+class RedisURLTests(SynchronousTestCase):
+    """parse_redis_url / connect_redis read redis:// URLs and refuse others clearly."""
+
+    def test_full_url(self) -> None:
+        """Host, port, database and an escaped password are read."""
+        self.assertEqual(
+            parse_redis_url("redis://:s%40cret@redis.example:6380/3"),
+            {
+                "host": "redis.example",
+                "port": 6380,
+                "db": 3,
+                "username": None,
+                "password": "s@cret",
+                "tls": False,
+            },
+        )
+
+    def test_defaults(self) -> None:
+        """Port 6379 and database 0 unless given; rediss means TLS; users are kept."""
+        parsed = parse_redis_url("rediss://user:pw@localhost")
+        self.assertEqual(
+            (parsed["port"], parsed["db"], parsed["tls"], parsed["username"]),
+            (6379, 0, True, "user"),
+        )
+        self.assertEqual(parse_redis_url("redis://[::1]:7000/")["host"], "::1")
+
+    def test_bad_urls_are_configuration_errors(self) -> None:
+        """Wrong scheme, no host, bad port or database: a sentence saying so."""
+        for url in (
+            "http://localhost:6379/0",
+            "redis://",
+            "redis://localhost:port/0",
+            "redis://localhost/zero",
+            "redis://localhost/0?ssl=yes",
+            "localhost:6379",
+            None,
+        ):
+            with self.assertRaises(ConfigurationError, msg=url) as caught:
+                connect_redis(url)  # type: ignore[arg-type]
+            self.assertIn("redis://", str(caught.exception))
