@@ -261,10 +261,10 @@ class Run:
     """One process under test: a baseline consumer or a worker."""
 
     def __init__(self, name: str, url: str, redis_url: str, prefix: str, workdir: str,
-                 repeat: int) -> None:
+                 tag: str) -> None:
         self.name = name
         self.kind, self.task, self.state = CONFIGS[name]
-        tag = f"{name}-{repeat}"
+        tag = f"{name}-{tag}"
         self.out = os.path.join(workdir, tag)
         self.log_path = os.path.join(workdir, tag + ".log")
         env = dict(os.environ)

@@ -414,13 +414,11 @@ async def _wait_connected(reactor: Any, client: Client, options: argparse.Namesp
     first failed attempt, or after ``--connect-timeout`` if attempts hang.
     """
     where = _where(options.amqp_url)
-    ready = client.whenConnected()
-    # Client.whenConnected() retries forever; ask the connection service to
-    # report the first failure too, so "connection refused" says so at once.
-    first_failure = client.broker.publishing.whenConnected(failAfterFailures=1)
+    # Fail at the first failed attempt, so "connection refused" says so at once.
+    ready = client.whenConnected(fail_after_failures=1)
     try:
         await _bounded(
-            reactor, [ready, first_failure], options.connect_timeout,
+            reactor, [ready], options.connect_timeout,
             f"could not connect to RabbitMQ at {where} within {options.connect_timeout:g} s")
     except CommandError:
         raise

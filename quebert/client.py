@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import attrs
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from quebert import protocol
 from quebert.amqp.broker import AMQPBroker
@@ -26,6 +27,8 @@ from quebert.protocol import H_ATTEMPTS, H_NOT_BEFORE
 from quebert.registry import Registry, TaskFunction, default_registry
 from quebert.retry import RETRY_FIELDS
 from quebert.state.interface import QUEUED, SCHEDULED
+
+log = Logger(namespace="quebert.client")
 
 
 @attrs.frozen
@@ -128,9 +131,10 @@ class Client:
             try:
                 await self.state.enqueued(message.id, SCHEDULED if delay else QUEUED,
                                           message.info(), self.reactor.seconds())
-            except Exception:
+            except Exception as e:
                 # The task is safely queued; its record appears when it runs.
-                pass
+                log.warn("task {task_id} is queued but its state record could not be "
+                         "written: {error}", task_id=message.id, error=e)
         return TaskInfo(id=message.id, task=message.task, queue=message.queue,
                         eta=message.eta, name=message.name)
 
@@ -148,10 +152,13 @@ class Client:
             )
         raise ConfigurationError(f"expected a task or a task name, not {fn_or_name!r}")
 
-    def whenConnected(self) -> defer.Deferred:
-        """Fires once the client's connection is ready."""
+    def whenConnected(self, fail_after_failures: Optional[int] = None) -> defer.Deferred:
+        """
+        Fires once the client's connection is ready; with
+        ``fail_after_failures``, fails after that many failed attempts.
+        """
         self._ensure_started()
-        return self.broker.whenConnected()
+        return self.broker.whenConnected(fail_after_failures)
 
     def close(self) -> defer.Deferred:
         """Close the connection; fires when it is closed."""

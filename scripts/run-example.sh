@@ -53,13 +53,9 @@ stop_worker() {
     fi
 }
 
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_worker
+finish_log() {
+    # tail notices the worker is gone within a second and prints the rest.
     if [ -n "$tail_pid" ]; then
-        # tail notices the worker is gone within a second and prints the rest.
         local _
         for _ in $(seq 1 10); do
             kill -0 "$tail_pid" 2>/dev/null || break
@@ -69,6 +65,14 @@ cleanup() {
         wait "$tail_pid" 2>/dev/null || true
         tail_pid=""
     fi
+}
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_worker
+    finish_log
     rm -rf "$workdir"
     exit "$status"
 }
@@ -84,6 +88,7 @@ print(len(data.get("queues") or [None]))' "$config")"
 
 cmd=(.venv/bin/twistd --pidfile= -n amqp-worker --config "$config")
 echo "run-example: starting the worker: ${cmd[*]}"
+: >"$worker_log"  # exists before tail opens it
 "${cmd[@]}" >"$worker_log" 2>&1 </dev/null &
 worker_pid=$!
 # The log goes to the terminal too; tail ends by itself once the worker has.
@@ -124,6 +129,7 @@ echo "run-example: watching the worker for ${demo_seconds}s: flaky fails twice a
 sleep "$demo_seconds"
 
 stop_worker
+finish_log
 final_status=0
 case "${worker_status:-?}" in
     0 | 143) echo "run-example: the worker has stopped cleanly" ;;  # twistd re-raises SIGTERM

@@ -61,7 +61,7 @@ class WorkerProcess:
         self.starts = 0
         testcase.addCleanup(self._cleanup)
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env,

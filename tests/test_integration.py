@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from quebert import Client
 from quebert.state import RedisStateManager, connect_redis
 from tests._rabbit import make_vhost, queue_counts, rabbitmqctl, vhost_of
-from tests._worker import TWISTD, ROOT, WorkerProcess, sleep, wait_for
+from tests._worker import ROOT, TWISTD, WorkerProcess, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -142,7 +142,7 @@ class TaskLifecycleTests(IntegrationTestCase):
         self.assertEqual(flaky_record["attempts"], 3)
         starts = [h["started_at"] for h in flaky_record["history"]]
         self.assertEqual(len(starts), 3)
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         self.assertGreaterEqual(gaps[0], 0.5 - 0.05)
         self.assertGreaterEqual(gaps[1], 1.0 - 0.05)
         self.assertLess(gaps[0], 0.5 + 3.0)

@@ -316,6 +316,21 @@ class StateContractMixin:
         self.assertEqual(record["attempts"], 3)
         self.assertEqual([e["attempt"] for e in record["history"]], [1, 3])
 
+    async def test_late_started_never_rewinds_a_settled_attempt(self) -> None:
+        # A 'started' replayed after its attempt's outcome (or a later
+        # attempt) was recorded is ignored: the record stays settled.
+        await self.manager.started("a", 1, "w", info(), T0)
+        await self.manager.finished("a", SUCCEEDED, 1, info(), T0 + 1, result=7)
+        await self.manager.started("a", 1, "w", info(), T0 + 2)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["attempts"], record["result"]),
+                         (SUCCEEDED, 1, 7))
+        await self.manager.started("b", 2, "w", info(), T0)
+        await self.manager.started("b", 1, "w", info(), T0 + 1)
+        record = await self.manager.get("b")
+        self.assertEqual((record["attempts"], record["started_at"]), (2, T0))
+        self.assertEqual([h["attempt"] for h in record["history"]], [2])
+
     async def test_history_keeps_latest_attempts_oldest_first(self) -> None:
         """The history is capped at HISTORY_LIMIT entries, the newest kept."""
         for attempt in range(1, HISTORY_LIMIT + 6):

@@ -266,6 +266,16 @@ def enqueued_changes(state: str, at: float) -> Dict[str, Any]:
     return {"state": state, "updated_at": float(at)}
 
 
+def started_is_stale(record: Mapping[str, Any], attempt: int) -> bool:
+    """
+    Whether a ``started`` write comes too late to apply: a later attempt
+    started, or this attempt's outcome is already recorded.  (A replayed or
+    timed-out write must never rewind a record to ``running``.)
+    """
+    attempts = record.get("attempts") or 0
+    return attempts > attempt or (attempts == attempt and record.get("state") in OUTCOME_STATES)
+
+
 def started_changes(attempt: int, worker: Optional[str], at: float) -> Dict[str, Any]:
     """
     Fields ``started`` sets (``None`` clears): the outcome of a previous

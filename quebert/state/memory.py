@@ -199,6 +199,8 @@ class MemoryStateManager:
     ) -> None:
         _records.check_started(task_id, attempt, worker, info, at)
         record, old_state, old_queue = self._load(task_id, info, at)
+        if _records.started_is_stale(record, attempt):
+            return
         record.update(_records.info_updates(info))
         record.update(_records.started_changes(attempt, worker, at))
         record["history"] = _records.upsert_history(

@@ -205,9 +205,15 @@ _STARTED = (
     _COMMON
     + """
 prune()
-local old_state, old_queue = load()
+local old_state, old_queue, old_attempts = load()
+local attempt = tonumber(ARGV[9])
+-- A late or replayed 'started' never rewinds a record past this attempt.
+if old_attempts > attempt or (old_attempts == attempt and (old_state == 'scheduled'
+    or old_state == 'succeeded' or old_state == 'failed' or old_state == 'canceled')) then
+  return 0
+end
 write_fields()
-upsert_history(tonumber(ARGV[9]), cjson.decode(ARGV[10]), true)
+upsert_history(attempt, cjson.decode(ARGV[10]), true)
 reindex(old_state, old_queue)
 return 1
 """
