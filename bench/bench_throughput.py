@@ -36,6 +36,7 @@ import pika  # noqa: E402
 from quebert import protocol  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 QUEUE = "bench"
 PREFETCH = 200
 
@@ -285,12 +286,38 @@ class Run:
         self.env = env
         self.process: Optional[subprocess.Popen] = None
         self.log_file: Any = None
+        self.profile: Optional[str] = None
 
-    def start(self) -> None:
+    def start(self, profile: Optional[str] = None) -> None:
+        """Start the process; under ``py-spy record`` writing to ``profile`` if given."""
         self.log_file = open(self.log_path + ".out", "wb")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env,
+        args = self.args
+        self.profile = profile
+        if profile:
+            args = [PY_SPY, "record", "--nonblocking", "--rate", "200", "--format", "raw",
+                    "-o", profile, "--", *args]
+        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=self.log_file,
                                         stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The pid of the process under test (py-spy's child when profiling)."""
+        if self.process is None:
+            return None
+        if not self.profile:
+            return self.process.pid
+        for _ in range(100):
+            try:
+                with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children",
+                          encoding="ascii") as f:
+                    children = f.read().split()
+            except OSError:
+                return None
+            if children:
+                return int(children[0])
+            time.sleep(0.05)
+        return None
 
     def expect(self, phase: int, count: int) -> None:
         with open(f"{self.out}.{phase}.expect", "w", encoding="ascii") as f:
@@ -326,7 +353,9 @@ class Run:
         if process is None:
             return None
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            pid = self.pid
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -389,7 +418,11 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
     try:
         run.expect(0, args.tasks)
         broker.prefill(args.tasks, run.task)
-        run.start()
+        profile = None
+        if args.profile:
+            profile = os.path.join(args.profile, f"{name}-{repeat}.txt")
+            result["profile"] = profile
+        run.start(profile)
         began = time.time()
         data = run.wait_phase(0, timeout=60 + args.tasks / 50)
         drain = data["last_end"] - data["first_start"]
@@ -397,7 +430,7 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         result["drain_s"] = drain
         result["startup_s"] = data["first_start"] - began
         result["queued_p50_ms"] = 1000 * percentile(data["latencies"], 50)
-        result["peak_rss_kb"] = peak_rss_kb(run.process.pid)
+        result["peak_rss_kb"] = peak_rss_kb(run.pid)
         _check_redis(result, redis, run, prefix, args.tasks)
     finally:
         _finish(run, result, broker)
@@ -426,7 +459,7 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
         result["p50_ms"] = 1000 * percentile(data["latencies"], 50)
         result["p99_ms"] = 1000 * percentile(data["latencies"], 99)
         result["max_ms"] = 1000 * max(data["latencies"])
-        result["peak_rss_kb"] = peak_rss_kb(run.process.pid)
+        result["peak_rss_kb"] = peak_rss_kb(run.pid)
         if result["paced_rate"] < 0.9 * rate:
             result["warning"] = (f"the publisher reached only {result['paced_rate']:.0f} of "
                                  f"{rate:.0f} messages/s")
@@ -437,6 +470,40 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
 
 
 # -- reporting ------------------------------------------------------------------
+
+
+def hotspots(path: str, top: int = 20) -> str:
+    """
+    The heaviest frames of a ``py-spy record --format raw`` profile: by
+    self time (file:line) and by inclusive time (function).
+    """
+    own: dict = {}
+    inclusive: dict = {}
+    total = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            stack, _, count_text = line.rstrip("\n").rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = stack.split(";")
+            total += count
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            seen = set()
+            for frame in frames:
+                function = frame.rsplit(":", 1)[0] + ")" if ":" in frame else frame
+                if function not in seen:
+                    seen.add(function)
+                    inclusive[function] = inclusive.get(function, 0) + count
+    if not total:
+        return f"{path}: no samples"
+    lines = [f"{path}: {total} samples", "  self time (frame):"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * count / total:5.1f}%  {frame}")
+    lines.append("  inclusive time (function):")
+    for function, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * count / total:5.1f}%  {function}")
+    return "\n".join(lines)
 
 
 def summarise(throughput: list, latency: list) -> dict:
@@ -544,6 +611,10 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9",
                         help="Redis for the redis-state runs [default: %(default)s]")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run the throughput runs under 'py-spy record' (pip install "
+                             "py-spy into the venv), write the profiles to DIR, print the "
+                             "hotspots and skip the latency runs; figures are perturbed")
     parser.add_argument("--keep", action="store_true",
                         help="keep the working directory (worker logs)")
     args = parser.parse_args(argv)
@@ -555,6 +626,10 @@ def parse_args(argv: list) -> argparse.Namespace:
         args.configs.insert(0, "baseline")
     if args.tasks < 100 or args.repeat < 1:
         parser.error("--tasks must be >= 100 and --repeat >= 1")
+    if args.profile:
+        if not os.path.exists(PY_SPY):
+            parser.error(f"--profile needs {PY_SPY}: {sys.executable} -m pip install py-spy")
+        os.makedirs(args.profile, exist_ok=True)
     return args
 
 
@@ -627,7 +702,7 @@ def main(argv: Optional[list] = None) -> int:
                                             if r["config"] == c and "tasks_per_s" in r)
                           for c in {r["config"] for r in throughput if "tasks_per_s" in r})
             rate = slowest * args.paced_fraction
-        if rate:
+        if rate and not args.profile:
             for repeat in range(args.repeat):
                 for name in args.configs:
                     r = attempt(latency, "latency", latency_run, name, repeat, rate)
@@ -656,6 +731,10 @@ def main(argv: Optional[list] = None) -> int:
     summary = summarise(throughput, latency)
     text = report(summary, args, rate)
     print(text)
+    for r in throughput:
+        if r.get("profile") and os.path.exists(r["profile"]):
+            print()
+            print(hotspots(r["profile"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rate": rate, "throughput": throughput,

@@ -30,6 +30,7 @@ worker_log="$workdir/worker.log"
 produced="$workdir/produced.txt"
 worker_pid=""
 tail_pid=""
+sleep_pid=""
 
 stop_worker() {
     # SIGTERM lets twistd drain (shutdown_timeout in the config), then KILL.
@@ -71,6 +72,9 @@ finish_log() {
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    if [ -n "$sleep_pid" ]; then
+        kill "$sleep_pid" 2>/dev/null || true
+    fi
     stop_worker
     finish_log
     rm -rf "$workdir"
@@ -126,7 +130,12 @@ fi
 echo "run-example: watching the worker for ${demo_seconds}s: flaky fails twice and" \
      "succeeds after backoffs of 1 s and 2 s; always_fails spends its 3 attempts and" \
      "lands in low.errored"
-sleep "$demo_seconds"
+# In the background so that a signal to this script is handled at once
+# (bash runs traps only between foreground commands).
+sleep "$demo_seconds" &
+sleep_pid=$!
+wait "$sleep_pid"
+sleep_pid=""
 
 stop_worker
 finish_log
