@@ -18,9 +18,9 @@ from quebert import Client
 from quebert.state import RedisStateManager, connect_redis
 
 
-async def produce(reactor, amqp_url: str, redis_url: str) -> None:
+async def produce(reactor, amqp_url: str, redis_url: str, prefix: str = "quebert:") -> None:
     redis = connect_redis(redis_url, reactor=reactor)
-    client = Client(amqp_url, reactor=reactor, state=RedisStateManager(redis))
+    client = Client(amqp_url, reactor=reactor, state=RedisStateManager(redis, prefix=prefix))
     try:
         infos = [
             await med.add.enqueue(2, 3, _client=client),
@@ -42,9 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default="quebert:", help="state key prefix")
     args = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(
-        produce(reactor, args.amqp_url, args.redis_url)))
+        produce(reactor, args.amqp_url, args.redis_url, args.prefix)))
 
 
 if __name__ == "__main__":

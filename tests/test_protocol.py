@@ -501,7 +501,7 @@ class FuzzTests(SynchronousTestCase):
     def test_arbitrary_json(self, value):
         self.check(json.dumps(value).encode("utf-8"))
 
-    @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
     @given(task_like)
     def test_task_like_objects(self, value):
         self.check(json.dumps(value).encode("utf-8"))
