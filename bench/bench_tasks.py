@@ -7,7 +7,8 @@ consumer in ``bench_throughput.py`` uses the same :class:`Recorder`, so both
 sides pay for exactly the same measurement:
 
 * when the task starts (the baseline: when the message is received), one
-  ``time.time()`` and one list append, with the enqueue time of the message;
+  ``time.time()`` and one list append, with the enqueue time of the message
+  (and ``time.process_time()`` for the first one of a phase);
 * when the message has been acked, one ``time.time()`` and one list append.
 
 Nothing else is measured in-process.  When a phase has seen as many
@@ -23,10 +24,14 @@ import os
 import time
 from typing import Any, Optional
 
+from twisted.internet.defer import succeed
+
 from quebert import DelayOnErrorMediator, task
 
 #: Environment variable naming the output prefix (unset: record nothing).
 ENV_OUT = "QUEBERT_BENCH_OUT"
+#: Environment variable: set to 1 to replace the state manager by :class:`NullState`.
+ENV_NULL_STATE = "QUEBERT_BENCH_NULL_STATE"
 
 
 class Recorder:
@@ -39,9 +44,12 @@ class Recorder:
         self.starts: list = []
         self.created: list = []
         self.ends: list = []
+        self.cpu = 0.0
 
     def started(self, created_at: Any) -> None:
         """A task (message) starts; ``created_at`` is its enqueue time."""
+        if not self.starts:
+            self.cpu = time.process_time()
         self.starts.append(time.time())
         self.created.append(created_at)
 
@@ -63,6 +71,7 @@ class Recorder:
             return None
 
     def _dump(self) -> None:
+        cpu = time.process_time() - self.cpu
         starts, created, ends = self.starts, self.created, self.ends
         self.starts, self.created, self.ends = [], [], []
         data = {
@@ -70,6 +79,7 @@ class Recorder:
             "count": len(ends),
             "first_start": min(starts) if starts else None,
             "last_end": max(ends),
+            "cpu_s": cpu,
             "latencies": [s - c for s, c in zip(starts, created, strict=True) if c is not None],
         }
         path = f"{self.out}.{self.phase}.json"
@@ -95,8 +105,37 @@ def noop_thread(created_at: Optional[float] = None) -> None:
     RECORDER.started(created_at)
 
 
+class NullState:
+    """
+    Records nothing, at once: a diagnostic that shows what the mediator
+    costs without any state store (not a usable state manager).
+    """
+
+    finished_ttl = 0.0
+
+    def enqueued(self, *args: Any, **kwargs: Any):
+        return succeed(None)
+
+    def started(self, *args: Any, **kwargs: Any):
+        return succeed(None)
+
+    def finished(self, *args: Any, **kwargs: Any):
+        return succeed(None)
+
+    def get(self, task_id: str):
+        return succeed(None)
+
+    def list(self, *args: Any, **kwargs: Any):
+        return succeed([])
+
+
 class BenchMediator(DelayOnErrorMediator):
     """The default mediator, noting when each delivery's handling is over (acked)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if os.environ.get(ENV_NULL_STATE) == "1":
+            self.state = NullState()
 
     async def handle(self, delivery: Any) -> None:
         try:

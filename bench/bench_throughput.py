@@ -8,8 +8,9 @@ Run from the repository root::
 It needs the local RabbitMQ (``rabbitmqctl`` on the PATH, guest/guest on
 127.0.0.1:5672) and Redis (database 9).  Everything lives in a fresh vhost,
 deleted at the end, and under a unique Redis key prefix, whose keys (and
-only those) are deleted at the end.  See ``bench/README.rst`` for what the
-figures mean and how they are measured.
+only those) are deleted at the end.  ``--profile DIR`` runs the throughput
+runs under py-spy and prints the hotspots.  See ``bench/README.rst`` for
+what the figures mean and how they are measured.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ PREFETCH = 200
 #: name -> (kind, registered task, state backend)
 CONFIGS = {
     "baseline": ("baseline", "bench.noop", None),
+    "null-async": ("worker", "bench.noop", "null"),
     "memory-async": ("worker", "bench.noop", "memory"),
     "memory-thread": ("worker", "bench.noop_thread", "memory"),
     "redis-async": ("worker", "bench.noop", "redis"),
@@ -50,6 +52,7 @@ CONFIGS = {
 }
 LABELS = {
     "baseline": "baseline: bare pika consumer",
+    "null-async": "quebert, no state (diagnostic), async",
     "memory-async": "quebert, memory state, async def",
     "memory-thread": "quebert, memory state, thread",
     "redis-async": "quebert, redis state, async def",
@@ -195,6 +198,26 @@ def peak_rss_kb(pid: int) -> Optional[int]:
     return None
 
 
+def server_cpu() -> dict:
+    """CPU seconds used so far by the local RabbitMQ (beam.smp) and Redis servers."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals = {"rabbitmq": 0.0, "redis": 0.0}
+    names = {"beam.smp": "rabbitmq", "redis-server": "redis"}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        if comm in names:
+            fields = stat[stat.rfind(")") + 2:].split()
+            totals[names[comm]] += (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
 def percentile(values: list, q: float) -> Optional[float]:
     if not values:
         return None
@@ -275,8 +298,11 @@ class Run:
             args = [sys.executable, os.path.abspath(__file__), "_consume", "--url", url,
                     "--queue", QUEUE, "--prefetch", str(PREFETCH), "--out", self.out]
         else:
+            if self.state == "null":
+                env["QUEBERT_BENCH_NULL_STATE"] = "1"
             args = [TWISTD, "--pidfile=", "-n", f"--logfile={self.log_path}", "amqp-worker",
-                    "--amqp-url", url, "--state", self.state, "--tasks", "bench.bench_tasks",
+                    "--amqp-url", url, "--state", "redis" if self.state == "redis" else "memory",
+                    "--tasks", "bench.bench_tasks",
                     "--mediator", "bench.bench_tasks.BenchMediator",
                     "--queue", f"{QUEUE}:{PREFETCH}", "--max-running-tasks", str(PREFETCH),
                     "--log-level", "warn"]
@@ -422,11 +448,15 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         if args.profile:
             profile = os.path.join(args.profile, f"{name}-{repeat}.txt")
             result["profile"] = profile
+        servers = server_cpu()
         run.start(profile)
         began = time.time()
         data = run.wait_phase(0, timeout=60 + args.tasks / 50)
         drain = data["last_end"] - data["first_start"]
         result["tasks_per_s"] = data["count"] / drain if drain > 0 else float("inf")
+        result["cpu_us_per_task"] = 1e6 * data["cpu_s"] / data["count"]
+        for server, seconds in server_cpu().items():
+            result[f"{server}_us_per_task"] = 1e6 * (seconds - servers[server]) / data["count"]
         result["drain_s"] = drain
         result["startup_s"] = data["first_start"] - began
         result["queued_p50_ms"] = 1000 * percentile(data["latencies"], 50)
@@ -474,8 +504,9 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
 
 def hotspots(path: str, top: int = 20) -> str:
     """
-    The heaviest frames of a ``py-spy record --format raw`` profile: by
-    self time (file:line) and by inclusive time (function).
+    The heaviest frames of a ``py-spy record --format raw`` profile: self
+    time by frame (file:line), and inclusive time of the functions of
+    quebert and txredisapi (the framework's own frames would fill the list).
     """
     own: dict = {}
     inclusive: dict = {}
@@ -491,16 +522,18 @@ def hotspots(path: str, top: int = 20) -> str:
             own[frames[-1]] = own.get(frames[-1], 0) + count
             seen = set()
             for frame in frames:
-                function = frame.rsplit(":", 1)[0] + ")" if ":" in frame else frame
+                if "quebert/" not in frame and "txredisapi" not in frame:
+                    continue
+                function = frame.rsplit(":", 1)[0] + ")"
                 if function not in seen:
                     seen.add(function)
                     inclusive[function] = inclusive.get(function, 0) + count
     if not total:
         return f"{path}: no samples"
-    lines = [f"{path}: {total} samples", "  self time (frame):"]
+    lines = [f"{path}: {total} samples (start-up included)", "  self time, by frame:"]
     for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * count / total:5.1f}%  {frame}")
-    lines.append("  inclusive time (function):")
+    lines.append("  inclusive time, quebert and txredisapi functions:")
     for function, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * count / total:5.1f}%  {function}")
     return "\n".join(lines)
@@ -518,6 +551,12 @@ def summarise(throughput: list, latency: list) -> dict:
             "tasks_per_s": statistics.median(r["tasks_per_s"] for r in tp) if tp else None,
             "all_tasks_per_s": [round(r["tasks_per_s"]) for r in tp],
             "startup_s": statistics.median(r["startup_s"] for r in tp) if tp else None,
+            "cpu_us_per_task": (statistics.median(r["cpu_us_per_task"] for r in tp)
+                                if tp else None),
+            "rabbitmq_us_per_task": (statistics.median(r["rabbitmq_us_per_task"] for r in tp)
+                                     if tp else None),
+            "redis_us_per_task": (statistics.median(r["redis_us_per_task"] for r in tp)
+                                  if tp else None),
             "paced_rate": statistics.median(r["paced_rate"] for r in lat) if lat else None,
             "p50_ms": statistics.median(r["p50_ms"] for r in lat) if lat else None,
             "p99_ms": statistics.median(r["p99_ms"] for r in lat) if lat else None,
@@ -535,14 +574,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> str:
     base = (summary.get("baseline") or {}).get("tasks_per_s")
-    width = 86
+    width = 94
     lines = [
         f"quebert throughput benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPUs: {args.tasks} pre-filled tasks, prefetch {PREFETCH}, "
         f"{args.repeat} repeat(s), medians",
         "",
-        f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'paced/s':>8} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'peak RSS MB':>11}",
+        f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'CPU us':>7} {'paced/s':>8} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}",
         "-" * width,
     ]
     for name in CONFIGS:
@@ -553,23 +592,27 @@ def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> st
         ratio = f"{tps / base:.2f}x" if base and tps else "-"
         lines.append(
             f"{LABELS[name]:<34} {_fmt(tps, '8.0f'):>8} {ratio:>6} "
+            f"{_fmt(s['cpu_us_per_task'], '7.0f'):>7} "
             f"{_fmt(s['paced_rate'], '8.0f'):>8} {_fmt(s['p50_ms'], '7.2f'):>7} "
-            f"{_fmt(s['p99_ms'], '7.2f'):>7} {_fmt(s['peak_rss_mb'], '11.1f'):>11}"
+            f"{_fmt(s['p99_ms'], '7.2f'):>7} {_fmt(s['peak_rss_mb'], '7.1f'):>7}"
         )
     lines += [
         "-" * width,
         "tasks/s: draining a pre-filled queue, from the first task start to the last ack;",
-        "ratio: tasks/s over the baseline's.  p50/p99: enqueue (created_at) to task start",
+        "ratio: tasks/s over the baseline's.  CPU us: CPU time of the consumer process per",
+        "task while draining.  p50/p99: enqueue (created_at) to task start",
         f"while one publisher sends at a common rate of {_fmt(rate, '.0f')}/s "
         f"({args.paced_fraction:.0%} of the slowest",
         "configuration's tasks/s, so that no consumer is saturated).  Peak RSS: VmHWM.",
     ]
-    if args.repeat > 1:
-        lines.append("")
-        for name in CONFIGS:
-            if name in summary:
-                lines.append(f"  {name}: tasks/s per repeat {summary[name]['all_tasks_per_s']}, "
-                             f"start-up {_fmt(summary[name]['startup_s'], '.2f')} s")
+    lines.append("")
+    for name in CONFIGS:
+        s = summary.get(name)
+        if s is not None:
+            lines.append(f"  {name}: tasks/s per repeat {s['all_tasks_per_s']}; server CPU us/task"
+                         f": RabbitMQ {_fmt(s['rabbitmq_us_per_task'], '.0f')}, Redis "
+                         f"{_fmt(s['redis_us_per_task'], '.0f')}; start-up "
+                         f"{_fmt(s['startup_s'], '.2f')} s")
     for name, s in summary.items():
         for warning in s["warnings"]:
             lines.append(f"WARNING {name}: {warning}")

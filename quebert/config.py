@@ -12,6 +12,7 @@ The file takes the guillotina_amqp ``amqp`` block as it is (``host``,
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping, Optional
 
 import attrs
@@ -81,13 +82,34 @@ def parse_queue_option(value: str) -> dict:
     return queue
 
 
-def _positive(value: Any, what: str, integer: bool = False) -> Any:
-    try:
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
+def _number(value: Any, what: str, integer: bool = False) -> Any:
+    if isinstance(value, bool):
         raise ConfigurationError(f"{what} must be a number, not {value!r}")
+    try:
+        number = float(value)
+        if integer:
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+    except (TypeError, ValueError, OverflowError):
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(f"{what} must be {kind}, not {value!r}")
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
+def _positive(value: Any, what: str, integer: bool = False) -> Any:
+    number = _number(value, what, integer)
     if number <= 0:
         raise ConfigurationError(f"{what} must be > 0, not {value!r}")
+    return number
+
+
+def _non_negative(value: Any, what: str, integer: bool = False) -> Any:
+    number = _number(value, what, integer)
+    if number < 0:
+        raise ConfigurationError(f"{what} must be >= 0, not {value!r}")
     return number
 
 
@@ -126,28 +148,37 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
         config.max_running_tasks = _positive(amqp["max_running_tasks"], "max_running_tasks",
                                              integer=True)
     if "errored_ttl_ms" in amqp:
-        config.errored_ttl_ms = int(amqp["errored_ttl_ms"]) or None
+        config.errored_ttl_ms = _non_negative(amqp["errored_ttl_ms"], "amqp.errored_ttl_ms",
+                                              integer=True) or None
     if "state_ttl" in amqp:
-        config.state_ttl = float(amqp["state_ttl"])
+        config.state_ttl = _non_negative(amqp["state_ttl"], "amqp.state_ttl")
 
     retry: dict[str, Any] = {}
     if "delayed_ttl_ms" in amqp:
         # guillotina_amqp's fixed retry delay becomes the first backoff.
-        retry["min_backoff"] = float(amqp["delayed_ttl_ms"]) / 1000.0
+        retry["min_backoff"] = _non_negative(amqp["delayed_ttl_ms"], "amqp.delayed_ttl_ms") / 1000
         retry["max_backoff"] = max(retry["min_backoff"], config.retry.max_backoff)
     if "max_task_retries" in amqp:
-        retry["max_attempts"] = int(amqp["max_task_retries"]) + 1
-    retry.update(data.get("retry") or {})
+        retry["max_attempts"] = _non_negative(amqp["max_task_retries"], "amqp.max_task_retries",
+                                              integer=True) + 1
+    top = data.get("retry") or {}
+    if not isinstance(top, dict):
+        raise ConfigurationError("'retry' must be a JSON object")
+    unknown = set(top) - set(RETRY_FIELDS)
+    if unknown:
+        raise ConfigurationError(f"unknown retry setting(s): {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(RETRY_FIELDS)})")
+    retry.update(top)
     try:
         config.retry = RetryPolicy.from_mapping(retry, config.retry)
-    except (TypeError, ValueError) as e:
+    except ConfigurationError as e:
         raise ConfigurationError(f"bad retry settings: {e}")
 
     queues = data.get("queues")
     if queues is None and "queue" in amqp:
         queues = [{"name": amqp["queue"]}]
     if queues is not None:
-        config.queues = _parse_queues(queues)
+        config.queues = _parse_queues(queues, config.retry)
 
     state = data.get("state") or {}
     if not isinstance(state, dict):
@@ -156,7 +187,7 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     config.redis_url = state.get("url", config.redis_url)
     config.state_prefix = state.get("prefix", config.state_prefix)
     if "ttl" in state:
-        config.state_ttl = float(state["ttl"])
+        config.state_ttl = _non_negative(state["ttl"], "state.ttl")
 
     for key in ("shutdown_timeout",):
         if key in data:
@@ -178,11 +209,24 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     return config
 
 
-def _parse_queues(queues: Any) -> list[dict]:
+def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
     if isinstance(queues, dict):
-        items = [dict(v or {}, name=k) for k, v in queues.items()]
+        items = []
+        for name, settings in queues.items():
+            if settings is not None and not isinstance(settings, dict):
+                raise ConfigurationError(
+                    f"settings of queue {name!r} must be a JSON object, not {settings!r}")
+            items.append(dict(settings or {}, name=name))
     elif isinstance(queues, list):
-        items = [{"name": q} if isinstance(q, str) else dict(q) for q in queues]
+        items = []
+        for q in queues:
+            if isinstance(q, str):
+                items.append({"name": q})
+            elif isinstance(q, dict):
+                items.append(dict(q))
+            else:
+                raise ConfigurationError(
+                    f"each entry of 'queues' must be a name or an object, not {q!r}")
     else:
         raise ConfigurationError("'queues' must be an object or a list")
     result = []
@@ -200,6 +244,9 @@ def _parse_queues(queues: Any) -> list[dict]:
                                          integer=True)
         if q.get("timeout") is not None:
             q["timeout"] = _positive(q["timeout"], f"queues.{name}.timeout")
-        RetryPolicy.from_mapping(q)  # validate early
+        try:
+            RetryPolicy.from_mapping(q, retry)  # validate early, on top of the file's policy
+        except ConfigurationError as e:
+            raise ConfigurationError(f"bad retry settings for queue {name!r}: {e}")
         result.append(q)
     return result

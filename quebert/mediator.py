@@ -245,7 +245,8 @@ class Mediator:
             return
 
         if delivery.redelivered or delivery.delivery_count:
-            lost, settled = await self._lost_attempts(message, delivery, previous)
+            lost, settled, first_started = await self._lost_attempts(message, delivery,
+                                                                     previous)
             if settled is not None:
                 # The attempt's outcome was made durable before its worker
                 # died, only the ack was lost: do not run it again.
@@ -257,7 +258,7 @@ class Mediator:
                 return
             if lost > previous:
                 await self._worker_lost(delivery, message, definition, policy, lost,
-                                        first_attempt_at or now)
+                                        first_attempt_at or first_started or now)
                 return
 
         attempt = previous + 1
@@ -434,11 +435,12 @@ class Mediator:
                                   delay=delay)
         delivery.ack()
 
-    async def _lost_attempts(self, message: TaskMessage, delivery: Any,
-                             previous: int) -> tuple[int, Optional[str]]:
+    async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
+                             ) -> tuple[int, Optional[str], Optional[float]]:
         """
         For a redelivered message: how many attempts were really started,
-        and the outcome state if the latest one had already ended.
+        the outcome state if the latest one had already ended, and when the
+        first attempt started (if the store still knows).
 
         The state store knows (``attempts`` is written before an attempt
         starts and its outcome before the ack); when it cannot be reached,
@@ -451,13 +453,16 @@ class Mediator:
             log.warn("task {task_id} redelivered and the state store is unavailable "
                      "({error}); counting the redelivery as a lost attempt",
                      task_id=message.id, error=e)
-            return previous + max(1, delivery.delivery_count or 1), None
+            return previous + max(1, delivery.delivery_count or 1), None, None
         if record is None:
-            return previous, None
+            return previous, None, None
+        history = record.get("history") or []
+        first = history[0].get("started_at") if history and history[0].get("attempt") == 1 \
+            else None
         started = int(record.get("attempts") or 0)
         if started > previous and record.get("state") in _SETTLED:
-            return started, record["state"]
-        return max(previous, started), None
+            return started, record["state"], first
+        return max(previous, started), None, first
 
     async def _worker_lost(self, delivery: Any, message: TaskMessage,
                            definition: TaskDefinition, policy: RetryPolicy, attempts: int,

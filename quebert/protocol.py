@@ -206,6 +206,8 @@ def decode(
         raise InvalidMessage("message body is not UTF-8 text", field="body")
     except ValueError as e:
         raise InvalidMessage(f"message body is not JSON: {e}", field="body")
+    except RecursionError:
+        raise InvalidMessage("message body is JSON nested too deeply to read", field="body")
     if not isinstance(data, dict):
         raise InvalidMessage(
             f"message body must be a JSON object, not {type(data).__name__}", field="body"
@@ -240,7 +242,9 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
     version = data.get("version")
     if version is None:
         raise InvalidMessage("missing field 'version'", field="version", task_id=task_id)
-    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, (int, float)) or isinstance(version, bool) or (
+        version not in SUPPORTED_VERSIONS
+    ):
         raise InvalidMessage(
             f"protocol version {version!r} is not supported (supported: "
             f"{', '.join(map(str, sorted(SUPPORTED_VERSIONS)))})",
@@ -255,7 +259,7 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
             f"'id' must be 1-200 characters of A-Z a-z 0-9 _ . : -, not {raw_id!r}", field="id"
         )
     kind = data.get("kind", "call")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise InvalidMessage(
             f"task kind {kind!r} is not supported (supported: {', '.join(sorted(KINDS))})",
             field="kind",
@@ -306,7 +310,15 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
             task_id=task_id,
         )
     for key, value in retry.items():
-        _number(retry, key, task_id) if key != "max_attempts" else None
+        if key != "max_attempts":
+            try:
+                number = _number(retry, key, task_id)
+            except InvalidMessage as e:
+                raise InvalidMessage(e.reason.replace(f"{key!r}", f"'retry.{key}'"),
+                                     field=f"retry.{key}", task_id=task_id)
+            if key == "jitter" and number is not None and number > 1:
+                raise InvalidMessage(f"'retry.jitter' must be between 0 and 1, not {value!r}",
+                                     field="retry.jitter", task_id=task_id)
         if key == "max_attempts" and (
             isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1
         ):

@@ -223,7 +223,7 @@ def task(
     """
 
     def decorate(f: Callable[..., Any]) -> TaskFunction:
-        definition = (registry or default_registry).register(
+        definition = (registry if registry is not None else default_registry).register(
             f,
             name,
             queue=queue,

@@ -17,6 +17,7 @@ exactly as in Cloud Tasks.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable, Mapping, Optional
 
@@ -32,6 +33,21 @@ _FIELDS = (
     "max_doublings",
     "jitter",
 )
+
+
+def _number(kind: type, name: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be a number, not {value!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigurationError(f"{name} must be a number, not {value!r}")
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigurationError(f"{name} must be a finite number, not {value!r}")
+        return number
+
+    return convert
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -68,14 +84,18 @@ class RetryPolicy:
         shortened, to spread retries of tasks that failed together.
     """
 
-    max_attempts: int = attrs.field(default=5, converter=int, validator=_attempts)
+    max_attempts: int = attrs.field(
+        default=5, converter=_number(int, "max_attempts"), validator=_attempts)
     max_retry_duration: float = attrs.field(
-        default=0.0, converter=float, validator=_non_negative
-    )
-    min_backoff: float = attrs.field(default=1.0, converter=float, validator=_non_negative)
-    max_backoff: float = attrs.field(default=3600.0, converter=float, validator=_non_negative)
-    max_doublings: int = attrs.field(default=16, converter=int, validator=_non_negative)
-    jitter: float = attrs.field(default=0.0, converter=float, validator=_jitter)
+        default=0.0, converter=_number(float, "max_retry_duration"), validator=_non_negative)
+    min_backoff: float = attrs.field(
+        default=1.0, converter=_number(float, "min_backoff"), validator=_non_negative)
+    max_backoff: float = attrs.field(
+        default=3600.0, converter=_number(float, "max_backoff"), validator=_non_negative)
+    max_doublings: int = attrs.field(
+        default=16, converter=_number(int, "max_doublings"), validator=_non_negative)
+    jitter: float = attrs.field(
+        default=0.0, converter=_number(float, "jitter"), validator=_jitter)
 
     def __attrs_post_init__(self) -> None:
         if self.max_backoff < self.min_backoff:
@@ -94,7 +114,9 @@ class RetryPolicy:
         linear = retry - doublings
         # Exponent is capped by max_doublings, so no overflow; cap early
         # anyway so huge retry counts stay cheap.
-        value = min(self.max_backoff, self.min_backoff * (2**doublings) * max(linear, 1))
+        # 2.0 ** 1024 overflows a float: past that the cap applies anyway.
+        growth = 2.0 ** min(doublings, 1023) * max(linear, 1)
+        value = min(self.max_backoff, self.min_backoff * growth)
         if self.jitter:
             value *= 1 - self.jitter * (rand or random.random)()
         return value

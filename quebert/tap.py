@@ -8,6 +8,7 @@ change.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.python import usage
@@ -82,6 +83,8 @@ def _float(value: str, flag: str) -> float:
         number = float(value)
     except ValueError:
         raise ConfigurationError(f"--{flag} must be a number, not {value!r}")
+    if not math.isfinite(number):
+        raise ConfigurationError(f"--{flag} must be a finite number, not {value!r}")
     if number < 0:
         raise ConfigurationError(f"--{flag} must be >= 0, not {value!r}")
     return number

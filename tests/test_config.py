@@ -203,9 +203,9 @@ class QueuesTests(SynchronousTestCase):
 
     def test_queue_retry_inconsistent_with_top_level_is_refused(self):
         """min_backoff above the top-level max_backoff is refused before the worker runs."""
-        config = from_mapping({"retry": {"max_backoff": 10},
+        e = self.assertRaises(ConfigurationError, from_mapping,
+                              {"retry": {"max_backoff": 10},
                                "queues": {"q": {"min_backoff": 20}}})
-        e = self.assertRaises(ConfigurationError, config.queue_settings)
         self.assertIn("max_backoff", str(e))
 
 
@@ -238,7 +238,7 @@ class BadValueTests(SynchronousTestCase):
         self.assertBad({"retry": {"max_attempts": 0}}, "max_attempts")
         self.assertBad({"retry": {"max_attempts": "x"}}, "retry")
         self.assertBad({"retry": {"min_backoff": 10, "max_backoff": 5}}, "max_backoff")
-        self.assertBad({"amqp": {"delayed_ttl_ms": -5}}, "min_backoff")
+        self.assertBad({"amqp": {"delayed_ttl_ms": -5}}, "delayed_ttl_ms")
 
     def test_unknown_retry_key(self):
         """A misspelt retry option is reported, as it is for queues."""
