@@ -34,6 +34,13 @@ def _runs_on_reactor(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(target) or inspect.isgeneratorfunction(target)
 
 
+def _signature(fn: Callable[..., Any]) -> Optional[inspect.Signature]:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 @attrs.frozen
 class TaskDefinition:
     """A registered task: its name, callable and default options."""
@@ -45,14 +52,17 @@ class TaskDefinition:
     timeout: Optional[float] = None
     executor: str = THREAD
 
+    signature: Optional[inspect.Signature] = attrs.field(
+        default=attrs.Factory(lambda self: _signature(self.fn), takes_self=True),
+        eq=False, repr=False)
+
     def bind(self, args: tuple, kwargs: Mapping[str, Any], task_id: Optional[str] = None) -> None:
         """
         Check that ``args`` and ``kwargs`` fit the function's signature,
         raising :class:`InvalidMessage` naming the mismatch.
         """
-        try:
-            signature = inspect.signature(self.fn)
-        except (TypeError, ValueError):
+        signature = self.signature
+        if signature is None:
             return
         try:
             signature.bind(*args, **kwargs)
