@@ -52,7 +52,7 @@ CONFIGS = {
 }
 LABELS = {
     "baseline": "baseline: bare pika consumer",
-    "null-async": "quebert, no state (diagnostic), async",
+    "null-async": "quebert, no state (diag.), async",
     "memory-async": "quebert, memory state, async def",
     "memory-thread": "quebert, memory state, thread",
     "redis-async": "quebert, redis state, async def",
@@ -638,10 +638,10 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10000,
                         help="tasks in the pre-filled queue per run [default: 10000]")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="runs of every configuration; medians are reported [default: 2]")
-    parser.add_argument("--paced-seconds", type=float, default=3.0,
-                        help="seconds of paced publishing per run [default: 3]")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of every configuration; medians are reported [default: 3]")
+    parser.add_argument("--paced-seconds", type=float, default=2.0,
+                        help="seconds of paced publishing per run [default: 2]")
     parser.add_argument("--paced-fraction", type=float, default=0.5,
                         help="paced rate as a fraction of the slowest configuration's "
                              "throughput [default: 0.5]")

@@ -811,6 +811,7 @@ class RedisStateTests(StateContractMixin, TestCase):
             manager.started("a", 1, "w", info(), T0),
             manager.finished("a", SUCCEEDED, 1, info(), T0),
         ]
+        clock.advance(0)
         for d in calls:
             self.assertFalse(d.called)
         clock.advance(3)
@@ -847,13 +848,33 @@ class RedisScriptTests(SynchronousTestCase):
 
     def test_unknown_script_falls_back_to_eval(self) -> None:
         """NOSCRIPT from EVALSHA sends the script's source with EVAL."""
-        redis = FakeRedis(txredisapi.ScriptDoesNotExist("NOSCRIPT"), 1)
-        manager = RedisStateManager(redis, clock=Clock())
-        self.assertIsNone(self.successResultOf(manager.enqueued("a", QUEUED, info(), T0)))
+        redis = FakeRedis(txredisapi.ScriptDoesNotExist("NOSCRIPT"), [1])
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        d = manager.enqueued("a", QUEUED, info(), T0)
+        clock.advance(0)
+        self.assertIsNone(self.successResultOf(d))
         (first, _, args1), (second, source, args2) = redis.calls
         self.assertEqual((first, second, args1), ("evalsha", "eval", args2))
         self.assertIn("EXISTS", source)
-        self.assertEqual(args1[:2], ("quebert:", "a"))
+        self.assertEqual(args1[0], "quebert:")
+        self.assertEqual(json.loads(args1[3])[0][:2], ["e", "a"])
+
+    def test_writes_of_one_reactor_turn_go_in_one_script_call(self) -> None:
+        """Batching: three writes made together cost one round trip, in order."""
+        redis = FakeRedis([1, 1, 1])
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        writes = [manager.enqueued("a", QUEUED, info(), T0),
+                  manager.started("a", 1, "w", info(), T0 + 1),
+                  manager.finished("a", SUCCEEDED, 1, info(), T0 + 2)]
+        self.assertEqual(redis.calls, [])
+        clock.advance(0)
+        [(kind, _, args)] = redis.calls
+        self.assertEqual(kind, "evalsha")
+        self.assertEqual([op[0] for op in json.loads(args[3])], ["e", "s", "f"])
+        for d in writes:
+            self.assertIsNone(self.successResultOf(d))
 
     def test_scripts_are_not_sent_when_known(self) -> None:
         """A script Redis knows is run by its SHA1 only."""

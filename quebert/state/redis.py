@@ -52,17 +52,21 @@ log = Logger(namespace="quebert.state.redis")
 #: How many due entries of ``idx:expiry`` one write examines at most.
 PRUNE_BATCH = 50
 
-_COMMON = """
+#: Writes sent in one script call at most; more are split into several.
+MAX_BATCH = 500
+
+# Every write goes through this one script, in batches: ARGV[1] prefix,
+# ARGV[2] ttl in ms, ARGV[3] history limit, ARGV[4] a JSON array of writes,
+# each [kind, id, at, create, set, clear, attempt, entry] with kind 'e'
+# (enqueued), 's' (started) or 'f' (finished).  Writes apply in order and the
+# whole batch is atomic.
+_APPLY = """
 local prefix = ARGV[1]
-local id = ARGV[2]
-local at = ARGV[3]
-local ttl_ms = tonumber(ARGV[4])
-local history_limit = tonumber(ARGV[5])
-local create = cjson.decode(ARGV[6])
-local set = cjson.decode(ARGV[7])
-local clear = cjson.decode(ARGV[8])
-local key = prefix .. 'task:' .. id
+local ttl_ms = tonumber(ARGV[2])
+local history_limit = tonumber(ARGV[3])
+local ops = cjson.decode(ARGV[4])
 local finished = {succeeded = true, failed = true, canceled = true}
+local id, key, at, create, set, clear
 
 local function is_null(x)
   return x == nil or x == false or x == cjson.null
@@ -120,9 +124,9 @@ local function upsert_history(attempt, fields, replace)
 end
 
 -- drop index entries of finished records older than the TTL
-local function prune()
+local function prune(now)
   if ttl_ms <= 0 then return end
-  local horizon = tonumber(at) - ttl_ms / 1000
+  local horizon = tonumber(now) - ttl_ms / 1000
   local h = string.format('%.17g', horizon)
   for state in pairs(finished) do
     redis.call('ZREMRANGEBYSCORE', prefix .. 'idx:state:' .. state, '-inf', '(' .. h)
@@ -149,9 +153,18 @@ local function prune()
   end
 end
 
+local function hset_all(fields)
+  local flat = {}
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+end
+
 local function write_fields()
-  for k, v in pairs(set) do redis.call('HSET', key, k, v) end
-  for _, k in ipairs(clear) do redis.call('HDEL', key, k) end
+  hset_all(set)
+  if #clear > 0 then redis.call('HDEL', key, unpack(clear)) end
 end
 
 -- move the id between indexes and set or clear the expiry
@@ -172,69 +185,73 @@ local function reindex(old_state, old_queue)
     local member
     if queue then member = cjson.encode({id, queue}) else member = cjson.encode({id}) end
     redis.call('ZADD', prefix .. 'idx:expiry', at, member)
-  else
+  elseif old_state and finished[old_state] then
     redis.call('PERSIST', key)
   end
 end
 
 -- the record as it was, creating it when missing
 local function load()
-  if redis.call('EXISTS', key) == 1 then
-    local old = redis.call('HMGET', key, 'state', 'queue', 'attempts')
+  local old = redis.call('HMGET', key, 'state', 'queue', 'attempts')
+  if old[1] then
     return old[1], old[2], tonumber(old[3]) or 0
   end
-  for k, v in pairs(create) do redis.call('HSET', key, k, v) end
+  hset_all(create)
   return false, false, 0
 end
+
+local function enqueued()
+  if redis.call('EXISTS', key) == 1 then return 0 end
+  load()
+  write_fields()
+  reindex(false, false)
+  return 1
+end
+
+local function started(attempt, entry)
+  local old_state, old_queue, old_attempts = load()
+  -- A late or replayed 'started' never rewinds a record past this attempt.
+  if old_attempts > attempt or (old_attempts == attempt and (old_state == 'scheduled'
+      or old_state == 'succeeded' or old_state == 'failed' or old_state == 'canceled')) then
+    return 0
+  end
+  write_fields()
+  upsert_history(attempt, entry, true)
+  reindex(old_state, old_queue)
+  return 1
+end
+
+local function finish(attempt, entry)
+  local old_state, old_queue, old_attempts = load()
+  write_fields()
+  if attempt > old_attempts then
+    redis.call('HSET', key, 'attempts', string.format('%d', attempt))
+  end
+  upsert_history(attempt, entry, false)
+  reindex(old_state, old_queue)
+  return 1
+end
+
+local results = {}
+local latest = nil
+for i, op in ipairs(ops) do
+  id = op[2]
+  key = prefix .. 'task:' .. id
+  at = op[3]
+  create, set, clear = op[4], op[5], op[6]
+  local kind = op[1]
+  if kind == 'e' then
+    results[i] = enqueued()
+  elseif kind == 's' then
+    results[i] = started(op[7], op[8])
+  else
+    results[i] = finish(op[7], op[8])
+  end
+  latest = at
+end
+if latest then prune(latest) end
+return results
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
-
-_ENQUEUED = (
-    _COMMON
-    + """
-prune()
-if redis.call('EXISTS', key) == 1 then return 0 end
-load()
-write_fields()
-reindex(false, false)
-return 1
-"""
-)
-
-# ARGV[9]: attempt, ARGV[10]: the new history entry (JSON)
-_STARTED = (
-    _COMMON
-    + """
-prune()
-local old_state, old_queue, old_attempts = load()
-local attempt = tonumber(ARGV[9])
--- A late or replayed 'started' never rewinds a record past this attempt.
-if old_attempts > attempt or (old_attempts == attempt and (old_state == 'scheduled'
-    or old_state == 'succeeded' or old_state == 'failed' or old_state == 'canceled')) then
-  return 0
-end
-write_fields()
-upsert_history(attempt, cjson.decode(ARGV[10]), true)
-reindex(old_state, old_queue)
-return 1
-"""
-)
-
-# ARGV[9]: attempt, ARGV[10]: the outcome to merge into its history entry (JSON)
-_FINISHED = (
-    _COMMON
-    + """
-prune()
-local old_state, old_queue, old_attempts = load()
-write_fields()
-local attempt = tonumber(ARGV[9])
-if attempt > old_attempts then
-  redis.call('HSET', key, 'attempts', string.format('%d', attempt))
-end
-upsert_history(attempt, cjson.decode(ARGV[10]), false)
-reindex(old_state, old_queue)
-return 1
-"""
-)
 
 # ARGV: prefix, id
 _GET = """
@@ -312,9 +329,7 @@ class _Script:
 _SCRIPTS = {
     name: _Script(name, source)
     for name, source in (
-        ("enqueued", _ENQUEUED),
-        ("started", _STARTED),
-        ("finished", _FINISHED),
+        ("apply", _APPLY),
         ("get", _GET),
         ("list", _LIST),
     )
@@ -366,6 +381,9 @@ class RedisStateManager:
         self.timeout = timeout
         self._clock = clock
         self._ttl_ms = str(max(1, round(finished_ttl * 1000)) if finished_ttl > 0 else 0)
+        self._batch: List[list] = []
+        self._waiters: List[Deferred] = []
+        self._flush_call: Any = None
 
     # -- IStateManager --------------------------------------------------
 
@@ -376,10 +394,10 @@ class RedisStateManager:
             record = _records.new_record(task_id, info, at)
             record.update(_records.enqueued_changes(state, at))
             create, _ = _records.encode_fields(record)
-            args = self._write_args(task_id, at, create, {})
+            op = ["e", task_id, repr(float(at)), create, {}, [], 0, None]
         except Exception:
             return fail()
-        return self._run("enqueued", args).addCallback(lambda _: None)
+        return self._submit(op)
 
     def started(
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
@@ -390,11 +408,10 @@ class RedisStateManager:
             changes = _records.info_updates(info)
             changes.update(_records.started_changes(attempt, worker, at))
             entry = _records.started_entry(attempt, worker, at)
-            args = self._write_args(task_id, at, self._create(task_id, info, at), changes)
-            args += [str(attempt), _json(entry)]
+            op = self._write_op("s", task_id, at, info, changes, attempt, entry)
         except Exception:
             return fail()
-        return self._run("started", args).addCallback(lambda _: None)
+        return self._submit(op)
 
     def finished(
         self,
@@ -414,11 +431,10 @@ class RedisStateManager:
             changes = _records.info_updates(info)
             changes.update(_records.finished_changes(state, at, result, error, reason, retry_at))
             outcome = _records.outcome_entry(attempt, state, at, error, retry_at)
-            args = self._write_args(task_id, at, self._create(task_id, info, at), changes)
-            args += [str(attempt), _json(outcome)]
+            op = self._write_op("f", task_id, at, info, changes, attempt, outcome)
         except Exception:
             return fail()
-        return self._run("finished", args).addCallback(lambda _: None)
+        return self._submit(op)
 
     def get(self, task_id: str) -> Deferred:
         """Fire with the record, or ``None``."""
@@ -455,24 +471,71 @@ class RedisStateManager:
 
     # -- implementation -------------------------------------------------
 
-    def _create(self, task_id: str, info: Any, at: float) -> Dict[str, str]:
+    def _write_op(self, kind: str, task_id: str, at: float, info: Any,
+                  changes: Mapping[str, Any], attempt: int, entry: Any) -> list:
         create, _ = _records.encode_fields(_records.new_record(task_id, info, at))
-        return create
-
-    def _write_args(
-        self, task_id: str, at: float, create: Mapping[str, str], changes: Mapping[str, Any]
-    ) -> List[str]:
         values, clear = _records.encode_fields(changes)
-        return [
-            self.prefix,
-            task_id,
-            repr(float(at)),
-            self._ttl_ms,
-            str(HISTORY_LIMIT),
-            _json(create),
-            _json(values),
-            _json(clear),
-        ]
+        return [kind, task_id, repr(float(at)), create, values, clear, attempt, entry]
+
+    def _submit(self, op: list) -> Deferred:
+        """
+        Queue one write for the next batch.  Writes made in the same reactor
+        turn go to Redis as one script call (in order, atomically), which
+        costs Redis and this process far less than one call each.
+        """
+        waiter: Deferred = Deferred()
+        self._batch.append(op)
+        self._waiters.append(waiter)
+        if len(self._batch) >= MAX_BATCH:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._get_clock().callLater(0, self._flush)
+        return waiter
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        ops, waiters = self._batch, self._waiters
+        self._batch, self._waiters = [], []
+        if not ops:
+            return
+        try:
+            payload = _json(ops)
+        except Exception:
+            # One bad write must not sink the others: send them one by one.
+            for op, waiter in zip(ops, waiters):
+                self._send([op]).chainDeferred(waiter)
+            return
+        d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload])
+        d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters,),
+                       errbackArgs=(waiters,))
+
+    def _send(self, ops: list) -> Deferred:
+        try:
+            payload = _json(ops)
+        except Exception:
+            return fail()
+        args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload]
+        return self._run("apply", args).addCallback(lambda _: None)
+
+    @staticmethod
+    def _applied(_: Any, waiters: List[Deferred]) -> None:
+        for waiter in waiters:
+            waiter.callback(None)
+
+    @staticmethod
+    def _not_applied(failure: Failure, waiters: List[Deferred]) -> None:
+        for waiter in waiters:
+            waiter.errback(Failure(failure.value, failure.type, failure.tb))
+
+    def _get_clock(self) -> Any:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock
 
     @staticmethod
     def _decode(text: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -508,10 +571,7 @@ class RedisStateManager:
         """
         if self.timeout is None:
             return d
-        if self._clock is None:
-            from twisted.internet import reactor
-
-            self._clock = reactor  # type: ignore[assignment]
+        self._get_clock()
 
         def cancel(_: Deferred) -> None:
             if timer.active():
