@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from quebert import protocol
+from quebert._defer import mirror
 from quebert.errors import InvalidMessage, QuebertError, WorkerLost
 from quebert.protocol import (
     H_ATTEMPTS,
@@ -82,6 +83,9 @@ class Task:
     delivery: Any = attrs.field(repr=False)
     #: Free-form storage for hooks (e.g. timings, a span).
     context: dict = attrs.field(factory=dict)
+    #: The metadata the state store keeps (``TaskMessage.info()``).
+    info: dict = attrs.field(
+        default=attrs.Factory(lambda self: self.message.info(), takes_self=True), repr=False)
 
 
 class Hook:
@@ -164,6 +168,8 @@ class Mediator:
         #: Seconds before a message whose handling failed unexpectedly is returned.
         self.unexpected_error_delay = 2.0
         self.counts: collections.Counter = collections.Counter()
+        self._before_hooks, self._after_hooks, self._error_hooks = self._hook_chains()
+        self._policies: dict[tuple, RetryPolicy] = {}
 
     # -- intake ------------------------------------------------------------
 
@@ -268,15 +274,15 @@ class Mediator:
             definition=definition, policy=policy,
             first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
         )
-        if not await self._run_before_hooks(task):
-            await self.state.finished(task.id, CANCELED, attempt - 1, message.info(),
+        if self._before_hooks and not await self._run_before_hooks(task):
+            await self.state.finished(task.id, CANCELED, attempt - 1, task.info,
                                       self.clock.seconds(), reason="skipped by a before-hook")
             delivery.ack()
             self._log(task, "task {task_id} ({task}) skipped by a before-hook")
             self.counts["skipped"] += 1
             return
 
-        await self.state.started(task.id, attempt, self.worker_id, message.info(), now)
+        await self.state.started(task.id, attempt, self.worker_id, task.info, now)
         self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
         try:
@@ -295,8 +301,9 @@ class Mediator:
             failure = None
 
         if failure is None:
-            await self._run_after_hooks(task, result)
-            await self.state.finished(task.id, SUCCEEDED, task.attempt, task.message.info(),
+            if self._after_hooks:
+                await self._run_after_hooks(task, result)
+            await self.state.finished(task.id, SUCCEEDED, task.attempt, task.info,
                                       self.clock.seconds(), result=result)
             task.delivery.ack()
             self.counts["succeeded"] += 1
@@ -310,6 +317,16 @@ class Mediator:
 
     def policy_for(self, message: TaskMessage, definition: TaskDefinition) -> RetryPolicy:
         """Queue default, overridden by the task's, overridden by the message's."""
+        key = (message.queue, definition.name,
+               tuple(sorted(message.retry.items())) if message.retry else ())
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = self._make_policy(message, definition)
+            if len(self._policies) > 10000:
+                self._policies.clear()
+        return policy
+
+    def _make_policy(self, message: TaskMessage, definition: TaskDefinition) -> RetryPolicy:
         settings = self.queues.get(message.queue)
         base = settings.retry if settings is not None else RetryPolicy()
         try:
@@ -361,7 +378,7 @@ class Mediator:
                                   message_id=task.id,
                                   content_type=task.delivery.content_type, delay=delay)
         now = self.clock.seconds()
-        await self.state.finished(task.id, SCHEDULED, task.attempt, task.message.info(), now,
+        await self.state.finished(task.id, SCHEDULED, task.attempt, task.info, now,
                                   error=error, retry_at=now + delay)
         task.delivery.ack()
         self.counts["retried"] += 1
@@ -389,7 +406,7 @@ class Mediator:
         await self.broker.publish_errored(task.queue, task.delivery.body, headers,
                                           message_id=task.id,
                                           content_type=task.delivery.content_type)
-        await self.state.finished(task.id, FAILED, task.attempt, task.message.info(),
+        await self.state.finished(task.id, FAILED, task.attempt, task.info,
                                   self.clock.seconds(), error=error, reason=reason)
         task.delivery.ack()
         self.counts["failed"] += 1
@@ -490,18 +507,34 @@ class Mediator:
                         hook=fn, task_id=task.id)
             return None
 
+    def _hook_chains(self) -> tuple[list, list, list]:
+        """The hook callables, in order; no-op defaults left out."""
+        def overridden(name: str) -> bool:
+            return getattr(type(self), name) is not getattr(Mediator, name)
+
+        def hooked(hook: Hook, name: str) -> bool:
+            return getattr(type(hook), name) is not getattr(Hook, name)
+
+        before = ([self.before_task] if overridden("before_task") else []) + [
+            h.before for h in self.hooks if hooked(h, "before")]
+        after = [h.after for h in reversed(self.hooks) if hooked(h, "after")] + (
+            [self.after_task] if overridden("after_task") else [])
+        error = [h.error for h in reversed(self.hooks) if hooked(h, "error")] + (
+            [self.task_failed] if overridden("task_failed") else [])
+        return before, after, error
+
     async def _run_before_hooks(self, task: Task) -> bool:
-        for fn in [self.before_task] + [h.before for h in self.hooks]:
+        for fn in self._before_hooks:
             if await self._call_hook("before", task, fn) is False:
                 return False
         return True
 
     async def _run_after_hooks(self, task: Task, result: Any) -> None:
-        for fn in [h.after for h in reversed(self.hooks)] + [self.after_task]:
+        for fn in self._after_hooks:
             await self._call_hook("after", task, fn, result)
 
     async def _run_error_hooks(self, task: Task, failure: Failure) -> None:
-        for fn in [h.error for h in reversed(self.hooks)] + [self.task_failed]:
+        for fn in self._error_hooks:
             await self._call_hook("error", task, fn, failure)
 
     # -- shutdown ------------------------------------------------------------
@@ -520,7 +553,7 @@ class Mediator:
         if pending:
             log.info("waiting up to {timeout}s for {count} running task(s)", timeout=timeout,
                      count=len(pending))
-            done = defer.DeferredList([_mirror(d) for d in pending], consumeErrors=True)
+            done = defer.DeferredList([mirror(d) for d in pending], consumeErrors=True)
             timer = defer.Deferred()
             call = self.clock.callLater(timeout, timer.callback, None)
             await defer.DeferredList([done, timer], fireOnOneCallback=True,
@@ -556,15 +589,3 @@ class DelayOnErrorMediator(Mediator):
             await self.retry(task, failure, task.policy.delay(task.attempt))
         else:
             await self.fail(task, failure)
-
-
-def _mirror(d: defer.Deferred) -> defer.Deferred:
-    ours: defer.Deferred = defer.Deferred()
-
-    def forward(result: Any) -> Any:
-        if not ours.called:
-            ours.callback(None)
-        return result
-
-    d.addBoth(forward)
-    return ours

@@ -300,6 +300,27 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
             task_id=task_id,
         )
     retry = data.get("retry") or {}
+    if retry:
+        _validate_retry(retry, task_id)
+    timeout = _number(data, "timeout", task_id)
+    if timeout == 0:
+        timeout = None
+    return TaskMessage(
+        id=task_id,
+        task=name,
+        queue=queue,
+        args=tuple(args),
+        kwargs=kwargs,
+        kind=kind,
+        eta=_number(data, "eta", task_id),
+        name=unique,
+        retry=retry,
+        timeout=timeout,
+        created_at=_number(data, "created_at", task_id),
+    )
+
+
+def _validate_retry(retry: Any, task_id: str) -> None:
     if not isinstance(retry, dict):
         raise InvalidMessage("'retry' must be a JSON object", field="retry", task_id=task_id)
     unknown = set(retry) - set(RETRY_FIELDS)
@@ -327,22 +348,6 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
                 field="retry.max_attempts",
                 task_id=task_id,
             )
-    timeout = _number(data, "timeout", task_id)
-    if timeout == 0:
-        timeout = None
-    return TaskMessage(
-        id=task_id,
-        task=name,
-        queue=queue,
-        args=tuple(args),
-        kwargs=kwargs,
-        kind=kind,
-        eta=_number(data, "eta", task_id),
-        name=unique,
-        retry=retry,
-        timeout=timeout,
-        created_at=_number(data, "created_at", task_id),
-    )
 
 
 def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessage:

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python.reflect import namedAny
 
+from quebert._defer import bounded
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.topology import Topology
 from quebert.config import WorkerConfig
@@ -166,7 +167,7 @@ class WorkerService(MultiService):
         self.broker.close_consumers()
         flush = getattr(self.state, "flush", None)
         if flush is not None:
-            yield _bounded(flush(), 5.0, self.reactor)
+            yield bounded(flush(), 5.0, self.reactor)
         stop = getattr(self.state, "stop", None)
         if stop is not None:
             stop()
@@ -182,17 +183,3 @@ class WorkerService(MultiService):
         if self.exit_code == EXIT_OK and getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
         log.info("quebert worker stopped ({counts})", counts=dict(self.mediator.counts))
-
-
-def _bounded(d: defer.Deferred, seconds: float, clock: Any) -> defer.Deferred:
-    ours: defer.Deferred = defer.Deferred()
-    call = clock.callLater(seconds, lambda: ours.called or ours.callback(None))
-
-    def done(result: Any) -> None:
-        if call.active():
-            call.cancel()
-        if not ours.called:
-            ours.callback(None)
-
-    d.addBoth(done)
-    return ours

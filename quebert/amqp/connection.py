@@ -26,6 +26,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from quebert._defer import mirror
 from quebert.errors import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -250,26 +251,6 @@ class AMQPConnection(ClientService):
         for waiter, _ in waiters:
             if not waiter.called:
                 waiter.errback(ConnectionError("connection service stopped"))
-
-
-def mirror(pika_deferred: defer.Deferred) -> defer.Deferred:
-    """
-    A Deferred of our own that follows ``pika_deferred``.
-
-    pika leaves a channel broken if one of its Deferreds is cancelled, so
-    anything that may be cancelled or timed out waits on a mirror instead.
-    """
-    ours: defer.Deferred = defer.Deferred()
-
-    def forward(result: Any) -> None:
-        if not ours.called:
-            if isinstance(result, Failure):
-                ours.errback(result)
-            else:
-                ours.callback(result)
-
-    pika_deferred.addBoth(forward)
-    return ours
 
 
 #: AMQP reply codes that retrying cannot fix.

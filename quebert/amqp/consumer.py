@@ -21,7 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from quebert.amqp.connection import AMQPConnection, mirror
+from quebert._defer import mirror
+from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.topology import Topology
 from quebert.protocol import H_DELIVERY_COUNT
 

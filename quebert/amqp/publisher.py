@@ -19,7 +19,8 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from quebert.amqp.connection import AMQPConnection, mirror
+from quebert._defer import mirror
+from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.topology import Topology
 from quebert.errors import BrokerError, UnroutableError
 

@@ -1,0 +1,62 @@
+"""
+Waiting on Deferreds we must never cancel.
+
+pika leaves a channel broken when one of its Deferreds is cancelled, and
+txredisapi re-fires cancelled commands; so anything that may time out or be
+cancelled waits on a Deferred of our own that *follows* theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+
+def mirror(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred of our own with ``d``'s outcome; cancelling it leaves ``d`` alone."""
+    ours: defer.Deferred = defer.Deferred()
+
+    def forward(result: Any) -> Any:
+        if not ours.called:
+            if isinstance(result, Failure):
+                ours.errback(result)
+            else:
+                ours.callback(result)
+        return result
+
+    d.addBoth(forward)
+    return ours
+
+
+def bounded(d: defer.Deferred, seconds: float, clock: Any,
+            on_timeout: Optional[Callable[[], Exception]] = None) -> defer.Deferred:
+    """
+    A Deferred of our own with ``d``'s outcome, or, after ``seconds``, the
+    error ``on_timeout()`` makes (``None``: fire ``None`` instead).  ``d`` is
+    never cancelled; its late outcome is dropped.
+    """
+    ours: defer.Deferred = defer.Deferred()
+
+    def expire() -> None:
+        if ours.called:
+            return
+        if on_timeout is None:
+            ours.callback(None)
+        else:
+            ours.errback(on_timeout())
+
+    timer = clock.callLater(seconds, expire)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not ours.called:
+            if isinstance(result, Failure):
+                ours.errback(result)
+            else:
+                ours.callback(result)
+
+    d.addBoth(settle)
+    return ours
