@@ -65,11 +65,12 @@ class Executor:
                 d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out(definition,
                                                                                 timeout))
             return d
-        d = deferToThreadPool(self.reactor, self.pool, _call_in_thread, definition, args,
-                              dict(kwargs))
         if not timeout:
-            return d
-        return _race(d, timeout, self.reactor, definition)
+            return deferToThreadPool(self.reactor, self.pool, _call_in_thread, definition,
+                                     args, dict(kwargs))
+        race = _Race(self.reactor, definition, timeout)
+        d = deferToThreadPool(self.reactor, self.pool, race.call_in_thread, args, dict(kwargs))
+        return race.follow(d)
 
 
 def _call_on_reactor(definition: TaskDefinition, args: tuple, kwargs: dict) -> Any:
@@ -104,29 +105,44 @@ def _timed_out(definition: TaskDefinition, timeout: float):
     return convert
 
 
-def _race(d: defer.Deferred, timeout: float, reactor: Any,
-          definition: TaskDefinition) -> defer.Deferred:
-    """Report a thread task as failed after ``timeout``; ignore it thereafter."""
-    outer: defer.Deferred = defer.Deferred()
+class _Race:
+    """
+    A thread task against its timeout.  The clock starts when a thread
+    picks the task up (not while it waits for a free thread); after the
+    timeout the task is reported failed and its eventual result ignored.
+    """
 
-    def expire() -> None:
-        if not outer.called:
-            outer.errback(TaskTimeout(
-                f"task {definition.name!r} timed out after {timeout:g}s "
+    def __init__(self, reactor: Any, definition: TaskDefinition, timeout: float) -> None:
+        self.reactor = reactor
+        self.definition = definition
+        self.timeout = timeout
+        self.outer: defer.Deferred = defer.Deferred()
+        self.timer: Any = None
+
+    def call_in_thread(self, args: tuple, kwargs: dict) -> Any:
+        self.reactor.callFromThread(self._start_clock)
+        return _call_in_thread(self.definition, args, kwargs)
+
+    def _start_clock(self) -> None:
+        if not self.outer.called:
+            self.timer = self.reactor.callLater(self.timeout, self._expire)
+
+    def _expire(self) -> None:
+        if not self.outer.called:
+            self.outer.errback(TaskTimeout(
+                f"task {self.definition.name!r} timed out after {self.timeout:g}s "
                 "(its thread keeps running until the function returns)"
             ))
 
-    call = reactor.callLater(timeout, expire)
+    def follow(self, d: defer.Deferred) -> defer.Deferred:
+        def finished(result: Any) -> None:
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            if not self.outer.called:
+                if isinstance(result, defer.Failure):
+                    self.outer.errback(result)
+                else:
+                    self.outer.callback(result)
 
-    def finished(result: Any) -> None:
-        if call.active():
-            call.cancel()
-        if not outer.called:
-            if isinstance(result, defer.Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
-        return None
-
-    d.addBoth(finished)
-    return outer
+        d.addBoth(finished)
+        return self.outer

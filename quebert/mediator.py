@@ -228,6 +228,9 @@ class Mediator:
         except InvalidMessage as e:
             await self.reject(delivery, e)
             return
+        if message.queue != delivery.queue:
+            # The queue it came from rules: retries, errored copy, settings.
+            message = attrs.evolve(message, queue=delivery.queue)
 
         headers = delivery.headers or {}
         previous = protocol.int_header(headers, H_ATTEMPTS)

@@ -136,6 +136,31 @@ class ThreadTaskTests(TestCase):
         results = yield defer.gatherResults(ds)
         self.assertEqual(sorted(results), [0, 1, 2, 3])
 
+    @defer.inlineCallbacks
+    def test_timeout_clock_starts_when_a_thread_picks_the_task_up(self):
+        # A task waiting for a free thread is not timing out: with one busy
+        # thread, a queued task with a tiny timeout still succeeds once it runs.
+        executor = Executor(reactor, max_threads=1)
+        executor.start()
+        self.addCleanup(executor.stop)
+        release, started = threading.Event(), threading.Event()
+
+        def hog():
+            started.set()
+            release.wait(5)
+            return "hog"
+
+        first = executor.run(definition(hog), (), {})
+        yield deferWhen(started.is_set)
+        queued = executor.run(definition(lambda: "quick"), (), {}, timeout=0.05)
+        waited = defer.Deferred()
+        reactor.callLater(0.3, waited.callback, None)
+        yield waited
+        self.assertFalse(queued.called, "timed out while waiting for a thread")
+        release.set()
+        self.assertEqual((yield first), "hog")
+        self.assertEqual((yield queued), "quick")
+
     def test_stop_without_join(self):
         executor = Executor(reactor, max_threads=1)
         executor.start()

@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from quebert import Client
+from quebert.errors import BrokerError
 from quebert.state import RedisStateManager, connect_redis
 from tests._rabbit import make_vhost, queue_counts, rabbitmqctl, vhost_of
 from tests._worker import ROOT, TWISTD, WorkerProcess, wait_for
@@ -442,5 +443,27 @@ class BrokerRefusalTests(IntegrationTestCase):
             self.assertEqual(worker.process.returncode, 3)
             self.assertIn("PRECONDITION_FAILED", worker.log())
             self.assertIn("exit code 3", worker.log())
+
+        return defer.ensureDeferred(run())
+
+    def test_client_fails_clearly_when_the_queue_was_declared_differently(self):
+        async def run():
+            def declare_quorum():
+                connection = pika.BlockingConnection(pika.URLParameters(self.url))
+                try:
+                    connection.channel().queue_declare(
+                        "default", durable=True, arguments={"x-queue-type": "quorum"})
+                finally:
+                    connection.close()
+
+            await deferToThread(declare_quorum)
+            error = None
+            try:
+                await self.client.add_task("it.noop", 1)
+            except BrokerError as e:
+                error = e
+            self.assertIsNotNone(error, "add_task must fail, not hang or succeed")
+            self.assertIn("PRECONDITION_FAILED", str(error))
+            self.assertIn("queue type", str(error))
 
         return defer.ensureDeferred(run())

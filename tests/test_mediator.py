@@ -984,3 +984,25 @@ class DrainTests(MediatorTestCase):
         d = defer.ensureDeferred(worker.mediator.drain(30))
         self.pending[0].errback(Boom())
         self.assertEqual(self.successResultOf(d), 0)
+
+
+class QueueOfOriginTests(MediatorTestCase):
+    def test_the_queue_a_message_came_from_rules_over_its_body(self):
+        # A foreign producer put a body naming queue "elsewhere" into
+        # "default": the retry policy, retries and errored copy all follow
+        # "default", the queue the worker actually consumes.
+        def fail():
+            raise Boom("no")
+
+        name = self.register(fail, "app.fail")
+        worker = self.worker(queues=[self.queue("default", max_attempts=2, min_backoff=3)])
+        _, body = protocol.build(name, queue="elsewhere", task_id="t1")
+        worker.broker.publish_raw("default", body, message_id="t1")
+        worker.run_until_idle()
+        record = worker.state_of("t1")
+        self.assertEqual((record["state"], record["attempts"], record["queue"]),
+                         ("failed", 2, "default"))
+        [(queue, _, delay)] = [p for p in worker.broker.published if p[2]]
+        self.assertEqual((queue, delay), ("default", 3))
+        self.assertEqual(len(worker.broker.errored["default"]), 1)
+        self.assertNotIn("elsewhere", worker.broker.errored)

@@ -39,7 +39,7 @@ class AMQPBroker(MultiService):
         self.publishing = AMQPConnection(url, name=f"{name}-publisher", reactor=reactor)
         self.publishing.setServiceParent(self)
         self.reactor = self.publishing.reactor
-        self.publisher = Publisher(self.publishing, self.topology)
+        self.publisher = Publisher(self.publishing, self.topology, declare_errored=consume)
         self.consuming: Optional[AMQPConnection] = None
         if consume:
             self.consuming = AMQPConnection(url, name=f"{name}-consumer", reactor=reactor)

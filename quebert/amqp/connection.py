@@ -116,6 +116,7 @@ class AMQPConnection(ClientService):
         self._ready_waiters: list = []
         self.connected_count = 0
         self.failed_preparations = 0
+        self._stopping = False
         self.current: Optional[TwistedProtocolConnection] = None
         #: Called with a Failure when the broker refuses our setup for good
         #: (access refused, conflicting queue arguments).
@@ -134,6 +135,10 @@ class AMQPConnection(ClientService):
             clock=self.reactor,
             prepareConnection=self._prepare,
         )
+
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
 
     def add_preparer(self, preparer: Preparer) -> None:
         """
@@ -227,12 +232,13 @@ class AMQPConnection(ClientService):
     def _lost(self, reason: Any, protocol) -> None:
         if self.current is protocol:
             self.current = None
-        if self.running:
+        if self.running and not self._stopping:
             self.log.warn("AMQP {name} connection lost: {reason}; reconnecting",
                           name=self.connection_name, reason=reason)
 
     @defer.inlineCallbacks
     def stopService(self):
+        self._stopping = True
         protocol = self.current
         self.current = None
         if protocol is not None and protocol.is_open:

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from quebert._defer import mirror
-from quebert.amqp.connection import AMQPConnection
+from quebert.amqp.connection import AMQPConnection, is_permanent
 from quebert.amqp.topology import Topology
 from quebert.errors import BrokerError, UnroutableError
 
@@ -46,7 +46,7 @@ class Publisher:
     log = Logger()
 
     def __init__(self, connection: AMQPConnection, topology: Topology,
-                 clock: Any = None) -> None:
+                 clock: Any = None, declare_errored: bool = True) -> None:
         self.connection = connection
         self.topology = topology
         self.clock = clock or connection.reactor
@@ -55,6 +55,7 @@ class Publisher:
         self._lock = defer.DeferredLock()
         self._declared: set[str] = set()
         self.stopped = False
+        self.declare_errored = declare_errored
         connection.add_preparer(self._prepare)
 
     @defer.inlineCallbacks
@@ -121,7 +122,14 @@ class Publisher:
         # A failed declare closes its channel: use one we can lose.
         channel = yield protocol.channel()
         try:
-            yield self.topology.declare_queue(channel, queue)
+            yield self.topology.declare_queue(channel, queue, errored=self.declare_errored)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if is_permanent(e):
+                raise BrokerError(
+                    f"RabbitMQ refused to declare queue {queue!r}: {e.reply_code} "
+                    f"{e.reply_text} (producers and workers must agree on exchange, "
+                    "queue type and queue arguments)") from e
+            raise
         finally:
             if channel.is_open:
                 channel.close()
@@ -145,6 +153,8 @@ class Publisher:
                 yield mirror(channel.basic_publish(exchange, routing_key, body, properties,
                                                    mandatory=True))
                 return None
+            except BrokerError:
+                raise
             except pika.exceptions.UnroutableError:
                 raise UnroutableError(
                     f"no queue is bound to exchange {exchange!r} with routing key "

@@ -151,8 +151,12 @@ class Topology:
             )
 
     @inlineCallbacks
-    def declare_queue(self, channel, queue: str):
-        """Declare work queue ``queue``, its errored queue and its bindings."""
+    def declare_queue(self, channel, queue: str, errored: bool = True):
+        """
+        Declare work queue ``queue``, its bindings and (unless ``errored``
+        is false: producers leave that to workers, whose errored TTL may
+        differ) its errored queue.
+        """
         if not QUEUE_RE.match(queue):
             raise ConfigurationError(f"{queue!r} is not a valid queue name")
         yield channel.queue_declare(queue=queue, durable=True,
@@ -161,7 +165,8 @@ class Topology:
         yield channel.queue_bind(
             queue=queue, exchange=self.deliver_exchange, routing_key="*." * LEVELS + queue
         )
-        yield channel.queue_declare(
-            queue=self.errored_queue(queue), durable=True,
-            arguments=self.errored_queue_arguments(),
-        )
+        if errored:
+            yield channel.queue_declare(
+                queue=self.errored_queue(queue), durable=True,
+                arguments=self.errored_queue_arguments(),
+            )
