@@ -39,8 +39,18 @@ echo "run-tests: .venv/bin/ruff check ${lint_paths[*]}"
 ruff_status=0
 .venv/bin/ruff check "${lint_paths[@]}" || ruff_status=$?
 
+count() {  # count NAME: the number after NAME= in trial's summary, or 0
+    local n
+    n="$(grep -oE "$1=[0-9]+" <<<"$summary" | head -n 1 | cut -d= -f2 || true)"
+    echo "${n:-0}"
+}
+passed="$(count successes)"
+failed=$(( $(count failures) + $(count errors) + $(count unexpectedSuccesses) ))
+skipped="$(count skips)"
+
 echo
 echo "trial: $summary"
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 if [ "$ruff_status" -eq 0 ]; then
     echo "ruff:  passed"
 else
