@@ -31,7 +31,7 @@ from quebert.state import (
     _records,
     connect_redis,
 )
-from quebert.state.redis import parse_redis_url
+from quebert.state.redis import PRUNE_BATCH, parse_redis_url
 from tests._redis import REDIS_URL, isolated_redis
 
 #: A realistic epoch with microseconds, to check that nothing rounds it.
@@ -777,6 +777,20 @@ class RedisStateTests(StateContractMixin, TestCase):
         score = await self.score("idx:expiry", '["slow","qa"]')
         self.assertTrue(score > T0 + 400, score)
 
+    async def test_pruning_catches_up_with_a_backlog(self) -> None:
+        """More expired entries than one step prunes: the next batches go on pruning."""
+        self.manager = self.make_manager(finished_ttl=100)
+        count = 2 * PRUNE_BATCH + 20
+        await gatherResults([
+            self.manager.finished(f"old{n}", SUCCEEDED, 1, info("qa"), T0 + n * 0.001)
+            for n in range(count)
+        ])
+        await self.redis.delete([self.key(f"task:old{n}") for n in range(count)])
+        for step in range(3):
+            await self.manager.enqueued(f"new{step}", QUEUED, info("qa"), T0 + 500 + step * 0.01)
+        self.assertEqual(await self.index_ids(self.manager, "queue:qa"), ["new2", "new1", "new0"])
+        self.assertEqual(await self.redis.zcard(self.key("idx:expiry")), 0)
+
     async def test_redis_with_number_conversion_keeps_strings(self) -> None:
         """A connection converting numbers (txredisapi default) reads records unchanged."""
         host, port = parse_redis_url(REDIS_URL)["host"], parse_redis_url(REDIS_URL)["port"]
@@ -875,6 +889,67 @@ class RedisScriptTests(SynchronousTestCase):
         self.assertEqual([op[0] for op in json.loads(args[3])], ["e", "s", "f"])
         for d in writes:
             self.assertIsNone(self.successResultOf(d))
+
+    def test_writes_wait_for_the_batch_on_its_way(self) -> None:
+        """Writes made while a batch is unanswered go together once it is answered."""
+        first = Deferred()
+        redis = FakeRedis(first, [1, 1])
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        a = manager.started("a", 1, "w", info(), T0)
+        clock.advance(0)
+        b = manager.started("b", 1, "w", info(), T0 + 1)
+        c = manager.finished("c", SUCCEEDED, 1, info(), T0 + 2)
+        clock.advance(0)
+        self.assertEqual(len(redis.calls), 1)
+        first.callback([1])
+        self.assertIsNone(self.successResultOf(a))
+        self.assertEqual(len(redis.calls), 2)
+        self.assertEqual([op[:2] for op in json.loads(redis.calls[1][2][3])],
+                         [["s", "b"], ["f", "c"]])
+        for d in (b, c):
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_held_writes_time_out_from_when_they_were_made(self) -> None:
+        """A write held behind an unanswered batch fails timeout seconds after it was made."""
+        clock = Clock()
+        redis = FakeRedis(Deferred(), Deferred())
+        manager = RedisStateManager(redis, timeout=2, clock=clock)
+        first = manager.started("a", 1, "w", info(), T0)
+        clock.advance(0)
+        clock.advance(1)
+        held = manager.started("b", 1, "w", info(), T0)
+        clock.advance(1)  # the first batch times out: the held one is sent
+        self.failureResultOf(first, StateError)
+        self.assertEqual(len(redis.calls), 2)
+        self.assertNoResult(held)
+        clock.advance(1)
+        self.assertIn("did not answer", self.failureResultOf(held, StateError).getErrorMessage())
+
+    def test_writes_held_past_the_timeout_are_not_sent(self) -> None:
+        """Writes that waited the whole timeout for a batch fail without being sent."""
+        clock = Clock()
+        redis = FakeRedis(Deferred())
+        manager = RedisStateManager(redis, timeout=2, clock=clock)
+        first = manager.started("a", 1, "w", info(), T0)
+        clock.advance(0)
+        held = manager.started("b", 1, "w", info(), T0)
+        clock.advance(2)
+        self.failureResultOf(first, StateError)
+        self.failureResultOf(held, StateError)
+        self.assertEqual(len(redis.calls), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_pruning_at_most_once_a_second_of_write_time(self) -> None:
+        """Batches prune when their write time moved a second, or after a full step."""
+        redis = FakeRedis([1, 0], [1, 0], [1, PRUNE_BATCH], [1, 3], [1, 0], [1, 0])
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        for at in (T0, T0 + 0.5, T0 + 1.2, T0 + 1.3, T0 + 1.4, T0 - 5):
+            manager.enqueued("a", QUEUED, info(), at)
+            clock.advance(0)
+        self.assertEqual([args[4] for _, _, args in redis.calls], ["1", "0", "1", "1", "0", "1"])
 
     def test_scripts_are_not_sent_when_known(self) -> None:
         """A script Redis knows is run by its SHA1 only."""

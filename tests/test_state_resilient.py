@@ -6,6 +6,7 @@ order, with bounded memory and bounded waiting, on a fake clock.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -24,8 +25,10 @@ from quebert.state import (
     SUCCEEDED,
     IStateManager,
     MemoryStateManager,
+    RedisStateManager,
     ResilientStateManager,
 )
+from tests import test_state
 
 T0 = 1767225590.0
 INFO = {"queue": "default", "kind": "call", "task": "app.add", "created_at": T0}
@@ -589,3 +592,149 @@ class LifecycleTests(ResilientTestsMixin, SynchronousTestCase):
         self.recover()
         self.clock.advance(1)
         self.assertEqual(self.successResultOf(self.manager.get("a"))["eta"], T0 + 30)
+
+
+class StartWaitTimerTests(ResilientTestsMixin, SynchronousTestCase):
+    """One timer serves every started write waiting for the store."""
+
+    def test_one_timer_for_many_waiting_starts(self) -> None:
+        """Starts made together share a timer; each is released start_wait after it began."""
+        self.inner.hold = True
+        first = [self.manager.started(f"a{n}", 1, "w", INFO, T0) for n in range(3)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        later = self.manager.started("b", 1, "w", INFO, T0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        for d in first:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertNoResult(later)
+        self.clock.advance(0.9)
+        self.assertNoResult(later)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(later))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timer_goes_when_no_start_waits(self) -> None:
+        """Once every waiting start is durable, no timer is left."""
+        self.inner.hold = True
+        a = self.manager.started("a", 1, "w", INFO, T0)
+        b = self.manager.started("b", 1, "w", INFO, T0)
+        self.inner.release(1)
+        self.assertIsNone(self.successResultOf(b))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.inner.release(0)
+        self.assertIsNone(self.successResultOf(a))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_quick_store_needs_no_timer(self) -> None:
+        """A start the store takes at once never arms a timer."""
+        self.assertIsNone(self.successResultOf(self.manager.started("a", 1, "w", INFO, T0)))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ScriptedRedis:
+    """A txredisapi stand-in for RedisStateManager: records batches, or fails when down."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.batches: List[List[list]] = []
+
+    def evalsha(self, sha: str, keys: list, args: list) -> Deferred:
+        if self.down:
+            return fail(ConnectionRefusedError())
+        ops = json.loads(args[3])
+        self.batches.append(ops)
+        return succeed([1] * len(ops))
+
+
+class PreparedWriteTests(SynchronousTestCase):
+    """Around a RedisStateManager, writes are checked and encoded once, up front."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = ScriptedRedis()
+        self.inner = RedisStateManager(self.redis, clock=self.clock)
+        self.manager = ResilientStateManager(
+            self.inner, clock=self.clock, retry_policy=lambda attempt: 1.0
+        )
+
+    def ops(self) -> List[Tuple[str, str]]:
+        return [(op[0], op[1]) for batch in self.redis.batches for op in batch]
+
+    def test_writes_reach_redis_in_order(self) -> None:
+        """Healthy writes go in one batch per turn and fire once it is applied."""
+        ds = [
+            self.manager.enqueued("a", QUEUED, INFO, T0),
+            self.manager.started("b", 1, "w", INFO, T0),
+            self.manager.finished("c", SUCCEEDED, 1, INFO, T0, result=[1]),
+        ]
+        for d in ds:
+            self.assertNoResult(d)
+        self.clock.advance(0)
+        for d in ds:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.ops(), [("e", "a"), ("s", "b"), ("f", "c")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_writes_of_one_task_still_wait_for_each_other(self) -> None:
+        """A task's finished is sent only once its started is applied."""
+        self.manager.started("a", 1, "w", INFO, T0)
+        self.manager.finished("a", SUCCEEDED, 1, INFO, T0 + 1)
+        self.manager.started("b", 1, "w", INFO, T0)
+        self.clock.advance(0)
+        self.assertEqual(
+            [[(op[0], op[1]) for op in batch] for batch in self.redis.batches],
+            [[("s", "a"), ("s", "b")], [("f", "a")]],
+        )
+
+    def test_malformed_writes_fail_at_once(self) -> None:
+        """Bad arguments fail the caller; nothing is sent or queued."""
+        self.failureResultOf(self.manager.started("a", 0, "w", INFO, T0), ValueError)
+        self.failureResultOf(self.manager.enqueued("a", RUNNING, INFO, T0), ValueError)
+        self.failureResultOf(self.manager.finished("", FAILED, 1, INFO, T0), TypeError)
+        self.failureResultOf(
+            self.manager.finished("a", FAILED, 1, INFO, T0, error="boom"), TypeError
+        )
+        self.clock.advance(0)
+        self.assertEqual((self.redis.batches, self.manager.pending), ([], 0))
+
+    def test_outage_queues_and_replays_snapshots_in_order(self) -> None:
+        """Failed writes are queued as they were made and replayed in order."""
+        self.redis.down = True
+        info, result = dict(INFO), {"items": [1]}
+        d = self.manager.started("a", 1, "w", info, T0)
+        self.clock.advance(0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(self.manager.healthy)
+        self.manager.finished("a", SUCCEEDED, 1, info, T0 + 1, result=result)
+        info["queue"] = "changed"
+        result["items"].append(2)
+        self.assertEqual(self.manager.pending, 2)
+        self.redis.down = False
+        for _ in range(4):
+            self.clock.advance(1)
+        self.assertTrue(self.manager.healthy)
+        self.assertEqual(self.ops(), [("s", "a"), ("f", "a")])
+        finished = self.redis.batches[-1][0]
+        self.assertEqual(finished[3], "default")
+        self.assertEqual(json.loads(finished[11]), {"items": [1]})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ResilientRedisTests(test_state.RedisStateTests):
+    """The contract and the Redis layout, through a ResilientStateManager."""
+
+    def make_manager(self, finished_ttl: float = 86400) -> ResilientStateManager:
+        inner = RedisStateManager(self.redis, prefix=self.prefix, finished_ttl=finished_ttl)
+        manager = ResilientStateManager(inner)
+        self.addCleanup(manager.stop)
+        return manager
+
+    async def test_server_errors_become_state_errors(self) -> None:
+        """A write Redis refuses is queued (an outage); reads fail with StateError."""
+        await self.redis.set(self.key("idx:all"), "not a sorted set")
+        self.assertIsNone(await self.manager.enqueued("a", QUEUED, test_state.info(), T0))
+        self.assertEqual((self.manager.healthy, self.manager.pending), (False, 1))
+        with self.assertRaises(StateError):
+            await self.manager.list()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from numbers import Real
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 from quebert.state.interface import (
     FINISHED_STATES,
@@ -67,6 +67,11 @@ HISTORY_FIELDS = ("attempt", "state", "worker", "started_at", "finished_at", "er
 _EMPTY_ENTRY: Dict[str, Any] = dict.fromkeys(HISTORY_FIELDS)
 _ENTRY_FLOATS = ("started_at", "finished_at", "retry_at")
 
+_isfinite = math.isfinite
+_float_repr = float.__repr__
+_NO_INFO: Mapping[str, Any] = {}
+assert INFO_FIELDS == ("queue", "kind", "task", "name", "eta", "created_at")
+
 #: Longest ``repr()`` kept for a result that is not JSON.
 REPR_LIMIT = 1000
 #: Longest error message or reason kept (characters).
@@ -82,6 +87,8 @@ ERROR_EXTRA_LIMIT = 10
 
 def check_task_id(task_id: Any) -> None:
     """Refuse a task id that is empty, not a ``str``, or not encodable as UTF-8."""
+    if type(task_id) is str and task_id and task_id.isascii():
+        return  # the common case, cheaply
     if not isinstance(task_id, str) or not task_id:
         raise TypeError(f"task_id must be a non-empty str, not {task_id!r}")
     try:
@@ -91,7 +98,10 @@ def check_task_id(task_id: Any) -> None:
 
 
 def _check_time(name: str, value: Any, optional: bool = False) -> None:
-    if value is None and optional:
+    if type(value) is float:
+        if _isfinite(value):
+            return
+    elif value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number of epoch seconds, not {value!r}")
@@ -102,7 +112,14 @@ def _check_attempt(attempt: Any, minimum: int) -> None:
         raise ValueError(f"attempt must be an int >= {minimum}, not {attempt!r}")
 
 
+def _fine_time(value: Any) -> bool:
+    """Whether ``value`` is ``None`` or a finite float (the common, cheap case)."""
+    return value is None or (type(value) is float and _isfinite(value))
+
+
 def _check_info(info: Any) -> None:
+    if type(info) is dict and _fine_time(info.get("eta")) and _fine_time(info.get("created_at")):
+        return
     if info is not None and not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping, not {type(info).__name__}")
     for name in ("eta", "created_at"):
@@ -173,6 +190,8 @@ def text(value: Any, limit: Optional[int] = None, keep_end: bool = False) -> Opt
     """
     if value is None:
         return None
+    if type(value) is str and (limit is None or len(value) <= limit) and value.isascii():
+        return value
     value = str(value)
     if limit is not None and len(value) > limit:
         value = value[-limit:] if keep_end else value[:limit]
@@ -232,12 +251,34 @@ def normalize_error(error: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Op
 
 def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The ``INFO_FIELDS`` of ``info`` with their record types (missing ones ``None``)."""
-    info = info or {}
-    result: Dict[str, Any] = {}
-    for name in INFO_FIELDS:
-        value = info.get(name)
-        result[name] = _time(value) if name in FLOAT_FIELDS else text(value, MESSAGE_LIMIT)
-    return result
+    get = (info or _NO_INFO).get
+    eta, created_at = get("eta"), get("created_at")
+    return {
+        "queue": text(get("queue"), MESSAGE_LIMIT),
+        "kind": text(get("kind"), MESSAGE_LIMIT),
+        "task": text(get("task"), MESSAGE_LIMIT),
+        "name": text(get("name"), MESSAGE_LIMIT),
+        "eta": None if eta is None else float(eta),
+        "created_at": None if created_at is None else float(created_at),
+    }
+
+
+def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
+    """
+    ``[queue, kind, task, name, eta, created_at]`` of ``info`` as Redis hash
+    values (cleaned strings; times as the exact ``repr`` of their float),
+    ``None`` where missing.
+    """
+    get = (info or _NO_INFO).get
+    eta, created_at = get("eta"), get("created_at")
+    return [
+        text(get("queue"), MESSAGE_LIMIT),
+        text(get("kind"), MESSAGE_LIMIT),
+        text(get("task"), MESSAGE_LIMIT),
+        text(get("name"), MESSAGE_LIMIT),
+        None if eta is None else _float_repr(float(eta)),
+        None if created_at is None else _float_repr(float(created_at)),
+    ]
 
 
 # -- what each writer does ---------------------------------------------------
@@ -377,27 +418,6 @@ def upsert_history(
 
 
 # -- Redis hash form ---------------------------------------------------------
-
-
-def encode_fields(changes: Mapping[str, Any]) -> Tuple[Dict[str, str], List[str]]:
-    """
-    ``changes`` as hash fields to set (all strings, numbers exact) and the
-    names of fields to delete (those whose value is ``None``).
-    """
-    values: Dict[str, str] = {}
-    clear: List[str] = []
-    for name, value in changes.items():
-        if value is None:
-            clear.append(name)
-        elif name in FLOAT_FIELDS:
-            values[name] = repr(float(value))
-        elif name in INT_FIELDS:
-            values[name] = str(int(value))
-        elif name in JSON_FIELDS:
-            values[name] = json.dumps(value, allow_nan=False, separators=(",", ":"))
-        else:
-            values[name] = value
-    return values, clear
 
 
 def _decode_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:

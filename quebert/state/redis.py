@@ -17,8 +17,10 @@ Layout (``{prefix}`` defaults to ``quebert:``):
 
 Every writer is one Lua script, run with ``EVALSHA`` (``EVAL`` when the
 server does not know it yet), so a record and its indexes change together
-or not at all.  Finished records get ``PEXPIRE finished_ttl``; each write
-also prunes, in bounded steps, index entries of records that have expired.
+or not at all.  Writes are sent in batches, one script call each.
+Finished records get ``PEXPIRE finished_ttl``; the batches also prune, in
+bounded steps, index entries of records that have expired (once a second
+of write time, or every batch while expired entries are left over).
 Reads are scripts too: they return records as JSON text, which txredisapi
 cannot mistake for numbers.
 
@@ -52,183 +54,352 @@ log = Logger(namespace="quebert.state.redis")
 #: How many due entries of ``idx:expiry`` one write examines at most.
 PRUNE_BATCH = 50
 
+#: Seconds of write time between two prunings, unless one left work undone.
+PRUNE_INTERVAL = 1.0
+
 #: Writes sent in one script call at most; more are split into several.
 MAX_BATCH = 500
 
+#: Batches on their way at most; later writes wait for one to be answered
+#: and then go together, so that the busier the store, the larger (and
+#: cheaper per write) the batches.
+MAX_SENDING = 1
+
 # Every write goes through this one script, in batches: ARGV[1] prefix,
 # ARGV[2] ttl in ms, ARGV[3] history limit, ARGV[4] a JSON array of writes,
-# each [kind, id, at, create, set, clear, attempt, entry] with kind 'e'
-# (enqueued), 's' (started) or 'f' (finished).  Writes apply in order and the
-# whole batch is atomic.
+# ARGV[5] '1' to prune expired index entries too.
+# Each write is a flat array
+#   [kind, id, at, queue, kind, task, name, eta, created_at, ...]
+# with the info fields as hash values (null when unknown), followed by
+#   'e' (enqueued):  state
+#   's' (started):   attempt, worker
+#   'f' (finished):  attempt, state, result, error, reason, retry_at
+# where result and error are JSON texts and numbers (attempt, at, eta...)
+# strings in their exact hash form: Python encodes each value once, the
+# script names the fields.  Writes apply in order and the whole batch is
+# atomic.  The answer is one 0/1 per write (0: nothing to do), then the
+# number of expired index entries examined.
 _APPLY = """
 local prefix = ARGV[1]
 local ttl_ms = tonumber(ARGV[2])
 local history_limit = tonumber(ARGV[3])
 local ops = cjson.decode(ARGV[4])
+local null = cjson.null
+local call, fmt, concat = redis.call, string.format, table.concat
+local find, sub = string.find, string.sub
 local finished = {succeeded = true, failed = true, canceled = true}
-local id, key, at, create, set, clear
-
-local function is_null(x)
-  return x == nil or x == false or x == cjson.null
+local outcome = {scheduled = true, succeeded = true, failed = true, canceled = true}
+-- states whose records hold no finished_at, result, error or reason
+local clean = {queued = true, running = true}
+local id, key, at
+local all_key, expiry_key = prefix .. 'idx:all', prefix .. 'idx:expiry'
+local task_prefix = prefix .. 'task:'
+-- index key names, made once per script call
+local state_keys, queue_keys = {}, {}
+local function state_key(state)
+  local k = state_keys[state]
+  if not k then k = prefix .. 'idx:state:' .. state; state_keys[state] = k end
+  return k
+end
+local function queue_key(queue)
+  local k = queue_keys[queue]
+  if not k then k = prefix .. 'idx:queue:' .. queue; queue_keys[queue] = k end
+  return k
 end
 
--- cjson rounds numbers to 14 digits: numbers are formatted by hand
+-- Index changes wait until the writes are done, then go in one ZADD and
+-- one ZREM per index: each command a script runs has a high fixed cost.
+-- changes[index][member] is the member's final score, or false to remove it.
+local changes = {}
+local function zadd(index, score, member)
+  local t = changes[index]
+  if not t then t = {}; changes[index] = t end
+  t[member] = score
+end
+local function zrem(index, member)
+  local t = changes[index]
+  if not t then t = {}; changes[index] = t end
+  t[member] = false
+end
+local function apply_changes()
+  for index, t in pairs(changes) do
+    local adds, na, rems, nr = {}, 0, {}, 0
+    for member, score in pairs(t) do
+      if score then
+        adds[na + 1] = score; adds[na + 2] = member; na = na + 2
+      else
+        nr = nr + 1; rems[nr] = member
+      end
+    end
+    for i = 1, na, 1000 do call('ZADD', index, unpack(adds, i, math.min(i + 999, na))) end
+    for i = 1, nr, 1000 do call('ZREM', index, unpack(rems, i, math.min(i + 999, nr))) end
+  end
+  changes = {}
+end
+
+-- history entries decoded by cjson, written back with exact numbers
+-- (cjson rounds numbers to 14 digits)
 local function json_number(x)
-  if is_null(x) then return 'null' end
-  return string.format('%.17g', x)
+  if x == nil or x == false or x == null then return 'null' end
+  return fmt('%.17g', x)
 end
 
 local function json_value(x)
-  if is_null(x) then return 'null' end
+  if x == nil or x == false or x == null then return 'null' end
   return cjson.encode(x)
 end
 
-local function encode_entry(e)
-  return '{"attempt":' .. json_number(e.attempt)
-    .. ',"state":' .. json_value(e.state)
-    .. ',"worker":' .. json_value(e.worker)
-    .. ',"started_at":' .. json_number(e.started_at)
-    .. ',"finished_at":' .. json_number(e.finished_at)
-    .. ',"error":' .. json_value(e.error)
-    .. ',"retry_at":' .. json_number(e.retry_at) .. '}'
+local function entry_text(attempt, state, worker, started_at, finished_at, err, retry_at)
+  return '{"attempt":' .. attempt .. ',"state":' .. state .. ',"worker":' .. worker
+    .. ',"started_at":' .. started_at .. ',"finished_at":' .. finished_at
+    .. ',"error":' .. err .. ',"retry_at":' .. retry_at .. '}'
 end
 
--- same rule as quebert.state._records.upsert_history
-local function upsert_history(attempt, fields, replace)
-  local raw = redis.call('HGET', key, 'history')
-  local history = {}
-  if raw then history = cjson.decode(raw) end
+local function encode_entry(e)
+  return entry_text(json_number(e.attempt), json_value(e.state), json_value(e.worker),
+    json_number(e.started_at), json_number(e.finished_at), json_value(e.error),
+    json_number(e.retry_at))
+end
+
+-- The history (JSON text, or false) with the entry of attempt replaced by
+-- the text fresh (replace), or merged with the outcome (state, finished_at,
+-- err, retry_at: JSON texts), keeping the latest history_limit entries.
+-- Same rule as quebert.state._records.upsert_history.
+local function upsert_history(raw, attempt, fresh, replace, state, finished_at, err, retry_at)
+  if not raw or raw == '[]' or raw == '{}' then return '[' .. fresh .. ']' end
+  local history = cjson.decode(raw)
+  local parts = {}
   local done = false
-  for i, entry in ipairs(history) do
-    if entry.attempt == attempt then
+  for _, entry in ipairs(history) do
+    if done then
+      parts[#parts + 1] = encode_entry(entry)
+    elseif entry.attempt == attempt then
       if replace then
-        history[i] = fields
+        parts[#parts + 1] = fresh
       else
-        for k, v in pairs(fields) do entry[k] = v end
+        parts[#parts + 1] = entry_text(json_number(entry.attempt), state, json_value(entry.worker),
+          json_number(entry.started_at), finished_at, err, retry_at)
       end
       done = true
-      break
-    end
-    if entry.attempt > attempt then
-      table.insert(history, i, fields)
+    elseif entry.attempt > attempt then
+      parts[#parts + 1] = fresh
+      parts[#parts + 1] = encode_entry(entry)
       done = true
-      break
+    else
+      parts[#parts + 1] = encode_entry(entry)
     end
   end
-  if not done then history[#history + 1] = fields end
-  local parts = {}
-  for i = math.max(1, #history - history_limit + 1), #history do
-    parts[#parts + 1] = encode_entry(history[i])
+  if not done then parts[#parts + 1] = fresh end
+  if #parts > history_limit then
+    return '[' .. concat(parts, ',', #parts - history_limit + 1, #parts) .. ']'
   end
-  redis.call('HSET', key, 'history', '[' .. table.concat(parts, ',') .. ']')
+  return '[' .. concat(parts, ',') .. ']'
 end
 
 -- drop index entries of finished records older than the TTL
 local function prune(now)
-  if ttl_ms <= 0 then return end
+  if ttl_ms <= 0 then return 0 end
   local horizon = tonumber(now) - ttl_ms / 1000
-  local h = string.format('%.17g', horizon)
+  local h = fmt('%.17g', horizon)
+  local expiry = expiry_key
+  local due = call('ZRANGEBYSCORE', expiry, '-inf', h, 'LIMIT', 0, __PRUNE_BATCH__)
+  if #due == 0 then return 0 end
   for state in pairs(finished) do
-    redis.call('ZREMRANGEBYSCORE', prefix .. 'idx:state:' .. state, '-inf', '(' .. h)
+    call('ZREMRANGEBYSCORE', state_key(state), '-inf', '(' .. h)
   end
-  local expiry = prefix .. 'idx:expiry'
-  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', h, 'LIMIT', 0, __PRUNE_BATCH__)
   for _, member in ipairs(due) do
     local m = cjson.decode(member)
-    local remaining = redis.call('PTTL', prefix .. 'task:' .. m[1])
+    local remaining = call('PTTL', task_prefix .. m[1])
     if remaining == -2 then
-      redis.call('ZREM', prefix .. 'idx:all', m[1])
-      if m[2] then redis.call('ZREM', prefix .. 'idx:queue:' .. m[2], m[1]) end
+      zrem(all_key, m[1])
+      if m[2] then zrem(queue_key(m[2]), m[1]) end
       for state in pairs(finished) do
-        redis.call('ZREM', prefix .. 'idx:state:' .. state, m[1])
+        zrem(state_key(state), m[1])
       end
-      redis.call('ZREM', expiry, member)
+      zrem(expiry, member)
     elseif remaining == -1 then
       -- the task was started again: it no longer expires
-      redis.call('ZREM', expiry, member)
+      zrem(expiry, member)
     else
       -- writers' clocks are ahead of Redis: look again once it has expired
-      redis.call('ZADD', expiry, string.format('%.17g', horizon + remaining / 1000 + 1), member)
+      zadd(expiry, fmt('%.17g', horizon + remaining / 1000 + 1), member)
     end
   end
-end
-
-local function hset_all(fields)
-  local flat = {}
-  for k, v in pairs(fields) do
-    flat[#flat + 1] = k
-    flat[#flat + 1] = v
-  end
-  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
-end
-
-local function write_fields()
-  hset_all(set)
-  if #clear > 0 then redis.call('HDEL', key, unpack(clear)) end
+  apply_changes()
+  return #due
 end
 
 -- move the id between indexes and set or clear the expiry
-local function reindex(old_state, old_queue)
-  local now = redis.call('HMGET', key, 'state', 'queue')
-  local state, queue = now[1], now[2]
+local function reindex(old_state, old_queue, state, queue)
   if old_state and old_state ~= state then
-    redis.call('ZREM', prefix .. 'idx:state:' .. old_state, id)
+    zrem(state_key(old_state), id)
   end
-  redis.call('ZADD', prefix .. 'idx:state:' .. state, at, id)
+  zadd(state_key(state), at, id)
   if old_queue and old_queue ~= queue then
-    redis.call('ZREM', prefix .. 'idx:queue:' .. old_queue, id)
+    zrem(queue_key(old_queue), id)
   end
-  if queue then redis.call('ZADD', prefix .. 'idx:queue:' .. queue, at, id) end
-  redis.call('ZADD', prefix .. 'idx:all', at, id)
+  if queue then zadd(queue_key(queue), at, id) end
+  zadd(all_key, at, id)
   if finished[state] and ttl_ms > 0 then
-    redis.call('PEXPIRE', key, ttl_ms)
+    call('PEXPIRE', key, ttl_ms)
     local member
     if queue then member = cjson.encode({id, queue}) else member = cjson.encode({id}) end
-    redis.call('ZADD', prefix .. 'idx:expiry', at, member)
+    zadd(expiry_key, at, member)
   elseif old_state and finished[old_state] then
-    redis.call('PERSIST', key)
+    call('PERSIST', key)
   end
 end
 
--- the record as it was, creating it when missing
-local function load()
-  local old = redis.call('HMGET', key, 'state', 'queue', 'attempts')
-  if old[1] then
-    return old[1], old[2], tonumber(old[3]) or 0
+-- Fields to set go in f (name, value, ...), n of them so far: the info
+-- fields a write sets on any record, then those only a new record gets.
+-- Returns n and the queue the write names.
+local function add_info(f, n, op, created, keep_eta)
+  local queue = op[4]
+  if queue ~= null then f[n + 1] = 'queue'; f[n + 2] = queue; n = n + 2 else queue = nil end
+  if op[5] ~= null then f[n + 1] = 'kind'; f[n + 2] = op[5]; n = n + 2 end
+  if op[6] ~= null then f[n + 1] = 'task'; f[n + 2] = op[6]; n = n + 2 end
+  if op[7] ~= null then f[n + 1] = 'name'; f[n + 2] = op[7]; n = n + 2 end
+  if created then
+    f[n + 1] = 'id'; f[n + 2] = id
+    f[n + 3] = 'created_at'
+    if op[9] ~= null then f[n + 4] = op[9] else f[n + 4] = at end
+    n = n + 4
+    if keep_eta and op[8] ~= null then f[n + 1] = 'eta'; f[n + 2] = op[8]; n = n + 2 end
   end
-  hset_all(create)
-  return false, false, 0
+  return n, queue
 end
 
-local function enqueued()
-  if redis.call('EXISTS', key) == 1 then return 0 end
-  load()
-  write_fields()
-  reindex(false, false)
+local function enqueued(op)
+  if call('EXISTS', key) == 1 then return 0 end
+  local state = op[10]
+  local f = {'state', state, 'attempts', '0', 'updated_at', at, 'history', '[]'}
+  local _, queue = add_info(f, 8, op, true, true)
+  call('HSET', key, unpack(f))
+  reindex(false, false, state, queue)
   return 1
 end
 
-local function started(attempt, entry)
-  local old_state, old_queue, old_attempts = load()
-  -- A late or replayed 'started' never rewinds a record past this attempt.
-  if old_attempts > attempt or (old_attempts == attempt and (old_state == 'scheduled'
-      or old_state == 'succeeded' or old_state == 'failed' or old_state == 'canceled')) then
-    return 0
+local function started(op)
+  local attempt_s, worker = op[10], op[11]
+  local attempt = tonumber(attempt_s)
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old_state, old_queue = old[1], old[2]
+  if old_state then
+    -- A late or replayed 'started' never rewinds a record past this attempt.
+    local old_attempts = tonumber(old[3]) or 0
+    if old_attempts > attempt or (old_attempts == attempt and outcome[old_state]) then
+      return 0
+    end
   end
-  write_fields()
-  upsert_history(attempt, entry, true)
-  reindex(old_state, old_queue)
+  local f = {'state', 'running', 'attempts', attempt_s, 'started_at', at, 'updated_at', at}
+  local n, queue = add_info(f, 8, op, not old_state, true)
+  local worker_json = 'null'
+  if worker ~= null then
+    f[n + 1] = 'worker'; f[n + 2] = worker; n = n + 2
+    worker_json = cjson.encode(worker)
+  end
+  local fresh = '{"attempt":' .. attempt_s .. ',"state":"running","worker":' .. worker_json
+    .. ',"started_at":' .. at .. ',"finished_at":null,"error":null,"retry_at":null}'
+  local raw = old[4]
+  f[n + 1] = 'history'
+  if not raw or raw == '[]' or raw == '{}' then
+    f[n + 2] = '[' .. fresh .. ']'
+  else
+    f[n + 2] = upsert_history(raw, attempt, fresh, true)
+  end
+  call('HSET', key, unpack(f))
+  if old_state then
+    -- the outcome of a previous attempt no longer describes the task
+    if not clean[old_state] then
+      if worker == null then
+        call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'worker')
+      else
+        call('HDEL', key, 'finished_at', 'result', 'error', 'reason')
+      end
+    elseif worker == null then
+      call('HDEL', key, 'worker')
+    end
+  end
+  reindex(old_state, old_queue, 'running', queue or old_queue)
   return 1
 end
 
-local function finish(attempt, entry)
-  local old_state, old_queue, old_attempts = load()
-  write_fields()
-  if attempt > old_attempts then
-    redis.call('HSET', key, 'attempts', string.format('%d', attempt))
+-- The history raw (JSON text) with the outcome merged into the entry of
+-- attempt: its last entry, as this script writes entries, is changed in
+-- place; any other case goes through upsert_history.
+local function merge_outcome(raw, attempt, attempt_s, fresh, state_json, finished_at, err,
+                             retry_at)
+  local p = find(raw, '{"attempt":' .. attempt_s .. ',"state":', 1, true)
+  if p and not find(raw, '{"attempt":', p + 1, true) then
+    -- JSON strings cannot hold these markers (their quotes are escaped)
+    local w = find(raw, ',"worker":', p, true)
+    local e = w and find(raw, ',"finished_at":', w, true)
+    if e then
+      return sub(raw, 1, p - 1) .. '{"attempt":' .. attempt_s .. ',"state":' .. state_json
+        .. sub(raw, w, e - 1) .. ',"finished_at":' .. finished_at .. ',"error":' .. err
+        .. ',"retry_at":' .. retry_at .. '}]'
+    end
   end
-  upsert_history(attempt, entry, false)
-  reindex(old_state, old_queue)
+  return upsert_history(raw, attempt, fresh, false, state_json, finished_at, err, retry_at)
+end
+
+local function finish(op)
+  local attempt_s, state, result, err = op[10], op[11], op[12], op[13]
+  local reason, retry_at = op[14], op[15]
+  local attempt = tonumber(attempt_s)
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old_state, old_queue = old[1], old[2]
+  local f = {'state', state, 'updated_at', at}
+  local n, queue = add_info(f, 4, op, not old_state, state ~= 'scheduled')
+  -- outcome fields: set, or cleared unless the record cannot hold them
+  local clear, c = {}, 0
+  local dirty = old_state and not clean[old_state]
+  if finished[state] then
+    f[n + 1] = 'finished_at'; f[n + 2] = at; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'finished_at'
+  end
+  if result ~= null then
+    f[n + 1] = 'result'; f[n + 2] = result; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'result'
+  end
+  if err ~= null then
+    f[n + 1] = 'error'; f[n + 2] = err; n = n + 2
+  else
+    err = 'null'
+    if dirty then c = c + 1; clear[c] = 'error' end
+  end
+  if reason ~= null then
+    f[n + 1] = 'reason'; f[n + 2] = reason; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'reason'
+  end
+  if state == 'scheduled' then
+    if retry_at ~= null then
+      f[n + 1] = 'eta'; f[n + 2] = retry_at; n = n + 2
+    elseif old_state then
+      c = c + 1; clear[c] = 'eta'
+    end
+  end
+  if retry_at == null then retry_at = 'null' end
+  if not old_state or attempt > (tonumber(old[3]) or 0) then
+    f[n + 1] = 'attempts'; f[n + 2] = attempt_s; n = n + 2
+  end
+  local state_json = '"' .. state .. '"'
+  local fresh = '{"attempt":' .. attempt_s .. ',"state":' .. state_json
+    .. ',"worker":null,"started_at":null,"finished_at":' .. at .. ',"error":' .. err
+    .. ',"retry_at":' .. retry_at .. '}'
+  local raw = old[4]
+  f[n + 1] = 'history'
+  if not raw or raw == '[]' or raw == '{}' then
+    f[n + 2] = '[' .. fresh .. ']'
+  else
+    f[n + 2] = merge_outcome(raw, attempt, attempt_s, fresh, state_json, at, err, retry_at)
+  end
+  call('HSET', key, unpack(f))
+  if c > 0 then call('HDEL', key, unpack(clear)) end
+  reindex(old_state, old_queue, state, queue or old_queue)
   return 1
 end
 
@@ -236,20 +407,23 @@ local results = {}
 local latest = nil
 for i, op in ipairs(ops) do
   id = op[2]
-  key = prefix .. 'task:' .. id
+  key = task_prefix .. id
   at = op[3]
-  create, set, clear = op[4], op[5], op[6]
   local kind = op[1]
-  if kind == 'e' then
-    results[i] = enqueued()
-  elseif kind == 's' then
-    results[i] = started(op[7], op[8])
+  if kind == 's' then
+    results[i] = started(op)
+  elseif kind == 'f' then
+    results[i] = finish(op)
   else
-    results[i] = finish(op[7], op[8])
+    results[i] = enqueued(op)
   end
   latest = at
 end
-if latest then prune(latest) end
+apply_changes()
+-- ARGV[5] '1': prune; the answer ends with the number of entries examined
+local examined = 0
+if latest and ARGV[5] == '1' then examined = prune(latest) end
+results[#results + 1] = examined
 return results
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
 
@@ -336,8 +510,8 @@ _SCRIPTS = {
 }
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_float_repr = float.__repr__
 
 
 def _is_noscript(error: BaseException) -> bool:
@@ -382,19 +556,19 @@ class RedisStateManager:
         self._clock = clock
         self._ttl_ms = str(max(1, round(finished_ttl * 1000)) if finished_ttl > 0 else 0)
         self._batch: List[list] = []
-        self._waiters: List[Deferred] = []
+        self._waiters: List[Any] = []
         self._flush_call: Any = None
+        self._sending = 0  # batches sent and not answered yet
+        self._held_since: Optional[float] = None  # first write held behind them
+        self._pruned_at: Optional[float] = None  # write time of the last pruning
+        self._prune_more = False  # it left expired entries
 
     # -- IStateManager --------------------------------------------------
 
     def enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
         """Create the record of a task just published, unless it exists."""
         try:
-            _records.check_enqueued(task_id, state, info, at)
-            record = _records.new_record(task_id, info, at)
-            record.update(_records.enqueued_changes(state, at))
-            create, _ = _records.encode_fields(record)
-            op = ["e", task_id, repr(float(at)), create, {}, [], 0, None]
+            op = self._op_enqueued(task_id, state, info, at)
         except Exception:
             return fail()
         return self._submit(op)
@@ -404,11 +578,7 @@ class RedisStateManager:
     ) -> Deferred:
         """Record that attempt ``attempt`` of the task starts on ``worker``."""
         try:
-            _records.check_started(task_id, attempt, worker, info, at)
-            changes = _records.info_updates(info)
-            changes.update(_records.started_changes(attempt, worker, at))
-            entry = _records.started_entry(attempt, worker, at)
-            op = self._write_op("s", task_id, at, info, changes, attempt, entry)
+            op = self._op_started(task_id, attempt, worker, info, at)
         except Exception:
             return fail()
         return self._submit(op)
@@ -427,11 +597,8 @@ class RedisStateManager:
     ) -> Deferred:
         """Record the outcome of attempt ``attempt``."""
         try:
-            _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
-            changes = _records.info_updates(info)
-            changes.update(_records.finished_changes(state, at, result, error, reason, retry_at))
-            outcome = _records.outcome_entry(attempt, state, at, error, retry_at)
-            op = self._write_op("f", task_id, at, info, changes, attempt, outcome)
+            op = self._op_finished(task_id, state, attempt, info, at, result, error, reason,
+                                   retry_at)
         except Exception:
             return fail()
         return self._submit(op)
@@ -471,23 +638,65 @@ class RedisStateManager:
 
     # -- implementation -------------------------------------------------
 
-    def _write_op(self, kind: str, task_id: str, at: float, info: Any,
-                  changes: Mapping[str, Any], attempt: int, entry: Any) -> list:
-        create, _ = _records.encode_fields(_records.new_record(task_id, info, at))
-        values, clear = _records.encode_fields(changes)
-        return [kind, task_id, repr(float(at)), create, values, clear, attempt, entry]
+    # The writes as script operations (see _APPLY): checked, normalised and
+    # encoded once, immutable.  ResilientStateManager keeps these rather than
+    # the arguments, and hands them to _submit().
 
-    def _submit(self, op: list) -> Deferred:
+    @staticmethod
+    def _op_enqueued(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
+        _records.check_enqueued(task_id, state, info, at)
+        return ["e", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
+
+    @staticmethod
+    def _op_started(
+        task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
+    ) -> list:
+        _records.check_started(task_id, attempt, worker, info, at)
+        return ["s", task_id, _float_repr(float(at)), *_records.info_strings(info), str(attempt),
+                _records.text(worker, _records.MESSAGE_LIMIT)]
+
+    @staticmethod
+    def _op_finished(
+        task_id: str,
+        state: str,
+        attempt: int,
+        info: Mapping[str, Any],
+        at: float,
+        result: Any = None,
+        error: Optional[Mapping[str, Any]] = None,
+        reason: Optional[str] = None,
+        retry_at: Optional[float] = None,
+    ) -> list:
+        _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
+        return [
+            "f", task_id, _float_repr(float(at)), *_records.info_strings(info), str(attempt),
+            state,
+            None if result is None else _records.to_json(result),
+            None if error is None else _json(_records.normalize_error(error)),
+            _records.text(reason, _records.MESSAGE_LIMIT),
+            None if retry_at is None else _float_repr(float(retry_at)),
+        ]
+
+    def _submit(self, op: list, waiter: Any = None) -> Any:
         """
-        Queue one write for the next batch.  Writes made in the same reactor
-        turn go to Redis as one script call (in order, atomically), which
-        costs Redis and this process far less than one call each.
+        Queue one write for the next batch, which is sent at the end of
+        this reactor turn or, while a batch is on its way, as soon as that
+        one is answered: one script call then carries every write made in
+        the meantime (in order, atomically), which costs Redis and this
+        process far less than one call each, and adds no round trip.
+
+        ``waiter`` gets ``callback(None)`` or ``errback(failure)`` once the
+        batch is applied; by default a new ``Deferred``, which is returned.
         """
-        waiter: Deferred = Deferred()
+        if waiter is None:
+            waiter = Deferred()
         self._batch.append(op)
         self._waiters.append(waiter)
         if len(self._batch) >= MAX_BATCH:
             self._flush()
+        elif self._sending >= MAX_SENDING:
+            if self._held_since is None:
+                self._held_since = self._get_clock().seconds()
         elif self._flush_call is None:
             self._flush_call = self._get_clock().callLater(0, self._flush)
         return waiter
@@ -499,36 +708,70 @@ class RedisStateManager:
             self._flush_call = None
         ops, waiters = self._batch, self._waiters
         self._batch, self._waiters = [], []
+        held_since, self._held_since = self._held_since, None
         if not ops:
             return
+        timeout = self.timeout
+        if held_since is not None and timeout is not None:
+            # the writes have waited already: their timeout runs from submission
+            timeout -= self._get_clock().seconds() - held_since
+            if timeout <= 0:
+                self._not_applied(Failure(StateError(
+                    f"Redis did not answer apply within {self.timeout} seconds")), waiters)
+                return
         try:
             payload = _json(ops)
         except Exception:
             # One bad write must not sink the others: send them one by one.
             for op, waiter in zip(ops, waiters):
-                self._send([op]).chainDeferred(waiter)
+                self._send([op]).addCallbacks(waiter.callback, waiter.errback)
             return
-        d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload])
-        d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters,),
+        latest = float(ops[-1][2])
+        prune = (self._prune_more or self._pruned_at is None
+                 or abs(latest - self._pruned_at) >= PRUNE_INTERVAL)
+        if prune:
+            self._pruned_at = latest
+        self._sending += 1
+        d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload,
+                                "1" if prune else "0"], timeout)
+        d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters, prune),
                        errbackArgs=(waiters,))
+        d.addBoth(self._sent)
+
+    def _sent(self, _: Any) -> None:
+        """A batch is answered (or timed out): send the writes held meanwhile."""
+        self._sending -= 1
+        if self._batch and self._sending < MAX_SENDING:
+            self._flush()
 
     def _send(self, ops: list) -> Deferred:
         try:
             payload = _json(ops)
         except Exception:
             return fail()
-        args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload]
+        args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload, "0"]
         return self._run("apply", args).addCallback(lambda _: None)
 
-    @staticmethod
-    def _applied(_: Any, waiters: List[Deferred]) -> None:
+    def _applied(self, results: Any, waiters: List[Any], pruned: bool = False) -> None:
+        if pruned:
+            # a full step of pruning: there may be more, go on with the next batch
+            try:
+                self._prune_more = int(results[-1]) >= PRUNE_BATCH
+            except Exception:
+                self._prune_more = False
         for waiter in waiters:
-            waiter.callback(None)
+            try:
+                waiter.callback(None)
+            except Exception:
+                log.failure("state write callback failed")
 
     @staticmethod
-    def _not_applied(failure: Failure, waiters: List[Deferred]) -> None:
+    def _not_applied(failure: Failure, waiters: List[Any]) -> None:
         for waiter in waiters:
-            waiter.errback(Failure(failure.value, failure.type, failure.tb))
+            try:
+                waiter.errback(Failure(failure.value, failure.type, failure.tb))
+            except Exception:
+                log.failure("state write errback failed")
 
     def _get_clock(self) -> Any:
         if self._clock is None:
@@ -545,8 +788,11 @@ class RedisStateManager:
             text = text.decode("utf-8")
         return _records.decode_record(json.loads(text))
 
-    def _run(self, name: str, args: Sequence[str]) -> Deferred:
-        """Run a script: ``EVALSHA``, ``EVAL`` on ``NOSCRIPT``, errors as ``StateError``."""
+    def _run(self, name: str, args: Sequence[str], timeout: Optional[float] = None) -> Deferred:
+        """
+        Run a script: ``EVALSHA``, ``EVAL`` on ``NOSCRIPT``, errors as
+        ``StateError``, ``timeout`` (by default ``self.timeout``) bounding it.
+        """
         script = _SCRIPTS[name]
 
         def noscript(failure: Failure) -> Any:
@@ -559,9 +805,9 @@ class RedisStateManager:
         except Exception:
             d = fail()
         d.addErrback(noscript)
-        return self._bounded(d, name).addErrback(self._translate, name)
+        return self._bounded(d, name, timeout).addErrback(self._translate, name)
 
-    def _bounded(self, d: Deferred, name: str) -> Deferred:
+    def _bounded(self, d: Deferred, name: str, timeout: Optional[float] = None) -> Deferred:
         """
         ``d``'s result, or a ``StateError`` after ``timeout`` seconds.
 
@@ -571,6 +817,8 @@ class RedisStateManager:
         """
         if self.timeout is None:
             return d
+        if timeout is None:
+            timeout = self.timeout
         self._get_clock()
 
         def cancel(_: Deferred) -> None:
@@ -585,7 +833,7 @@ class RedisStateManager:
                     StateError(f"Redis did not answer {name} within {self.timeout} seconds")
                 )
 
-        timer = self._clock.callLater(self.timeout, expire)  # type: ignore[union-attr]
+        timer = self._clock.callLater(timeout, expire)  # type: ignore[union-attr]
 
         def done(outcome: Any) -> None:
             if timer.active():

@@ -28,7 +28,10 @@ dropped (and counted in ``dropped``), with an error in the log.  Reads are
 passed through; they fail with :class:`StateError` while the store is down.
 
 Arguments are checked before anything is queued, so a malformed write fails
-its caller at once instead of blocking the queue forever.  A write the store
+its caller at once instead of blocking the queue forever.  An inner store
+that prepares writes (:class:`~quebert.state.redis.RedisStateManager`) checks
+and encodes each one once, up front; the prepared form is what is sent,
+queued and replayed.  A write the store
 rejects with ``ValueError`` or ``TypeError`` is a bug, not an outage: its
 caller gets the error (or, when replaying, it is logged and dropped).
 """
@@ -60,33 +63,49 @@ def _no_jitter() -> float:
 
 
 class _Write:
-    """One state write, from the moment it is asked for until it is durable."""
+    """
+    One state write, from the moment it is asked for until it is durable:
+    either a call of the inner store's ``method`` or, when the inner store
+    prepares writes (:class:`RedisStateManager`), its prepared ``op``.
+    """
 
-    __slots__ = ("seq", "task_id", "method", "args", "kwargs", "waiter", "timer")
+    __slots__ = ("seq", "task_id", "method", "args", "kwargs", "op", "waiter", "deadline",
+                 "owner")
 
     def __init__(
-        self, seq: int, task_id: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+        self,
+        seq: int,
+        task_id: str,
+        method: str,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        op: Any = None,
     ) -> None:
         self.seq = seq
         self.task_id = task_id
         self.method = method
         self.args = args
         self.kwargs = kwargs
+        self.op = op
         self.waiter: Optional[Deferred] = None
-        self.timer: Optional[IDelayedCall] = None
+        self.deadline = 0.0
+        self.owner: Any = None
 
     def release(self, result: Any = None) -> None:
-        """Fire the caller's Deferred (once) and cancel the ``start_wait`` timer."""
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        """Fire the caller's Deferred (once)."""
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.called:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(None)
+
+    # the inner store reports a prepared write sent directly like a Deferred
+    def callback(self, result: Any) -> None:
+        self.owner._sent(result, self)
+
+    def errback(self, failure: Failure) -> None:
+        self.owner._send_failed(failure, self)
 
 
 @implementer(IStateManager)
@@ -141,6 +160,17 @@ class ResilientStateManager:
         self._dropped_in_outage = 0
         self._flushes: List[Deferred] = []
         self._stopped = False
+        # started writes whose caller waits, oldest first, and one timer for
+        # the oldest: cheaper than a timer per write
+        self._slow: Deque[_Write] = deque()
+        self._slow_timer: Optional[IDelayedCall] = None
+        # an inner store that checks and encodes a write up front (see
+        # RedisStateManager._op_started): each write is checked and
+        # normalised once, and the prepared form is its snapshot
+        self._prepares = all(
+            callable(getattr(inner, name, None))
+            for name in ("_op_enqueued", "_op_started", "_op_finished", "_submit")
+        )
 
     @property
     def finished_ttl(self) -> float:
@@ -156,6 +186,12 @@ class ResilientStateManager:
 
     def enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
         """Record a task a producer just published (see :class:`IStateManager`)."""
+        if self._prepares:
+            try:
+                op = self.inner._op_enqueued(task_id, state, info, at)
+            except Exception:
+                return fail()
+            return self._write("enqueued", task_id, (), {}, op=op)
         try:
             _records.check_enqueued(task_id, state, info, at)
         except _BUGS:
@@ -166,6 +202,12 @@ class ResilientStateManager:
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
     ) -> Deferred:
         """Record an attempt that starts; waits at most ``start_wait`` seconds."""
+        if self._prepares:
+            try:
+                op = self.inner._op_started(task_id, attempt, worker, info, at)
+            except Exception:
+                return fail()
+            return self._write("started", task_id, (), {}, bounded=True, op=op)
         try:
             _records.check_started(task_id, attempt, worker, info, at)
         except _BUGS:
@@ -186,6 +228,14 @@ class ResilientStateManager:
         retry_at: Optional[float] = None,
     ) -> Deferred:
         """Record the outcome of an attempt (see :class:`IStateManager`)."""
+        if self._prepares:
+            try:
+                op = self.inner._op_finished(
+                    task_id, state, attempt, info, at, result, error, reason, retry_at
+                )
+            except Exception:
+                return fail()
+            return self._write("finished", task_id, (), {}, op=op)
         try:
             _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
         except _BUGS:
@@ -254,11 +304,13 @@ class ResilientStateManager:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        for write in list(self._inflight.values()) + [
-            w for waiting in self._waiting.values() for w in waiting
-        ]:
-            if write.timer is not None:
-                write.release()
+        if self._slow_timer is not None:
+            if self._slow_timer.active():
+                self._slow_timer.cancel()
+            self._slow_timer = None
+        slow, self._slow = self._slow, deque()
+        for write in slow:
+            write.release()
         if self._queue:
             flushes, self._flushes = self._flushes, []
             for d in flushes:
@@ -280,35 +332,87 @@ class ResilientStateManager:
         args: Tuple[Any, ...],
         kwargs: Dict[str, Any],
         bounded: bool = False,
+        op: Any = None,
     ) -> Deferred:
         self._seq += 1
-        write = _Write(self._seq, task_id, method, args, kwargs)
+        write = _Write(self._seq, task_id, method, args, kwargs, op)
         waiter = write.waiter = Deferred()
         if not self.healthy:
             self._enqueue(write)
             write.release()
             return waiter
-        if bounded:
-            if self.start_wait > 0:
-                write.timer = self._timers().callLater(self.start_wait, write.release)
-            else:
-                write.release()
-        if task_id in self._waiting:
-            self._waiting[task_id].append(write)
+        if bounded and self.start_wait <= 0:
+            write.release()
+            bounded = False
+        waiting = self._waiting.get(task_id)
+        if waiting is not None:
+            waiting.append(write)
         else:
             self._waiting[task_id] = deque()
             self._send(write)
+        if bounded and write.waiter is not None:
+            self._wait_for(write)
         return waiter
+
+    def _wait_for(self, write: _Write) -> None:
+        """Release the caller of ``write`` after ``start_wait`` if still waiting."""
+        clock = self._timers()
+        write.deadline = clock.seconds() + self.start_wait
+        self._slow.append(write)
+        if self._slow_timer is None:
+            self._slow_timer = clock.callLater(self.start_wait, self._slow_due)
+
+    def _slow_due(self) -> None:
+        """The oldest waiting started is due: release every caller that waited enough."""
+        self._slow_timer = None
+        clock = self._timers()
+        now = clock.seconds()
+        slow = self._slow
+        while slow:
+            write = slow[0]
+            if write.waiter is not None:
+                left = write.deadline - now
+                if left > 1e-9:
+                    if self._slow_timer is None:  # (a caller may have armed it)
+                        self._slow_timer = clock.callLater(left, self._slow_due)
+                    return
+                slow.popleft()
+                write.release()  # its caller may start another write
+            else:
+                slow.popleft()
+
+    def _trim_slow(self) -> None:
+        """Forget released writes at the head of ``_slow``; no timer when none waits."""
+        slow = self._slow
+        while slow and slow[0].waiter is None:
+            slow.popleft()
+        if not slow and self._slow_timer is not None:
+            if self._slow_timer.active():
+                self._slow_timer.cancel()
+            self._slow_timer = None
+
+    def _call(self, write: _Write) -> Deferred:
+        """The inner store's Deferred for ``write``."""
+        if write.op is not None:
+            return self.inner._submit(write.op)
+        return maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
 
     def _send(self, write: _Write) -> None:
         """Write straight to the store (healthy)."""
         self._inflight[write.seq] = write
-        d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
-        d.addCallbacks(self._sent, self._send_failed, (write,), None, (write,))
+        if write.op is not None:
+            # the store reports to write.callback / write.errback
+            write.owner = self
+            self.inner._submit(write.op, write)
+        else:
+            d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
+            d.addCallbacks(self._sent, self._send_failed, (write,), None, (write,))
 
     def _sent(self, _: Any, write: _Write) -> None:
         del self._inflight[write.seq]
         write.release()
+        if self._slow:
+            self._trim_slow()
         self._next_of(write.task_id)
         self._settled()
 
@@ -326,10 +430,12 @@ class ResilientStateManager:
             self._next_of(write.task_id)
         else:
             self._insert(write)
-            write.release()
             if self.healthy:
                 self._outage(failure)
             self._waiting.pop(write.task_id, None)
+            write.release()  # last: its caller may write again at once
+        if self._slow:
+            self._trim_slow()
         self._settled()
 
     def _next_of(self, task_id: str) -> None:
@@ -352,6 +458,8 @@ class ResilientStateManager:
         for write in held:
             self._insert(write)
             write.release()
+        if self._slow:
+            self._trim_slow()
         log.warn(
             "state store unavailable ({error}); tasks keep running and state writes are "
             "queued until it is back ({pending} pending)",
@@ -427,8 +535,7 @@ class ResilientStateManager:
         try:
             while self._queue and self._replaying is None and self._retry is None:
                 write = self._replaying = self._queue[0]
-                d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
-                d.addBoth(self._replay_done, write)
+                self._call(write).addBoth(self._replay_done, write)
         finally:
             self._draining = False
         if not self._queue and self._replaying is None and not self.healthy:
