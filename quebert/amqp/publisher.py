@@ -11,7 +11,7 @@ retried publish may duplicate a message: at-least-once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pika
 import pika.exceptions
@@ -186,5 +186,3 @@ def properties(message_id: Optional[str], headers: dict, *,
         **(extra or {}),
     )
 
-
-Callback = Callable[..., Any]

@@ -1,0 +1,458 @@
+"""
+The Lua scripts of :mod:`quebert.state.redis` (data layout: see there).
+
+Every write goes through ``apply``, in batches; ``get`` and ``list`` read
+records back as JSON text.  Each script is sent by its SHA1 (``EVALSHA``),
+with its source as the fallback when Redis does not know it yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+#: How many due entries of ``idx:expiry`` one write examines at most.
+PRUNE_BATCH = 50
+
+# Every write goes through this one script, in batches: ARGV[1] prefix,
+# ARGV[2] ttl in ms, ARGV[3] history limit, ARGV[4] a JSON array of writes,
+# ARGV[5] '1' to prune expired index entries too.
+# Each write is a flat array
+#   [kind, id, at, queue, kind, task, name, eta, created_at, ...]
+# with the info fields as hash values (null when unknown), followed by
+#   'e' (enqueued):  state
+#   's' (started):   attempt, worker
+#   'f' (finished):  attempt, state, result, error, reason, retry_at
+# where result and error are JSON texts and numbers (attempt, at, eta...)
+# strings in their exact hash form: Python encodes each value once, the
+# script names the fields.  Writes apply in order and the whole batch is
+# atomic.  The answer is one 0/1 per write (0: nothing to do), then the
+# number of expired index entries examined.
+_APPLY = """
+local prefix = ARGV[1]
+local ttl_ms = tonumber(ARGV[2])
+local history_limit = tonumber(ARGV[3])
+local ops = cjson.decode(ARGV[4])
+local null = cjson.null
+local call, fmt, concat = redis.call, string.format, table.concat
+local find, sub = string.find, string.sub
+local finished = {succeeded = true, failed = true, canceled = true}
+local outcome = {scheduled = true, succeeded = true, failed = true, canceled = true}
+-- states whose records hold no finished_at, result, error or reason
+local clean = {queued = true, running = true}
+local id, key, at
+local all_key, expiry_key = prefix .. 'idx:all', prefix .. 'idx:expiry'
+local task_prefix = prefix .. 'task:'
+-- index key names, made once per script call
+local state_keys, queue_keys = {}, {}
+local function state_key(state)
+  local k = state_keys[state]
+  if not k then k = prefix .. 'idx:state:' .. state; state_keys[state] = k end
+  return k
+end
+local function queue_key(queue)
+  local k = queue_keys[queue]
+  if not k then k = prefix .. 'idx:queue:' .. queue; queue_keys[queue] = k end
+  return k
+end
+
+-- Index changes wait until the writes are done, then go in one ZADD and
+-- one ZREM per index: each command a script runs has a high fixed cost.
+-- changes[index][member] is the member's final score, or false to remove it.
+local changes = {}
+local function zadd(index, score, member)
+  local t = changes[index]
+  if not t then t = {}; changes[index] = t end
+  t[member] = score
+end
+local function zrem(index, member)
+  local t = changes[index]
+  if not t then t = {}; changes[index] = t end
+  t[member] = false
+end
+local function apply_changes()
+  for index, t in pairs(changes) do
+    local adds, na, rems, nr = {}, 0, {}, 0
+    for member, score in pairs(t) do
+      if score then
+        adds[na + 1] = score; adds[na + 2] = member; na = na + 2
+      else
+        nr = nr + 1; rems[nr] = member
+      end
+    end
+    for i = 1, na, 1000 do call('ZADD', index, unpack(adds, i, math.min(i + 999, na))) end
+    for i = 1, nr, 1000 do call('ZREM', index, unpack(rems, i, math.min(i + 999, nr))) end
+  end
+  changes = {}
+end
+
+-- history entries decoded by cjson, written back with exact numbers
+-- (cjson rounds numbers to 14 digits)
+local function json_number(x)
+  if x == nil or x == false or x == null then return 'null' end
+  return fmt('%.17g', x)
+end
+
+local function json_value(x)
+  if x == nil or x == false or x == null then return 'null' end
+  return cjson.encode(x)
+end
+
+local function entry_text(attempt, state, worker, started_at, finished_at, err, retry_at)
+  return '{"attempt":' .. attempt .. ',"state":' .. state .. ',"worker":' .. worker
+    .. ',"started_at":' .. started_at .. ',"finished_at":' .. finished_at
+    .. ',"error":' .. err .. ',"retry_at":' .. retry_at .. '}'
+end
+
+local function encode_entry(e)
+  return entry_text(json_number(e.attempt), json_value(e.state), json_value(e.worker),
+    json_number(e.started_at), json_number(e.finished_at), json_value(e.error),
+    json_number(e.retry_at))
+end
+
+-- The history (JSON text, or false) with the entry of attempt replaced by
+-- the text fresh (replace), or merged with the outcome (state, finished_at,
+-- err, retry_at: JSON texts), keeping the latest history_limit entries.
+-- Same rule as quebert.state._records.upsert_history.
+local function upsert_history(raw, attempt, fresh, replace, state, finished_at, err, retry_at)
+  if not raw or raw == '[]' or raw == '{}' then return '[' .. fresh .. ']' end
+  local history = cjson.decode(raw)
+  local parts = {}
+  local done = false
+  for _, entry in ipairs(history) do
+    if done then
+      parts[#parts + 1] = encode_entry(entry)
+    elseif entry.attempt == attempt then
+      if replace then
+        parts[#parts + 1] = fresh
+      else
+        parts[#parts + 1] = entry_text(json_number(entry.attempt), state, json_value(entry.worker),
+          json_number(entry.started_at), finished_at, err, retry_at)
+      end
+      done = true
+    elseif entry.attempt > attempt then
+      parts[#parts + 1] = fresh
+      parts[#parts + 1] = encode_entry(entry)
+      done = true
+    else
+      parts[#parts + 1] = encode_entry(entry)
+    end
+  end
+  if not done then parts[#parts + 1] = fresh end
+  if #parts > history_limit then
+    return '[' .. concat(parts, ',', #parts - history_limit + 1, #parts) .. ']'
+  end
+  return '[' .. concat(parts, ',') .. ']'
+end
+
+-- drop index entries of finished records older than the TTL
+local function prune(now)
+  if ttl_ms <= 0 then return 0 end
+  local horizon = tonumber(now) - ttl_ms / 1000
+  local h = fmt('%.17g', horizon)
+  local expiry = expiry_key
+  local due = call('ZRANGEBYSCORE', expiry, '-inf', h, 'LIMIT', 0, __PRUNE_BATCH__)
+  if #due == 0 then return 0 end
+  for state in pairs(finished) do
+    call('ZREMRANGEBYSCORE', state_key(state), '-inf', '(' .. h)
+  end
+  for _, member in ipairs(due) do
+    local m = cjson.decode(member)
+    local remaining = call('PTTL', task_prefix .. m[1])
+    if remaining == -2 then
+      zrem(all_key, m[1])
+      if m[2] then zrem(queue_key(m[2]), m[1]) end
+      for state in pairs(finished) do
+        zrem(state_key(state), m[1])
+      end
+      zrem(expiry, member)
+    elseif remaining == -1 then
+      -- the task was started again: it no longer expires
+      zrem(expiry, member)
+    else
+      -- writers' clocks are ahead of Redis: look again once it has expired
+      zadd(expiry, fmt('%.17g', horizon + remaining / 1000 + 1), member)
+    end
+  end
+  apply_changes()
+  return #due
+end
+
+-- move the id between indexes and set or clear the expiry
+local function reindex(old_state, old_queue, state, queue)
+  if old_state and old_state ~= state then
+    zrem(state_key(old_state), id)
+  end
+  zadd(state_key(state), at, id)
+  if old_queue and old_queue ~= queue then
+    zrem(queue_key(old_queue), id)
+  end
+  if queue then zadd(queue_key(queue), at, id) end
+  zadd(all_key, at, id)
+  if finished[state] and ttl_ms > 0 then
+    call('PEXPIRE', key, ttl_ms)
+    local member
+    if queue then member = cjson.encode({id, queue}) else member = cjson.encode({id}) end
+    zadd(expiry_key, at, member)
+  elseif old_state and finished[old_state] then
+    call('PERSIST', key)
+  end
+end
+
+-- Fields to set go in f (name, value, ...), n of them so far: the info
+-- fields a write sets on any record, then those only a new record gets.
+-- Returns n and the queue the write names.
+local function add_info(f, n, op, created, keep_eta)
+  local queue = op[4]
+  if queue ~= null then f[n + 1] = 'queue'; f[n + 2] = queue; n = n + 2 else queue = nil end
+  if op[5] ~= null then f[n + 1] = 'kind'; f[n + 2] = op[5]; n = n + 2 end
+  if op[6] ~= null then f[n + 1] = 'task'; f[n + 2] = op[6]; n = n + 2 end
+  if op[7] ~= null then f[n + 1] = 'name'; f[n + 2] = op[7]; n = n + 2 end
+  if created then
+    f[n + 1] = 'id'; f[n + 2] = id
+    f[n + 3] = 'created_at'
+    if op[9] ~= null then f[n + 4] = op[9] else f[n + 4] = at end
+    n = n + 4
+    if keep_eta and op[8] ~= null then f[n + 1] = 'eta'; f[n + 2] = op[8]; n = n + 2 end
+  end
+  return n, queue
+end
+
+local function enqueued(op)
+  if call('EXISTS', key) == 1 then return 0 end
+  local state = op[10]
+  local f = {'state', state, 'attempts', '0', 'updated_at', at, 'history', '[]'}
+  local _, queue = add_info(f, 8, op, true, true)
+  call('HSET', key, unpack(f))
+  reindex(false, false, state, queue)
+  return 1
+end
+
+local function started(op)
+  local attempt_s, worker = op[10], op[11]
+  local attempt = tonumber(attempt_s)
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old_state, old_queue = old[1], old[2]
+  if old_state then
+    -- A late or replayed 'started' never rewinds a record past this attempt.
+    local old_attempts = tonumber(old[3]) or 0
+    if old_attempts > attempt or (old_attempts == attempt and outcome[old_state]) then
+      return 0
+    end
+  end
+  local f = {'state', 'running', 'attempts', attempt_s, 'started_at', at, 'updated_at', at}
+  local n, queue = add_info(f, 8, op, not old_state, true)
+  local worker_json = 'null'
+  if worker ~= null then
+    f[n + 1] = 'worker'; f[n + 2] = worker; n = n + 2
+    worker_json = cjson.encode(worker)
+  end
+  local fresh = '{"attempt":' .. attempt_s .. ',"state":"running","worker":' .. worker_json
+    .. ',"started_at":' .. at .. ',"finished_at":null,"error":null,"retry_at":null}'
+  local raw = old[4]
+  f[n + 1] = 'history'
+  if not raw or raw == '[]' or raw == '{}' then
+    f[n + 2] = '[' .. fresh .. ']'
+  else
+    f[n + 2] = upsert_history(raw, attempt, fresh, true)
+  end
+  call('HSET', key, unpack(f))
+  if old_state then
+    -- the outcome of a previous attempt no longer describes the task
+    if not clean[old_state] then
+      if worker == null then
+        call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'worker')
+      else
+        call('HDEL', key, 'finished_at', 'result', 'error', 'reason')
+      end
+    elseif worker == null then
+      call('HDEL', key, 'worker')
+    end
+  end
+  reindex(old_state, old_queue, 'running', queue or old_queue)
+  return 1
+end
+
+-- The history raw (JSON text) with the outcome merged into the entry of
+-- attempt: its last entry, as this script writes entries, is changed in
+-- place; any other case goes through upsert_history.
+local function merge_outcome(raw, attempt, attempt_s, fresh, state_json, finished_at, err,
+                             retry_at)
+  local p = find(raw, '{"attempt":' .. attempt_s .. ',"state":', 1, true)
+  if p and not find(raw, '{"attempt":', p + 1, true) then
+    -- JSON strings cannot hold these markers (their quotes are escaped)
+    local w = find(raw, ',"worker":', p, true)
+    local e = w and find(raw, ',"finished_at":', w, true)
+    if e then
+      return sub(raw, 1, p - 1) .. '{"attempt":' .. attempt_s .. ',"state":' .. state_json
+        .. sub(raw, w, e - 1) .. ',"finished_at":' .. finished_at .. ',"error":' .. err
+        .. ',"retry_at":' .. retry_at .. '}]'
+    end
+  end
+  return upsert_history(raw, attempt, fresh, false, state_json, finished_at, err, retry_at)
+end
+
+local function finish(op)
+  local attempt_s, state, result, err = op[10], op[11], op[12], op[13]
+  local reason, retry_at = op[14], op[15]
+  local attempt = tonumber(attempt_s)
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old_state, old_queue = old[1], old[2]
+  local f = {'state', state, 'updated_at', at}
+  local n, queue = add_info(f, 4, op, not old_state, state ~= 'scheduled')
+  -- outcome fields: set, or cleared unless the record cannot hold them
+  local clear, c = {}, 0
+  local dirty = old_state and not clean[old_state]
+  if finished[state] then
+    f[n + 1] = 'finished_at'; f[n + 2] = at; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'finished_at'
+  end
+  if result ~= null then
+    f[n + 1] = 'result'; f[n + 2] = result; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'result'
+  end
+  if err ~= null then
+    f[n + 1] = 'error'; f[n + 2] = err; n = n + 2
+  else
+    err = 'null'
+    if dirty then c = c + 1; clear[c] = 'error' end
+  end
+  if reason ~= null then
+    f[n + 1] = 'reason'; f[n + 2] = reason; n = n + 2
+  elseif dirty then
+    c = c + 1; clear[c] = 'reason'
+  end
+  if state == 'scheduled' then
+    if retry_at ~= null then
+      f[n + 1] = 'eta'; f[n + 2] = retry_at; n = n + 2
+    elseif old_state then
+      c = c + 1; clear[c] = 'eta'
+    end
+  end
+  if retry_at == null then retry_at = 'null' end
+  if not old_state or attempt > (tonumber(old[3]) or 0) then
+    f[n + 1] = 'attempts'; f[n + 2] = attempt_s; n = n + 2
+  end
+  local state_json = '"' .. state .. '"'
+  local fresh = '{"attempt":' .. attempt_s .. ',"state":' .. state_json
+    .. ',"worker":null,"started_at":null,"finished_at":' .. at .. ',"error":' .. err
+    .. ',"retry_at":' .. retry_at .. '}'
+  local raw = old[4]
+  f[n + 1] = 'history'
+  if not raw or raw == '[]' or raw == '{}' then
+    f[n + 2] = '[' .. fresh .. ']'
+  else
+    f[n + 2] = merge_outcome(raw, attempt, attempt_s, fresh, state_json, at, err, retry_at)
+  end
+  call('HSET', key, unpack(f))
+  if c > 0 then call('HDEL', key, unpack(clear)) end
+  reindex(old_state, old_queue, state, queue or old_queue)
+  return 1
+end
+
+local results = {}
+local latest = nil
+for i, op in ipairs(ops) do
+  id = op[2]
+  key = task_prefix .. id
+  at = op[3]
+  local kind = op[1]
+  if kind == 's' then
+    results[i] = started(op)
+  elseif kind == 'f' then
+    results[i] = finish(op)
+  else
+    results[i] = enqueued(op)
+  end
+  latest = at
+end
+apply_changes()
+-- ARGV[5] '1': prune; the answer ends with the number of entries examined
+local examined = 0
+if latest and ARGV[5] == '1' then examined = prune(latest) end
+results[#results + 1] = examined
+return results
+""".replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
+
+# ARGV: prefix, id
+_GET = """
+local flat = redis.call('HGETALL', ARGV[1] .. 'task:' .. ARGV[2])
+if #flat == 0 then return false end
+local record = {}
+for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+return cjson.encode(record)
+"""
+
+# ARGV: prefix, state or '', queue or '', offset, limit
+_LIST = """
+local prefix, state, queue = ARGV[1], ARGV[2], ARGV[3]
+local offset, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local index = prefix .. 'idx:all'
+local exact = true
+if state ~= '' and queue ~= '' then
+  -- walk the smaller index, check the other attribute on each record
+  local by_state, by_queue = prefix .. 'idx:state:' .. state, prefix .. 'idx:queue:' .. queue
+  if redis.call('ZCARD', by_state) <= redis.call('ZCARD', by_queue) then
+    index = by_state
+  else
+    index = by_queue
+  end
+  exact = false
+elseif state ~= '' then
+  index = prefix .. 'idx:state:' .. state
+elseif queue ~= '' then
+  index = prefix .. 'idx:queue:' .. queue
+end
+local pos, skip = offset, 0
+if not exact then pos, skip = 0, offset end
+local chunk = math.max(limit, 50)
+local out, dead = {}, {}
+while #out < limit do
+  local ids = redis.call('ZREVRANGE', index, pos, pos + chunk - 1)
+  if #ids == 0 then break end
+  pos = pos + #ids
+  for _, id in ipairs(ids) do
+    local flat = redis.call('HGETALL', prefix .. 'task:' .. id)
+    if #flat == 0 then
+      dead[#dead + 1] = id
+    else
+      local record = {}
+      for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+      if (state == '' or record.state == state) and (queue == '' or record.queue == queue) then
+        if skip > 0 then
+          skip = skip - 1
+        else
+          out[#out + 1] = cjson.encode(record)
+          if #out == limit then break end
+        end
+      end
+    end
+  end
+end
+-- ids whose hash has expired
+for _, id in ipairs(dead) do
+  redis.call('ZREM', index, id)
+  redis.call('ZREM', prefix .. 'idx:all', id)
+end
+return out
+"""
+
+
+class _Script:
+    """A Lua script and its SHA1, computed once."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+
+SCRIPTS = {
+    name: _Script(name, source)
+    for name, source in (
+        ("apply", _APPLY),
+        ("get", _GET),
+        ("list", _LIST),
+    )
+}
