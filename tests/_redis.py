@@ -17,31 +17,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from quebert._defer import bounded
 from quebert.state.redis import connect_redis
 
 REDIS_URL = os.environ.get("QUEBERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 #: Seconds to wait for the test Redis to answer a PING.
 CONNECT_WAIT = 5.0
-
-
-def _bounded(d: Deferred, seconds: float) -> Deferred:
-    """``d`` or a ``TimeoutError`` after ``seconds``, without cancelling ``d``."""
-    result: Deferred = Deferred()
-    timer = reactor.callLater(seconds, result.errback, TimeoutError(f"no answer in {seconds}s"))
-
-    def done(outcome: Any) -> None:
-        if timer.active():
-            timer.cancel()
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-
-    d.addBoth(done)
-    return result
 
 
 @inlineCallbacks
@@ -54,7 +37,8 @@ def isolated_redis(testcase: TestCase) -> Deferred:
     connection = connect_redis(REDIS_URL)
     testcase.addCleanup(connection.disconnect)
     try:
-        yield _bounded(connection.ping(), CONNECT_WAIT)
+        yield bounded(connection.ping(), CONNECT_WAIT, reactor,
+                      lambda: TimeoutError(f"no answer in {CONNECT_WAIT}s"))
     except Exception as e:
         testcase.fail(
             f"The test Redis at {REDIS_URL} is not reachable ({type(e).__name__}: {e}). "
