@@ -41,6 +41,32 @@ def _signature(fn: Callable[..., Any]) -> Optional[inspect.Signature]:
         return None
 
 
+def _positional_arity(signature: Optional[inspect.Signature]) -> Optional[tuple]:
+    """
+    ``(min, max)`` positional arguments when any count in that range binds
+    without keyword arguments (``max`` None: ``*args``), or None when that
+    cannot be told without :meth:`inspect.Signature.bind`.
+    """
+    if signature is None:
+        return None
+    low, high = 0, 0
+    for param in signature.parameters.values():
+        kind = param.kind
+        if kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            if high is not None:
+                high += 1
+            if param.default is param.empty:
+                if high is None or low + 1 != high:
+                    return None  # a required parameter after an optional one: let bind tell
+                low += 1
+        elif kind == param.VAR_POSITIONAL:
+            high = None
+        elif kind == param.KEYWORD_ONLY:
+            if param.default is param.empty:
+                return None
+    return (low, high)
+
+
 @attrs.frozen
 class TaskDefinition:
     """A registered task: its name, callable and default options."""
@@ -55,6 +81,10 @@ class TaskDefinition:
     signature: Optional[inspect.Signature] = attrs.field(
         default=attrs.Factory(lambda self: _signature(self.fn), takes_self=True),
         eq=False, repr=False)
+    _arity: Optional[tuple] = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _positional_arity(self.signature),
+                                          takes_self=True),
+        eq=False, repr=False)
 
     def bind(self, args: tuple, kwargs: Mapping[str, Any], task_id: Optional[str] = None) -> None:
         """
@@ -64,6 +94,10 @@ class TaskDefinition:
         signature = self.signature
         if signature is None:
             return
+        arity = self._arity
+        if arity is not None and not kwargs and len(args) >= arity[0] and (
+                arity[1] is None or len(args) <= arity[1]):
+            return  # the common case, without the cost of Signature.bind
         try:
             signature.bind(*args, **kwargs)
         except TypeError as e:

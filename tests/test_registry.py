@@ -200,6 +200,54 @@ class BindTests(SynchronousTestCase):
         definition.bind((1, 2, 3, 4, 5), {"x": 1})
 
 
+class BindFastPathTests(SynchronousTestCase):
+    """The positional-arity shortcut of ``bind`` agrees with ``Signature.bind``."""
+
+    def test_agrees_with_signature_bind(self):
+        import inspect
+
+        def f0():
+            pass
+
+        def f1(a, b=1):
+            pass
+
+        def f2(a, *rest):
+            pass
+
+        def f3(a, /, b, *, k):
+            pass
+
+        def f4(a, *, k=1, **kw):
+            pass
+
+        def f5(a=1, b=2):
+            pass
+
+        def f6(a, b, c):
+            pass
+
+        for fn in (f0, f1, f2, f3, f4, f5, f6):
+            definition = TaskDefinition("t", fn)
+            signature = inspect.signature(fn)
+            for count in range(5):
+                for kwargs in ({}, {"k": 1}, {"a": 1}):
+                    args = tuple(range(count))
+                    try:
+                        signature.bind(*args, **kwargs)
+                    except TypeError:
+                        expected = False
+                    else:
+                        expected = True
+                    try:
+                        definition.bind(args, kwargs)
+                    except InvalidMessage:
+                        got = False
+                    else:
+                        got = True
+                    self.assertEqual(got, expected, (fn.__name__, args, kwargs))
+
+
 class LookupTests(SynchronousTestCase):
     """get, lookup, find_function and the container protocol."""
 

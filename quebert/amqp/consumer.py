@@ -8,10 +8,22 @@ preparer, so a reconnect never leaves a queue silently unconsumed.  A
 consumer cancelled by the broker (queue deleted, node lost) or a channel
 closed under it is re-established on a new channel; delivery tags of a dead
 channel are dropped, since the broker redelivers those messages anyway.
+
+Acks are coalesced per channel (:class:`_Acker`): the acks made during one
+reactor turn go out at the end of that turn, the longest run of settled
+deliveries at the head of the channel as one ``basic_ack(tag,
+multiple=True)``.  An ack stuck behind a delivery that is still running is
+held at most :data:`ACK_HOLD` seconds in case the gap fills, then sent on
+its own: a multiple ack never covers a delivery that is unsettled or was
+nacked.  Nacks are always single and go out at once, after the acks made
+before them.  Holding an ack only delays it, after the outcome is already
+durable, so a crash meanwhile means a redelivery (a duplicate the mediator
+recognises from the state store), never a loss.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Optional
 
 import attrs
@@ -28,6 +40,140 @@ from quebert.protocol import H_DELIVERY_COUNT
 
 log = Logger()
 
+#: Longest an ack waits (seconds) behind an earlier delivery that is still
+#: unsettled, hoping to join a multiple ack, before it is sent on its own.
+ACK_HOLD = 0.005
+
+_WRONG_STATE = (pika.exceptions.ChannelWrongStateError,
+                pika.exceptions.ConnectionWrongStateError)
+
+
+class _Acker:
+    """
+    The acks and nacks of one channel, acks coalesced per reactor turn.
+
+    ``_outstanding`` holds the delivery tags handed out on the channel and
+    not yet settled on the wire, in delivery order (which is tag order);
+    ``_acked`` those of them acked by the mediator but not yet sent.  A
+    flush sends the longest all-acked prefix of ``_outstanding`` as one
+    frame; acked tags behind an unsettled one wait for the gap to fill, at
+    most ``hold`` seconds, then go out one by one.
+    """
+
+    def __init__(self, channel: Any, clock: Any, hold: float = ACK_HOLD) -> None:
+        self.channel = channel
+        self.clock = clock
+        self.hold = hold
+        self.dead = False
+        self._outstanding: collections.deque = collections.deque()
+        self._acked: set = set()
+        self._turn_call: Any = None
+        self._hold_call: Any = None
+        #: ``basic_ack`` frames sent, and the acks they carried.
+        self.ack_frames = 0
+        self.acks = 0
+
+    def delivered(self, tag: int) -> None:
+        self._outstanding.append(tag)
+
+    def alive(self) -> bool:
+        if self.dead:
+            return False
+        if not self.channel.is_open:
+            self.drop()
+            return False
+        return True
+
+    def drop(self) -> None:
+        """The channel is gone: forget its tags (the broker redelivers them)."""
+        self.dead = True
+        self._outstanding.clear()
+        self._acked.clear()
+        for call in (self._turn_call, self._hold_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._turn_call = self._hold_call = None
+
+    def ack(self, tag: int) -> bool:
+        """Queue an ack; True if it will go out on a live channel."""
+        if not self.alive():
+            return False
+        self._acked.add(tag)
+        if self._turn_call is None:
+            self._turn_call = self.clock.callLater(0, self._end_of_turn)
+        return True
+
+    def nack(self, tag: int, requeue: bool) -> bool:
+        """Send one nack now, after every ack queued before it."""
+        if not self.alive():
+            return False
+        self.flush(everything=True)
+        if self.dead:
+            return False
+        try:
+            self.channel.basic_nack(tag, multiple=False, requeue=requeue)
+        except _WRONG_STATE as e:
+            log.info("could not nack delivery {tag}: {error}", tag=tag, error=e)
+            self.drop()
+            return False
+        try:
+            self._outstanding.remove(tag)
+        except ValueError:
+            pass
+        return True
+
+    def _end_of_turn(self) -> None:
+        self._turn_call = None
+        self.flush()
+
+    def _hold_over(self) -> None:
+        self._hold_call = None
+        self.flush(everything=True)
+
+    def flush(self, everything: bool = False) -> None:
+        """
+        Send the acked prefix as one frame; with ``everything``, also the
+        acks held behind a gap, one by one.
+        """
+        if self._turn_call is not None:
+            if self._turn_call.active():
+                self._turn_call.cancel()
+            self._turn_call = None
+        acked = self._acked
+        if not acked or not self.alive():
+            return
+        outstanding = self._outstanding
+        last, count = None, 0
+        while outstanding and outstanding[0] in acked:
+            last = outstanding.popleft()
+            acked.discard(last)
+            count += 1
+        try:
+            if last is not None:
+                self.channel.basic_ack(last, multiple=count > 1)
+                self.ack_frames += 1
+                self.acks += count
+            if acked and everything:
+                held = acked
+                self._acked = acked = set()
+                self._outstanding = outstanding = collections.deque(
+                    t for t in outstanding if t not in held)
+                for tag in sorted(held):
+                    self.channel.basic_ack(tag, multiple=False)
+                    self.ack_frames += 1
+                    self.acks += 1
+        except _WRONG_STATE as e:
+            log.info("could not send acks: {error} (the broker will redeliver)", error=e)
+            self.drop()
+            return
+        if not acked:
+            if self._hold_call is not None:
+                if self._hold_call.active():
+                    self._hold_call.cancel()
+                self._hold_call = None
+        elif self._hold_call is None:
+            self._hold_call = self.clock.callLater(self.hold, self._hold_over)
+
 
 @attrs.define(eq=False)
 class Delivery:
@@ -42,6 +188,7 @@ class Delivery:
     _channel: Any = None
     _tag: Optional[int] = None
     settled: bool = False
+    _acker: Optional[_Acker] = None
 
     @property
     def delivery_count(self) -> Optional[int]:
@@ -69,21 +216,45 @@ class Delivery:
             return False
         return True
 
+    def _gone(self, what: str) -> bool:
+        log.info("not {what}ing message {message_id} from {queue}: its channel is closed "
+                 "(the broker will redeliver it)", what=what,
+                 message_id=self.message_id, queue=self.queue)
+        return False
+
     def ack(self) -> bool:
-        """Acknowledge this one message; False if its channel is gone."""
-        return self._settle("ack", lambda: self._channel.basic_ack(self._tag))
+        """
+        Acknowledge this one message (sent at the end of the reactor turn,
+        possibly with others); False if its channel is gone.
+        """
+        acker = self._acker
+        if acker is None:
+            return self._settle("ack", lambda: self._channel.basic_ack(self._tag))
+        if self.settled:
+            return False
+        self.settled = True
+        return acker.ack(self._tag) or self._gone("ack")
 
     def nack(self, requeue: bool = True) -> bool:
         """Return (or drop) this one message, never ``multiple``."""
+        acker = self._acker
+        if acker is not None:
+            if self.settled:
+                return False
+            self.settled = True
+            return acker.nack(self._tag, requeue) or self._gone("nack")
         return self._settle(
             "nack", lambda: self._channel.basic_nack(self._tag, multiple=False,
                                                      requeue=requeue)
         )
 
 
-def delivery_from(queue: str, message) -> Delivery:
+def delivery_from(queue: str, message, acker: Optional[_Acker] = None) -> Delivery:
     """A :class:`Delivery` from pika's ``ReceivedMessage``."""
     props = message.properties
+    tag = message.method.delivery_tag
+    if acker is not None:
+        acker.delivered(tag)
     return Delivery(
         queue=queue,
         body=message.body or b"",
@@ -92,7 +263,8 @@ def delivery_from(queue: str, message) -> Delivery:
         message_id=props.message_id,
         redelivered=bool(message.method.redelivered),
         channel=message.channel,
-        tag=message.method.delivery_tag,
+        tag=tag,
+        acker=acker,
     )
 
 
@@ -115,6 +287,7 @@ class QueueConsumer:
         self.paused = False
         self._protocol = None
         self._channel = None
+        self._acker: Optional[_Acker] = None
         self._tag: Optional[str] = None
         self._generation = 0
         self.deliveries = 0
@@ -137,43 +310,46 @@ class QueueConsumer:
         self._generation += 1
         generation = self._generation
         channel = yield protocol.channel()
+        acker = _Acker(channel, self.clock)
         yield channel.basic_qos(prefetch_count=self.prefetch)
         queue_object, tag = yield channel.basic_consume(queue=self.queue)
-        self._channel, self._tag = channel, tag
+        self._channel, self._tag, self._acker = channel, tag, acker
         self.consuming = True
         log.info("consuming {queue} (prefetch {prefetch})", queue=self.queue,
                  prefetch=self.prefetch)
-        self._pump(queue_object, generation)
+        self._pump(queue_object, generation, acker)
 
-    def _pump(self, queue_object, generation: int) -> None:
+    def _pump(self, queue_object, generation: int, acker: _Acker) -> None:
         # Messages already waiting come back as fired Deferreds: loop over
         # them instead of recursing.
         while True:
             d = queue_object.get()
             if not d.called:
                 d.addCallbacks(self._one_and_pump, self._ended,
-                               callbackArgs=(queue_object, generation),
-                               errbackArgs=(generation,))
+                               callbackArgs=(queue_object, generation, acker),
+                               errbackArgs=(generation, acker))
                 return
             box: list = []
             d.addBoth(box.append)
             if isinstance(box[0], Failure):
-                self._ended(box[0], generation)
+                self._ended(box[0], generation, acker)
                 return
-            self._deliver(box[0])
+            self._deliver(box[0], acker)
 
-    def _one_and_pump(self, message, queue_object, generation: int) -> None:
-        self._deliver(message)
-        self._pump(queue_object, generation)
+    def _one_and_pump(self, message, queue_object, generation: int, acker: _Acker) -> None:
+        self._deliver(message, acker)
+        self._pump(queue_object, generation, acker)
 
-    def _deliver(self, message) -> None:
+    def _deliver(self, message, acker: _Acker) -> None:
         self.deliveries += 1
         try:
-            self.on_delivery(delivery_from(self.queue, message))
+            self.on_delivery(delivery_from(self.queue, message, acker))
         except Exception:
             log.failure("delivery handler failed for a message from {queue}", queue=self.queue)
 
-    def _ended(self, failure: Failure, generation: int) -> None:
+    def _ended(self, failure: Failure, generation: int, acker: Optional[_Acker] = None) -> None:
+        if acker is not None and not acker.channel.is_open:
+            acker.drop()
         if generation != self._generation:
             return None
         self.consuming = False
@@ -239,7 +415,12 @@ class QueueConsumer:
     def close_channel(self) -> None:
         """Close the channel: unacked messages go back to the queue."""
         channel, self._channel = self._channel, None
+        acker, self._acker = self._acker, None
         self._generation += 1
+        if acker is not None:
+            # Acks made just before (say, by the last drained task) go out first.
+            acker.flush(everything=True)
+            acker.drop()
         if channel is not None and channel.is_open:
             try:
                 channel.close()
