@@ -25,8 +25,7 @@ PRUNE_BATCH = 50
 # where result and error are JSON texts and numbers (attempt, at, eta...)
 # strings in their exact hash form: Python encodes each value once, the
 # script names the fields.  Writes apply in order and the whole batch is
-# atomic.  The answer is one 0/1 per write (0: nothing to do), then the
-# number of expired index entries examined.
+# atomic.  The answer is the number of expired index entries examined.
 _APPLY = """
 local prefix = ARGV[1]
 local ttl_ms = tonumber(ARGV[2])
@@ -351,28 +350,28 @@ local function finish(op)
   return 1
 end
 
-local results = {}
 local latest = nil
-for i, op in ipairs(ops) do
+for _, op in ipairs(ops) do
   id = op[2]
   key = task_prefix .. id
   at = op[3]
   local kind = op[1]
   if kind == 's' then
-    results[i] = started(op)
+    started(op)
   elseif kind == 'f' then
-    results[i] = finish(op)
+    finish(op)
   else
-    results[i] = enqueued(op)
+    enqueued(op)
   end
   latest = at
 end
 apply_changes()
--- ARGV[5] '1': prune; the answer ends with the number of entries examined
+-- ARGV[5] '1': prune.  The answer is one integer, the number of expired
+-- index entries examined: a reply of one element per write would cost the
+-- worker more to parse than the writes cost Redis.
 local examined = 0
 if latest and ARGV[5] == '1' then examined = prune(latest) end
-results[#results + 1] = examined
-return results
+return examined
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
 
 # ARGV: prefix, id

@@ -309,7 +309,8 @@ class RedisStateManager:
         if pruned:
             # a full step of pruning: there may be more, go on with the next batch
             try:
-                self._prune_more = int(results[-1]) >= PRUNE_BATCH
+                examined = results if isinstance(results, int) else results[-1]
+                self._prune_more = int(examined) >= PRUNE_BATCH
             except Exception:
                 self._prune_more = False
         for waiter in waiters:
