@@ -35,9 +35,14 @@ def bounded(d: defer.Deferred, seconds: float, clock: Any,
     """
     A Deferred of our own with ``d``'s outcome, or, after ``seconds``, the
     error ``on_timeout()`` makes (``None``: fire ``None`` instead).  ``d`` is
-    never cancelled; its late outcome is dropped.
+    never cancelled; its late outcome is dropped.  Cancelling the returned
+    Deferred stops the timer.
     """
-    ours: defer.Deferred = defer.Deferred()
+    def cancel(_: defer.Deferred) -> None:
+        if timer.active():
+            timer.cancel()
+
+    ours: defer.Deferred = defer.Deferred(cancel)
 
     def expire() -> None:
         if ours.called:

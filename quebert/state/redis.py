@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from quebert._defer import bounded
 from quebert.errors import ConfigurationError, StateError
 from quebert.state import _records
 from quebert.state._redis_scripts import PRUNE_BATCH
@@ -373,34 +374,8 @@ class RedisStateManager:
             return d
         if timeout is None:
             timeout = self.timeout
-        self._get_clock()
-
-        def cancel(_: Deferred) -> None:
-            if timer.active():
-                timer.cancel()
-
-        result = Deferred(cancel)
-
-        def expire() -> None:
-            if not result.called:
-                result.errback(
-                    StateError(f"Redis did not answer {name} within {self.timeout} seconds")
-                )
-
-        timer = self._clock.callLater(timeout, expire)  # type: ignore[union-attr]
-
-        def done(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-                if not result.called:
-                    if isinstance(outcome, Failure):
-                        result.errback(outcome)
-                    else:
-                        result.callback(outcome)
-            # else: too late, the caller has its StateError already
-
-        d.addBoth(done)
-        return result
+        return bounded(d, timeout, self._get_clock(), lambda: StateError(
+            f"Redis did not answer {name} within {self.timeout} seconds"))
 
     @staticmethod
     def _translate(failure: Failure, name: str) -> Failure:
