@@ -84,3 +84,84 @@ class StateError(QuebertError):
     """Talking to the state store failed."""
 
     transient = True
+
+
+class Reject(QuebertError):
+    """
+    Raise from a task to fail it at once: no retry, straight to the errored
+    queue with this message as the reason.
+    """
+
+
+class TaskAlreadyExists(QuebertError):
+    """
+    A task with this unique name is queued, running, or finished within the
+    name's tombstone period.  ``task_id`` is the id of the task holding it.
+    """
+
+    def __init__(self, name: str, task_id: Optional[str] = None) -> None:
+        super().__init__(f"a task named {name!r} already exists"
+                         + (f" (task {task_id})" if task_id else ""))
+        self.name = name
+        self.task_id = task_id
+
+
+class TaskNotFound(QuebertError):
+    """No task with this id is known to the state store."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task {task_id!r}")
+        self.task_id = task_id
+
+
+class TaskStateConflict(QuebertError):
+    """
+    The operation does not apply to the task in its current state (e.g.
+    cancelling a task that already succeeded, requeueing one that did not
+    fail).  ``state`` is the state it is in.
+    """
+
+    def __init__(self, message: str, *, task_id: str, state: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.state = state
+
+
+class TaskCanceled(QuebertError):
+    """The task was canceled; whatever it produced is discarded."""
+
+
+class QueueNotFound(QuebertError):
+    """No queue of that name is served or known."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"no queue {queue!r}")
+        self.queue = queue
+
+
+class DispatchError(QuebertError):
+    """
+    A URL task's request failed: a non-2xx answer (``status`` set), a
+    connection error or the dispatch deadline passing (``status`` None).
+
+    ``retry_after`` is the delay in seconds the server asked for (429/503
+    ``Retry-After``), ``response`` what the attempt history keeps of the
+    answer (status, a bounded body prefix, timing).
+    """
+
+    transient = True
+
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 retry_after: Optional[float] = None,
+                 response: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.response = response or {}
+
+
+class URLRefused(Reject):
+    """
+    A URL task's target is refused by the dispatch guardrails (scheme, host
+    or network not allowed, request too large).  It is never requested.
+    """
