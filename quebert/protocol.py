@@ -8,7 +8,7 @@ A task message is a JSON object (``content_type: application/json``,
     {
       "version": 1,
       "id": "5f0c...",               # unique task id (string)
-      "kind": "call",                # "call" (or "url", reserved)
+      "kind": "call",                # "call" or "url"
       "task": "app.tasks.add",       # registered task name (kind "call")
       "args": [1, 2],
       "kwargs": {},
@@ -19,6 +19,16 @@ A task message is a JSON object (``content_type: application/json``,
       "timeout": 30.0,               # optional: seconds per attempt
       "created_at": 1767225590.0
     }
+
+A ``url`` task (an HTTP request the worker makes, App Engine push-queue
+style) has no ``task``/``args``/``kwargs`` but::
+
+      "url": "https://example.com/hook",
+      "method": "POST",              # default POST
+      "headers": {"Content-Type": "application/json"},
+      "body": "text or base64",      # default ""
+      "body_encoding": "utf-8",      # or "base64" for arbitrary bytes
+      "dispatch_deadline": 600.0     # optional: seconds the request may take
 
 Unknown keys are ignored so that the format can grow.  Run-time bookkeeping
 (how many attempts were made, when the first one started) travels in AMQP
@@ -32,12 +42,15 @@ This module only converts; it never imports anything a message names.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
 import time
 import uuid
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -47,7 +60,15 @@ from quebert.retry import RETRY_FIELDS
 VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 CONTENT_TYPE = "application/json"
-KINDS = frozenset({"call"})
+CALL = "call"
+URL = "url"
+KINDS = frozenset({CALL, URL})
+#: HTTP methods a URL task may use.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: Longest URL accepted in a URL task.
+MAX_URL_LENGTH = 8192
+#: Task name recorded for URL tasks (their ``task`` field in the state store).
+URL_TASK = "quebert.url"
 
 #: AMQP header: attempts made (started) before this delivery.
 H_ATTEMPTS = "x-quebert-attempts"
@@ -61,10 +82,14 @@ H_QUEUE = "x-quebert-queue"
 H_ERROR_TYPE = "x-quebert-error-type"
 H_ERROR_MESSAGE = "x-quebert-error-message"
 H_REASON = "x-quebert-reason"
+#: AMQP header on a URL task's retry: the previous attempt's HTTP status.
+H_PREVIOUS_RESPONSE = "x-quebert-previous-response"
 #: AMQP header set by quorum queues: deliveries returned to the queue.
 H_DELIVERY_COUNT = "x-delivery-count"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.:\-]{0,99}$")
 
@@ -93,23 +118,35 @@ class TaskMessage:
     origin: str = "quebert"
     #: Extra guillotina_amqp context (req_data, db_id, container_id).
     context: Mapping[str, Any] = attrs.field(factory=dict)
+    #: URL tasks: the request to make.
+    url: Optional[str] = None
+    method: str = "POST"
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    body: bytes = b""
+    dispatch_deadline: Optional[float] = None
 
     def to_body(self) -> dict:
         """The JSON-ready body of this message."""
-        body: dict[str, Any] = {
-            "version": VERSION,
-            "id": self.id,
-            "kind": self.kind,
-            "task": self.task,
-            "args": list(self.args),
-            "kwargs": dict(self.kwargs),
+        body: dict[str, Any] = {"version": VERSION, "id": self.id, "kind": self.kind}
+        if self.kind == URL:
+            body.update(url=self.url, method=self.method, headers=dict(self.headers),
+                        dispatch_deadline=self.dispatch_deadline)
+            try:
+                body["body"] = self.body.decode("utf-8")
+                body["body_encoding"] = "utf-8"
+            except UnicodeDecodeError:
+                body["body"] = base64.b64encode(self.body).decode("ascii")
+                body["body_encoding"] = "base64"
+        else:
+            body.update(task=self.task, args=list(self.args), kwargs=dict(self.kwargs))
+        body.update({
             "queue": self.queue,
             "eta": self.eta,
             "name": self.name,
             "retry": dict(self.retry) or None,
             "timeout": self.timeout,
             "created_at": self.created_at,
-        }
+        })
         return body
 
     def info(self) -> dict:
@@ -170,6 +207,58 @@ def build(
             f"arguments of task {task!r} cannot be sent as JSON: {e}"
         ) from e
     # Round-trip through the decoder so producers and workers agree.
+    _validate(json.loads(encoded))
+    return message, encoded
+
+
+def build_url(
+    url: str,
+    *,
+    method: str = "POST",
+    headers: Optional[Mapping[str, str]] = None,
+    body: Any = b"",
+    queue: str,
+    task_id: Optional[str] = None,
+    eta: Optional[float] = None,
+    name: Optional[str] = None,
+    retry: Optional[Mapping[str, Any]] = None,
+    dispatch_deadline: Optional[float] = None,
+    now: Optional[float] = None,
+) -> tuple[TaskMessage, bytes]:
+    """
+    Build a validated URL task and its encoded body.
+
+    ``body`` may be ``bytes`` or ``str`` (sent UTF-8 encoded), or a JSON
+    value (``dict``/``list``), which is sent as JSON with a
+    ``Content-Type: application/json`` header unless one is given.
+    Raises :class:`InvalidMessage` naming the field at fault.
+    """
+    headers = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        try:
+            body = dumps(body)
+        except (TypeError, ValueError) as e:
+            raise SerializationError(f"URL task body cannot be sent as JSON: {e}") from e
+        if not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = CONTENT_TYPE
+    elif isinstance(body, str):
+        body = body.encode("utf-8")
+    elif body is None:
+        body = b""
+    elif not isinstance(body, bytes):
+        raise SerializationError(
+            f"URL task body must be bytes, str or a JSON object/array, not {type(body).__name__}")
+    message = TaskMessage(
+        id=task_id or new_task_id(), task=url_task_name(str(method).upper(), str(url)),
+        queue=queue, kind=URL, eta=eta, name=name, retry=dict(retry or {}),
+        created_at=time.time() if now is None else now, url=url,
+        method=str(method).upper(), headers=headers, body=body,
+        dispatch_deadline=dispatch_deadline,
+    )
+    try:
+        encoded = dumps(message.to_body())
+    except (TypeError, ValueError) as e:
+        raise SerializationError(f"URL task cannot be sent as JSON: {e}") from e
     _validate(json.loads(encoded))
     return message, encoded
 
@@ -265,29 +354,34 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
             field="kind",
             task_id=task_id,
         )
-    name = data.get("task")
-    if name is None:
-        raise InvalidMessage("missing field 'task'", field="task", task_id=task_id)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidMessage(
-            f"'task' must be a registered task name, not {name!r}", field="task", task_id=task_id
-        )
-    args = data.get("args", [])
-    if args is None:
-        args = []
-    if not isinstance(args, list):
-        raise InvalidMessage(
-            f"'args' must be a JSON array, not {type(args).__name__}", field="args", task_id=task_id
-        )
-    kwargs = data.get("kwargs", {})
-    if kwargs is None:
-        kwargs = {}
-    if not isinstance(kwargs, dict):
-        raise InvalidMessage(
-            f"'kwargs' must be a JSON object, not {type(kwargs).__name__}",
-            field="kwargs",
-            task_id=task_id,
-        )
+    if kind == URL:
+        request = _validate_request(data, task_id)
+        name, args, kwargs = url_task_name(request["method"], request["url"]), [], {}
+    else:
+        request = {}
+        name = data.get("task")
+        if name is None:
+            raise InvalidMessage("missing field 'task'", field="task", task_id=task_id)
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidMessage(
+                f"'task' must be a registered task name, not {name!r}", field="task",
+                task_id=task_id)
+        args = data.get("args", [])
+        if args is None:
+            args = []
+        if not isinstance(args, list):
+            raise InvalidMessage(
+                f"'args' must be a JSON array, not {type(args).__name__}", field="args",
+                task_id=task_id)
+        kwargs = data.get("kwargs", {})
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, dict):
+            raise InvalidMessage(
+                f"'kwargs' must be a JSON object, not {type(kwargs).__name__}",
+                field="kwargs",
+                task_id=task_id,
+            )
     queue = data.get("queue") or default_queue
     if not isinstance(queue, str) or not QUEUE_RE.match(queue):
         raise InvalidMessage(f"'queue' is not a valid queue name: {queue!r}", field="queue",
@@ -317,7 +411,83 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
         retry=retry,
         timeout=timeout,
         created_at=_number(data, "created_at", task_id),
+        **request,
     )
+
+
+def _validate_request(data: Mapping[str, Any], task_id: Optional[str]) -> dict:
+    """The request fields of a URL task, validated (the guardrails come at dispatch)."""
+    url = data.get("url")
+    if url is None:
+        raise InvalidMessage("missing field 'url'", field="url", task_id=task_id)
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
+        raise InvalidMessage(f"'url' must be a URL of at most {MAX_URL_LENGTH} characters",
+                             field="url", task_id=task_id)
+    parts = urlsplit_safe(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidMessage(f"'url' must be an absolute http or https URL, not {url[:200]!r}",
+                             field="url", task_id=task_id)
+    if _BAD_HEADER_VALUE.search(url) or any(c.isspace() for c in url):
+        raise InvalidMessage("'url' must not contain whitespace or control characters",
+                             field="url", task_id=task_id)
+    method = data.get("method") or "POST"
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise InvalidMessage(
+            f"'method' must be one of {', '.join(sorted(METHODS))}, not {method!r}",
+            field="method", task_id=task_id)
+    headers = data.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise InvalidMessage("'headers' must be a JSON object of strings", field="headers",
+                             task_id=task_id)
+    for key, value in headers.items():
+        if not _TOKEN_RE.match(key):
+            raise InvalidMessage(f"header name {key[:100]!r} is not a valid HTTP token",
+                                 field=f"headers.{key[:100]}", task_id=task_id)
+        if not isinstance(value, str) or _BAD_HEADER_VALUE.search(value):
+            raise InvalidMessage(
+                f"header {key!r} must be a string without CR, LF or NUL",
+                field=f"headers.{key}", task_id=task_id)
+    text = data.get("body")
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise InvalidMessage("'body' must be a string (text, or base64 with "
+                             "body_encoding 'base64')", field="body", task_id=task_id)
+    encoding = data.get("body_encoding") or "utf-8"
+    if encoding == "base64":
+        try:
+            body = base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise InvalidMessage("'body' is not valid base64", field="body", task_id=task_id)
+    elif encoding in ("utf-8", "utf8", "text"):
+        body = text.encode("utf-8", "surrogatepass")
+    else:
+        raise InvalidMessage(f"'body_encoding' must be 'utf-8' or 'base64', not {encoding!r}",
+                             field="body_encoding", task_id=task_id)
+    deadline = _number(data, "dispatch_deadline", task_id)
+    return {"url": url, "method": method.upper(), "headers": dict(headers), "body": body,
+            "dispatch_deadline": deadline or None}
+
+
+def urlsplit_safe(url: str) -> Any:
+    """``urllib.parse.urlsplit`` or ``None`` for what it cannot parse (bad ports...)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        return None
+    return parts
+
+
+def url_task_name(method: str, url: str) -> str:
+    """What a URL task is listed as: method and URL without credentials or query."""
+    parts = urlsplit_safe(url)
+    if parts is None:
+        return f"{method} ?"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{method} {parts.scheme}://{host}{parts.path}"[:200]
 
 
 def _validate_retry(retry: Any, task_id: str) -> None:

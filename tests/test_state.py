@@ -142,6 +142,7 @@ class StateContractMixin:
                 "error": None,
                 "reason": None,
                 "history": [],
+                "cancel_requested": None,
             },
         )
 
@@ -862,7 +863,7 @@ class RedisScriptTests(SynchronousTestCase):
 
     def test_unknown_script_falls_back_to_eval(self) -> None:
         """NOSCRIPT from EVALSHA sends the script's source with EVAL."""
-        redis = FakeRedis(txredisapi.ScriptDoesNotExist("NOSCRIPT"), [1])
+        redis = FakeRedis(txredisapi.ScriptDoesNotExist("NOSCRIPT"), 0)
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         d = manager.enqueued("a", QUEUED, info(), T0)
@@ -876,7 +877,7 @@ class RedisScriptTests(SynchronousTestCase):
 
     def test_writes_of_one_reactor_turn_go_in_one_script_call(self) -> None:
         """Batching: three writes made together cost one round trip, in order."""
-        redis = FakeRedis([1, 1, 1])
+        redis = FakeRedis(0)
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         writes = [manager.enqueued("a", QUEUED, info(), T0),
@@ -893,7 +894,7 @@ class RedisScriptTests(SynchronousTestCase):
     def test_writes_wait_for_the_batch_on_its_way(self) -> None:
         """Writes made while a batch is unanswered go together once it is answered."""
         first = Deferred()
-        redis = FakeRedis(first, [1, 1])
+        redis = FakeRedis(first, 0)
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         a = manager.started("a", 1, "w", info(), T0)
@@ -902,7 +903,7 @@ class RedisScriptTests(SynchronousTestCase):
         c = manager.finished("c", SUCCEEDED, 1, info(), T0 + 2)
         clock.advance(0)
         self.assertEqual(len(redis.calls), 1)
-        first.callback([1])
+        first.callback(0)
         self.assertIsNone(self.successResultOf(a))
         self.assertEqual(len(redis.calls), 2)
         self.assertEqual([op[:2] for op in json.loads(redis.calls[1][2][3])],
@@ -943,7 +944,7 @@ class RedisScriptTests(SynchronousTestCase):
 
     def test_pruning_at_most_once_a_second_of_write_time(self) -> None:
         """Batches prune when their write time moved a second, or after a full step."""
-        redis = FakeRedis([1, 0], [1, 0], [1, PRUNE_BATCH], [1, 3], [1, 0], [1, 0])
+        redis = FakeRedis(0, 0, PRUNE_BATCH, 3, 0, 0)
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         for at in (T0, T0 + 0.5, T0 + 1.2, T0 + 1.3, T0 + 1.4, T0 - 5):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from numbers import Real
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -51,9 +52,11 @@ RECORD_FIELDS = (
     "error",
     "reason",
     "history",
+    "cancel_requested",
 )
 STRING_FIELDS = frozenset({"id", "state", "queue", "kind", "task", "name", "worker", "reason"})
-FLOAT_FIELDS = frozenset({"created_at", "updated_at", "eta", "started_at", "finished_at"})
+FLOAT_FIELDS = frozenset({"created_at", "updated_at", "eta", "started_at", "finished_at",
+                          "cancel_requested"})
 INT_FIELDS = frozenset({"attempts"})
 JSON_FIELDS = frozenset({"result", "error", "history"})
 
@@ -95,6 +98,16 @@ def check_task_id(task_id: Any) -> None:
         task_id.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"task_id {task_id!r} cannot be encoded as UTF-8")
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+def check_name(name: Any) -> None:
+    """A unique task name: a short string of the id alphabet."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"a unique name must be 1-200 characters of A-Z a-z 0-9 _ . : -, "
+                         f"not {name!r}")
 
 
 def _check_time(name: str, value: Any, optional: bool = False) -> None:

@@ -15,22 +15,32 @@ PRUNE_BATCH = 50
 
 # Every write goes through this one script, in batches: ARGV[1] prefix,
 # ARGV[2] ttl in ms, ARGV[3] history limit, ARGV[4] a JSON array of writes,
-# ARGV[5] '1' to prune expired index entries too.
+# ARGV[5] '1' to prune expired index entries too, ARGV[6] the tombstone of
+# unique names in ms.
 # Each write is a flat array
 #   [kind, id, at, queue, kind, task, name, eta, created_at, ...]
 # with the info fields as hash values (null when unknown), followed by
 #   'e' (enqueued):  state
 #   's' (started):   attempt, worker
 #   'f' (finished):  attempt, state, result, error, reason, retry_at
+#   'n' (enqueued with a unique name): state; refused when the name is held
+#   'c' (cancel):    reason
+#   'r' (release a name the task holds)
 # where result and error are JSON texts and numbers (attempt, at, eta...)
 # strings in their exact hash form: Python encodes each value once, the
 # script names the fields.  Writes apply in order and the whole batch is
-# atomic.  The answer is the number of expired index entries examined.
+# atomic.  The answer is the number of expired index entries examined, or,
+# when a write has something to say, an array: that number followed by
+# pairs of (write's position, answer):
+#   's' refused because the task was canceled: 'canceled'
+#   'n' refused: 'held:' .. id of the task holding the name
+#   'c': the state the task was in ('missing' when there is no record)
 _APPLY = """
 local prefix = ARGV[1]
 local ttl_ms = tonumber(ARGV[2])
 local history_limit = tonumber(ARGV[3])
 local ops = cjson.decode(ARGV[4])
+local tombstone_ms = tonumber(ARGV[6] or '3600000')
 local null = cjson.null
 local call, fmt, concat = redis.call, string.format, table.concat
 local find, sub = string.find, string.sub
@@ -41,6 +51,11 @@ local clean = {queued = true, running = true}
 local id, key, at
 local all_key, expiry_key = prefix .. 'idx:all', prefix .. 'idx:expiry'
 local task_prefix = prefix .. 'task:'
+local name_prefix = prefix .. 'name:'
+local answers, na = {}, 0
+local function answer(position, value)
+  answers[na + 1] = position; answers[na + 2] = value; na = na + 2
+end
 -- index key names, made once per script call
 local state_keys, queue_keys = {}, {}
 local function state_key(state)
@@ -226,11 +241,36 @@ local function enqueued(op)
   return 1
 end
 
-local function started(op)
+-- the unique name of the task starts its tombstone period
+local function tombstone(name)
+  if name and name ~= null then
+    local nk = name_prefix .. name
+    if call('GET', nk) == id then call('PEXPIRE', nk, tombstone_ms) end
+  end
+end
+
+-- a record that is not finished becomes canceled
+local function cancel_record(old_state, old_queue, name, reason)
+  call('HSET', key, 'state', 'canceled', 'updated_at', at, 'finished_at', at, 'reason', reason)
+  reindex(old_state, old_queue, 'canceled', old_queue)
+  tombstone(name)
+end
+
+local function started(op, position)
   local attempt_s, worker = op[10], op[11]
   local attempt = tonumber(attempt_s)
-  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history', 'cancel_requested',
+                   'name')
   local old_state, old_queue = old[1], old[2]
+  if old_state == 'canceled' or (old[5] and not finished[old_state]) then
+    -- canceled before this attempt could start: it never runs
+    if old_state ~= 'canceled' then
+      cancel_record(old_state, old_queue, old[6], 'canceled before attempt ' .. attempt_s
+                    .. ' started')
+    end
+    answer(position, 'canceled')
+    return 0
+  end
   if old_state then
     -- A late or replayed 'started' never rewinds a record past this attempt.
     local old_attempts = tonumber(old[3]) or 0
@@ -294,8 +334,14 @@ local function finish(op)
   local attempt_s, state, result, err = op[10], op[11], op[12], op[13]
   local reason, retry_at = op[14], op[15]
   local attempt = tonumber(attempt_s)
-  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history')
+  local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history', 'cancel_requested',
+                   'name')
   local old_state, old_queue = old[1], old[2]
+  if old[5] and state == 'scheduled' then
+    -- a retry of a task whose cancellation was asked for: it ends here
+    state = 'canceled'
+    if reason == null then reason = 'canceled while attempt ' .. attempt_s .. ' ran' end
+  end
   local f = {'state', state, 'updated_at', at}
   local n, queue = add_info(f, 4, op, not old_state, state ~= 'scheduled')
   -- outcome fields: set, or cleared unless the record cannot hold them
@@ -347,21 +393,65 @@ local function finish(op)
   call('HSET', key, unpack(f))
   if c > 0 then call('HDEL', key, unpack(clear)) end
   reindex(old_state, old_queue, state, queue or old_queue)
+  if finished[state] then
+    if op[7] ~= null then tombstone(op[7]) else tombstone(old[6]) end
+  end
+  return 1
+end
+
+local function enqueued_named(op, position)
+  local name = op[7]
+  local holder = call('GET', name_prefix .. name)
+  if holder and holder ~= id then
+    answer(position, 'held:' .. holder)
+    return 0
+  end
+  call('SET', name_prefix .. name, id)
+  return enqueued(op)
+end
+
+local function cancel(op, position)
+  local old = call('HMGET', key, 'state', 'queue', 'name')
+  local old_state = old[1]
+  if not old_state then
+    answer(position, 'missing')
+    return 0
+  end
+  answer(position, old_state)
+  if finished[old_state] then return 0 end
+  local reason = op[4]
+  if reason == null then reason = 'canceled' end
+  call('HSET', key, 'cancel_requested', at)
+  if old_state ~= 'running' then
+    cancel_record(old_state, old[2], old[3], reason)
+  end
+  return 1
+end
+
+local function release(op)
+  local nk = name_prefix .. op[4]
+  if call('GET', nk) == id then call('DEL', nk) end
   return 1
 end
 
 local latest = nil
-for _, op in ipairs(ops) do
+for position, op in ipairs(ops) do
   id = op[2]
   key = task_prefix .. id
   at = op[3]
   local kind = op[1]
   if kind == 's' then
-    started(op)
+    started(op, position)
   elseif kind == 'f' then
     finish(op)
-  else
+  elseif kind == 'e' then
     enqueued(op)
+  elseif kind == 'n' then
+    enqueued_named(op, position)
+  elseif kind == 'c' then
+    cancel(op, position)
+  elseif kind == 'r' then
+    release(op)
   end
   latest = at
 end
@@ -371,7 +461,10 @@ apply_changes()
 -- worker more to parse than the writes cost Redis.
 local examined = 0
 if latest and ARGV[5] == '1' then examined = prune(latest) end
-return examined
+if na == 0 then return examined end
+local reply = {examined}
+for i = 1, na do reply[i + 1] = answers[i] end
+return reply
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
 
 # ARGV: prefix, id

@@ -15,6 +15,7 @@ A record is a JSON-ready ``dict``::
       "result": <JSON value> or None,
       "error": {"type": ..., "message": ..., "traceback": ...} or None,
       "reason": "sentence" or None,  # why it failed / was canceled
+      "cancel_requested": epoch or None,  # when a cancel was asked for
       "history": [                   # the latest HISTORY_LIMIT attempts, oldest first
         {"attempt": 1, "state": "scheduled", "worker": ..., "started_at": ...,
          "finished_at": ..., "error": {...} or None, "retry_at": ... or None},
@@ -73,6 +74,33 @@ class IStateManager(Interface):
         Attempt number ``attempt`` (1-based) starts on ``worker``: state
         ``running``, ``attempts = attempt``, ``started_at = at``, and a new
         history entry.  Atomic: a crash leaves either all or nothing.
+
+        Fires with ``None``, or with ``CANCELED`` when the task was
+        canceled (or its cancellation asked for while a previous attempt
+        ran): then nothing starts, the record ends ``canceled`` and the
+        caller must not run the task.
+        """
+
+    def claim(task_id: str, state: str, info: Mapping[str, Any], at: float):
+        """
+        ``enqueued`` for a task with a unique name ``info["name"]``, atomic
+        with taking the name: fails with
+        :class:`~quebert.errors.TaskAlreadyExists` when another task holds
+        it.  A name is held while its task is live and for
+        ``name_tombstone`` seconds after it finished.
+        """
+
+    def release_name(task_id: str, name: str, at: float):
+        """Free ``name`` if ``task_id`` holds it (its task was never published)."""
+
+    def cancel(task_id: str, at: float, reason: Optional[str] = None):
+        """
+        Cancel a task.  Fires with the state it was in, or ``None`` when no
+        record exists.  ``queued`` and ``scheduled`` tasks become
+        ``canceled`` at once; a ``running`` one gets ``cancel_requested``
+        and ends ``canceled`` when its attempt is recorded (unless it
+        succeeded or failed for good meanwhile); finished tasks are left
+        as they are.
         """
 
     def finished(

@@ -24,9 +24,16 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from quebert.errors import ConfigurationError
+from quebert.errors import ConfigurationError, TaskAlreadyExists
 from quebert.state import _records
-from quebert.state.interface import FINISHED_STATES, STATES, IStateManager
+from quebert.state.interface import (
+    CANCELED,
+    FINISHED_STATES,
+    RUNNING,
+    SCHEDULED,
+    STATES,
+    IStateManager,
+)
 
 
 class _Index:
@@ -65,10 +72,17 @@ class MemoryStateManager:
         the global reactor when ``None``.
     """
 
-    def __init__(self, finished_ttl: float = 86400, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, finished_ttl: float = 86400, clock: Optional[IReactorTime] = None,
+                 name_tombstone: float = 3600) -> None:
         if finished_ttl < 0:
             raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
+        if name_tombstone < 0:
+            raise ConfigurationError(
+                f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
         self.finished_ttl = finished_ttl
+        self.name_tombstone = name_tombstone
+        #: unique name -> (holding task id, expiry time or None while it is live)
+        self._names: Dict[str, Tuple[str, Optional[float]]] = {}
         self._clock = clock
         self._records: Dict[str, Dict[str, Any]] = {}
         self._deadline: Dict[str, float] = {}
@@ -88,6 +102,18 @@ class MemoryStateManager:
     ) -> Deferred:
         """Record that attempt ``attempt`` of the task starts on ``worker``."""
         return maybeDeferred(self._started, task_id, attempt, worker, info, at)
+
+    def claim(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
+        """``enqueued`` for a task with a unique name; fails if the name is held."""
+        return maybeDeferred(self._claim, task_id, state, info, at)
+
+    def release_name(self, task_id: str, name: str, at: float) -> Deferred:
+        """Free ``name`` if ``task_id`` holds it."""
+        return maybeDeferred(self._release_name, task_id, name)
+
+    def cancel(self, task_id: str, at: float, reason: Optional[str] = None) -> Deferred:
+        """Cancel a task; fires with the state it was in (``None``: no record)."""
+        return maybeDeferred(self._cancel, task_id, at, reason)
 
     def finished(
         self,
@@ -194,11 +220,72 @@ class MemoryStateManager:
         record.update(_records.enqueued_changes(state, at))
         self._store(record, None, None)
 
+    def _holder(self, name: str) -> Optional[str]:
+        held = self._names.get(name)
+        if held is None:
+            return None
+        holder, expires = held
+        if expires is not None and expires <= self._now():
+            del self._names[name]
+            return None
+        return holder
+
+    def _tombstone(self, task_id: str, name: Optional[str]) -> None:
+        if name is not None and self._holder(name) == task_id:
+            self._names[name] = (task_id, self._now() + self.name_tombstone)
+
+    def _claim(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> None:
+        _records.check_enqueued(task_id, state, info, at)
+        name = info.get("name")
+        _records.check_name(name)
+        holder = self._holder(name)
+        if holder is not None and holder != task_id:
+            raise TaskAlreadyExists(name, holder)
+        self._names[name] = (task_id, None)
+        self._enqueued(task_id, state, info, at)
+
+    def _release_name(self, task_id: str, name: str) -> None:
+        _records.check_task_id(task_id)
+        _records.check_name(name)
+        if self._holder(name) == task_id:
+            del self._names[name]
+
+    def _cancel_record(self, record: Dict[str, Any], old_state: str, at: float,
+                       reason: str) -> None:
+        record.update(state=CANCELED, updated_at=float(at), finished_at=float(at),
+                      reason=reason)
+        self._store(record, old_state, record["queue"])
+        self._tombstone(record["id"], record["name"])
+
+    def _cancel(self, task_id: str, at: float, reason: Optional[str]) -> Optional[str]:
+        _records.check_task_id(task_id)
+        self._expire()
+        stored = self._records.get(task_id)
+        if stored is None:
+            return None
+        old_state = stored["state"]
+        if old_state in FINISHED_STATES:
+            return old_state
+        record = dict(stored)
+        record["cancel_requested"] = float(at)
+        if old_state == RUNNING:
+            self._records[task_id] = record
+        else:
+            self._cancel_record(record, old_state, at, _records.text(
+                reason, _records.MESSAGE_LIMIT) or "canceled")
+        return old_state
+
     def _started(
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
-    ) -> None:
+    ) -> Optional[str]:
         _records.check_started(task_id, attempt, worker, info, at)
         record, old_state, old_queue = self._load(task_id, info, at)
+        if old_state == CANCELED or (record["cancel_requested"] is not None
+                                     and old_state not in FINISHED_STATES):
+            if old_state != CANCELED:
+                self._cancel_record(record, old_state, at,
+                                    f"canceled before attempt {attempt} started")
+            return CANCELED
         if _records.started_is_stale(record, attempt):
             return
         record.update(_records.info_updates(info))
@@ -222,6 +309,9 @@ class MemoryStateManager:
     ) -> None:
         _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
         record, old_state, old_queue = self._load(task_id, info, at)
+        if record["cancel_requested"] is not None and state == SCHEDULED:
+            state = CANCELED
+            reason = reason or f"canceled while attempt {attempt} ran"
         record.update(_records.info_updates(info))
         record.update(_records.finished_changes(state, at, result, error, reason, retry_at))
         record["attempts"] = max(record["attempts"], attempt)
@@ -232,6 +322,8 @@ class MemoryStateManager:
             replace=False,
         )
         self._store(record, old_state, old_queue)
+        if state in FINISHED_STATES:
+            self._tombstone(task_id, record["name"])
 
     def _get(self, task_id: str) -> Optional[Dict[str, Any]]:
         _records.check_task_id(task_id)

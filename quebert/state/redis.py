@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quebert._defer import bounded
-from quebert.errors import ConfigurationError, StateError
+from quebert.errors import ConfigurationError, StateError, TaskAlreadyExists
 from quebert.state import _records
 from quebert.state._redis_scripts import PRUNE_BATCH
 from quebert.state._redis_scripts import SCRIPTS as _SCRIPTS
@@ -98,6 +98,7 @@ class RedisStateManager:
         *,
         timeout: Optional[float] = 5.0,
         clock: Optional[IReactorTime] = None,
+        name_tombstone: float = 3600,
     ) -> None:
         if finished_ttl < 0:
             raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
@@ -108,7 +109,12 @@ class RedisStateManager:
         self.finished_ttl = finished_ttl
         self.timeout = timeout
         self._clock = clock
+        if name_tombstone < 0:
+            raise ConfigurationError(
+                f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
+        self.name_tombstone = name_tombstone
         self._ttl_ms = str(max(1, round(finished_ttl * 1000)) if finished_ttl > 0 else 0)
+        self._tombstone_ms = str(max(1, round(name_tombstone * 1000)))
         self._batch: List[list] = []
         self._waiters: List[Any] = []
         self._flush_call: Any = None
@@ -136,6 +142,44 @@ class RedisStateManager:
         except Exception:
             return fail()
         return self._submit(op)
+
+    def claim(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
+        """
+        ``enqueued`` for a task with a unique name (``info["name"]``): fails
+        with :class:`TaskAlreadyExists` when another task holds the name.
+        """
+        try:
+            op = self._op_claim(task_id, state, info, at)
+        except Exception:
+            return fail()
+        name = info["name"]
+
+        def check(answer: Any) -> None:
+            if isinstance(answer, str) and answer.startswith("held:"):
+                raise TaskAlreadyExists(name, answer[5:])
+
+        return self._submit(op).addCallback(check)
+
+    def release_name(self, task_id: str, name: str, at: float) -> Deferred:
+        """Free ``name`` if ``task_id`` holds it (its publish failed)."""
+        try:
+            op = self._op_release(task_id, name, at)
+        except Exception:
+            return fail()
+        return self._submit(op).addCallback(lambda _: None)
+
+    def cancel(self, task_id: str, at: float, reason: Optional[str] = None) -> Deferred:
+        """
+        Cancel a task: fires with the state it was in (``None`` when there
+        is no record).  ``queued``/``scheduled`` become ``canceled``; a
+        ``running`` task is marked, and whatever records its attempt next
+        ends it ``canceled``; a finished task is left alone.
+        """
+        try:
+            op = self._op_cancel(task_id, at, reason)
+        except Exception:
+            return fail()
+        return self._submit(op).addCallback(lambda old: None if old == "missing" else old)
 
     def finished(
         self,
@@ -200,6 +244,23 @@ class RedisStateManager:
     def _op_enqueued(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
         _records.check_enqueued(task_id, state, info, at)
         return ["e", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
+
+    @staticmethod
+    def _op_claim(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
+        _records.check_enqueued(task_id, state, info, at)
+        _records.check_name(info.get("name"))
+        return ["n", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
+
+    @staticmethod
+    def _op_release(task_id: str, name: str, at: float) -> list:
+        _records.check_task_id(task_id)
+        _records.check_name(name)
+        return ["r", task_id, _float_repr(float(at)), name]
+
+    @staticmethod
+    def _op_cancel(task_id: str, at: float, reason: Optional[str]) -> list:
+        _records.check_task_id(task_id)
+        return ["c", task_id, _float_repr(float(at)), _records.text(reason, _records.MESSAGE_LIMIT)]
 
     @staticmethod
     def _op_started(
@@ -287,7 +348,7 @@ class RedisStateManager:
             self._pruned_at = latest
         self._sending += 1
         d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload,
-                                "1" if prune else "0"], timeout)
+                                "1" if prune else "0", self._tombstone_ms], timeout)
         d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters, prune),
                        errbackArgs=(waiters,))
         d.addBoth(self._sent)
@@ -303,20 +364,23 @@ class RedisStateManager:
             payload = _json(ops)
         except Exception:
             return fail()
-        args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload, "0"]
-        return self._run("apply", args).addCallback(lambda _: None)
+        args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload, "0",
+                self._tombstone_ms]
+        return self._run("apply", args).addCallback(
+            lambda reply: _answers(reply).get(1))
 
     def _applied(self, results: Any, waiters: List[Any], pruned: bool = False) -> None:
+        answers = _answers(results)
         if pruned:
             # a full step of pruning: there may be more, go on with the next batch
             try:
-                examined = results if isinstance(results, int) else results[-1]
+                examined = results if isinstance(results, int) else results[0]
                 self._prune_more = int(examined) >= PRUNE_BATCH
             except Exception:
                 self._prune_more = False
-        for waiter in waiters:
+        for position, waiter in enumerate(waiters, 1):
             try:
-                waiter.callback(None)
+                waiter.callback(answers.get(position) if answers else None)
             except Exception:
                 log.failure("state write callback failed")
 
@@ -386,6 +450,17 @@ class RedisStateManager:
 
 
 # -- connecting --------------------------------------------------------------
+
+
+def _answers(reply: Any) -> Dict[int, str]:
+    """The writes' answers in an apply reply: {position: text} (see _APPLY)."""
+    if not isinstance(reply, list) or len(reply) < 3:
+        return {}
+    answers = {}
+    for i in range(1, len(reply) - 1, 2):
+        value = reply[i + 1]
+        answers[int(reply[i])] = value.decode() if isinstance(value, bytes) else str(value)
+    return answers
 
 
 def parse_redis_url(url: str) -> Dict[str, Any]:

@@ -48,7 +48,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from quebert.errors import ConfigurationError, StateError
+from quebert.errors import ConfigurationError, StateError, TaskAlreadyExists
 from quebert.state import _records
 from quebert.state.interface import IStateManager
 
@@ -98,7 +98,7 @@ class _Write:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
-                waiter.callback(None)
+                waiter.callback(result)
 
     # the inner store reports a prepared write sent directly like a Deferred
     def callback(self, result: Any) -> None:
@@ -250,6 +250,23 @@ class ResilientStateManager:
         args = (task_id, state, attempt, dict(info or {}), at)
         return self._write("finished", task_id, args, kwargs)
 
+    # -- operations that are answered, not queued --------------------------
+
+    def claim(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
+        """The inner store's ``claim``: a name can only be checked with the store up."""
+        return maybeDeferred(self.inner.claim, task_id, state, info, at).addErrback(
+            self._read_failed)
+
+    def release_name(self, task_id: str, name: str, at: float) -> Deferred:
+        """The inner store's ``release_name``."""
+        return maybeDeferred(self.inner.release_name, task_id, name, at).addErrback(
+            self._read_failed)
+
+    def cancel(self, task_id: str, at: float, reason: Optional[str] = None) -> Deferred:
+        """The inner store's ``cancel``: the answer says what happened, so it is not queued."""
+        return maybeDeferred(self.inner.cancel, task_id, at, reason).addErrback(
+            self._read_failed)
+
     # -- reads ----------------------------------------------------------
 
     def get(self, task_id: str) -> Deferred:
@@ -269,7 +286,7 @@ class ResilientStateManager:
 
     @staticmethod
     def _read_failed(failure: Failure) -> Failure:
-        if failure.check(StateError, CancelledError, *_BUGS):
+        if failure.check(StateError, CancelledError, TaskAlreadyExists, *_BUGS):
             return failure
         error = failure.value
         raise StateError(f"state store read failed: {type(error).__name__}: {error}") from error
@@ -408,9 +425,9 @@ class ResilientStateManager:
             d = maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
             d.addCallbacks(self._sent, self._send_failed, (write,), None, (write,))
 
-    def _sent(self, _: Any, write: _Write) -> None:
+    def _sent(self, result: Any, write: _Write) -> None:
         del self._inflight[write.seq]
-        write.release()
+        write.release(result)
         if self._slow:
             self._trim_slow()
         self._next_of(write.task_id)
