@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import pika
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from zope.interface import implementer
 
+from quebert.amqp import control
 from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.consumer import QueueConsumer
+from quebert.amqp.control import ControlListener
 from quebert.amqp.publisher import Publisher, properties
 from quebert.amqp.topology import MAX_DELAY_MS, Topology
 from quebert.interfaces import IBroker
@@ -45,6 +48,7 @@ class AMQPBroker(MultiService):
             self.consuming = AMQPConnection(url, name=f"{name}-consumer", reactor=reactor)
             self.consuming.setServiceParent(self)
         self.consumers: dict[str, QueueConsumer] = {}
+        self.control: Optional[ControlListener] = None
 
     # -- publishing ------------------------------------------------------
 
@@ -64,7 +68,31 @@ class AMQPBroker(MultiService):
         return self.publisher.publish("", self.topology.errored_queue(queue), body, props,
                                       declare=queue)
 
+    def publish_control(self, command: str, **fields: Any):
+        """
+        Broadcast a control command to every listening worker (confirmed;
+        dropped, not failed, when no worker listens).
+        """
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=1)
+        return self.publisher.publish(self.topology.control_exchange, "",
+                                      control.encode(command, **fields), props,
+                                      mandatory=False)
+
     # -- consuming ---------------------------------------------------------
+
+    def listen_control(self, on_message: Callable[[dict], Any]) -> None:
+        """Hand control commands (see :mod:`quebert.amqp.control`) to ``on_message``."""
+        if self.consuming is None:
+            raise RuntimeError("this broker was built with consume=False")
+        self.control = ControlListener(self.consuming, self.topology, on_message)
+
+    def pause(self, queue: str):
+        """Stop consuming ``queue`` (its tasks wait in RabbitMQ)."""
+        return self.consumers[queue].pause()
+
+    def resume(self, queue: str):
+        """Consume ``queue`` again after :meth:`pause`."""
+        return self.consumers[queue].resume()
 
     def consume(self, queue: str, prefetch: int, on_delivery: Callable) -> None:
         if self.consuming is None:

@@ -306,12 +306,17 @@ class QueueConsumer:
             yield self._consume(protocol)
 
     @defer.inlineCallbacks
-    def _consume(self, protocol):
+    def _consume(self, protocol, channel=None):
         self._generation += 1
         generation = self._generation
-        channel = yield protocol.channel()
-        acker = _Acker(channel, self.clock)
-        yield channel.basic_qos(prefetch_count=self.prefetch)
+        if channel is None:
+            channel = yield protocol.channel()
+            acker = _Acker(channel, self.clock)
+            yield channel.basic_qos(prefetch_count=self.prefetch)
+        else:
+            # resuming on the channel that still holds unacked deliveries:
+            # its prefetch window counts them, and they stay ackable
+            acker = self._acker
         queue_object, tag = yield channel.basic_consume(queue=self.queue)
         self._channel, self._tag, self._acker = channel, tag, acker
         self.consuming = True
@@ -406,11 +411,19 @@ class QueueConsumer:
 
     @defer.inlineCallbacks
     def resume(self):
-        """Start receiving again after :meth:`pause`."""
+        """
+        Start receiving again after :meth:`pause`, on the same channel when
+        it is still open, so that deliveries received before the pause can
+        still be acked and the prefetch window counts them.
+        """
         self.paused = False
         protocol = self._protocol
         if not self.consuming and protocol is not None and protocol.is_open:
-            yield self._consume(protocol)
+            channel = self._channel
+            if channel is not None and (not channel.is_open or self._acker is None
+                                        or not self._acker.alive()):
+                channel = None
+            yield self._consume(protocol, channel)
 
     def close_channel(self) -> None:
         """Close the channel: unacked messages go back to the queue."""

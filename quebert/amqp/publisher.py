@@ -138,11 +138,13 @@ class Publisher:
 
     @defer.inlineCallbacks
     def publish(self, exchange: str, routing_key: str, body: bytes,
-                properties: pika.BasicProperties, *, declare: Optional[str] = None):
+                properties: pika.BasicProperties, *, declare: Optional[str] = None,
+                mandatory: bool = True):
         """
         Publish and wait for the broker's confirm, retrying transient
         failures.  ``declare`` names a work queue to make sure of first.
-        Fails with :class:`UnroutableError` if nothing is bound to the route.
+        Fails with :class:`UnroutableError` if nothing is bound to the route
+        (unless ``mandatory`` is false: then such a message is dropped).
         """
         failures = 0
         while True:
@@ -151,7 +153,7 @@ class Publisher:
                 if declare is not None:
                     yield self._ensure_queue(self._protocol, declare)
                 yield mirror(channel.basic_publish(exchange, routing_key, body, properties,
-                                                   mandatory=True))
+                                                   mandatory=mandatory))
                 return None
             except BrokerError:
                 raise

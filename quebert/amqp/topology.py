@@ -69,6 +69,11 @@ class Topology:
 
     # -- names ---------------------------------------------------------
 
+    @property
+    def control_exchange(self) -> str:
+        """Fanout exchange every worker listens on (cancel, pause, resume)."""
+        return f"{self.exchange}.control"
+
     def errored_queue(self, queue: str) -> str:
         return f"{queue}.errored"
 
@@ -126,7 +131,9 @@ class Topology:
 
     @inlineCallbacks
     def declare_delays(self, channel):
-        """Declare the main exchange and the delay levels (idempotent)."""
+        """Declare the main and control exchanges and the delay levels (idempotent)."""
+        yield channel.exchange_declare(exchange=self.control_exchange, exchange_type="fanout",
+                                       durable=True)
         yield channel.exchange_declare(exchange=self.exchange, exchange_type="direct",
                                        durable=True)
         yield channel.exchange_declare(
