@@ -27,7 +27,7 @@ import collections
 import os
 import socket
 import traceback
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 from twisted.internet import defer
@@ -36,18 +36,22 @@ from twisted.python.failure import Failure
 
 from quebert import protocol
 from quebert._defer import mirror
-from quebert.errors import InvalidMessage, QuebertError, WorkerLost
+from quebert.errors import DispatchError, InvalidMessage, QuebertError, Reject, WorkerLost
 from quebert.protocol import (
     H_ATTEMPTS,
     H_ERROR_MESSAGE,
     H_ERROR_TYPE,
+    H_EXECUTIONS,
     H_FIRST_ATTEMPT,
     H_NOT_BEFORE,
+    H_PREVIOUS_RESPONSE,
     H_QUEUE,
     H_REASON,
+    URL,
+    URL_TASK,
     TaskMessage,
 )
-from quebert.registry import Registry, TaskDefinition, default_registry
+from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
 from quebert.retry import RetryPolicy
 from quebert.state.interface import CANCELED, FAILED, SCHEDULED, SUCCEEDED
 
@@ -59,6 +63,19 @@ log = Logger(namespace="quebert.mediator")
 #: A task arriving this many seconds or more before its due time is delayed again.
 EARLY_TOLERANCE = 1.0
 _HEADER_TEXT_LIMIT = 1000
+#: Seconds a URL task's request may take unless its message or queue says.
+DEFAULT_DISPATCH_DEADLINE = 600.0
+#: Ids of tasks canceled through the control channel, remembered in case
+#: their message arrives while the state store cannot say so.
+CANCELED_MEMORY = 10000
+
+
+def _no_callable(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("URL tasks are dispatched, not called")
+
+
+#: What the mediator's machinery (retry policy, hooks) sees of URL tasks.
+URL_DEFINITION = TaskDefinition(name=URL_TASK, fn=_no_callable, executor=REACTOR)
 
 
 def default_worker_id() -> str:
@@ -86,6 +103,10 @@ class Task:
     #: The metadata the state store keeps (``TaskMessage.info()``).
     info: dict = attrs.field(
         default=attrs.Factory(lambda self: self.message.info(), takes_self=True), repr=False)
+    #: Set when the task was canceled while this attempt ran.
+    canceled: bool = False
+    #: The running attempt's Deferred (cancelled to cancel the task).
+    running: Optional[defer.Deferred] = attrs.field(default=None, repr=False)
 
 
 class Hook:
@@ -116,20 +137,34 @@ class QueueSettings:
     concurrency: int = 10
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     timeout: Optional[float] = None
+    #: URL tasks: seconds a request may take (``None``: the default, 10 minutes).
+    dispatch_deadline: Optional[float] = None
 
 
 def error_info(failure: Failure) -> dict:
-    """The ``error`` record of a failure: type, message, traceback."""
+    """
+    The ``error`` record of a failure: type, message, traceback; for a URL
+    task's failed request also the answer's status, timing and body prefix.
+    """
     exc = failure.value
-    try:
-        tb = failure.getTraceback()
-    except Exception:
-        tb = "".join(traceback.format_exception_only(type(exc), exc))
-    return {
+    if isinstance(exc, (DispatchError, Reject)):
+        tb = None  # the message says it all; the stack is quebert's own
+    else:
+        try:
+            tb = failure.getTraceback()[-8000:]
+        except Exception:
+            tb = "".join(traceback.format_exception_only(type(exc), exc))
+    error = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": str(exc),
-        "traceback": tb[-8000:],
+        "traceback": tb,
     }
+    if isinstance(exc, DispatchError):
+        for key in ("status", "elapsed", "body"):
+            value = exc.response.get(key)
+            if value is not None:
+                error[key if key != "body" else "response_body"] = value
+    return error
 
 
 def _header_text(value: str) -> str:
@@ -148,7 +183,7 @@ class Mediator:
                  queues: Iterable[QueueSettings], registry: Optional[Registry] = None,
                  max_running_tasks: int = 100, worker_id: Optional[str] = None,
                  hooks: Iterable[Hook] = (), max_message_size: int = 1024 * 1024,
-                 task_log_level: LogLevel = LogLevel.info) -> None:
+                 task_log_level: LogLevel = LogLevel.info, dispatcher: Any = None) -> None:
         self.broker = broker
         self.state = state
         self.executor = executor
@@ -170,13 +205,53 @@ class Mediator:
         self.counts: collections.Counter = collections.Counter()
         self._before_hooks, self._after_hooks, self._error_hooks = self._hook_chains()
         self._policies: dict[tuple, RetryPolicy] = {}
+        #: Makes URL tasks' requests (:class:`quebert.dispatch.URLDispatcher`).
+        self.dispatcher = dispatcher
+        self._canceled: collections.OrderedDict = collections.OrderedDict()
 
     # -- intake ------------------------------------------------------------
 
     def start(self) -> None:
-        """Register a consumer for every queue with the broker."""
+        """Register a consumer for every queue, and the control listener, with the broker."""
         for settings in self.queues.values():
             self.broker.consume(settings.name, settings.concurrency, self.on_delivery)
+        listen = getattr(self.broker, "listen_control", None)
+        if listen is not None:
+            listen(self.on_control)
+
+    def on_control(self, message: Mapping[str, Any]) -> None:
+        """A control command for every worker (see :mod:`quebert.amqp.control`)."""
+        kind = message.get("type")
+        if kind == "cancel":
+            self.cancel_running(message["id"])
+        elif kind in ("pause", "resume"):
+            queue = message["queue"]
+            if queue in self.queues:
+                log.info("{what} queue {queue} (control message)", what=kind, queue=queue)
+                d = defer.maybeDeferred(getattr(self.broker, kind), queue)
+                d.addErrback(lambda f: log.failure("{what} of queue {queue} failed", f,
+                                                   what=kind, queue=queue))
+
+    def cancel_running(self, task_id: str) -> bool:
+        """
+        Cancel ``task_id`` if it runs here: its attempt's Deferred is
+        cancelled (an ``async``/Deferred task gets ``CancelledError``, a URL
+        task's request is aborted, a thread task's result is discarded when
+        it returns) and the task ends ``canceled``.  Remembers the id
+        either way, so a copy met later is not run.  True if it ran here.
+        """
+        self._canceled[task_id] = True
+        if len(self._canceled) > CANCELED_MEMORY:
+            self._canceled.popitem(last=False)
+        task = self.running.get(task_id)
+        if task is None:
+            return False
+        log.info("canceling task {task_id} ({task}) in attempt {attempt}", task_id=task_id,
+                 task=task.name, attempt=task.attempt)
+        task.canceled = True
+        if task.running is not None and not task.running.called:
+            task.running.cancel()
+        return True
 
     def on_delivery(self, delivery: Any) -> None:
         """Called by the broker for each message; never raises."""
@@ -223,8 +298,14 @@ class Mediator:
             message = protocol.decode(delivery.body, delivery.content_type,
                                       default_queue=delivery.queue,
                                       max_size=self.max_message_size)
-            definition = self.registry.get(message.task, message.id)
-            definition.bind(message.args, message.kwargs, message.id)
+            if message.kind == URL:
+                if self.dispatcher is None:
+                    raise InvalidMessage("this worker is not set up to run URL tasks",
+                                         field="kind", task_id=message.id)
+                definition = URL_DEFINITION
+            else:
+                definition = self.registry.get(message.task, message.id)
+                definition.bind(message.args, message.kwargs, message.id)
         except InvalidMessage as e:
             await self.reject(delivery, e)
             return
@@ -270,6 +351,10 @@ class Mediator:
                                         first_attempt_at or first_started or now)
                 return
 
+        if self._canceled and message.id in self._canceled:
+            await self._canceled_before_start(delivery, message, previous)
+            return
+
         attempt = previous + 1
         task = Task(
             id=message.id, name=message.task, queue=delivery.queue, args=message.args,
@@ -285,7 +370,12 @@ class Mediator:
             self.counts["skipped"] += 1
             return
 
-        await self.state.started(task.id, attempt, self.worker_id, task.info, now)
+        if await self.state.started(task.id, attempt, self.worker_id, task.info,
+                                    now) == CANCELED:
+            delivery.ack()
+            self.counts["canceled"] += 1
+            self._log(task, "task {task_id} ({task}) was canceled; not running it")
+            return
         self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
         try:
@@ -296,14 +386,26 @@ class Mediator:
     async def _run(self, task: Task) -> None:
         """Run one attempt and settle it (``task.delivery`` may be swapped meanwhile)."""
         try:
-            result = await self.executor.run(task.definition, task.args, task.kwargs,
-                                             self.timeout_for(task))
-        except Exception:
+            if task.message.kind == URL:
+                task.running = self._dispatch(task)
+            else:
+                task.running = self.executor.run(task.definition, task.args, task.kwargs,
+                                                 self.timeout_for(task))
+            result = await task.running
+        except BaseException as e:
+            if not isinstance(e, (Exception, defer.CancelledError)):
+                raise
             failure = Failure()
         else:
             failure = None
+        task.running = None
 
+        if task.canceled and failure is not None:
+            await self._canceled_while_running(task)
+            return
         if failure is None:
+            if task.message.kind == URL:
+                result = result.to_record()
             if self._after_hooks:
                 await self._run_after_hooks(task, result)
             await self.state.finished(task.id, SUCCEEDED, task.attempt, task.info,
@@ -315,6 +417,45 @@ class Mediator:
         else:
             await self._run_error_hooks(task, failure)
             await self.on_failure(task, failure)
+
+    def _dispatch(self, task: Task) -> defer.Deferred:
+        """Make a URL task's request with the ``X-Quebert-*`` headers."""
+        from quebert.dispatch import URLRequest
+
+        message = task.message
+        headers = task.delivery.headers or {}
+        extra = {
+            "X-Quebert-QueueName": task.queue,
+            "X-Quebert-TaskName": message.name or message.id,
+            "X-Quebert-TaskRetryCount": str(task.attempt - 1),
+            "X-Quebert-TaskExecutionCount": str(protocol.int_header(headers, H_EXECUTIONS)),
+            "X-Quebert-TaskETA": f"{message.eta or message.created_at or task.started_at:.6f}",
+        }
+        previous = protocol.int_header(headers, H_PREVIOUS_RESPONSE)
+        if previous:
+            extra["X-Quebert-TaskPreviousResponse"] = str(previous)
+        request = URLRequest(url=message.url, method=message.method,
+                             headers=dict(message.headers), body=message.body)
+        return self.dispatcher.dispatch(request, queue=task.queue,
+                                        deadline=self.timeout_for(task), extra_headers=extra)
+
+    async def _canceled_before_start(self, delivery: Any, message: TaskMessage,
+                                     previous: int) -> None:
+        await self.state.finished(message.id, CANCELED, previous, message.info(),
+                                  self.clock.seconds(), reason="canceled before it started")
+        delivery.ack()
+        self.counts["canceled"] += 1
+        log.info("task {task_id} ({task}) was canceled; not running it", task_id=message.id,
+                 task=message.task)
+
+    async def _canceled_while_running(self, task: Task) -> None:
+        await self.state.finished(task.id, CANCELED, task.attempt, task.info,
+                                  self.clock.seconds(),
+                                  reason=f"canceled while attempt {task.attempt} ran")
+        task.delivery.ack()
+        self.counts["canceled"] += 1
+        self._log(task, "task {task_id} ({task}) canceled during attempt {attempt}",
+                  level=LogLevel.warn)
 
     # -- extension points ------------------------------------------------
 
@@ -340,7 +481,15 @@ class Mediator:
             return base
 
     def timeout_for(self, task: Task) -> Optional[float]:
-        """Seconds an attempt may run: message, then task, then queue."""
+        """
+        Seconds an attempt may run: message, then task, then queue.  For a
+        URL task, its dispatch deadline: message, then queue, then 10 minutes.
+        """
+        if task.message.kind == URL:
+            settings = self.queues.get(task.queue)
+            return (task.message.dispatch_deadline
+                    or (settings.dispatch_deadline if settings is not None else None)
+                    or DEFAULT_DISPATCH_DEADLINE)
         if task.message.timeout:
             return task.message.timeout
         if task.definition.timeout:
@@ -376,6 +525,11 @@ class Mediator:
             H_ERROR_TYPE: error["type"],
             H_ERROR_MESSAGE: _header_text(error["message"]),
         })
+        if isinstance(failure.value, DispatchError):
+            status = failure.value.status
+            headers[H_PREVIOUS_RESPONSE] = status or 0
+            if status:
+                headers[H_EXECUTIONS] = protocol.int_header(headers, H_EXECUTIONS) + 1
         headers.pop(H_NOT_BEFORE, None)
         await self.broker.publish(task.queue, task.delivery.body, headers,
                                   message_id=task.id,
@@ -584,11 +738,21 @@ class DelayOnErrorMediator(Mediator):
     Retries failed attempts through the broker's delay queues with the
     Cloud Tasks backoff, until both the attempt limit and the retry
     duration are spent; then the errored queue.
+
+    A task that raises :class:`~quebert.errors.Reject` (a refused URL
+    among them) fails at once.  A URL task whose server answered 429 or 503
+    with a longer ``Retry-After`` than the backoff waits that long instead.
     """
 
     async def on_failure(self, task: Task, failure: Failure) -> None:
         now = self.clock.seconds()
-        if task.policy.should_retry(task.attempt, task.first_attempt_at, now):
-            await self.retry(task, failure, task.policy.delay(task.attempt))
+        if isinstance(failure.value, Reject):
+            await self.fail(task, failure, reason=str(failure.value))
+        elif task.policy.should_retry(task.attempt, task.first_attempt_at, now):
+            delay = task.policy.delay(task.attempt)
+            retry_after = getattr(failure.value, "retry_after", None)
+            if isinstance(failure.value, DispatchError) and retry_after and retry_after > delay:
+                delay = retry_after
+            await self.retry(task, failure, delay)
         else:
             await self.fail(task, failure)

@@ -82,8 +82,10 @@ H_QUEUE = "x-quebert-queue"
 H_ERROR_TYPE = "x-quebert-error-type"
 H_ERROR_MESSAGE = "x-quebert-error-message"
 H_REASON = "x-quebert-reason"
-#: AMQP header on a URL task's retry: the previous attempt's HTTP status.
+#: AMQP header on a URL task's retry: the previous attempt's HTTP status (0: none).
 H_PREVIOUS_RESPONSE = "x-quebert-previous-response"
+#: AMQP header on a URL task: attempts that got an HTTP answer so far.
+H_EXECUTIONS = "x-quebert-executions"
 #: AMQP header set by quorum queues: deliveries returned to the queue.
 H_DELIVERY_COUNT = "x-delivery-count"
 

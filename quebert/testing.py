@@ -104,6 +104,11 @@ class StubBroker:
         self.published: list = []
         self._consumers: dict[str, tuple[int, Callable]] = {}
         self.paused = False
+        #: Queues paused one by one (``pause``/``resume``).
+        self.paused_queues: set[str] = set()
+        self._control_listeners: list[Callable] = []
+        #: Control commands broadcast, in order.
+        self.control: list[dict] = []
 
     # -- IBroker -----------------------------------------------------------
 
@@ -142,6 +147,26 @@ class StubBroker:
 
     def close_consumers(self) -> None:
         self.crash()
+
+    def pause(self, queue: str):
+        self.paused_queues.add(queue)
+        return defer.succeed(None)
+
+    def resume(self, queue: str):
+        self.paused_queues.discard(queue)
+        self._dispatch(queue)
+        return defer.succeed(None)
+
+    def listen_control(self, on_message: Callable[[dict], Any]) -> None:
+        self._control_listeners.append(on_message)
+
+    def publish_control(self, command: str, **fields: Any):
+        """Broadcast to every listener at once, as the fanout exchange does."""
+        message = {"type": command, "sent_at": self.clock.seconds(), **fields}
+        self.control.append(message)
+        for listener in list(self._control_listeners):
+            listener(message)
+        return defer.succeed(None)
 
     # -- test helpers --------------------------------------------------------
 
@@ -190,7 +215,7 @@ class StubBroker:
 
     def _dispatch(self, queue: str) -> None:
         consumer = self._consumers.get(queue)
-        if consumer is None or self.paused:
+        if consumer is None or self.paused or queue in self.paused_queues:
             return
         prefetch, on_delivery = consumer
         ready = self.queues[queue]
@@ -243,7 +268,7 @@ class StubWorker:
                  queues: Iterable[Any] = ("default",),
                  mediator_class: type = DelayOnErrorMediator, hooks: Iterable[Hook] = (),
                  max_running_tasks: int = 100, state: Any = None,
-                 max_message_size: int = 1024 * 1024) -> None:
+                 max_message_size: int = 1024 * 1024, dispatcher: Any = None) -> None:
         self.clock = clock
         self.registry = registry if registry is not None else default_registry
         self.broker = StubBroker(clock)
@@ -255,6 +280,7 @@ class StubWorker:
             broker=self.broker, state=self.state, executor=InlineExecutor(clock), clock=clock,
             queues=settings, registry=self.registry, max_running_tasks=max_running_tasks,
             worker_id="stub-worker", hooks=hooks, max_message_size=max_message_size,
+            dispatcher=dispatcher,
         )
         self.mediator.start()
 
@@ -275,6 +301,34 @@ class StubWorker:
         self.broker.publish(queue, body, headers, message_id=message.id,
                             delay=_countdown or 0.0)
         return message.id
+
+    def enqueue_url(self, url: str, *, method: str = "POST", headers: Optional[dict] = None,
+                    body: Any = b"", _queue: Optional[str] = None,
+                    _countdown: Optional[float] = None, _name: Optional[str] = None,
+                    _retry: Optional[dict] = None,
+                    _dispatch_deadline: Optional[float] = None) -> str:
+        """Publish a URL task the way :class:`~quebert.Client` does; return its id."""
+        now = self.clock.seconds()
+        queue = _queue or self.default_queue
+        eta = now + _countdown if _countdown else None
+        message, encoded = protocol.build_url(
+            url, method=method, headers=headers, body=body, queue=queue, eta=eta, name=_name,
+            retry=_retry, dispatch_deadline=_dispatch_deadline, now=now)
+        self.state.enqueued(message.id, "scheduled" if eta else "queued", message.info(), now)
+        headers_: dict[str, Any] = {protocol.H_ATTEMPTS: 0}
+        if eta:
+            headers_[protocol.H_NOT_BEFORE] = protocol.to_ms(eta)
+        self.broker.publish(queue, encoded, headers_, message_id=message.id,
+                            delay=_countdown or 0.0)
+        return message.id
+
+    def cancel(self, task_id: str) -> Optional[str]:
+        """Cancel as :meth:`quebert.Client.cancel` does; the state the task was in."""
+        box: list = []
+        self.state.cancel(task_id, self.clock.seconds(), "canceled by a test").addBoth(
+            box.append)
+        self.broker.publish_control("cancel", id=task_id)
+        return box[0] if box else None
 
     def run_until_idle(self, max_seconds: float = 86400.0, step: float = 0.001) -> None:
         """Advance the clock until no message is ready, unacked or delayed."""
