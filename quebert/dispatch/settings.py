@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_dispatch_policy -*-
+"""
+The ``dispatch`` block of a worker's JSON config file, read and checked.
+
+::
+
+    "dispatch": {
+        "allow_schemes": ["https"],
+        "allow_hosts": ["*.example.com"],
+        "deny_networks": ["private"],
+        "max_connections": 50,
+        "dispatch_deadline": 120,
+        "max_dispatches_per_second": 20,
+        "queues": {"emails": {"max_concurrent_dispatches": 2}}
+    }
+
+The limit keys at the top of the block are the defaults of every queue; a
+queue's block under ``"queues"`` overrides them for that queue.  See
+``docs/url-tasks.rst`` for every key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import attrs
+
+from quebert.dispatch.limits import QueueLimits
+from quebert.dispatch.policy import URLPolicy
+from quebert.errors import ConfigurationError
+
+#: Seconds one attempt may take on the wire unless configured (Cloud Tasks' default).
+DEFAULT_DISPATCH_DEADLINE = 600.0
+
+_OWN_KEYS = ("max_connections", "max_connections_per_host", "connect_timeout",
+             "dispatch_deadline", "queues")
+CONFIG_KEYS = URLPolicy.CONFIG_KEYS + QueueLimits.CONFIG_KEYS + _OWN_KEYS
+
+
+def _positive(mapping: Mapping[str, Any], key: str, default: Any, integer: bool) -> Any:
+    if key not in mapping:
+        return default
+    value = mapping[key]
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or not math.isfinite(value) or value <= 0:
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(f"dispatch.{key} must be {kind} > 0, not {value!r}")
+    return int(value) if integer else float(value)
+
+
+@attrs.frozen
+class DispatchSettings:
+    """Everything the ``dispatch`` block configures, already validated."""
+
+    policy: URLPolicy = URLPolicy()
+    default_limits: QueueLimits = QueueLimits()
+    limits: Mapping[str, QueueLimits] = attrs.field(factory=dict, hash=False)
+    max_connections: int = 100
+    max_connections_per_host: int = 10
+    connect_timeout: float = 10.0
+    dispatch_deadline: float = DEFAULT_DISPATCH_DEADLINE
+
+    @classmethod
+    def from_config(cls, mapping: Mapping[str, Any]) -> DispatchSettings:
+        """Read a ``dispatch`` block; unknown keys and bad values raise ConfigurationError."""
+        if not isinstance(mapping, Mapping):
+            raise ConfigurationError("'dispatch' must be a JSON object")
+        unknown = set(mapping) - set(CONFIG_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown dispatch setting(s): {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(CONFIG_KEYS)})")
+        policy = URLPolicy.from_config(mapping)
+        try:
+            defaults = QueueLimits.from_config(mapping)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"dispatch: {e}")
+        queues = mapping.get("queues") or {}
+        if not isinstance(queues, Mapping):
+            raise ConfigurationError("dispatch.queues must be an object of queue names")
+        limits = {}
+        for name, block in queues.items():
+            if not isinstance(block, Mapping):
+                raise ConfigurationError(f"dispatch.queues.{name} must be a JSON object")
+            extra = set(block) - set(QueueLimits.CONFIG_KEYS)
+            if extra:
+                raise ConfigurationError(
+                    f"unknown setting(s) in dispatch.queues.{name}: {', '.join(sorted(extra))} "
+                    f"(known: {', '.join(QueueLimits.CONFIG_KEYS)})")
+            try:
+                limits[name] = QueueLimits.from_config(block, defaults)
+            except ConfigurationError as e:
+                raise ConfigurationError(f"dispatch.queues.{name}: {e}")
+        return cls(
+            policy=policy, default_limits=defaults, limits=limits,
+            max_connections=_positive(mapping, "max_connections", 100, True),
+            max_connections_per_host=_positive(mapping, "max_connections_per_host", 10, True),
+            connect_timeout=_positive(mapping, "connect_timeout", 10.0, False),
+            dispatch_deadline=_positive(mapping, "dispatch_deadline",
+                                        DEFAULT_DISPATCH_DEADLINE, False),
+        )
+
+    def dispatcher(self, reactor: Any, **kwargs: Any) -> Any:
+        """A :class:`~quebert.dispatch.URLDispatcher` with these settings (``kwargs`` win)."""
+        from quebert.dispatch.dispatcher import URLDispatcher
+
+        options: dict[str, Any] = dict(
+            policy=self.policy, limits=self.limits, default_limits=self.default_limits,
+            max_connections=self.max_connections,
+            max_connections_per_host=self.max_connections_per_host,
+            connect_timeout=self.connect_timeout)
+        options.update(kwargs)
+        return URLDispatcher(reactor, **options)
