@@ -172,7 +172,7 @@ class NamesAndCancelContract:
         self.assertIsNone(await self.manager.claim("b", QUEUED, info(name="n1"), T0 + 3))
 
 
-class MemoryNamesTests(NamesAndCancelContract, TestCase):
+class MemorySetup:
     def setUp(self) -> None:
         self.clock = Clock()
         self.manager = MemoryStateManager(clock=self.clock, name_tombstone=60)
@@ -181,7 +181,7 @@ class MemoryNamesTests(NamesAndCancelContract, TestCase):
         self.clock.advance(61)
 
 
-class RedisNamesTests(NamesAndCancelContract, TestCase):
+class RedisSetup:
     async def setUp(self) -> None:
         self.redis, self.prefix = await isolated_redis(self)
         self.manager = RedisStateManager(self.redis, prefix=self.prefix, name_tombstone=60)
@@ -194,13 +194,24 @@ class RedisNamesTests(NamesAndCancelContract, TestCase):
             await self.redis.delete(key)  # what the expiry does, without waiting a minute
 
 
-class ResilientNamesTests(RedisNamesTests):
+class ResilientSetup(RedisSetup):
     """Through ResilientStateManager, as the worker and the API use the store."""
 
     async def setUp(self) -> None:
         await super().setUp()
         self.manager = ResilientStateManager(self.manager)
         self.addCleanup(self.manager.stop)
+
+
+class MemoryNamesTests(NamesAndCancelContract, MemorySetup, TestCase):
+    pass
+
+
+class RedisNamesTests(NamesAndCancelContract, RedisSetup, TestCase):
+    pass
+
+
+class ResilientNamesTests(NamesAndCancelContract, ResilientSetup, TestCase):
 
     async def test_unreachable_store_is_a_state_error(self) -> None:
         """Claims and cancels are answered, never queued: an outage is a StateError."""
@@ -215,3 +226,54 @@ class ResilientNamesTests(RedisNamesTests):
                      manager.cancel("a", T0)):
             with self.assertRaises(StateError):
                 await call
+
+
+class RequeueAndPauseContract:
+    manager: Any
+
+    async def test_requeue_failed_task(self) -> None:
+        """A failed task becomes queued again, attempts and history kept."""
+        await self.manager.claim("a", QUEUED, info(name="n1"), T0)
+        await self.manager.started("a", 1, "w", info(name="n1"), T0 + 1)
+        await self.manager.finished("a", FAILED, 1, info(name="n1"), T0 + 2, reason="boom",
+                                    error={"type": "E", "message": "m", "traceback": None})
+        self.assertEqual(await self.manager.requeued("a", T0 + 3), FAILED)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["attempts"], record["reason"],
+                          record["finished_at"], len(record["history"])),
+                         (QUEUED, 1, None, None, 1))
+        self.assertEqual([r["id"] for r in await self.manager.list(state=QUEUED)], ["a"])
+        self.assertEqual(await self.manager.list(state=FAILED), [])
+        # its name is live again
+        await self.pass_tombstone("n1")
+        with self.assertRaises(TaskAlreadyExists):
+            await self.manager.claim("b", QUEUED, info(name="n1"), T0 + 4)
+        # and the next attempt starts normally
+        self.assertIsNone(await self.manager.started("a", 2, "w", info(name="n1"), T0 + 5))
+
+    async def test_requeue_other_states_changes_nothing(self) -> None:
+        self.assertIsNone(await self.manager.requeued("ghost", T0))
+        await self.manager.enqueued("a", QUEUED, info(), T0)
+        self.assertEqual(await self.manager.requeued("a", T0 + 1), QUEUED)
+        await self.manager.finished("a", SUCCEEDED, 1, info(), T0 + 2)
+        self.assertEqual(await self.manager.requeued("a", T0 + 3), SUCCEEDED)
+        self.assertEqual((await self.manager.get("a"))["state"], SUCCEEDED)
+
+    async def test_paused_queues_are_remembered(self) -> None:
+        self.assertEqual(await self.manager.paused_queues(), set())
+        await self.manager.set_paused("mail", True)
+        await self.manager.set_paused("sms", True)
+        await self.manager.set_paused("sms", False)
+        self.assertEqual(await self.manager.paused_queues(), {"mail"})
+
+
+class MemoryRequeueTests(RequeueAndPauseContract, MemorySetup, TestCase):
+    pass
+
+
+class RedisRequeueTests(RequeueAndPauseContract, RedisSetup, TestCase):
+    pass
+
+
+class ResilientRequeueTests(RequeueAndPauseContract, ResilientSetup, TestCase):
+    pass

@@ -26,6 +26,8 @@ PRUNE_BATCH = 50
 #   'n' (enqueued with a unique name): state; refused when the name is held
 #   'c' (cancel):    reason
 #   'r' (release a name the task holds)
+#   'q' (requeued): a failed task goes back to queued, its name live again
+#   'p' (pause) / 'u' (unpause): the id field holds a queue name
 # where result and error are JSON texts and numbers (attempt, at, eta...)
 # strings in their exact hash form: Python encodes each value once, the
 # script names the fields.  Writes apply in order and the whole batch is
@@ -34,7 +36,7 @@ PRUNE_BATCH = 50
 # pairs of (write's position, answer):
 #   's' refused because the task was canceled: 'canceled'
 #   'n' refused: 'held:' .. id of the task holding the name
-#   'c': the state the task was in ('missing' when there is no record)
+#   'c', 'q': the state the task was in ('missing' when there is no record)
 _APPLY = """
 local prefix = ARGV[1]
 local ttl_ms = tonumber(ARGV[2])
@@ -428,6 +430,27 @@ local function cancel(op, position)
   return 1
 end
 
+local function requeued(op, position)
+  local old = call('HMGET', key, 'state', 'queue', 'name')
+  local old_state = old[1]
+  if not old_state then
+    answer(position, 'missing')
+    return 0
+  end
+  answer(position, old_state)
+  if old_state ~= 'failed' then return 0 end
+  call('HSET', key, 'state', 'queued', 'updated_at', at)
+  call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'cancel_requested', 'eta')
+  call('PERSIST', key)
+  reindex(old_state, old[2], 'queued', old[2])
+  if old[3] then
+    local nk = name_prefix .. old[3]
+    local holder = call('GET', nk)
+    if not holder or holder == id then call('SET', nk, id) end
+  end
+  return 1
+end
+
 local function release(op)
   local nk = name_prefix .. op[4]
   if call('GET', nk) == id then call('DEL', nk) end
@@ -452,6 +475,12 @@ for position, op in ipairs(ops) do
     cancel(op, position)
   elseif kind == 'r' then
     release(op)
+  elseif kind == 'q' then
+    requeued(op, position)
+  elseif kind == 'p' then
+    call('SADD', prefix .. 'paused', id)
+  elseif kind == 'u' then
+    call('SREM', prefix .. 'paused', id)
   end
   latest = at
 end
@@ -466,6 +495,11 @@ local reply = {examined}
 for i = 1, na do reply[i + 1] = answers[i] end
 return reply
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
+
+# ARGV: prefix
+_PAUSED = """
+return redis.call('SMEMBERS', ARGV[1] .. 'paused')
+"""
 
 # ARGV: prefix, id
 _GET = """
@@ -546,5 +580,6 @@ SCRIPTS = {
         ("apply", _APPLY),
         ("get", _GET),
         ("list", _LIST),
+        ("paused", _PAUSED),
     )
 }

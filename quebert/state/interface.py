@@ -125,6 +125,20 @@ class IStateManager(Interface):
         ``max(attempts, attempt)``.
         """
 
+    def requeued(task_id: str, at: float):
+        """
+        A ``failed`` task was put back in its queue: ``queued`` again, its
+        outcome fields cleared, attempts and history kept, its unique name
+        live again.  Fires with the state it was in (``None``: no record);
+        any other state is left alone.
+        """
+
+    def set_paused(queue: str, paused: bool):
+        """Remember that ``queue`` is paused (or resumed), for workers started later too."""
+
+    def paused_queues():
+        """Fire with the set of paused queue names."""
+
     def get(task_id: str):
         """Fire with the record (see module docstring) or ``None``."""
 

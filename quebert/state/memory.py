@@ -20,7 +20,7 @@ import heapq
 from bisect import bisect_left, insort
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -28,7 +28,9 @@ from quebert.errors import ConfigurationError, TaskAlreadyExists
 from quebert.state import _records
 from quebert.state.interface import (
     CANCELED,
+    FAILED,
     FINISHED_STATES,
+    QUEUED,
     RUNNING,
     SCHEDULED,
     STATES,
@@ -81,6 +83,7 @@ class MemoryStateManager:
                 f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
         self.finished_ttl = finished_ttl
         self.name_tombstone = name_tombstone
+        self._paused: set = set()
         #: unique name -> (holding task id, expiry time or None while it is live)
         self._names: Dict[str, Tuple[str, Optional[float]]] = {}
         self._clock = clock
@@ -114,6 +117,19 @@ class MemoryStateManager:
     def cancel(self, task_id: str, at: float, reason: Optional[str] = None) -> Deferred:
         """Cancel a task; fires with the state it was in (``None``: no record)."""
         return maybeDeferred(self._cancel, task_id, at, reason)
+
+    def requeued(self, task_id: str, at: float) -> Deferred:
+        """A failed task is queued again; fires with the state it was in."""
+        return maybeDeferred(self._requeued, task_id, at)
+
+    def set_paused(self, queue: str, paused: bool) -> Deferred:
+        """Remember that ``queue`` is paused (or not)."""
+        (self._paused.add if paused else self._paused.discard)(queue)
+        return succeed(None)
+
+    def paused_queues(self) -> Deferred:
+        """Fire with the set of paused queue names."""
+        return succeed(set(self._paused))
 
     def finished(
         self,
@@ -243,6 +259,24 @@ class MemoryStateManager:
             raise TaskAlreadyExists(name, holder)
         self._names[name] = (task_id, None)
         self._enqueued(task_id, state, info, at)
+
+    def _requeued(self, task_id: str, at: float) -> Optional[str]:
+        _records.check_task_id(task_id)
+        self._expire()
+        stored = self._records.get(task_id)
+        if stored is None:
+            return None
+        old_state = stored["state"]
+        if old_state != FAILED:
+            return old_state
+        record = dict(stored)
+        record.update(state=QUEUED, updated_at=float(at), finished_at=None, result=None,
+                      error=None, reason=None, cancel_requested=None, eta=None)
+        self._store(record, old_state, record["queue"])
+        name = record["name"]
+        if name is not None and self._holder(name) in (None, task_id):
+            self._names[name] = (task_id, None)
+        return old_state
 
     def _release_name(self, task_id: str, name: str) -> None:
         _records.check_task_id(task_id)

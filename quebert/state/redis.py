@@ -181,6 +181,34 @@ class RedisStateManager:
             return fail()
         return self._submit(op).addCallback(lambda old: None if old == "missing" else old)
 
+    def requeued(self, task_id: str, at: float) -> Deferred:
+        """
+        A ``failed`` task was put back in its queue: it becomes ``queued``
+        again (attempts and history kept).  Fires with the state it was in
+        (``None``: no record); only a failed task is changed.
+        """
+        try:
+            _records.check_task_id(task_id)
+            op = ["q", task_id, _float_repr(float(at))]
+        except Exception:
+            return fail()
+        return self._submit(op).addCallback(lambda old: None if old == "missing" else old)
+
+    def set_paused(self, queue: str, paused: bool) -> Deferred:
+        """Remember that ``queue`` is paused (or not) for every worker, even later ones."""
+        try:
+            _records.check_task_id(queue)
+            op = ["p" if paused else "u", queue,
+                  _float_repr(float(self._get_clock().seconds()))]
+        except Exception:
+            return fail()
+        return self._submit(op).addCallback(lambda _: None)
+
+    def paused_queues(self) -> Deferred:
+        """Fire with the set of paused queue names."""
+        return self._run("paused", [self.prefix]).addCallback(
+            lambda names: {n.decode() if isinstance(n, bytes) else str(n) for n in names or ()})
+
     def finished(
         self,
         task_id: str,

@@ -267,6 +267,19 @@ class ResilientStateManager:
         return maybeDeferred(self.inner.cancel, task_id, at, reason).addErrback(
             self._read_failed)
 
+    def requeued(self, task_id: str, at: float) -> Deferred:
+        """The inner store's ``requeued``."""
+        return maybeDeferred(self.inner.requeued, task_id, at).addErrback(self._read_failed)
+
+    def set_paused(self, queue: str, paused: bool) -> Deferred:
+        """The inner store's ``set_paused``."""
+        return maybeDeferred(self.inner.set_paused, queue, paused).addErrback(
+            self._read_failed)
+
+    def paused_queues(self) -> Deferred:
+        """The inner store's ``paused_queues``."""
+        return maybeDeferred(self.inner.paused_queues).addErrback(self._read_failed)
+
     # -- reads ----------------------------------------------------------
 
     def get(self, task_id: str) -> Deferred:
