@@ -203,15 +203,15 @@ class ResilientSetup(RedisSetup):
         self.addCleanup(self.manager.stop)
 
 
-class MemoryNamesTests(NamesAndCancelContract, MemorySetup, TestCase):
+class MemoryNamesTests(MemorySetup, NamesAndCancelContract, TestCase):
     pass
 
 
-class RedisNamesTests(NamesAndCancelContract, RedisSetup, TestCase):
+class RedisNamesTests(RedisSetup, NamesAndCancelContract, TestCase):
     pass
 
 
-class ResilientNamesTests(NamesAndCancelContract, ResilientSetup, TestCase):
+class ResilientNamesTests(ResilientSetup, NamesAndCancelContract, TestCase):
 
     async def test_unreachable_store_is_a_state_error(self) -> None:
         """Claims and cancels are answered, never queued: an outage is a StateError."""
@@ -267,13 +267,13 @@ class RequeueAndPauseContract:
         self.assertEqual(await self.manager.paused_queues(), {"mail"})
 
 
-class MemoryRequeueTests(RequeueAndPauseContract, MemorySetup, TestCase):
+class MemoryRequeueTests(MemorySetup, RequeueAndPauseContract, TestCase):
     pass
 
 
-class RedisRequeueTests(RequeueAndPauseContract, RedisSetup, TestCase):
+class RedisRequeueTests(RedisSetup, RequeueAndPauseContract, TestCase):
     pass
 
 
-class ResilientRequeueTests(RequeueAndPauseContract, ResilientSetup, TestCase):
+class ResilientRequeueTests(ResilientSetup, RequeueAndPauseContract, TestCase):
     pass
