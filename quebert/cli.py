@@ -359,6 +359,18 @@ class _BackgroundRecorder:
             f"Redis at {self.where} did not answer within {self.timeout:g} s"))
         return defer.succeed(None)
 
+    def claim(self, task_id: str, state: str, info: Any, at: float) -> defer.Deferred:
+        """A unique name is checked before publishing: this one is waited for."""
+        return _bounded(self.reactor, [defer.maybeDeferred(self.state.claim, task_id, state,
+                                                           info, at)], self.timeout,
+                        f"Redis at {self.where} did not answer within {self.timeout:g} s")
+
+    def finished(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        return defer.maybeDeferred(self.state.finished, *args, **kwargs)
+
+    def release_name(self, *args: Any) -> defer.Deferred:
+        return defer.maybeDeferred(self.state.release_name, *args)
+
     async def problem(self) -> Optional[str]:
         """``None`` once every write is stored, else why one was not."""
         for write in self._writes:

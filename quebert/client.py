@@ -19,14 +19,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from quebert import protocol
+from quebert.amqp import control
+from quebert.amqp.admin import BrokerAdmin, ErroredMessage
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.connection import DEFAULT_AMQP_URL
 from quebert.amqp.topology import Topology
-from quebert.errors import ConfigurationError
-from quebert.protocol import H_ATTEMPTS, H_NOT_BEFORE
+from quebert.errors import (
+    ConfigurationError,
+    QuebertError,
+    TaskNotFound,
+    TaskStateConflict,
+)
+from quebert.protocol import H_ATTEMPT_BASE, H_ATTEMPTS, H_FIRST_ATTEMPT, H_NOT_BEFORE
 from quebert.registry import Registry, TaskFunction, default_registry
 from quebert.retry import RETRY_FIELDS
-from quebert.state.interface import QUEUED, SCHEDULED
+from quebert.state.interface import FAILED, FINISHED_STATES, QUEUED, SCHEDULED
 
 log = Logger(namespace="quebert.client")
 
@@ -63,14 +70,29 @@ class Client:
     :param state: an optional :class:`~quebert.state.IStateManager`; when
         given, tasks are recorded ``queued``/``scheduled`` as they are sent.
     :param default_queue: queue for tasks that name none.
+    :param url_policy: a :class:`~quebert.dispatch.URLPolicy` URL tasks are
+        checked against when they are added (the worker checks again,
+        with the network, before every request); the default policy when
+        ``None``.
+
+    Unique task names (``_name``/``name``), cancellation, requeueing and
+    pausing need ``state``: that is where names are claimed atomically and
+    where cancellations are kept for workers that meet the task later.
     """
 
     def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, *, reactor: Any = None,
                  state: Any = None, exchange: str = "quebert", queue_type: str = "classic",
-                 default_queue: str = "default", registry: Optional[Registry] = None) -> None:
+                 default_queue: str = "default", registry: Optional[Registry] = None,
+                 url_policy: Any = None) -> None:
         self.topology = Topology(exchange=exchange, queue_type=queue_type)
         self.broker = AMQPBroker(amqp_url, self.topology, reactor=reactor, consume=False,
                                  name="client")
+        self.admin = BrokerAdmin(self.broker.publishing, self.topology)
+        if url_policy is None:
+            from quebert.dispatch import URLPolicy
+
+            url_policy = URLPolicy()
+        self.url_policy = url_policy
         self.reactor = self.broker.reactor
         self.state = state
         self.default_queue = default_queue
@@ -102,41 +124,196 @@ class Client:
         name, definition = self._resolve(fn_or_name)
         queue = _queue or (definition.queue if definition else None) or self.default_queue
         now = self.reactor.seconds()
-        eta = None
-        if _countdown is not None and _eta is not None:
-            raise ConfigurationError("give either _countdown or _eta, not both")
-        if _countdown is not None:
-            if isinstance(_countdown, bool) or not isinstance(_countdown, (int, float)) \
-                    or _countdown < 0:
-                raise ConfigurationError(f"_countdown must be seconds >= 0, not {_countdown!r}")
-            eta = now + float(_countdown)
-        elif _eta is not None:
-            eta = _epoch(_eta)
+        eta = self._eta(_countdown, _eta, now, "_countdown", "_eta")
         message, body = protocol.build(
             name, args, kwargs, queue=queue, task_id=_task_id, eta=eta, name=_name,
             retry=retry, timeout=_timeout, now=now,
         )
-        delay = max(0.0, eta - now) if eta is not None else 0.0
+        return self._publish(message, body, now)
+
+    def add_url_task(self, url: str, *, method: str = "POST",
+                     headers: Optional[dict] = None, body: Any = b"",
+                     queue: Optional[str] = None, countdown: Optional[float] = None,
+                     eta: Any = None, name: Optional[str] = None,
+                     task_id: Optional[str] = None, retry: Optional[dict] = None,
+                     dispatch_deadline: Optional[float] = None,
+                     **retry_fields: Any) -> defer.Deferred:
+        """
+        Publish a URL task: a worker makes this HTTP request, and any 2xx
+        answer is success; anything else is retried like a failed call
+        task.  ``body`` is bytes, text, or a JSON object/array (sent as
+        JSON).  Fires with the :class:`TaskInfo`.  The URL is checked
+        against ``url_policy`` here (raising
+        :class:`~quebert.errors.URLRefused`) so that a task that can never
+        be sent is refused at once.
+        """
+        retry = dict(retry or {})
+        for key in list(retry_fields):
+            if key in RETRY_FIELDS:
+                retry[key] = retry_fields.pop(key)
+        if retry_fields:
+            raise ConfigurationError(
+                f"unknown URL task option(s): {', '.join(sorted(retry_fields))}")
+        now = self.reactor.seconds()
+        when = self._eta(countdown, eta, now, "countdown", "eta")
+        message, encoded = protocol.build_url(
+            url, method=method, headers=headers, body=body, queue=queue or self.default_queue,
+            task_id=task_id, eta=when, name=name, retry=retry,
+            dispatch_deadline=dispatch_deadline, now=now,
+        )
+        from quebert.dispatch import URLRequest
+
+        self.url_policy.check_request(URLRequest(url=message.url, method=message.method,
+                                                 headers=message.headers, body=message.body))
+        return self._publish(message, encoded, now)
+
+    @staticmethod
+    def _eta(countdown: Any, eta: Any, now: float, countdown_name: str,
+             eta_name: str) -> Optional[float]:
+        if countdown is not None and eta is not None:
+            raise ConfigurationError(f"give either {countdown_name} or {eta_name}, not both")
+        if countdown is not None:
+            if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) \
+                    or countdown < 0:
+                raise ConfigurationError(
+                    f"{countdown_name} must be seconds >= 0, not {countdown!r}")
+            return now + float(countdown)
+        if eta is not None:
+            return _epoch(eta)
+        return None
+
+    def _publish(self, message: protocol.TaskMessage, body: bytes,
+                 now: float) -> defer.Deferred:
+        if message.name is not None and self.state is None:
+            raise ConfigurationError(
+                "tasks with a unique name need a state store: Client(..., state=...)")
+        delay = max(0.0, message.eta - now) if message.eta is not None else 0.0
         headers: dict[str, Any] = {H_ATTEMPTS: 0}
         if delay:
-            headers[H_NOT_BEFORE] = protocol.to_ms(eta)
+            headers[H_NOT_BEFORE] = protocol.to_ms(message.eta)
         return defer.ensureDeferred(self._send(message, body, headers, delay))
 
     async def _send(self, message: protocol.TaskMessage, body: bytes, headers: dict,
                     delay: float) -> TaskInfo:
         self._ensure_started()
-        await self.broker.publish(message.queue, body, headers, message_id=message.id,
-                                  delay=delay)
-        if self.state is not None:
+        state = SCHEDULED if delay else QUEUED
+        if message.name is not None:
+            # Taking the name is the race: the store decides, atomically.
+            await self.state.claim(message.id, state, message.info(), self.reactor.seconds())
             try:
-                await self.state.enqueued(message.id, SCHEDULED if delay else QUEUED,
-                                          message.info(), self.reactor.seconds())
+                await self.broker.publish(message.queue, body, headers,
+                                          message_id=message.id, delay=delay)
             except Exception as e:
-                # The task is safely queued; its record appears when it runs.
-                log.warn("task {task_id} is queued but its state record could not be "
-                         "written: {error}", task_id=message.id, error=e)
+                await self._unclaim(message, e)
+                raise
+        else:
+            await self.broker.publish(message.queue, body, headers, message_id=message.id,
+                                      delay=delay)
+            if self.state is not None:
+                try:
+                    await self.state.enqueued(message.id, state, message.info(),
+                                              self.reactor.seconds())
+                except Exception as e:
+                    # The task is safely queued; its record appears when it runs.
+                    log.warn("task {task_id} is queued but its state record could not be "
+                             "written: {error}", task_id=message.id, error=e)
         return TaskInfo(id=message.id, task=message.task, queue=message.queue,
                         eta=message.eta, name=message.name)
+
+    async def _unclaim(self, message: protocol.TaskMessage, error: Exception) -> None:
+        """The publish of a named task failed: free its name, record why."""
+        now = self.reactor.seconds()
+        try:
+            await self.state.finished(message.id, FAILED, 0, message.info(), now,
+                                      reason=f"publishing the task failed: {error}")
+            await self.state.release_name(message.id, message.name, now)
+        except Exception as e:
+            log.warn("task {task_id} was not published and its name {name!r} could not be "
+                     "released: {error}", task_id=message.id, name=message.name, error=e)
+
+    # -- managing tasks and queues --------------------------------------------
+
+    def _need_state(self, what: str) -> Any:
+        if self.state is None:
+            raise ConfigurationError(f"{what} needs a state store: Client(..., state=...)")
+        return self.state
+
+    async def cancel(self, task_id: str, reason: Optional[str] = None) -> dict:
+        """
+        Cancel a task: a queued or scheduled one never runs; a running one
+        is stopped by its worker (told through the control exchange).
+        Fires with the task's record.  Fails with
+        :class:`~quebert.errors.TaskNotFound`, or
+        :class:`~quebert.errors.TaskStateConflict` when it already finished.
+        """
+        state = self._need_state("cancel")
+        self._ensure_started()
+        old = await state.cancel(task_id, self.reactor.seconds(), reason or "canceled")
+        if old is None:
+            raise TaskNotFound(task_id)
+        if old in FINISHED_STATES:
+            raise TaskStateConflict(f"task {task_id} already {old}; nothing to cancel",
+                                    task_id=task_id, state=old)
+        try:
+            await self.broker.publish_control(control.CANCEL, id=task_id)
+        except QuebertError as e:
+            # Recorded: workers will not start it; a running attempt
+            # ends canceled when it is recorded.
+            log.warn("cancel of task {task_id} recorded but not broadcast: {error}",
+                     task_id=task_id, error=e)
+        return await state.get(task_id)
+
+    async def requeue(self, task_id: str) -> dict:
+        """
+        Put a ``failed`` task back in its queue, taking its message out of
+        the errored queue, with a fresh retry budget (attempts go on
+        counting).  Fires with its record.  Fails with
+        :class:`~quebert.errors.TaskNotFound` or
+        :class:`~quebert.errors.TaskStateConflict` (not failed, or its
+        message is no longer in the errored queue).
+        """
+        state = self._need_state("requeue")
+        self._ensure_started()
+        record = await state.get(task_id)
+        if record is None:
+            raise TaskNotFound(task_id)
+        if record["state"] != FAILED:
+            raise TaskStateConflict(f"task {task_id} is {record['state']}, not failed",
+                                    task_id=task_id, state=record["state"])
+        queue = record["queue"]
+        attempts = int(record.get("attempts") or 0)
+
+        def republish(message: ErroredMessage) -> defer.Deferred:
+            headers = protocol.republish_headers(message.headers, **{
+                H_ATTEMPTS: attempts, H_ATTEMPT_BASE: attempts})
+            for key in (H_FIRST_ATTEMPT, H_NOT_BEFORE, protocol.H_ERROR_TYPE,
+                        protocol.H_ERROR_MESSAGE, protocol.H_REASON, protocol.H_QUEUE):
+                headers.pop(key, None)
+            return self.broker.publish(queue, message.body, headers, message_id=task_id,
+                                       content_type=message.content_type)
+
+        moved = await self.admin.take_errored(queue, task_id, republish)
+        if not moved:
+            raise TaskStateConflict(
+                f"task {task_id} failed but its message is not in the errored queue "
+                f"{self.topology.errored_queue(queue)!r} (expired or removed)",
+                task_id=task_id, state=FAILED)
+        await state.requeued(task_id, self.reactor.seconds())
+        return await state.get(task_id)
+
+    async def pause(self, queue: str) -> None:
+        """Every worker stops taking tasks from ``queue`` (it still accepts tasks)."""
+        state = self._need_state("pause")
+        self._ensure_started()
+        await state.set_paused(queue, True)
+        await self.broker.publish_control(control.PAUSE, queue=queue)
+
+    async def resume(self, queue: str) -> None:
+        """Workers take tasks from ``queue`` again."""
+        state = self._need_state("resume")
+        self._ensure_started()
+        await state.set_paused(queue, False)
+        await self.broker.publish_control(control.RESUME, queue=queue)
 
     def _resolve(self, fn_or_name: Any):
         if isinstance(fn_or_name, TaskFunction):

@@ -38,6 +38,7 @@ from quebert import protocol
 from quebert._defer import mirror
 from quebert.errors import DispatchError, InvalidMessage, QuebertError, Reject, WorkerLost
 from quebert.protocol import (
+    H_ATTEMPT_BASE,
     H_ATTEMPTS,
     H_ERROR_MESSAGE,
     H_ERROR_TYPE,
@@ -105,6 +106,9 @@ class Task:
         default=attrs.Factory(lambda self: self.message.info(), takes_self=True), repr=False)
     #: Set when the task was canceled while this attempt ran.
     canceled: bool = False
+    #: Attempts made before the task was requeued by hand: its retry
+    #: budget counts from there.
+    attempt_base: int = 0
     #: The running attempt's Deferred (cancelled to cancel the task).
     running: Optional[defer.Deferred] = attrs.field(default=None, repr=False)
 
@@ -370,6 +374,8 @@ class Mediator:
             self.counts["skipped"] += 1
             return
 
+        if H_ATTEMPT_BASE in headers:
+            task.attempt_base = protocol.int_header(headers, H_ATTEMPT_BASE)
         if await self.state.started(task.id, attempt, self.worker_id, task.info,
                                     now) == CANCELED:
             delivery.ack()
@@ -647,6 +653,7 @@ class Mediator:
             definition=definition, policy=policy, first_attempt_at=first_attempt_at,
             started_at=self.clock.seconds(), delivery=delivery,
         )
+        task.attempt_base = protocol.int_header(delivery.headers, H_ATTEMPT_BASE)
         failure = Failure(WorkerLost(
             f"the worker running attempt {attempts} was lost (killed, crashed or stalled)"
         ))
@@ -748,8 +755,9 @@ class DelayOnErrorMediator(Mediator):
         now = self.clock.seconds()
         if isinstance(failure.value, Reject):
             await self.fail(task, failure, reason=str(failure.value))
-        elif task.policy.should_retry(task.attempt, task.first_attempt_at, now):
-            delay = task.policy.delay(task.attempt)
+        elif task.policy.should_retry(task.attempt - task.attempt_base, task.first_attempt_at,
+                                      now):
+            delay = task.policy.delay(task.attempt - task.attempt_base)
             retry_after = getattr(failure.value, "retry_after", None)
             if isinstance(failure.value, DispatchError) and retry_after and retry_after > delay:
                 delay = retry_after

@@ -84,6 +84,9 @@ H_ERROR_MESSAGE = "x-quebert-error-message"
 H_REASON = "x-quebert-reason"
 #: AMQP header on a URL task's retry: the previous attempt's HTTP status (0: none).
 H_PREVIOUS_RESPONSE = "x-quebert-previous-response"
+#: AMQP header on a requeued task: attempts made before it was requeued (its
+#: retry budget counts from there).
+H_ATTEMPT_BASE = "x-quebert-attempt-base"
 #: AMQP header on a URL task: attempts that got an HTTP answer so far.
 H_EXECUTIONS = "x-quebert-executions"
 #: AMQP header set by quorum queues: deliveries returned to the queue.
