@@ -431,3 +431,75 @@ class LimitTests(DispatcherTestCase):
         yield arrived
         yield dispatcher.close()
         self.failureResultOf(d, defer.CancelledError)
+
+
+def _self_signed(name):
+    """A key and a self-signed certificate for ``name`` (PEM), made on the spot."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    return key_pem + cert.public_bytes(serialization.Encoding.PEM)
+
+
+class TLSTests(DispatcherTestCase):
+    """https: connected by address, verified against the URL's host name."""
+
+    def setUp(self):
+        from twisted.internet import ssl
+
+        self.target = LocalTarget(reactor)
+        pem = _self_signed("svc.test")
+        certificate = ssl.PrivateCertificate.loadPEM(pem)
+        site = self.target.start().port.factory
+        self.target.port.stopListening()
+        self.target.port = reactor.listenSSL(0, site, certificate.options(),
+                                             interface="127.0.0.1")
+        self.addCleanup(self.target.stop)
+        self.trust = ssl.Certificate.loadPEM(pem)
+        self.resolver = FakeResolver({"svc.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+
+    def tls_policy(self):
+        from twisted.internet.ssl import optionsForClientTLS
+
+        trust = self.trust
+
+        class Policy:
+            def creatorForNetloc(self, hostname, port):
+                return optionsForClientTLS(hostname.decode("ascii"), trustRoot=trust)
+
+        return Policy()
+
+    def https(self, host, path="ok"):
+        port = self.target.port.getHost().port
+        dispatcher = self.dispatcher(resolver=self.resolver, tls_policy=self.tls_policy())
+        return dispatcher.dispatch(URLRequest(url=f"https://{host}:{port}/{path}"),
+                                   queue=QUEUE, deadline=5)
+
+    @defer.inlineCallbacks
+    def test_https(self):
+        result = yield self.https("svc.test")
+        self.assertEqual(result.status, 200)
+
+    @defer.inlineCallbacks
+    def test_certificate_for_another_name(self):
+        error = yield self.assertFailure(self.https("other.test"), DispatchError)
+        self.assertIsNone(error.status)
+        self.assertIn("TLS error", str(error))
+        self.assertEqual(self.target.requests, [])
