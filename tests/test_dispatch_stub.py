@@ -183,3 +183,59 @@ class DeadlineAndCancelTests(StubTestCase):
         self.agent.flush()
         self.failureResultOf(d, defer.CancelledError)
         self.failureResultOf(lost)
+
+
+class LoggingTests(StubTestCase):
+    """Structured events in quebert.dispatch; no bodies, secrets or query strings."""
+
+    def setUp(self):
+        super().setUp()
+        from twisted.logger import globalLogPublisher
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def dispatch_secret(self):
+        d = self.dispatcher.dispatch(
+            URLRequest("https://target.test/hook?api_key=k3y", body=b"secret-body",
+                       headers={"Authorization": "Bearer t0ken"}),
+            queue="q", deadline=10, extra_headers={"X-Quebert-TaskName": "t1"})
+        self.agent.flush()
+        return d
+
+    def assertNothingSecret(self):
+        from twisted.logger import formatEvent
+
+        ours = [e for e in self.events if e.get("log_namespace") == "quebert.dispatch"]
+        self.assertTrue(ours)
+        for event in ours:
+            text = formatEvent(event) + repr(event)
+            for secret in ("t0ken", "secret-body", "k3y"):
+                self.assertNotIn(secret, text)
+            self.assertEqual(event["queue"], "q")
+            self.assertEqual(event["task"], "t1")
+        return ours
+
+    def test_failure(self):
+        self.answer(500, body=b"no")
+        self.failureResultOf(self.dispatch_secret(), DispatchError)
+        [event] = self.assertNothingSecret()
+        self.assertEqual(event["status"], 500)
+        self.assertEqual(event["url"], "https://target.test/hook?...")
+
+    def test_success(self):
+        self.answer(200)
+        self.successResultOf(self.dispatch_secret())
+        self.assertNothingSecret()
+
+    def test_refused(self):
+        self.answer(200)
+        d = self.dispatcher.dispatch(
+            URLRequest("https://169.254.169.254/?token=k3y", body=b"secret-body"),
+            queue="q", deadline=10, extra_headers={"X-Quebert-TaskName": "t1"})
+        self.failureResultOf(d, URLRefused)
+        ours = [e for e in self.events if e.get("log_namespace") == "quebert.dispatch"]
+        self.assertEqual(len(ours), 1)
+        self.assertNotIn("secret-body", repr(ours[0]))
+        self.assertNotIn("k3y", repr(ours[0]))
