@@ -269,6 +269,25 @@ class FromConfigTests(SynchronousTestCase):
         self.assertEqual(dispatcher.max_connections, 20)
         self.assertEqual(DEFAULT_DISPATCH_DEADLINE, 600)
 
+    def test_queue_rate_without_burst_gets_its_own_burst(self):
+        s = DispatchSettings.from_config({"max_dispatches_per_second": 100,
+                                          "max_burst_size": 100,
+                                          "queues": {"q": {"max_dispatches_per_second": 5}}})
+        self.assertEqual(s.limits["q"].burst, 5)
+
+    def test_example_in_the_docs(self):
+        import json
+        import os
+        import re
+
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "url-tasks.rst")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        block = re.search(r"code-block:: json\n\n((?:    .*\n|\n)+)", text).group(1)
+        s = DispatchSettings.from_config(json.loads(block)["dispatch"])
+        self.assertEqual(s.limits["emails"], QueueLimits(2, 5))
+        self.assertEqual(s.default_limits, QueueLimits(50, 100, 100))
+
     def test_errors_name_the_key(self):
         for config, words in (
             ({"allow_hosts": "example.com"}, "dispatch.allow_hosts must be a list"),
