@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dispatch -*-
+# -*- test-case-name: tests.test_dispatch,tests.test_dispatch_stub -*-
 """
 Sending a URL task's request and judging the answer.
 
