@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dispatch -*-
+# -*- test-case-name: tests.test_dispatch,tests.test_dispatch_stub -*-
 """
 Sending a URL task's request and judging the answer.
 
@@ -228,14 +228,19 @@ def _first(headers: Any, name: str) -> Optional[str]:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+def _is_tls_error(error: BaseException) -> bool:
+    """pyOpenSSL's errors, and service_identity's certificate/host name mismatch."""
+    return type(error).__module__.split(".")[0] in ("OpenSSL", "service_identity")
+
+
 def _describe(error: BaseException) -> str:
     """A sentence for a connection-level error (reasons of ResponseFailed unpacked)."""
     reasons = getattr(error, "reasons", None)
     if reasons:
         inner = [r.value for r in reasons if isinstance(r, Failure)]
-        tls = [e for e in inner if type(e).__module__.startswith("OpenSSL")]
+        tls = [e for e in inner if _is_tls_error(e)]
         if tls:
-            return f"TLS error: {tls[0]}"
+            return f"TLS error ({type(tls[0]).__name__}: {tls[0]})"
         text = "; ".join(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                          for e in inner)
         return f"connection failed before a complete answer ({text})"
@@ -247,8 +252,8 @@ def _describe(error: BaseException) -> str:
         return "connect timed out"
     if isinstance(error, ConnectError):
         return f"could not connect ({error})"
-    if type(error).__module__.startswith("OpenSSL"):
-        return f"TLS error: {error}"
+    if _is_tls_error(error):
+        return f"TLS error ({type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
 
 

@@ -71,9 +71,15 @@ class QueueLimits:
     @classmethod
     def from_config(cls, mapping: Mapping[str, Any],
                     defaults: Optional[QueueLimits] = None) -> QueueLimits:
-        """Limits from a config block, on top of ``defaults``; other keys are ignored."""
+        """
+        Limits from a config block, on top of ``defaults``; other keys are
+        ignored.  A block setting a rate but no burst size gets the default
+        burst of its own rate, not the burst of ``defaults``.
+        """
         base = defaults or cls()
-        values = {}
+        values: dict[str, Any] = {}
+        if "max_dispatches_per_second" in mapping and "max_burst_size" not in mapping:
+            values["max_burst_size"] = None
         for key in cls.CONFIG_KEYS:
             if key in mapping:
                 value = mapping[key]

@@ -130,6 +130,8 @@ class Target:
 
 def _refuse(url: Any, reason: str) -> URLRefused:
     shown = url if isinstance(url, str) else repr(url)
+    if isinstance(url, str) and "?" in shown:
+        shown = shown.split("?", 1)[0] + "?..."  # a query string may hold secrets
     if len(shown) > 200:
         shown = shown[:200] + "..."
     return URLRefused(f"URL {shown!r} refused: {reason}")

@@ -78,7 +78,9 @@ class DispatchSettings:
             defaults = QueueLimits.from_config(mapping)
         except ConfigurationError as e:
             raise ConfigurationError(f"dispatch: {e}")
-        queues = mapping.get("queues") or {}
+        queues = mapping.get("queues")
+        if queues is None:
+            queues = {}
         if not isinstance(queues, Mapping):
             raise ConfigurationError("dispatch.queues must be an object of queue names")
         limits = {}
