@@ -84,10 +84,17 @@ _COMMON_PROPERTIES: Dict[str, Any] = {
               "description": "Retry policy overrides (Cloud Tasks parameters)."},
 }
 
+#: countdown and eta are exclusive (either may be null, meaning absent).
+_NOT_BOTH: Dict[str, Any] = {
+    "required": ["countdown", "eta"],
+    "properties": {"countdown": {"type": "number"}, "eta": {"type": ["number", "string"]}},
+}
+
 _CALL_TASK: Dict[str, Any] = {
     "type": "object",
     "description": "Run a registered task function.",
     "required": ["kind", "task"],
+    "not": _NOT_BOTH,
     "additionalProperties": False,
     "properties": {
         "kind": {"const": "call"},
@@ -107,6 +114,7 @@ _URL_TASK: Dict[str, Any] = {
     "type": "object",
     "description": "Make an HTTP request; a 2xx answer is success, anything else is retried.",
     "required": ["kind", "url"],
+    "not": _NOT_BOTH,
     "additionalProperties": False,
     "properties": {
         "kind": {"const": "url"},
