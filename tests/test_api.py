@@ -11,9 +11,12 @@ import base64
 import json
 from typing import Any, List, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import FileBodyProducer
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface.exceptions import Invalid
 
 from quebert.api import ApiConfig, ApiResource, MemoryTaskService
@@ -27,7 +30,7 @@ from quebert.errors import (
     URLRefused,
 )
 from quebert.state.interface import FAILED, SUCCEEDED
-from tests._api import RO, RW, LiveAPI
+from tests._api import RO, RW, LiveAPI, _Tracked
 
 #: A body is valid JSON and then one field is wrong: (body, field at fault).
 BAD_FIELDS: List[Tuple[dict, str]] = [
@@ -649,3 +652,29 @@ class _Unsized:
 
     def close(self) -> None:
         pass
+
+
+class MountedTests(TestCase):
+    """ApiResource below another resource, in a Site that does not limit bodies."""
+
+    async def test_mounted(self) -> None:
+        root = Resource()
+        service = MemoryTaskService()
+        root.putChild(b"api", ApiResource(service, ApiConfig(read_write_tokens=(RW,),
+                                                             max_body_size=200)))
+        factory = _Tracked(Site(root))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(factory.idle)
+        self.addCleanup(port.stopListening)
+        client: Any = LiveAPI()
+        client.base = f"http://127.0.0.1:{port.getHost().port}/api"
+        client.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        created = await client.post_task(task="app.add")
+        self.assertEqual(created.code, 201, created)
+        self.assertEqual(created.header("location"), f"/api/tasks/{created.json['id']}")
+        document = (await client.request("GET", "/openapi.json")).json
+        self.assertEqual(document["servers"], [{"url": "/api"}])
+        # the resource still refuses a large body before parsing it
+        big = await client.post_task(task="app.add", args=["x" * 300])
+        self.assertEqual(big.code, 413, big)
+        self.assertEqual(len(service.published), 1)
