@@ -227,6 +227,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(enqueue, suppress=True)
     enqueue.set_defaults(run=cmd_enqueue)
 
+    url = commands.add_parser(
+        "enqueue-url", help="publish a URL task and print its id",
+        description="Publish a URL task: a worker makes this HTTP request; any 2xx "
+                    "answer is success, anything else is retried with backoff.")
+    url.add_argument("url", metavar="URL", help="http or https URL to request")
+    url.add_argument("--method", "-X", default="POST", metavar="METHOD",
+                     help="HTTP method [default POST]")
+    url.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
+                     help="request header (repeatable)")
+    body = url.add_mutually_exclusive_group()
+    body.add_argument("--data", "-d", metavar="TEXT", help="request body (text)")
+    body.add_argument("--data-file", metavar="FILE",
+                      help="request body read from FILE (bytes; - for stdin)")
+    url.add_argument("--queue", metavar="Q", help="work queue [default: default]")
+    when = url.add_mutually_exclusive_group()
+    when.add_argument("--countdown", type=non_negative, metavar="S",
+                      help="send no sooner than S seconds from now")
+    when.add_argument("--eta", type=eta, metavar="TIME",
+                      help="send no sooner than TIME: epoch seconds or ISO 8601 with offset")
+    url.add_argument("--name", metavar="UNIQUE", help="unique task name")
+    url.add_argument("--task-id", metavar="ID", help="task id [default: random]")
+    url.add_argument("--dispatch-deadline", type=positive, metavar="S",
+                     help="seconds each request may take [default: the queue's, 600]")
+    url.add_argument("--max-attempts", type=attempts, metavar="N",
+                     help="attempts allowed, first included (-1: unlimited)")
+    url.add_argument("--min-backoff", type=non_negative, metavar="S",
+                     help="delay before the first retry")
+    url.add_argument("--max-backoff", type=non_negative, metavar="S",
+                     help="longest delay between retries")
+    url.add_argument("--no-state", action="store_true",
+                     help="do not record the task in Redis")
+    _add_connection_options(url, suppress=True)
+    url.set_defaults(run=cmd_enqueue_url)
+
+    for verb, helptext, target, metavar in (
+        ("cancel", "cancel a task (a running one is stopped)", cmd_cancel, "TASK_ID"),
+        ("requeue", "put a failed task back in its queue", cmd_requeue, "TASK_ID"),
+        ("pause", "stop every worker taking tasks from a queue", cmd_pause, "QUEUE"),
+        ("resume", "let workers take tasks from a paused queue again", cmd_resume, "QUEUE"),
+    ):
+        sub = commands.add_parser(verb, help=helptext, description=helptext[0].upper()
+                                  + helptext[1:] + ".")
+        sub.add_argument("target", metavar=metavar)
+        _add_connection_options(sub, suppress=True)
+        sub.set_defaults(run=target)
+
     status = commands.add_parser(
         "status", help="print the state record of a task",
         description="Print the state record of TASK_ID as JSON.")
@@ -248,7 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
     """Checks that involve more than one option."""
-    if options.command == "enqueue":
+    if options.command == "enqueue-url":
+        headers = {}
+        for header in options.header:
+            name, sep, value = header.partition(":")
+            if not sep or not name.strip():
+                parser.error(f"--header {header!r} must be 'NAME: VALUE'")
+            headers[name.strip()] = value.strip()
+        options.headers = headers
+    if options.command in ("enqueue", "enqueue-url"):
         low, high = options.min_backoff, options.max_backoff
         if low is not None and high is not None and high < low:
             parser.error(f"--max-backoff ({high:g}) must be >= --min-backoff ({low:g})")
@@ -446,6 +500,23 @@ async def _wait_connected(reactor: Any, client: Client, options: argparse.Namesp
 
 async def cmd_enqueue(reactor: Any, options: argparse.Namespace) -> int:
     """Publish one task; print its id."""
+    retry = {key: value for key, value in (
+        ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
+        ("max_backoff", options.max_backoff)) if value is not None}
+
+    def add(client: Client) -> defer.Deferred:
+        return client.add_task(
+            options.task, *options.args, _queue=options.queue,
+            _countdown=options.countdown, _eta=options.eta, _name=options.name,
+            _task_id=options.task_id, _timeout=options.timeout, _retry=retry,
+            **options.kwargs)
+
+    return await _publish(reactor, options, add)
+
+
+async def _publish(reactor: Any, options: argparse.Namespace,
+                   add: Callable[[Client], defer.Deferred]) -> int:
+    """Publish with ``add(client)`` and print the task id."""
     redis = recorder = None
     if not options.no_state:
         redis, state = _open_state(reactor, options)
@@ -454,16 +525,9 @@ async def cmd_enqueue(reactor: Any, options: argparse.Namespace) -> int:
     try:
         client = Client(options.amqp_url, reactor=reactor, state=recorder,
                         exchange=options.exchange)
-        retry = {key: value for key, value in (
-            ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
-            ("max_backoff", options.max_backoff)) if value is not None}
         try:
             # Checks every option before anything touches the network.
-            sent = client.add_task(
-                options.task, *options.args, _queue=options.queue,
-                _countdown=options.countdown, _eta=options.eta, _name=options.name,
-                _task_id=options.task_id, _timeout=options.timeout, _retry=retry,
-                **options.kwargs)
+            sent = add(client)
         except BaseException:
             await _quietly(reactor, client.close, 5.0)
             raise
@@ -484,6 +548,75 @@ async def cmd_enqueue(reactor: Any, options: argparse.Namespace) -> int:
         if redis is not None:
             await _quietly(reactor, redis.disconnect, 2.0)
     _print(info.id)
+    return 0
+
+
+async def cmd_enqueue_url(reactor: Any, options: argparse.Namespace) -> int:
+    """Publish one URL task; print its id."""
+    if options.data_file is not None:
+        if options.data_file == "-":
+            body = sys.stdin.buffer.read()
+        else:
+            try:
+                with open(options.data_file, "rb") as f:
+                    body = f.read()
+            except OSError as e:
+                raise CommandError(f"cannot read --data-file: {e}")
+    else:
+        body = (options.data or "").encode("utf-8")
+    retry = {key: value for key, value in (
+        ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
+        ("max_backoff", options.max_backoff)) if value is not None}
+
+    def add(client: Client) -> defer.Deferred:
+        return client.add_url_task(
+            options.url, method=options.method, headers=options.headers, body=body,
+            queue=options.queue, countdown=options.countdown, eta=options.eta,
+            name=options.name, task_id=options.task_id, retry=retry,
+            dispatch_deadline=options.dispatch_deadline)
+
+    return await _publish(reactor, options, add)
+
+
+async def _with_client(reactor: Any, options: argparse.Namespace,
+                       action: Callable[[Client], Any]) -> Any:
+    """Run ``action(client)`` with a Client that has the Redis state store."""
+    redis, state = _open_state(reactor, options)
+    client = Client(options.amqp_url, reactor=reactor, state=state, exchange=options.exchange)
+    try:
+        await _wait_connected(reactor, client, options)
+        return await _bounded(
+            reactor, [defer.ensureDeferred(defer.maybeDeferred(action, client))],
+            options.connect_timeout * 3,
+            f"no answer within {options.connect_timeout * 3:g} s")
+    finally:
+        await _quietly(reactor, client.close, 5.0)
+        await _quietly(reactor, redis.disconnect, 2.0)
+
+
+async def cmd_cancel(reactor: Any, options: argparse.Namespace) -> int:
+    """Cancel a task; print its record."""
+    record = await _with_client(reactor, options, lambda c: c.cancel(options.target))
+    _print(json.dumps(record, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+async def cmd_requeue(reactor: Any, options: argparse.Namespace) -> int:
+    """Requeue a failed task; print its record."""
+    record = await _with_client(reactor, options, lambda c: c.requeue(options.target))
+    _print(json.dumps(record, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+async def cmd_pause(reactor: Any, options: argparse.Namespace) -> int:
+    await _with_client(reactor, options, lambda c: c.pause(options.target))
+    _print(f"paused {options.target}")
+    return 0
+
+
+async def cmd_resume(reactor: Any, options: argparse.Namespace) -> int:
+    await _with_client(reactor, options, lambda c: c.resume(options.target))
+    _print(f"resumed {options.target}")
     return 0
 
 
