@@ -49,6 +49,22 @@ class WorkerConfig:
     tasks: list = attrs.field(factory=list)
     max_message_size: int = 1024 * 1024
     log_level: str = "info"
+    #: Seconds a finished task's unique name stays taken.
+    name_tombstone: float = 3600.0
+    #: The ``dispatch`` block (URL tasks), a DispatchSettings.
+    dispatch: Any = None
+    #: HTTP task API: port (None: not served), interface, tokens.
+    http_port: Optional[int] = None
+    http_interface: str = "127.0.0.1"
+    api_tokens: tuple = ()
+    api_read_tokens: tuple = ()
+    api_anonymous: str = "none"
+
+    def dispatch_settings(self) -> Any:
+        """The URL-task settings (defaults when the config has no ``dispatch`` block)."""
+        from quebert.dispatch import DispatchSettings
+
+        return self.dispatch if self.dispatch is not None else DispatchSettings()
 
     def queue_settings(self) -> list[QueueSettings]:
         """The queues to consume, with the defaults filled in."""
@@ -61,6 +77,7 @@ class WorkerConfig:
                 concurrency=int(q.get("concurrency") or min(self.max_running_tasks, 100)),
                 retry=retry,
                 timeout=q.get("timeout"),
+                dispatch_deadline=q.get("dispatch_deadline"),
             ))
         return result
 
@@ -206,6 +223,30 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
         config.tasks = list(tasks)
     if "log_level" in data:
         config.log_level = str(data["log_level"])
+    if "name_tombstone" in data:
+        config.name_tombstone = _non_negative(data["name_tombstone"], "name_tombstone")
+    if "dispatch" in data:
+        from quebert.dispatch import DispatchSettings
+
+        config.dispatch = DispatchSettings.from_config(data["dispatch"])
+    api = data.get("api") or {}
+    if not isinstance(api, dict):
+        raise ConfigurationError("'api' must be a JSON object")
+    unknown = set(api) - {"port", "interface", "tokens", "read_only_tokens", "anonymous"}
+    if unknown:
+        raise ConfigurationError(f"unknown api setting(s): {', '.join(sorted(unknown))}")
+    if api.get("port") is not None:
+        config.http_port = _non_negative(api["port"], "api.port", integer=True)
+    if "interface" in api:
+        config.http_interface = str(api["interface"])
+    for key, attr in (("tokens", "api_tokens"), ("read_only_tokens", "api_read_tokens")):
+        if key in api:
+            tokens = api[key]
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise ConfigurationError(f"api.{key} must be a list of strings")
+            setattr(config, attr, tuple(tokens))
+    if "anonymous" in api:
+        config.api_anonymous = str(api["anonymous"])
     return config
 
 
@@ -234,7 +275,8 @@ def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
         name = q.get("name")
         if not isinstance(name, str) or not QUEUE_RE.match(name):
             raise ConfigurationError(f"{name!r} is not a valid queue name")
-        unknown = set(q) - {"name", "concurrency", "timeout", *RETRY_FIELDS}
+        unknown = set(q) - {"name", "concurrency", "timeout", "dispatch_deadline",
+                            *RETRY_FIELDS}
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) for queue {name!r}: {', '.join(sorted(unknown))}"
@@ -244,6 +286,9 @@ def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
                                          integer=True)
         if q.get("timeout") is not None:
             q["timeout"] = _positive(q["timeout"], f"queues.{name}.timeout")
+        if q.get("dispatch_deadline") is not None:
+            q["dispatch_deadline"] = _positive(q["dispatch_deadline"],
+                                               f"queues.{name}.dispatch_deadline")
         try:
             RetryPolicy.from_mapping(q, retry)  # validate early, on top of the file's policy
         except ConfigurationError as e:

@@ -9,6 +9,7 @@ change.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from twisted.python import usage
@@ -43,6 +44,14 @@ class Options(usage.Options):
         ["max-message-size", None, None, "Largest message body accepted, in bytes "
          "[default: 1048576]."],
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
+        ["name-tombstone", None, None, "Seconds a finished task's unique name stays taken "
+         "[default: 3600]."],
+        ["http-port", None, None, "Serve the HTTP task API on this port (0: any free port)."],
+        ["http-interface", None, None, "Address the HTTP API listens on [default: 127.0.0.1]."],
+        ["api-token", None, None, "Read-write bearer token of the HTTP API "
+         "[env QUEBERT_API_TOKEN]."],
+        ["api-read-token", None, None, "Read-only bearer token of the HTTP API "
+         "[env QUEBERT_API_READ_TOKEN]."],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +130,24 @@ def build_config(options: Any) -> WorkerConfig:
         config.max_message_size = _int(options["max-message-size"], "max-message-size")
     if options["log-level"]:
         config.log_level = options["log-level"]
+    if options["name-tombstone"]:
+        config.name_tombstone = _float(options["name-tombstone"], "name-tombstone")
+    if options["http-port"] is not None:
+        try:
+            config.http_port = int(options["http-port"])
+        except ValueError:
+            raise ConfigurationError(f"--http-port must be a port number, not "
+                                     f"{options['http-port']!r}")
+    if options["http-interface"]:
+        config.http_interface = options["http-interface"]
+    token = options["api-token"] or os.environ.get("QUEBERT_API_TOKEN")
+    if token:
+        config.api_tokens = tuple(config.api_tokens) + (token,)
+    read_token = options["api-read-token"] or os.environ.get("QUEBERT_API_READ_TOKEN")
+    if read_token:
+        config.api_read_tokens = tuple(config.api_read_tokens) + (read_token,)
+    if config.http_port is not None:
+        api_config(config)  # refuses an API nobody could use, before the reactor runs
     config.tasks = list(config.tasks) + list(options["tasks"])
     if options["queues"]:
         config.queues = list(options["queues"])
@@ -139,6 +166,14 @@ def build_config(options: Any) -> WorkerConfig:
     load_mediator_class(config.mediator)
     config.queue_settings()
     return config
+
+
+def api_config(config: WorkerConfig) -> Any:
+    """The HTTP API's settings from the worker's."""
+    from quebert.api.config import ApiConfig
+
+    return ApiConfig(read_write_tokens=config.api_tokens,
+                     read_only_tokens=config.api_read_tokens, anonymous=config.api_anonymous)
 
 
 def makeService(options: Options):

@@ -17,8 +17,11 @@ import os
 import sys
 from typing import Any, Optional
 
+import attrs
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger, LogLevel
 from twisted.python.reflect import namedAny
 
@@ -28,7 +31,7 @@ from quebert.amqp.topology import Topology
 from quebert.config import WorkerConfig
 from quebert.errors import ConfigurationError
 from quebert.executor import Executor
-from quebert.mediator import Mediator
+from quebert.mediator import Mediator, QueueSettings
 from quebert.registry import Registry, default_registry
 from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateManager
 from quebert.state.redis import connect_redis
@@ -79,6 +82,16 @@ def load_mediator_class(dotted: str) -> type:
     return cls
 
 
+def queue_description(settings: QueueSettings) -> dict:
+    """A queue's settings as the HTTP API shows them."""
+    return {
+        "concurrency": settings.concurrency,
+        "timeout": settings.timeout,
+        "dispatch_deadline": settings.dispatch_deadline,
+        "retry": attrs.asdict(settings.retry),
+    }
+
+
 class WorkerService(MultiService):
     """A complete worker, ready to be run by ``twistd`` or embedded."""
 
@@ -109,11 +122,13 @@ class WorkerService(MultiService):
         self._redis = None
         if state is None:
             if config.state == "memory":
-                state = MemoryStateManager(finished_ttl=config.state_ttl, clock=reactor)
+                state = MemoryStateManager(finished_ttl=config.state_ttl, clock=reactor,
+                                           name_tombstone=config.name_tombstone)
             elif config.state == "redis":
                 self._redis = connect_redis(config.redis_url, reactor=reactor)
                 state = RedisStateManager(self._redis, prefix=config.state_prefix,
-                                          finished_ttl=config.state_ttl)
+                                          finished_ttl=config.state_ttl,
+                                          name_tombstone=config.name_tombstone)
             else:
                 raise ConfigurationError(
                     f"state backend must be 'redis' or 'memory', not {config.state!r}")
@@ -126,13 +141,58 @@ class WorkerService(MultiService):
             level = LogLevel.levelWithName(config.log_level)
         except Exception:
             raise ConfigurationError(f"unknown log level {config.log_level!r}")
+        dispatch = config.dispatch_settings()
+        self.dispatcher = dispatch.dispatcher(reactor)
+        queues = [q if q.dispatch_deadline else attrs.evolve(
+            q, dispatch_deadline=dispatch.dispatch_deadline) for q in config.queue_settings()]
         self.mediator = mediator_class(
             broker=self.broker, state=self.state, executor=self.executor, clock=reactor,
-            queues=config.queue_settings(), registry=registry,
+            queues=queues, registry=registry,
             max_running_tasks=config.max_running_tasks,
             max_message_size=config.max_message_size, task_log_level=level,
+            dispatcher=self.dispatcher,
         )
         self.mediator.start()
+        self.client = None
+        self.api_port = None
+        if config.http_port is not None:
+            self._setup_api(config, queues, registry, topology)
+
+    def _setup_api(self, config: WorkerConfig, queues: list, registry: Registry,
+                   topology: Topology) -> None:
+        """The HTTP task API, on a Client of its own (publishing and control)."""
+        from quebert.api.resource import make_site
+        from quebert.client import Client
+        from quebert.service import TaskService
+        from quebert.tap import api_config
+
+        self.client = Client(config.amqp_url, reactor=self.reactor, state=self.state,
+                             exchange=config.exchange, queue_type=config.queue_type,
+                             default_queue=queues[0].name, registry=registry,
+                             url_policy=config.dispatch_settings().policy)
+        self.client.broker.setServiceParent(self)
+        settings = {q.name: queue_description(q) for q in queues}
+        redis_ping = None
+        if self._redis is not None:
+            redis = self._redis
+
+            def redis_ping() -> defer.Deferred:
+                return bounded(defer.maybeDeferred(redis.ping), 2.0, self.reactor)
+        elif self.config.state == "memory":
+            def redis_ping() -> defer.Deferred:
+                return defer.succeed(True)
+        consuming = self.broker.consuming
+        service = TaskService(self.client, queues=settings, registry=registry,
+                              redis_ping=redis_ping,
+                              readiness=[lambda: consuming.current is not None
+                                         and consuming.current.is_open])
+        site = make_site(service, api_config(config), reactor=self.reactor)
+        endpoint = TCP4ServerEndpoint(self.reactor, config.http_port,
+                                      interface=config.http_interface)
+        api = StreamServerEndpointService(endpoint, site)
+        api._raiseSynchronously = True
+        api.setServiceParent(self)
+        self.api_service = api
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:
@@ -148,7 +208,18 @@ class WorkerService(MultiService):
         if self.reactor.running:
             self.reactor.stop()
 
+    @property
+    def http_port(self) -> Optional[int]:
+        """The port the HTTP API listens on, once listening."""
+        port = getattr(getattr(self, "api_service", None), "_waitingForPort", None)
+        if port is None or not port.called:
+            return None
+        box: list = []
+        port.addCallback(lambda p: box.append(p) or p)
+        return box[0].getHost().port if box else None
+
     def startService(self) -> None:
+        self._apply_paused()
         log.info(
             "quebert worker {worker} starting: queues {queues}, max {max} running tasks, "
             "{threads} threads, state {state}, {count} registered task(s)",
@@ -160,11 +231,41 @@ class WorkerService(MultiService):
         self.executor.start()
         super().startService()
 
+    def _apply_paused(self) -> None:
+        """Queues paused through the API before this worker started stay paused."""
+        paused_queues = getattr(self.state, "paused_queues", None)
+        if paused_queues is None:
+            return
+        # Nothing is consumed until the store said which queues are paused.
+        for consumer in self.broker.consumers.values():
+            consumer.paused = True
+
+        def apply(paused: set) -> None:
+            for name, consumer in sorted(self.broker.consumers.items()):
+                if name in paused:
+                    log.info("queue {queue} is paused; not consuming it until it is resumed",
+                             queue=name)
+                else:
+                    consumer.resume()
+
+        def unknown(failure) -> None:
+            log.warn("paused queues cannot be read ({error}); consuming every queue",
+                     error=failure.getErrorMessage())
+            for consumer in self.broker.consumers.values():
+                consumer.resume()
+
+        bounded(defer.maybeDeferred(paused_queues), 5.0, self.reactor).addCallbacks(
+            apply, unknown)
+
     @defer.inlineCallbacks
     def stopService(self):
         log.info("quebert worker stopping: draining")
         left = yield defer.ensureDeferred(self.mediator.drain(self.config.shutdown_timeout))
         self.broker.close_consumers()
+        try:
+            yield bounded(self.dispatcher.close(), 5.0, self.reactor)
+        except Exception as e:
+            log.warn("closing the URL dispatcher: {error}", error=e)
         flush = getattr(self.state, "flush", None)
         if flush is not None:
             yield bounded(flush(), 5.0, self.reactor)
