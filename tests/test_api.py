@@ -47,6 +47,13 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "call", "task": "app.add", "countdown": -1}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": True}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": 1e12}, "countdown"),
+    ({"kind": "call", "task": "app.add", "countdown": 10**400}, "countdown"),
+    ({"kind": "call", "task": "app.add", "eta": 10**400}, "eta"),
+    ({"kind": "call", "task": "app.add", "timeout": -10**400}, "timeout"),
+    ({"kind": "call", "task": "app.add", "retry": {"min_backoff": 10**400}},
+     "retry.min_backoff"),
+    ({"kind": "call", "task": "app.add", "retry": {"max_attempts": 10**400}},
+     "retry.max_attempts"),
     ({"kind": "call", "task": "app.add", "eta": "tomorrow"}, "eta"),
     ({"kind": "call", "task": "app.add", "eta": "2030-01-01T00:00:00"}, "eta"),
     ({"kind": "call", "task": "app.add", "eta": "2030-02-30T00:00:00Z"}, "eta"),
@@ -310,6 +317,16 @@ class HTTPTests(LiveAPI, TestCase):
                                           headers={"Content-Type": "application/json"})
             self.assertEqual(response.code, 400, (raw, response))
             self.assertIn(response.json["error"]["code"], ("invalid_json", "invalid_field"))
+
+    async def test_overflowing_numbers(self) -> None:
+        """1e400 reads as infinity: refused as not finite, naming the field."""
+        for field, raw in (("countdown", b'"countdown": 1e400'),
+                           ("retry.max_doublings", b'"retry": {"max_doublings": 1e400}'),
+                           ("eta", b'"eta": -1e400')):
+            response = await self.request(
+                "POST", "/tasks", data=b'{"kind": "call", "task": "app.add", ' + raw + b"}",
+                headers={"Content-Type": "application/json"})
+            self.assertError(response, 400, "invalid_field", field)
 
     async def test_content_type(self) -> None:
         """Bodies must be declared application/json (415 otherwise)."""
