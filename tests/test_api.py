@@ -12,17 +12,20 @@ import json
 from typing import Any, List, Tuple
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyChannel
 from zope.interface.exceptions import Invalid
 
-from quebert.api import ApiConfig, ApiResource, MemoryTaskService
+from quebert.api import ApiConfig, ApiResource, MemoryTaskService, make_site
 from quebert.api._errors import ApiError
 from quebert.api._validate import list_query, new_task
-from quebert.api.resource import decode_json
+from quebert.api.resource import _ApiRequest, decode_json
 from quebert.errors import (
     BrokerError,
     ConfigurationError,
@@ -47,6 +50,13 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "call", "task": "app.add", "countdown": -1}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": True}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": 1e12}, "countdown"),
+    ({"kind": "call", "task": "app.add", "countdown": 10**400}, "countdown"),
+    ({"kind": "call", "task": "app.add", "eta": 10**400}, "eta"),
+    ({"kind": "call", "task": "app.add", "timeout": -10**400}, "timeout"),
+    ({"kind": "call", "task": "app.add", "retry": {"min_backoff": 10**400}},
+     "retry.min_backoff"),
+    ({"kind": "call", "task": "app.add", "retry": {"max_attempts": 10**400}},
+     "retry.max_attempts"),
     ({"kind": "call", "task": "app.add", "eta": "tomorrow"}, "eta"),
     ({"kind": "call", "task": "app.add", "eta": "2030-01-01T00:00:00"}, "eta"),
     ({"kind": "call", "task": "app.add", "eta": "2030-02-30T00:00:00Z"}, "eta"),
@@ -214,6 +224,37 @@ class ConfigTests(SynchronousTestCase):
         self.assertRaises(Invalid, ApiResource, object(), ApiConfig(read_write_tokens=("t",)))
 
 
+class BodyLimitTests(SynchronousTestCase):
+    """The request class keeps at most the limit in memory, whatever arrives."""
+
+    def request(self, length: Any) -> Any:
+        channel = DummyChannel()
+        channel.site = make_site(MemoryTaskService(clock=Clock()),
+                                 ApiConfig(read_write_tokens=("t",), max_body_size=10),
+                                 reactor=Clock())
+        request = _ApiRequest(channel)
+        request.gotLength(length)
+        return request
+
+    def test_announced(self) -> None:
+        request = self.request(11)
+        for _ in range(1000):
+            request.handleContentChunk(b"x" * 1000)
+        self.assertTrue(request._quebert_too_large)
+        self.assertEqual(request.content.getvalue(), b"")
+
+    def test_chunked(self) -> None:
+        request = self.request(None)
+        request.handleContentChunk(b"x" * 6)
+        request.handleContentChunk(b"x" * 4)
+        self.assertEqual((request._quebert_too_large, request.content.getvalue()),
+                         (False, b"x" * 10))
+        for _ in range(1000):
+            request.handleContentChunk(b"x" * 1000)
+        self.assertTrue(request._quebert_too_large)
+        self.assertEqual(request.content.getvalue(), b"")
+
+
 class _Failing(MemoryTaskService):
     """A backend whose operations fail as a test says."""
 
@@ -311,6 +352,16 @@ class HTTPTests(LiveAPI, TestCase):
             self.assertEqual(response.code, 400, (raw, response))
             self.assertIn(response.json["error"]["code"], ("invalid_json", "invalid_field"))
 
+    async def test_overflowing_numbers(self) -> None:
+        """1e400 reads as infinity: refused as not finite, naming the field."""
+        for field, raw in (("countdown", b'"countdown": 1e400'),
+                           ("retry.max_doublings", b'"retry": {"max_doublings": 1e400}'),
+                           ("eta", b'"eta": -1e400')):
+            response = await self.request(
+                "POST", "/tasks", data=b'{"kind": "call", "task": "app.add", ' + raw + b"}",
+                headers={"Content-Type": "application/json"})
+            self.assertError(response, 400, "invalid_field", field)
+
     async def test_content_type(self) -> None:
         """Bodies must be declared application/json (415 otherwise)."""
         body = json.dumps({"kind": "call", "task": "app.add"}).encode()
@@ -335,6 +386,32 @@ class HTTPTests(LiveAPI, TestCase):
                                      headers={"Content-Type": "application/json"})
         self.assertError(chunked, 413, "payload_too_large")
         self.assertEqual(self.service.published, {})
+
+    async def test_too_large_no_continue(self) -> None:
+        """An announced oversized body gets no "100 Continue" invitation, then a 413."""
+        received = bytearray()
+
+        class Raw(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+        host, port = self.base.rsplit(":", 1)
+        size = 2 * 1024 * 1024
+        raw = await TCP4ClientEndpoint(reactor, "127.0.0.1", int(port)).connect(
+            Factory.forProtocol(Raw))
+        self.addCleanup(raw.transport.loseConnection)
+        raw.transport.write(
+            b"POST /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + RW.encode()
+            + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (size,))
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(bytes(received), b"")
+        raw.transport.write(b" " * size)
+        for _ in range(100):
+            if b"payload_too_large" in received:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), bytes(received[:200]))
 
     async def test_duplicate_name(self) -> None:
         """409 with the id of the task holding the name."""

@@ -141,10 +141,11 @@ def _number(
             value = int(value)  # JSON has one number type: 3.0 is the integer 3
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(field, f"{field} must be an integer, not {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-        value
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)
     ):
-        raise invalid(field, f"{field} must be a number, not {_type_name(value)}")
+        # (math.isfinite of a huge int overflows: ints are bounded below instead)
+        raise invalid(field, f"{field} must be a finite number, not {_type_name(value)}")
     if value < minimum or (exclusive_minimum and value == minimum):
         relation = ">" if exclusive_minimum else ">="
         raise invalid(field, f"{field} must be {relation} {minimum}, not {value!r}")
