@@ -148,3 +148,20 @@ class PauseResumeTests(TestCase):
         self.assertEqual(await queue_counts(self.url, "jobs"), (0, 0))
         # one channel: the resume reused the paused one
         self.assertIs(received[0]._channel, received[-1]._channel)
+
+    async def test_pausing_twice_then_resuming(self) -> None:
+        """A second pause (the API, then shutdown) returns at once and resume still works."""
+        received: list = []
+        broker = AMQPBroker(self.url, Topology(), name="test")
+        broker.consume("jobs", 5, received.append)
+        broker.startService()
+        self.addCleanup(broker.stopService)
+        await broker.whenConnected()
+        await wait_for(lambda: broker.consumers["jobs"].consuming)
+        await broker.pause("jobs")
+        second = broker.pause("jobs")
+        await wait_for(lambda: second.called, timeout=5)
+        await broker.pause_consuming()
+        await broker.resume("jobs")
+        await broker.publish("jobs", b"{}", {}, message_id="m")
+        await wait_for(lambda: received)

@@ -400,7 +400,10 @@ class QueueConsumer:
         be acked on the open channel.
         """
         self.paused = True
+        # A consumer tag is cancelled once: pika never answers a second
+        # basic.cancel of the same tag (pausing twice would hang).
         channel, tag = self._channel, self._tag
+        self._tag = None
         self._generation += 1
         self.consuming = False
         if channel is not None and channel.is_open and tag is not None:
