@@ -92,6 +92,88 @@ def queue_description(settings: QueueSettings) -> dict:
     }
 
 
+def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state: Any,
+              redis: Any, registry: Registry, queues: list, readiness: list = ()) -> tuple:
+    """
+    Add the HTTP task API to ``parent``: a :class:`~quebert.Client` of its
+    own (publishing and control messages) and the web server.  Returns
+    ``(client, endpoint service)``.
+    """
+    from quebert.api.resource import make_site
+    from quebert.client import Client
+    from quebert.service import TaskService
+    from quebert.tap import api_config
+
+    client = Client(config.amqp_url, reactor=reactor, state=state,
+                    exchange=config.exchange, queue_type=config.queue_type,
+                    default_queue=queues[0].name, registry=registry,
+                    url_policy=config.dispatch_settings().policy)
+    client.broker.setServiceParent(parent)
+    settings = {q.name: queue_description(q) for q in queues}
+    if redis is not None:
+        def redis_ping() -> defer.Deferred:
+            return bounded(defer.maybeDeferred(redis.ping), 2.0, reactor)
+    else:
+        def redis_ping() -> defer.Deferred:
+            return defer.succeed(True)  # the memory store is always there
+    service = TaskService(client, queues=settings, registry=registry,
+                          redis_ping=redis_ping, readiness=list(readiness))
+    api = api_config(config)
+    if api.open:
+        log.warn("the HTTP task API on {interface}:{port} accepts requests without a token "
+                 "({access}); keep it on a trusted network", interface=config.http_interface,
+                 port=config.http_port, access=api.anonymous)
+    site = make_site(service, api, reactor=reactor)
+    endpoint = TCP4ServerEndpoint(reactor, config.http_port, interface=config.http_interface)
+    server = StreamServerEndpointService(endpoint, site)
+    server._raiseSynchronously = True
+    server.setServiceParent(parent)
+    return client, server
+
+
+class ApiService(MultiService):
+    """``twistd quebert-api``: the HTTP task API alone, without running tasks."""
+
+    def __init__(self, config: WorkerConfig, *, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        if config.http_port is None:
+            raise ConfigurationError("quebert-api needs --http-port (or api.port in --config)")
+        self.reactor = reactor
+        import_tasks(config.tasks)
+        self._redis = None
+        if config.state == "redis":
+            self._redis = connect_redis(config.redis_url, reactor=reactor)
+            state = RedisStateManager(self._redis, prefix=config.state_prefix,
+                                      finished_ttl=config.state_ttl,
+                                      name_tombstone=config.name_tombstone)
+        else:
+            raise ConfigurationError("quebert-api reads task state from Redis; "
+                                     "--state memory is only for a worker serving its own API")
+        self.state = state
+        dispatch = config.dispatch_settings()
+        queues = [q if q.dispatch_deadline else attrs.evolve(
+            q, dispatch_deadline=dispatch.dispatch_deadline) for q in config.queue_settings()]
+        self.client, self.api_service = serve_api(
+            self, config, reactor=reactor, state=state, redis=self._redis,
+            registry=default_registry, queues=queues)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        if self._redis is not None:
+            try:
+                yield self._redis.disconnect()
+            except Exception:
+                pass
+        # a graceful stop exits 0 (see WorkerService.stopService)
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
+
+
 class WorkerService(MultiService):
     """A complete worker, ready to be run by ``twistd`` or embedded."""
 
@@ -161,38 +243,11 @@ class WorkerService(MultiService):
     def _setup_api(self, config: WorkerConfig, queues: list, registry: Registry,
                    topology: Topology) -> None:
         """The HTTP task API, on a Client of its own (publishing and control)."""
-        from quebert.api.resource import make_site
-        from quebert.client import Client
-        from quebert.service import TaskService
-        from quebert.tap import api_config
-
-        self.client = Client(config.amqp_url, reactor=self.reactor, state=self.state,
-                             exchange=config.exchange, queue_type=config.queue_type,
-                             default_queue=queues[0].name, registry=registry,
-                             url_policy=config.dispatch_settings().policy)
-        self.client.broker.setServiceParent(self)
-        settings = {q.name: queue_description(q) for q in queues}
-        redis_ping = None
-        if self._redis is not None:
-            redis = self._redis
-
-            def redis_ping() -> defer.Deferred:
-                return bounded(defer.maybeDeferred(redis.ping), 2.0, self.reactor)
-        elif self.config.state == "memory":
-            def redis_ping() -> defer.Deferred:
-                return defer.succeed(True)
         consuming = self.broker.consuming
-        service = TaskService(self.client, queues=settings, registry=registry,
-                              redis_ping=redis_ping,
-                              readiness=[lambda: consuming.current is not None
-                                         and consuming.current.is_open])
-        site = make_site(service, api_config(config), reactor=self.reactor)
-        endpoint = TCP4ServerEndpoint(self.reactor, config.http_port,
-                                      interface=config.http_interface)
-        api = StreamServerEndpointService(endpoint, site)
-        api._raiseSynchronously = True
-        api.setServiceParent(self)
-        self.api_service = api
+        self.client, self.api_service = serve_api(
+            self, config, reactor=self.reactor, state=self.state, redis=self._redis,
+            registry=registry, queues=queues,
+            readiness=[lambda: consuming.current is not None and consuming.current.is_open])
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:

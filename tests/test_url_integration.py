@@ -330,3 +330,60 @@ class URLAndAPITests(TestCase):
         report = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, f"schemathesis found problems:\n{report[-15000:]}")
         self.assertNotIn("Traceback", self.worker.log())
+
+
+class StandaloneAPITests(TestCase):
+    """``twistd quebert-api`` in front of a worker that has no API of its own."""
+
+    timeout = 120
+
+    async def test_push_through_the_standalone_api(self) -> None:
+        amqp_url = make_vhost(self)
+        prefix = f"quebert-test:{uuid.uuid4().hex[:12]}:"
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        api_port = free_port()
+        api = WorkerProcess(self, amqp_url, REDIS_URL, prefix, queues=["default"],
+                            extra=["--http-port", str(api_port), "--api-token", TOKEN],
+                            name="api")
+        api.args[api.args.index("amqp-worker")] = "quebert-api"
+        api.start()
+        worker = WorkerProcess(self, amqp_url, REDIS_URL, prefix).start()
+        await worker.ready()
+        base = f"http://127.0.0.1:{api_port}"
+
+        async def healthy() -> bool:
+            if not api.alive:
+                raise AssertionError(api.log()[-3000:])
+            try:
+                response = await treq.get(f"{base}/health", agent=agent)
+                await treq.content(response)
+                return response.code == 200
+            except Exception:
+                return False
+
+        await wait_for(healthy, 30, what="quebert-api to be ready")
+        response = await treq.post(f"{base}/tasks", agent=agent, headers=AUTH,
+                                   data=json.dumps({"kind": "call", "task": "it.add",
+                                                    "args": [20, 22]}).encode())
+        created = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 201, created)
+
+        async def done() -> Any:
+            response = await treq.get(f"{base}/tasks/{created['id']}", agent=agent,
+                                      headers=AUTH)
+            record = json.loads(await treq.content(response))
+            return record if record["state"] == "succeeded" else None
+
+        record = await wait_for(done, 30, what="the task to run")
+        self.assertEqual(record["result"], 42)
+        self.assertEqual(await api.stop(), 0)
+        self.assertEqual(await worker.stop(), 0)
+
+    async def test_standalone_api_needs_a_port(self) -> None:
+        from tests._worker import ROOT, TWISTD
+
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD, ["--pidfile=", "-n", "quebert-api"], path=ROOT, env=dict(os.environ),
+            reactor=reactor)
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"--http-port is required", out + err)
