@@ -44,9 +44,7 @@ from quebert.errors import (
     UnknownTask,
 )
 from quebert.retry import RetryPolicy
-from quebert.state import _records
 from quebert.state.interface import (
-    CANCELED,
     FAILED,
     FINISHED_STATES,
     QUEUED,
@@ -226,8 +224,7 @@ class MemoryTaskService:
             raise TaskStateConflict(
                 f"task {task_id} is already {record['state']} and cannot be canceled",
                 task_id=task_id, state=record["state"])
-        await self.state.finished(task_id, CANCELED, record["attempts"], {}, self._now(),
-                                  reason="canceled through the API")
+        await self.state.cancel(task_id, self._now(), "canceled through the API")
         return await self._record(task_id)
 
     async def _requeue(self, task_id: str) -> Dict[str, Any]:
@@ -236,13 +233,7 @@ class MemoryTaskService:
             raise TaskStateConflict(
                 f"task {task_id} is {record['state']}; only failed tasks can be requeued",
                 task_id=task_id, state=record["state"])
-        # IStateManager has no writer that goes back to "queued", so this
-        # uses the memory store's own bookkeeping.
-        state = self.state
-        stored, old_state, old_queue = state._load(task_id, {}, self._now())
-        stored.update(_records.enqueued_changes(QUEUED, self._now()))
-        stored.update({"finished_at": None, "eta": None, "reason": None, "result": None})
-        state._store(stored, old_state, old_queue)
+        await self.state.requeued(task_id, self._now())
         return await self._record(task_id)
 
     def _pause(self, queue: str, paused: bool) -> Dict[str, Any]:

@@ -186,6 +186,8 @@ _TASK: Dict[str, Any] = {
         },
         "reason": _nullable("string"),
         "history": {"type": "array", "items": _ref("HistoryEntry")},
+        "cancel_requested": {**_nullable("number"),
+                             "description": "When a cancel was asked for (epoch seconds)."},
         "url": {"type": "string"},
         "method": {"type": "string"},
     },
