@@ -435,12 +435,16 @@ def _validate_request(data: Mapping[str, Any], task_id: Optional[str]) -> dict:
     if _BAD_HEADER_VALUE.search(url) or any(c.isspace() for c in url):
         raise InvalidMessage("'url' must not contain whitespace or control characters",
                              field="url", task_id=task_id)
-    method = data.get("method") or "POST"
+    method = data.get("method")
+    if method is None:
+        method = "POST"
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise InvalidMessage(
             f"'method' must be one of {', '.join(sorted(METHODS))}, not {method!r}",
             field="method", task_id=task_id)
-    headers = data.get("headers") or {}
+    headers = data.get("headers")
+    if headers is None:
+        headers = {}
     if not isinstance(headers, dict):
         raise InvalidMessage("'headers' must be a JSON object of strings", field="headers",
                              task_id=task_id)

@@ -209,9 +209,28 @@ class DecodeErrorTests(SynchronousTestCase):
             self.assertInvalid(body(id=value), "id")
 
     def test_unknown_kind(self):
-        e = self.assertInvalid(body(kind="url"), "kind", TASK_ID)
+        e = self.assertInvalid(body(kind="shell"), "kind", TASK_ID)
         self.assertIn("call", e.reason)
+        self.assertIn("url", e.reason)
         self.assertInvalid(body(kind=None), "kind", TASK_ID)
+
+    def test_url_kind_needs_a_url(self):
+        self.assertInvalid(body(kind="url"), "url", TASK_ID)
+        for bad in ("ftp://x/", "http://", "/relative", "http://x:99999/", "http://a b/",
+                    "x" * 9000, 5):
+            self.assertInvalid(body(kind="url", url=bad), "url", TASK_ID)
+
+    def test_url_kind_fields(self):
+        for field, value in (("method", "TRACE"), ("method", 5), ("headers", []),
+                             ("headers.a b", {"a b": "c"}), ("headers.x", {"x": "a\r\nb"}),
+                             ("headers.x", {"x": 5}), ("body", 5), ("body", "!!"),
+                             ("body_encoding", "rot13"), ("dispatch_deadline", -1)):
+            data = body(kind="url", url="http://127.0.0.1/x")
+            key = field.split(".")[0]
+            data[key] = value
+            if field == "body":
+                data["body_encoding"] = "base64"
+            self.assertInvalid(data, field, TASK_ID)
 
     def test_unhashable_kind(self):
         """A list or object kind is refused, not a TypeError."""
