@@ -232,6 +232,24 @@ class URLAndAPITests(TestCase):
         self.assertLess(record["finished_at"] - asked, 1.0)
         self.assertEqual(await queue_counts(self.amqp_url, "default"), (0, 0))
 
+    async def test_running_thread_task_canceled_and_its_result_discarded(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        code, created = await self.call("POST", "/tasks", {
+            "kind": "call", "task": "it.slow_record", "args": [path, 1, 2.0]})
+        self.assertEqual(code, 201, created)
+        await self.until_state(created["id"], "running")
+        asked = time.time()
+        await self.call("DELETE", f"/tasks/{created['id']}")
+        record = await self.until_state(created["id"], "canceled", timeout=5)
+        self.assertLess(record["finished_at"] - asked, 1.0)
+        # the thread finishes its work (Python threads cannot be stopped)...
+        await wait_for(lambda: os.path.exists(path), 10, what="the thread to finish")
+        await deferLater(reactor, 0.5, lambda: None)
+        # ...and its result is thrown away
+        record = await self.record(created["id"])
+        self.assertEqual((record["state"], record["result"]), ("canceled", None))
+        self.assertEqual(await queue_counts(self.amqp_url, "default"), (0, 0))
+
     async def test_scheduled_task_canceled_never_runs(self) -> None:
         code, created = await self.call("POST", "/tasks", {
             "kind": "url", "url": f"{self.target_base}/ok", "countdown": 1.5})
