@@ -205,8 +205,8 @@ class ErrorTests(unittest.TestCase):
         self.assertLess(result.seconds, 10)
 
 
-class BrokerTests(unittest.TestCase):
-    """``enqueue``, ``status`` and ``list`` against RabbitMQ and Redis."""
+class BrokerHarness(unittest.TestCase):
+    """The CLI against RabbitMQ (a fresh vhost) and Redis (a fresh prefix)."""
 
     timeout = 120
 
@@ -241,6 +241,11 @@ class BrokerTests(unittest.TestCase):
         self.assertEqual(result.code, 0, result)
         self.assertEqual(result.err, "")
         return [json.loads(line) for line in result.out.splitlines()]
+
+
+
+class BrokerTests(BrokerHarness):
+    """``enqueue``, ``status`` and ``list`` against RabbitMQ and Redis."""
 
     @defer.inlineCallbacks
     def test_enqueue_publishes(self):
@@ -366,3 +371,64 @@ class BrokerTests(unittest.TestCase):
         self.assertLess(result.seconds, 15)
         counts = yield queue_counts(self.amqp_url)
         self.assertEqual(counts["default"], (1, 0))
+
+
+class TaskManagementTests(BrokerHarness):
+    """``enqueue-url``, ``cancel``, ``requeue``, ``pause`` and ``resume``."""
+
+    @defer.inlineCallbacks
+    def test_enqueue_url_then_cancel(self):
+        result = yield self.quebert(
+            "enqueue-url", "http://127.0.0.1:9/hook", "-X", "PUT", "-H", "X-A: 1",
+            "-d", '{"a": 1}', "--countdown", "60", "--name", "cli-url-1",
+            "--max-attempts", "2")
+        self.assertEqual(result.code, 0, result)
+        task_id = result.out.strip()
+        record = yield self.status(task_id)
+        self.assertEqual((record["state"], record["kind"], record["task"], record["name"]),
+                         ("scheduled", "url", "PUT http://127.0.0.1:9/hook", "cli-url-1"))
+        # the same unique name again is refused, with the holder named
+        again = yield self.quebert("enqueue-url", "http://127.0.0.1:9/hook",
+                                   "--name", "cli-url-1")
+        self.assertEqual(again.code, 1, again)
+        self.assertIn("already exists", again.err)
+        self.assertIn(task_id, again.err)
+        canceled = yield self.quebert("cancel", task_id)
+        self.assertEqual(canceled.code, 0, canceled)
+        self.assertEqual(json.loads(canceled.out)["state"], "canceled")
+        twice = yield self.quebert("cancel", task_id)
+        self.assertEqual(twice.code, 1)
+        self.assertIn("already canceled", twice.err)
+        missing = yield self.quebert("cancel", "no-such-task")
+        self.assertEqual(missing.code, 1)
+        self.assertIn("no task", missing.err)
+
+    @defer.inlineCallbacks
+    def test_enqueue_url_refuses_bad_targets(self):
+        for args, words in ((["http://169.254.169.254/latest"], "169.254"),
+                            (["ftp://example.com/x"], "http"),
+                            (["http://127.0.0.1/x", "-H", "no colon"], "NAME: VALUE")):
+            result = yield self.quebert("enqueue-url", *args, "--no-state")
+            self.assertNotEqual(result.code, 0, result)
+            self.assertIn(words, result.err)
+
+    @defer.inlineCallbacks
+    def test_requeue_needs_a_failed_task(self):
+        task_id = yield self.enqueue("app.add", "--args", "[1, 2]")
+        result = yield self.quebert("requeue", task_id)
+        self.assertEqual(result.code, 1, result)
+        self.assertIn("not failed", result.err)
+
+    @defer.inlineCallbacks
+    def test_pause_and_resume(self):
+        from quebert.state import RedisStateManager, connect_redis
+
+        result = yield self.quebert("pause", "mail")
+        self.assertEqual((result.code, result.out.strip()), (0, "paused mail"), result)
+        redis = connect_redis(REDIS_URL)
+        self.addCleanup(redis.disconnect)
+        state = RedisStateManager(redis, prefix=self.prefix)
+        self.assertEqual((yield state.paused_queues()), {"mail"})
+        result = yield self.quebert("resume", "mail")
+        self.assertEqual(result.code, 0, result)
+        self.assertEqual((yield state.paused_queues()), set())
