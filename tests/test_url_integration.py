@@ -75,6 +75,12 @@ class Target(resource.Resource):
                 request.setResponseCode(404)
                 return b"no such thing"
             return b"back"
+        if path == "/busy":
+            if self.counts[path] == 1:
+                request.setResponseCode(429)
+                request.setHeader(b"Retry-After", b"2")
+                return b"slow down"
+            return b"ok"
         if path == "/slow":
             request.notifyFinish().addErrback(lambda f: self.dropped.append(time.time()))
             return server.NOT_DONE_YET
@@ -201,6 +207,28 @@ class URLAndAPITests(TestCase):
         # a second requeue of a succeeded task is a conflict
         code, error = await self.call("POST", f"/tasks/{created['id']}/requeue")
         self.assertEqual((code, error["error"]["code"]), (409, "task_state_conflict"))
+
+    async def test_retry_after_is_honoured(self) -> None:
+        code, created = await self.call("POST", "/tasks", {
+            "kind": "url", "url": f"{self.target_base}/busy",
+            "retry": {"min_backoff": 0.1, "max_backoff": 0.2}})
+        record = await self.until_state(created["id"], "succeeded")
+        self.assertEqual(record["attempts"], 2)
+        first, second = self.target.seen("/busy")
+        self.assertGreaterEqual(second["at"] - first["at"], 1.9)
+        self.assertEqual(record["history"][0]["error"]["status"], "429")
+
+    async def test_deadline_and_connection_refused_are_failed_attempts(self) -> None:
+        code, slow = await self.call("POST", "/tasks", {
+            "kind": "url", "url": f"{self.target_base}/slow", "dispatch_deadline": 0.5,
+            "retry": {"max_attempts": 1}})
+        code, refused = await self.call("POST", "/tasks", {
+            "kind": "url", "url": f"http://127.0.0.1:{free_port()}/x",
+            "retry": {"max_attempts": 1}})
+        record = await self.until_state(slow["id"], "failed")
+        self.assertEqual(record["error"]["type"], "quebert.dispatch.dispatcher.DispatchTimeout")
+        record = await self.until_state(refused["id"], "failed")
+        self.assertIn("refused", record["error"]["message"].lower())
 
     async def test_refused_url_is_refused_at_the_api(self) -> None:
         code, error = await self.call("POST", "/tasks", {
