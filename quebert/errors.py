@@ -127,10 +127,6 @@ class TaskStateConflict(QuebertError):
         self.state = state
 
 
-class TaskCanceled(QuebertError):
-    """The task was canceled; whatever it produced is discarded."""
-
-
 class QueueNotFound(QuebertError):
     """No queue of that name is served or known."""
 
