@@ -171,6 +171,15 @@ def error_info(failure: Failure) -> dict:
     return error
 
 
+def _count_response(headers: dict, failure: Failure) -> None:
+    """A URL task's copy carries its last answer's status and the answers so far."""
+    if isinstance(failure.value, DispatchError):
+        status = failure.value.status
+        headers[H_PREVIOUS_RESPONSE] = status or 0
+        if status:
+            headers[H_EXECUTIONS] = protocol.int_header(headers, H_EXECUTIONS) + 1
+
+
 def _header_text(value: str) -> str:
     return value if len(value) <= _HEADER_TEXT_LIMIT else value[: _HEADER_TEXT_LIMIT - 3] + "..."
 
@@ -531,11 +540,7 @@ class Mediator:
             H_ERROR_TYPE: error["type"],
             H_ERROR_MESSAGE: _header_text(error["message"]),
         })
-        if isinstance(failure.value, DispatchError):
-            status = failure.value.status
-            headers[H_PREVIOUS_RESPONSE] = status or 0
-            if status:
-                headers[H_EXECUTIONS] = protocol.int_header(headers, H_EXECUTIONS) + 1
+        _count_response(headers, failure)
         headers.pop(H_NOT_BEFORE, None)
         await self.broker.publish(task.queue, task.delivery.body, headers,
                                   message_id=task.id,
@@ -566,6 +571,7 @@ class Mediator:
             H_ERROR_MESSAGE: _header_text(error["message"]),
             H_REASON: _header_text(reason),
         })
+        _count_response(headers, failure)
         await self.broker.publish_errored(task.queue, task.delivery.body, headers,
                                           message_id=task.id,
                                           content_type=task.delivery.content_type)

@@ -136,8 +136,11 @@ def build_config(options: Any) -> WorkerConfig:
         try:
             config.http_port = int(options["http-port"])
         except ValueError:
-            raise ConfigurationError(f"--http-port must be a port number, not "
-                                     f"{options['http-port']!r}")
+            config.http_port = -1
+    if config.http_port is not None and not 0 <= config.http_port <= 65535:
+        raise ConfigurationError(
+            f"the HTTP API port must be 0-65535 (0: any free port), not "
+            f"{options['http-port'] if options['http-port'] is not None else config.http_port!r}")
     if options["http-interface"]:
         config.http_interface = options["http-interface"]
     token = options["api-token"] or os.environ.get("QUEBERT_API_TOKEN")

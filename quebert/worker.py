@@ -18,8 +18,7 @@ import sys
 from typing import Any, Optional
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger, LogLevel
@@ -125,10 +124,49 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
                  port=config.http_port, access=api.anonymous)
     site = make_site(service, api, reactor=reactor)
     endpoint = TCP4ServerEndpoint(reactor, config.http_port, interface=config.http_interface)
-    server = StreamServerEndpointService(endpoint, site)
-    server._raiseSynchronously = True
+    server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}")
     server.setServiceParent(parent)
     return client, server
+
+
+class _ApiServer(Service):
+    """
+    Listens for the HTTP API; a port that cannot be had (in use, not
+    allowed) is one clear error line and exit code 1, not a traceback.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any, where: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.where = where
+        self.port: Any = None
+        self._listening: Optional[defer.Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: Any) -> None:
+        self.port = port
+        log.info("HTTP task API listening on {address}", address=port.getHost())
+
+    def _failed(self, failure: Any) -> None:
+        log.critical("cannot serve the HTTP task API on {where}: {error}; stopping with exit "
+                     "code {code}", where=self.where, error=failure.getErrorMessage(),
+                     code=EXIT_USAGE)
+        exit_after_shutdown(EXIT_USAGE)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            yield self.port.stopListening()
 
 
 class ApiService(MultiService):
@@ -266,12 +304,8 @@ class WorkerService(MultiService):
     @property
     def http_port(self) -> Optional[int]:
         """The port the HTTP API listens on, once listening."""
-        port = getattr(getattr(self, "api_service", None), "_waitingForPort", None)
-        if port is None or not port.called:
-            return None
-        box: list = []
-        port.addCallback(lambda p: box.append(p) or p)
-        return box[0].getHost().port if box else None
+        port = getattr(getattr(self, "api_service", None), "port", None)
+        return port.getHost().port if port is not None else None
 
     def startService(self) -> None:
         self._apply_paused()

@@ -142,6 +142,9 @@ class URLTaskTests(SynchronousTestCase):
         self.assertEqual((record["state"], record["attempts"]), (FAILED, 3))
         [errored] = worker.broker.errored["default"]
         self.assertEqual(errored.message_id, task_id)
+        # the errored copy describes the last attempt's answer too
+        self.assertEqual(errored.headers[protocol.H_PREVIOUS_RESPONSE], 404)
+        self.assertEqual(errored.headers[protocol.H_EXECUTIONS], 3)
 
     def test_worker_without_dispatcher_refuses_url_tasks(self):
         worker = StubWorker(self.clock, registry=Registry())

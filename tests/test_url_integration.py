@@ -433,3 +433,31 @@ class StandaloneAPITests(TestCase):
             reactor=reactor)
         self.assertNotEqual(code, 0)
         self.assertIn(b"--http-port is required", out + err)
+
+    async def test_port_in_use_is_one_clear_error(self) -> None:
+        amqp_url = make_vhost(self)
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        api = WorkerProcess(self, amqp_url, REDIS_URL, "quebert-test:port:", queues=["default"],
+                            extra=["--http-port", str(taken.getsockname()[1]),
+                                   "--api-token", TOKEN], name="api")
+        api.args[api.args.index("amqp-worker")] = "quebert-api"
+        api.start()
+        await wait_for(lambda: not api.alive, 30, what="quebert-api to exit")
+        self.assertEqual(api.process.returncode, 1)
+        self.assertIn("cannot serve the HTTP task API", api.log())
+        self.assertNotIn("Traceback", api.log())
+
+    async def test_bad_ports_are_usage_errors(self) -> None:
+        from tests._worker import ROOT, TWISTD
+
+        for port in ("70000", "-1", "http"):
+            out, err, code = await getProcessOutputAndValue(
+                TWISTD, ["--pidfile=", "-n", "quebert-api", "--http-port", port,
+                         "--api-token", TOKEN], path=ROOT, env=dict(os.environ),
+                reactor=reactor)
+            self.assertNotEqual(code, 0)
+            self.assertIn(b"port must be 0-65535", out + err)
+            self.assertNotIn(b"Traceback", out + err)

@@ -11,8 +11,8 @@ validates every request before calling it, and turns the
 ``docs/http-api.rst``); any other exception becomes a generic 500.
 
 Every method returns a ``Deferred``.  Records are the state-store records
-described in :mod:`quebert.state.interface`; URL-task records may carry
-``url`` and ``method`` besides.
+described in :mod:`quebert.state.interface`; a URL task's record names it ``task``:
+``METHOD scheme://host/path`` (no query string, no credentials).
 """
 
 from __future__ import annotations

@@ -161,7 +161,8 @@ _RECORD_FIELDS = ("id", "state", "queue", "kind", "task", "name", "attempts", "c
 
 _TASK: Dict[str, Any] = {
     "type": "object",
-    "description": ("A task's state record.  URL tasks may also carry url and method; "
+    "description": ("A task's state record.  A URL task's task is its method and URL "
+                    "without query string; "
                     "further keys may be added."),
     "required": list(_RECORD_FIELDS),
     "properties": {
@@ -188,8 +189,6 @@ _TASK: Dict[str, Any] = {
         "history": {"type": "array", "items": _ref("HistoryEntry")},
         "cancel_requested": {**_nullable("number"),
                              "description": "When a cancel was asked for (epoch seconds)."},
-        "url": {"type": "string"},
-        "method": {"type": "string"},
     },
 }
 
