@@ -65,3 +65,46 @@ def bounded(d: defer.Deferred, seconds: float, clock: Any,
 
     d.addBoth(settle)
     return ours
+
+
+class Shared:
+    """
+    One operation that many callers wait for, each on a Deferred of its own.
+
+    The waiters are fired one after the other in a loop, never from inside
+    one another's callbacks: thousands of publishes waiting for one queue
+    declaration must not grow the stack (``DeferredLock`` hands itself from
+    waiter to waiter recursively, which overflows the stack mid-frame).
+    """
+
+    def __init__(self, d: defer.Deferred) -> None:
+        self._waiters: list = []
+        self._result: Any = None
+        self.done = False
+        d.addBoth(self._fire)
+
+    def wait(self) -> defer.Deferred:
+        """A Deferred of its own with the operation's outcome."""
+        ours: defer.Deferred = defer.Deferred()
+        if self.done:
+            self._settle(ours, self._result)
+        else:
+            self._waiters.append(ours)
+        return ours
+
+    @staticmethod
+    def _settle(waiter: defer.Deferred, result: Any) -> None:
+        if waiter.called:
+            return
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+
+    def _fire(self, result: Any) -> None:
+        self.done = True
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._settle(waiter, result)
+        return None

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from quebert._defer import mirror
+from quebert._defer import Shared, mirror
 from quebert.amqp.connection import AMQPConnection, is_permanent
 from quebert.amqp.topology import Topology
 from quebert.errors import BrokerError, UnroutableError
@@ -54,6 +54,8 @@ class Publisher:
         self._channel = None
         self._lock = defer.DeferredLock()
         self._declared: set[str] = set()
+        self._declaring: dict[tuple, Shared] = {}
+        self._reopening: Optional[Shared] = None
         self.stopped = False
         self.declare_errored = declare_errored
         connection.add_preparer(self._prepare)
@@ -95,7 +97,10 @@ class Publisher:
             protocol = self._protocol
             if protocol is not None and protocol.is_open:
                 try:
-                    yield self._lock.run(self._reopen, protocol)
+                    # every publish waiting for the new channel shares one reopening
+                    if self._reopening is None or self._reopening.done:
+                        self._reopening = Shared(self._lock.run(self._reopen, protocol))
+                    yield self._reopening.wait()
                 except Exception as e:
                     self.log.warn("could not open a publishing channel: {error}", error=e)
                     yield deferLater(self.clock, 0.5, lambda: None)
@@ -113,7 +118,16 @@ class Publisher:
     def _ensure_queue(self, protocol, queue: str):
         if queue in self._declared:
             return defer.succeed(None)
-        return self._lock.run(self._declare_queue, protocol, queue)
+        # every publish to a queue not declared yet shares one declaration
+        key = (id(protocol), queue)
+        shared = self._declaring.get(key)
+        if shared is None or shared.done:
+            shared = self._declaring[key] = Shared(
+                self._lock.run(self._declare_queue, protocol, queue))
+            shared.wait().addBoth(
+                lambda _, s=shared: self._declaring.pop(key) if self._declaring.get(key) is s
+                else None)
+        return shared.wait()
 
     @defer.inlineCallbacks
     def _declare_queue(self, protocol, queue: str):
