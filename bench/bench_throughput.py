@@ -550,6 +550,7 @@ def summarise(throughput: list, latency: list) -> dict:
         summary[name] = {
             "tasks_per_s": statistics.median(r["tasks_per_s"] for r in tp) if tp else None,
             "all_tasks_per_s": [round(r["tasks_per_s"]) for r in tp],
+            "tasks_per_s_by_repeat": {r["repeat"]: r["tasks_per_s"] for r in tp},
             "startup_s": statistics.median(r["startup_s"] for r in tp) if tp else None,
             "cpu_us_per_task": (statistics.median(r["cpu_us_per_task"] for r in tp)
                                 if tp else None),
@@ -613,12 +614,21 @@ def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> st
                          f": RabbitMQ {_fmt(s['rabbitmq_us_per_task'], '.0f')}, Redis "
                          f"{_fmt(s['redis_us_per_task'], '.0f')}; start-up "
                          f"{_fmt(s['startup_s'], '.2f')} s")
+    target = summary.get(TARGET_CONFIG) or {}
+    # The load of a shared machine drifts: the ratio of runs made one after
+    # the other (same repeat) shows how much of the spread is drift.
+    paired = [target["tasks_per_s_by_repeat"][k] / v for k, v in
+              sorted((summary.get("baseline") or {}).get("tasks_per_s_by_repeat", {}).items())
+              if k in target.get("tasks_per_s_by_repeat", {}) and v]
+    if paired:
+        lines.append(f"  {TARGET_CONFIG} / baseline of the same repeat: "
+                     f"{', '.join(f'{p:.2f}x' for p in paired)} "
+                     f"(median {statistics.median(paired):.2f}x)")
     for name, s in summary.items():
         for warning in s["warnings"]:
             lines.append(f"WARNING {name}: {warning}")
         for error in s["errors"]:
             lines.append(f"ERROR {name}: {error.splitlines()[0]}")
-    target = summary.get(TARGET_CONFIG) or {}
     lines.append("")
     if base and target.get("tasks_per_s"):
         ratio = target["tasks_per_s"] / base

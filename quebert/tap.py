@@ -181,9 +181,11 @@ def api_config(config: WorkerConfig) -> Any:
 
 def makeService(options: Options):
     """Build the worker service for ``twistd``."""
-    from quebert.worker import WorkerService
+    from quebert.worker import WorkerService, tune_gc
 
     try:
-        return WorkerService(options["worker_config"])
+        service = WorkerService(options["worker_config"])
     except ConfigurationError as e:
         raise usage.UsageError(str(e))
+    tune_gc()
+    return service

@@ -12,6 +12,7 @@ point stay unacked and the broker redelivers them.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import os
 import sys
@@ -41,6 +42,28 @@ log = Logger(namespace="quebert.worker")
 EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_BROKER_REFUSED = 3
+
+#: Allocations of container objects between two young-generation collections
+#: (Python's default is 700).
+GC_THRESHOLD = 10000
+
+
+def tune_gc() -> None:
+    """
+    Make Python's cyclic garbage collector cheaper for a worker process.
+
+    Every task allocates short-lived Deferreds, coroutines and dicts that
+    reference counting frees; with the default threshold the collector runs
+    every 700 of them and keeps rescanning the whole start-up heap (modules,
+    Twisted, pika), which cost about 10 us of CPU per task.  So: freeze what
+    exists now (it lives as long as the process anyway) and collect the
+    young generation less often.  Garbage cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    threshold = gc.get_threshold()
+    if threshold[0] < GC_THRESHOLD:
+        gc.set_threshold(GC_THRESHOLD, *threshold[1:])
 
 
 def exit_after_shutdown(code: int) -> None:
