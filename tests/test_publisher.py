@@ -62,3 +62,75 @@ class BurstTests(TestCase):
         infos = await defer.gatherResults(sent, consumeErrors=True)
         self.assertEqual(len({info.id for info in infos}), 2000)
         self.assertEqual(await queue_counts(url, "burst"), (2000, 0))
+
+
+class _FakeChannel:
+    """Answers every declaration; publishes fail with the scripted errors first."""
+
+    def __init__(self, failures: list) -> None:
+        self.failures = failures
+        self.is_open = True
+        self.published: list = []
+
+    def basic_publish(self, exchange, routing_key, body, properties, mandatory=True):
+        if self.failures:
+            self.is_open = False
+            return defer.fail(self.failures.pop(0))
+        self.published.append((exchange, routing_key, body))
+        return defer.succeed(None)
+
+    def close(self) -> None:
+        self.is_open = False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: defer.succeed(None)
+
+
+class _FakeProtocol:
+    def __init__(self, failures: list) -> None:
+        self.failures = failures
+        self.channels: list = []
+        self.is_open = True
+
+    def channel(self):
+        channel = _FakeChannel(self.failures)
+        self.channels.append(channel)
+        return defer.succeed(channel)
+
+
+class _FakeConnection:
+    def __init__(self, clock, protocol) -> None:
+        self.reactor = clock
+        self.protocol = protocol
+
+    def add_preparer(self, preparer) -> None:
+        self.preparer = preparer
+
+    def whenReady(self, fail_after_failures=None):
+        return defer.succeed(self.protocol)
+
+
+class TransientPublishFailureTests(SynchronousTestCase):
+    def test_connection_lost_mid_publish_is_retried(self):
+        """
+        pika's Twisted adapter fails a pending publish with Twisted's
+        ConnectionLost, which is no builtin ConnectionError: it is retried
+        on the next channel all the same, never handed to the caller.
+        """
+        from twisted.internet.error import ConnectionDone, ConnectionLost
+        from twisted.internet.task import Clock
+
+        from quebert.amqp.publisher import Publisher, properties
+        from quebert.amqp.topology import Topology
+
+        clock = Clock()
+        protocol = _FakeProtocol([ConnectionLost("gone"), ConnectionDone("closed")])
+        connection = _FakeConnection(clock, protocol)
+        publisher = Publisher(connection, Topology(), clock=clock)
+        self.successResultOf(connection.preparer(protocol))
+        d = publisher.publish("quebert", "q", b"{}", properties("t1", {}))
+        for _ in range(10):
+            clock.advance(1)
+        self.successResultOf(d)
+        published = [p for channel in protocol.channels for p in channel.published]
+        self.assertEqual(published, [("quebert", "q", b"{}")])

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import pika
 import pika.exceptions
 from twisted.internet import defer
+from twisted.internet import error as twisted_error
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -31,6 +32,11 @@ _TRANSIENT = (
     pika.exceptions.ChannelWrongStateError,
     pika.exceptions.ConnectionWrongStateError,
     ConnectionError,
+    # pika's Twisted adapter fails a pending publish with Twisted's own
+    # connection errors, which are not builtin ConnectionErrors
+    twisted_error.ConnectionLost,
+    twisted_error.ConnectionDone,
+    twisted_error.ConnectionClosed,
 )
 
 
