@@ -15,15 +15,20 @@ from twisted.python.failure import Failure
 
 
 def mirror(d: defer.Deferred) -> defer.Deferred:
-    """A Deferred of our own with ``d``'s outcome; cancelling it leaves ``d`` alone."""
+    """
+    A Deferred of our own with ``d``'s outcome; cancelling it leaves ``d``
+    alone.  A failure is handed over, not kept in ``d`` as well (where it
+    would be logged as unhandled when ``d`` is collected).
+    """
     ours: defer.Deferred = defer.Deferred()
 
     def forward(result: Any) -> Any:
-        if not ours.called:
-            if isinstance(result, Failure):
+        if isinstance(result, Failure):
+            if not ours.called:
                 ours.errback(result)
-            else:
-                ours.callback(result)
+            return None
+        if not ours.called:
+            ours.callback(result)
         return result
 
     d.addBoth(forward)
