@@ -63,7 +63,7 @@ class SigkillTests(FaultCase):
         tally = self.tally(records, {i: 1 for i in ids})
         # At-least-once: only the victim's deliveries in flight at the kill
         # (its prefetch) may run twice, or be counted as a lost attempt.
-        self.check(tally, duplicate_bound=PREFETCH)
+        self.check(tally, duplicate_bound=PREFETCH, records=records)
         await self.assert_queues()
         self.recovered(None if first is None else first - restarted_at, RECOVERY_BOUND,
                        "restarted worker's first task")
