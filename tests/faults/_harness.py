@@ -175,10 +175,12 @@ class FaultCase(TestCase):
     # -- building blocks ---------------------------------------------------
 
     def worker(self, name: str = "worker", *, queues: Iterable[str] = ("default:20",),
-               redis_url: str = REDIS_URL, extra: Iterable[str] = ()) -> WorkerProcess:
+               redis_url: str = REDIS_URL, amqp_url: Optional[str] = None,
+               extra: Iterable[str] = ()) -> WorkerProcess:
         """A worker process (not started) on the fault tasks; killed in cleanup."""
-        return WorkerProcess(self, self.url, redis_url, self.prefix, tasks=(TASKS_MODULE,),
-                             queues=queues, extra=tuple(extra), name=name)
+        return WorkerProcess(self, amqp_url or self.url, redis_url, self.prefix,
+                             tasks=(TASKS_MODULE,), queues=queues, extra=tuple(extra),
+                             name=name)
 
     async def publish(self, count: int, task: str = "faults.mark", *, start: int = 0,
                       options: Callable[[int], Mapping[str, Any]] = lambda i: {}

@@ -74,3 +74,12 @@ def poison(path: str) -> None:
     """Kills the process running it, every time (after recording the run as ``-1``)."""
     record_run(path, -1)
     os.kill(os.getpid(), 9)
+
+
+@task(name="faults.fail", min_backoff=0.5, max_backoff=1, max_attempts=3)
+def fail(path: str, i: int, seconds: float = 0.0) -> None:
+    """Sleeps, records the run, and fails: every time, until its budget is spent."""
+    if seconds:
+        time.sleep(seconds)
+    record_run(path, i)
+    raise PlannedFailure(f"task {i} always fails")
