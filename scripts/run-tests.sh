@@ -5,8 +5,16 @@
 #     bash scripts/run-tests.sh                    # everything
 #     bash scripts/run-tests.sh tests.test_retry   # extra args go to trial
 #
-# Exits non-zero when trial or ruff fails.  The tests run in one process
-# (no `trial --jobs`): the integration tests share the local servers.
+# With no arguments, two trial runs, one after the other: the normal suite
+# (every test module but tests/faults), then the fault suite (tests.faults:
+# workers killed, RabbitMQ stopped, Redis cut off; docs/reliability.rst) in
+# its own process, because it stops RabbitMQ and would break any test
+# running beside it.  Its summary table is printed and, when it passed,
+# written into docs/reliability.rst.
+#
+# Exits non-zero when a trial run or ruff fails.  The tests run in one
+# process per run (no `trial --jobs`): the integration tests share the
+# local servers.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,21 +22,52 @@ cd "$root"
 
 bash scripts/bootstrap.sh
 
-if [ "$#" -eq 0 ]; then
-    set -- tests
-fi
+logs=()
+cleanup() { rm -f "${logs[@]}"; }
+trap cleanup EXIT
 
-log="$(mktemp "${TMPDIR:-/tmp}/quebert-trial.XXXXXX")"
-trap 'rm -f "$log"' EXIT
-
-echo "run-tests: .venv/bin/python -m twisted.trial $*"
+summaries=()
 trial_status=0
-.venv/bin/python -m twisted.trial "$@" 2>&1 | tee "$log" || trial_status=$?
 
-summary="$(grep -E '^(PASSED|FAILED)( |$)' "$log" | tail -n 1 || true)"
-if [ -z "$summary" ]; then
-    summary="no trial summary line (trial exited with status $trial_status)"
-    [ "$trial_status" -eq 0 ] && trial_status=1
+# run_trial LABEL ARGS...: one trial run, its summary line kept for the end.
+run_trial() {
+    local label="$1" log status=0 summary
+    shift
+    log="$(mktemp "${TMPDIR:-/tmp}/quebert-trial.XXXXXX")"
+    logs+=("$log")
+    echo "run-tests: .venv/bin/python -m twisted.trial $*"
+    local started=$SECONDS
+    .venv/bin/python -m twisted.trial "$@" 2>&1 | tee "$log" || status=$?
+    summary="$(grep -E '^(PASSED|FAILED)( |$)' "$log" | tail -n 1 || true)"
+    if [ -z "$summary" ]; then
+        summary="no trial summary line (trial exited with status $status)"
+        [ "$status" -eq 0 ] && status=1
+    fi
+    summaries+=("$label: $summary ($((SECONDS - started))s)")
+    if [ "$status" -ne 0 ] && [ "$trial_status" -eq 0 ]; then
+        trial_status=$status
+    fi
+    return "$status"
+}
+
+faults_status=skipped
+if [ "$#" -eq 0 ]; then
+    normal=()
+    for path in tests/test_*.py; do
+        module="${path%.py}"
+        normal+=("${module//\//.}")
+    done
+    for path in tests/*/; do
+        path="${path%/}"
+        if [ -f "$path/__init__.py" ] && [ "$path" != tests/faults ]; then
+            normal+=("${path//\//.}")
+        fi
+    done
+    run_trial "trial" "${normal[@]}" || true
+    faults_status=0
+    run_trial "faults" --temp-directory=_trial_temp.faults tests.faults || faults_status=$?
+else
+    run_trial "trial" "$@" || true
 fi
 
 lint_paths=()
@@ -39,17 +78,31 @@ echo "run-tests: .venv/bin/ruff check ${lint_paths[*]}"
 ruff_status=0
 .venv/bin/ruff check "${lint_paths[@]}" || ruff_status=$?
 
-count() {  # count NAME: the number after NAME= in trial's summary, or 0
-    local n
-    n="$(grep -oE "$1=[0-9]+" <<<"$summary" | head -n 1 | cut -d= -f2 || true)"
-    echo "${n:-0}"
+count() {  # count NAME: the sum of the numbers after NAME= in every trial summary
+    local total=0 n summary
+    for summary in "${summaries[@]}"; do
+        n="$(grep -oE "$1=[0-9]+" <<<"$summary" | head -n 1 | cut -d= -f2 || true)"
+        total=$(( total + ${n:-0} ))
+    done
+    echo "$total"
 }
 passed="$(count successes)"
 failed=$(( $(count failures) + $(count errors) + $(count unexpectedSuccesses) ))
 skipped="$(count skips)"
 
+if [ "$faults_status" != skipped ]; then
+    echo
+    report_args=(--dir _trial_temp.faults/faults-summary)
+    if [ "$faults_status" -eq 0 ]; then
+        report_args+=(--write-docs docs/reliability.rst)
+    fi
+    .venv/bin/python -m tests.faults.report "${report_args[@]}" || true
+fi
+
 echo
-echo "trial: $summary"
+for summary in "${summaries[@]}"; do
+    echo "$summary"
+done
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 if [ "$ruff_status" -eq 0 ]; then
     echo "ruff:  passed"

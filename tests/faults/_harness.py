@@ -1,0 +1,372 @@
+"""
+The fault suite's harness: one :class:`FaultCase` per scenario.
+
+A scenario is a small ``test_*.py`` module with one ``FaultCase``
+subclass.  The base class gives it, per test:
+
+* a fresh RabbitMQ vhost (``self.url``) and a fresh Redis key prefix in
+  database 9 (``self.prefix``, ``self.state``, ``self.client``);
+* :meth:`FaultCase.worker`: a real ``twistd -n amqp-worker`` process on the
+  scenario's tasks (:mod:`tests.faults.tasks`), killed in cleanup;
+* :meth:`FaultCase.publish`: a batch of tasks, published concurrently
+  with confirms, each recording every run of it in ``self.runs``;
+* :meth:`FaultCase.wait_done`, :meth:`FaultCase.tally` and
+  :meth:`FaultCase.assert_queues`: the checks every scenario ends with
+  (every task ``succeeded`` in the state store, runs per task counted
+  exactly, duplicates bounded by what was in flight, nothing left in a
+  work, delay or errored queue but what is expected);
+* ``self.row``: the scenario's line of the summary table, written as JSON
+  to ``$QUEBERT_FAULTS_SUMMARY_DIR`` (default ``faults-summary/`` in
+  trial's temporary directory) when the test ends, passed or not.
+  ``python -m tests.faults.report`` prints the table.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+import uuid
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from quebert import Client
+from quebert.state import RedisStateManager, connect_redis
+from quebert.state.interface import SUCCEEDED
+from tests._rabbit import make_vhost, queue_counts
+from tests._worker import WorkerProcess, wait_for
+
+REDIS_URL = os.environ.get("QUEBERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+TASKS_MODULE = "tests.faults.tasks"
+#: Where each scenario's summary row goes (one JSON file per scenario).
+SUMMARY_DIR_ENV = "QUEBERT_FAULTS_SUMMARY_DIR"
+PUBLISH_CONCURRENCY = 64
+
+
+def summary_dir() -> str:
+    """The directory of summary rows (trial runs tests in its temp directory)."""
+    return os.path.abspath(os.environ.get(SUMMARY_DIR_ENV) or "faults-summary")
+
+
+@attrs.frozen
+class Run:
+    """One run of a task, as its worker recorded it."""
+
+    i: int
+    pid: int
+    at: float
+
+
+class Runs:
+    """The runs recorded by :func:`tests.faults.tasks.record_run` in one file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self) -> List[Run]:
+        try:
+            with open(self.path, encoding="ascii") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return []
+        runs = []
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break  # a write still in progress
+            i, pid, at = line.split()
+            runs.append(Run(int(i), int(pid), float(at)))
+        return runs
+
+    def __len__(self) -> int:
+        return len(self.read())
+
+    def counts(self) -> collections.Counter:
+        return collections.Counter(r.i for r in self.read())
+
+    def pids(self) -> collections.Counter:
+        return collections.Counter(r.pid for r in self.read())
+
+    def first_after(self, at: float, pid: Optional[int] = None) -> Optional[float]:
+        """When the first run after ``at`` (by ``pid``, if given) was recorded."""
+        times = [r.at for r in self.read() if r.at > at and (pid is None or r.pid == pid)]
+        return min(times) if times else None
+
+    def largest_gap(self, start: float, end: float) -> float:
+        """The longest stretch in ``[start, end]`` without a recorded run."""
+        times = sorted(r.at for r in self.read() if start <= r.at <= end)
+        points = [start, *times, end]
+        return max(b - a for a, b in zip(points, points[1:]))
+
+
+@attrs.define
+class Tally:
+    """Runs and records of a batch, compared with what was expected."""
+
+    tasks: int
+    succeeded: int
+    #: Tasks that ran fewer times than expected (or never).
+    lost: List[int]
+    #: Extra runs per task, beyond what was expected.
+    duplicates: Dict[int, int]
+    #: Runs of task numbers that were never meant to run.
+    strays: Dict[int, int]
+    #: Attempts in the state store beyond the expected count, summed.
+    extra_attempts: int
+    #: Tasks whose record counts fewer attempts than it really ran.
+    undercounted: List[int]
+
+    @property
+    def duplicate_runs(self) -> int:
+        return sum(self.duplicates.values())
+
+
+class FaultCase(TestCase):
+    """Base class of one fault scenario (see the module docstring)."""
+
+    timeout = 300
+    #: Short name: the summary table's first column and the row's file name.
+    scenario = "unnamed"
+    #: One line saying what the fault is.
+    fault = ""
+
+    def setUp(self) -> None:
+        self._began = time.monotonic()
+        self.row: Dict[str, Any] = {
+            "scenario": self.scenario, "fault": self.fault, "test": self.id(),
+            "status": "error", "tasks": None, "succeeded": None, "duplicates": None,
+            "duplicate_bound": None, "lost": None, "recovery_s": None,
+            "recovery_bound_s": None, "recovery": "", "duration_s": None, "notes": "",
+            "extra_attempts": None, "forks": None,
+            "finished_at": None,
+        }
+        self.addCleanup(self._write_row)  # first registered: runs last
+        self.url = make_vhost(self, prefix="quebert-fault")
+        self.prefix = f"quebert-fault-{uuid.uuid4().hex[:12]}:"
+        self.redis = connect_redis(REDIS_URL)
+        self.state = RedisStateManager(self.redis, prefix=self.prefix)
+        self.client = Client(self.url, state=self.state)
+        self.addCleanup(lambda: defer.ensureDeferred(self._cleanup()))
+        self.runs = Runs(os.path.abspath(self.mktemp()))
+
+    async def _cleanup(self) -> None:
+        await self.client.close()
+        cursor = 0
+        while True:
+            cursor, keys = await self.redis.scan(cursor, self.prefix + "*", 1000)
+            if keys:
+                await self.redis.delete(*keys)
+            if int(cursor) == 0:
+                break
+        await self.redis.disconnect()
+
+    def _write_row(self) -> None:
+        self.row["duration_s"] = round(time.monotonic() - self._began, 1)
+        self.row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        directory = summary_dir()
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"{self.scenario}.json"), "w") as f:
+            json.dump(self.row, f, indent=1)
+        print(f"\n[faults] {format_row(self.row)}")
+
+    # -- building blocks ---------------------------------------------------
+
+    def worker(self, name: str = "worker", *, queues: Iterable[str] = ("default:20",),
+               redis_url: str = REDIS_URL, amqp_url: Optional[str] = None,
+               extra: Iterable[str] = ()) -> WorkerProcess:
+        """A worker process (not started) on the fault tasks; killed in cleanup."""
+        return WorkerProcess(self, amqp_url or self.url, redis_url, self.prefix,
+                             tasks=(TASKS_MODULE,), queues=queues, extra=tuple(extra),
+                             name=name)
+
+    async def publish(self, count: int, task: str = "faults.mark", *, start: int = 0,
+                      options: Callable[[int], Mapping[str, Any]] = lambda i: {}
+                      ) -> Dict[int, str]:
+        """
+        Publish tasks ``start .. start+count-1`` as ``task(self.runs.path, i,
+        **options(i))``, with confirms, concurrently; return ``{i: task id}``.
+        """
+        sem = defer.DeferredSemaphore(PUBLISH_CONCURRENCY)
+        numbers = list(range(start, start + count))
+        infos = await defer.gatherResults(
+            [sem.run(self.client.add_task, task, self.runs.path, i, **options(i))
+             for i in numbers], consumeErrors=True)
+        return {i: info.id for i, info in zip(numbers, infos)}
+
+    async def count_in(self, state: str) -> int:
+        """How many of this test's tasks the state store lists as ``state``."""
+        return int(await self.redis.zcard(f"{self.prefix}idx:state:{state}"))
+
+    async def wait_done(self, ids: Mapping[int, str], *, timeout: float = 120.0,
+                        workers: Iterable[WorkerProcess] = (),
+                        supervise: Optional[Callable[[], Any]] = None,
+                        state: str = SUCCEEDED) -> Dict[int, dict]:
+        """
+        Wait until the state store lists at least ``len(ids)`` tasks as
+        ``state``, then return every record of ``ids``.  Fails at once if a
+        worker of ``workers`` dies (unless ``supervise``, called at every
+        poll, restarts it).
+        """
+        workers = list(workers)
+
+        async def done() -> bool:
+            if supervise is not None:
+                await defer.ensureDeferred(supervise())
+            for w in workers:
+                if not w.alive:
+                    raise AssertionError(f"a worker died (exit {w.process.returncode}):\n"
+                                         + w.log()[-3000:])
+            return await self.count_in(state) >= len(ids)
+
+        await wait_for(done, timeout, interval=0.25, what=f"{len(ids)} tasks to be {state}")
+        return await self.records(ids)
+
+    async def records(self, ids: Mapping[int, str]) -> Dict[int, dict]:
+        sem = defer.DeferredSemaphore(32)
+        numbers = list(ids)
+        found = await defer.gatherResults([sem.run(self.state.get, ids[i]) for i in numbers],
+                                          consumeErrors=True)
+        return dict(zip(numbers, found))
+
+    def tally(self, records: Mapping[int, Optional[dict]],
+              expected: Mapping[int, int]) -> Tally:
+        """
+        Compare the runs recorded in ``self.runs`` and the state records
+        with ``expected`` (runs per task number; also its attempt count).
+        """
+        counts = self.runs.counts()
+        lost = sorted(i for i, n in expected.items() if counts[i] < n)
+        duplicates = {i: counts[i] - n for i, n in expected.items() if counts[i] > n}
+        # negative numbers mark the scenario's own special tasks (the poison)
+        strays = {i: n for i, n in counts.items() if i not in expected and i >= 0}
+        succeeded = sum(1 for i in expected
+                        if records.get(i) is not None and records[i]["state"] == SUCCEEDED)
+        extra = sum(max(0, int(records[i]["attempts"]) - n) for i, n in expected.items()
+                    if records.get(i) is not None)
+        undercounted = sorted(i for i in expected if records.get(i) is not None
+                              and int(records[i]["attempts"]) < counts[i])
+        return Tally(tasks=len(expected), succeeded=succeeded, lost=lost,
+                     duplicates=duplicates, strays=strays, extra_attempts=extra,
+                     undercounted=undercounted)
+
+    def check(self, tally: Tally, *, duplicate_bound: int,
+              attempt_bound: Optional[int] = None, allow_forks: bool = False,
+              records: Optional[Mapping[int, Optional[dict]]] = None) -> None:
+        """
+        The assertions every scenario makes about its batch, after filling
+        in the summary row: every task succeeded, none lost, none ran that
+        should not have, at most ``duplicate_bound`` duplicate runs, at
+        most ``attempt_bound`` (default: ``duplicate_bound``) attempts
+        counted beyond the expected ones, and (unless ``allow_forks``) no
+        record counting fewer attempts than its task really ran: that
+        happens when one task became two messages that both ran the same
+        attempt (a *fork*; see docs/reliability.rst).  Anomalous tasks are
+        printed with their records (pass ``records``) as evidence.
+        """
+        self.row.update(tasks=tally.tasks, succeeded=tally.succeeded,
+                        duplicates=tally.duplicate_runs, duplicate_bound=duplicate_bound,
+                        lost=len(tally.lost), extra_attempts=tally.extra_attempts,
+                        forks=len(tally.undercounted))
+        if tally.duplicates:
+            print(f"\n[faults] {self.scenario}: {tally.duplicate_runs} duplicate run(s), "
+                  f"tasks {sorted(tally.duplicates)[:40]}")
+        if tally.undercounted:
+            print(f"\n[faults] {self.scenario}: {len(tally.undercounted)} task(s) ran more "
+                  f"times than their record counts attempts (forked): "
+                  f"{tally.undercounted[:40]}")
+        self._evidence(tally, records)
+        self.assertEqual(tally.lost, [], "tasks lost (ran fewer times than expected)")
+        self.assertEqual(tally.strays, {}, "runs of tasks that should never have run")
+        self.assertEqual(tally.succeeded, tally.tasks, "every task must end succeeded")
+        self.assertLessEqual(tally.duplicate_runs, duplicate_bound,
+                             f"more duplicate runs than tasks in flight: {tally.duplicates}")
+        if attempt_bound is None:
+            attempt_bound = duplicate_bound
+        self.assertLessEqual(tally.extra_attempts, attempt_bound,
+                             "more attempts recorded than the fault can explain")
+        if not allow_forks:
+            self.assertEqual(tally.undercounted, [],
+                             "records counting fewer attempts than runs (forked tasks)")
+
+    def _evidence(self, tally: Tally, records: Optional[Mapping[int, Optional[dict]]]) -> None:
+        """Print the runs and records of anomalous tasks (at most 10)."""
+        if records is None:
+            return
+        odd = sorted(set(tally.lost) | set(tally.duplicates) | set(tally.undercounted))[:10]
+        if not odd:
+            return
+        runs = collections.defaultdict(list)
+        for r in self.runs.read():
+            runs[r.i].append(f"pid {r.pid} at {r.at:.3f}")
+        for i in odd:
+            record = records.get(i) or {}
+            history = [(h.get("attempt"), h.get("state"), h.get("worker"),
+                        (h.get("error") or {}).get("type")) for h in record.get("history") or []]
+            print(f"[faults]   task {i} id {record.get('id')}: {record.get('state')}, "
+                  f"attempts {record.get('attempts')}; runs {runs[i]}; history {history}")
+
+    async def assert_queues(self, expected: Optional[Mapping[str, tuple]] = None,
+                            timeout: float = 20.0) -> Dict[str, tuple]:
+        """
+        Wait until every queue of the vhost (work, ``quebert.delay.NN``,
+        errored) is empty but ``expected`` (``{queue: (ready, unacked)}``);
+        fail with the counts otherwise.
+        """
+        expected = dict(expected or {})
+        seen: Dict[str, tuple] = {}
+
+        async def settled() -> bool:
+            counts = await queue_counts(self.url)
+            seen.clear()
+            seen.update({q: c for q, c in counts.items() if c != (0, 0)})
+            return seen == expected
+
+        try:
+            await wait_for(settled, timeout, interval=0.5, what="queues to settle")
+        except AssertionError:
+            self.fail(f"queues left with messages {seen}, expected {expected}")
+        return seen
+
+    def recovered(self, seconds: Optional[float], bound: float, what: str) -> None:
+        """Record (and check) a recovery time: seconds from fault end to ``what``."""
+        self.row.update(recovery_s=None if seconds is None else round(seconds, 2),
+                        recovery_bound_s=bound, recovery=what)
+        self.assertIsNotNone(seconds, f"never recovered: {what}")
+        self.assertLessEqual(seconds, bound, f"recovery too slow: {what}")
+
+    def passed(self, notes: str = "") -> None:
+        """The scenario's last line: its row says it passed."""
+        self.row["status"] = "passed"
+        if notes:
+            self.row["notes"] = notes
+
+    async def stop_workers(self, *workers: WorkerProcess) -> None:
+        """SIGTERM every worker still running; each must exit 0."""
+        for w in workers:
+            if w.alive:
+                self.assertEqual(await w.stop(), 0, w.log()[-3000:])
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    """One summary row as a line of text."""
+    def num(key: str) -> str:
+        value = row.get(key)
+        return "-" if value is None else str(value)
+
+    recovery = "-" if row.get("recovery_s") is None else f"{row['recovery_s']:.2f}s"
+    return (f"{row['scenario']}: {row['status']}, {num('tasks')} tasks, "
+            f"{num('succeeded')} succeeded, {num('duplicates')} duplicate run(s) "
+            f"(bound {num('duplicate_bound')}), {num('lost')} lost, recovery {recovery} "
+            f"(bound {num('recovery_bound_s')}s: {row.get('recovery') or '-'}), "
+            f"{num('duration_s')}s")
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str,
+                interval: float = 0.05) -> float:
+    """:func:`wait_for` that returns the wall-clock time the predicate came true."""
+    await wait_for(predicate, timeout, interval=interval, what=what)
+    return time.time()
+
