@@ -628,3 +628,24 @@ class WorkerProcessTests(TestCase):
             self.assertEqual([line["event"] for line in lines if "event" in line], ["start"])
 
         return defer.ensureDeferred(run())
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    def test_example_unit(self):
+        import configparser
+
+        from tests._worker import ROOT
+
+        unit = configparser.ConfigParser(strict=True, interpolation=None)
+        unit.optionxform = str
+        with open(os.path.join(ROOT, "examples", "quebert-worker.service")) as f:
+            unit.read_file(f)
+        service = unit["Service"]
+        self.assertEqual(service["Restart"], "on-failure")
+        self.assertEqual(service["KillSignal"], "SIGTERM")
+        self.assertGreater(int(service["TimeoutStopSec"]), 30 + 10,
+                           "above the default shutdown_timeout and the rest of the stop")
+        self.assertIn("twistd -n --pidfile= amqp-worker --config /etc/quebert/worker.json "
+                      "--auto-kill-timeout 60", service["ExecStart"])
+        self.assertEqual(service["RestartPreventExitStatus"].split(),
+                         [str(EXIT_USAGE), str(EXIT_BROKER_REFUSED)])
