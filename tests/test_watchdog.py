@@ -649,3 +649,54 @@ class SystemdUnitTests(SynchronousTestCase):
                       "--auto-kill-timeout 60", service["ExecStart"])
         self.assertEqual(service["RestartPreventExitStatus"].split(),
                          [str(EXIT_USAGE), str(EXIT_BROKER_REFUSED)])
+
+
+class StopSignalTests(SynchronousTestCase):
+    """The first SIGTERM/SIGINT goes to the reactor, the second ends the drain."""
+
+    def service(self, **config):
+        from quebert.config import WorkerConfig
+        from quebert.worker import WorkerService
+
+        clock = Clock()
+        clock.callFromThread = lambda f, *a, **kw: f(*a, **kw)
+        service = WorkerService(WorkerConfig(state="memory", **config), reactor=clock)
+        self.addCleanup(service.executor.stop)
+        return service, clock
+
+    def test_first_signal_to_the_reactor_second_stops_at_once(self):
+        service, clock = self.service()
+        self.assertIsNone(service.watchdog)
+        handled = []
+        previous = lambda n, frame: handled.append(n)  # noqa: E731 - the reactor's handler
+        service._on_stop_signal(previous, signal.SIGTERM, None)
+        self.assertEqual(handled, [signal.SIGTERM])
+        self.assertFalse(service._hard_stop_requested)
+        service._on_stop_signal(previous, signal.SIGINT, None)
+        self.assertEqual(handled, [signal.SIGTERM])
+        self.assertTrue(service._hard_stop_requested)
+        self.assertTrue(service.mediator._drain_ended)
+        self.assertEqual(clock._exitSignal, signal.SIGINT)
+        exits = []
+        self.patch(os, "_exit", exits.append)
+        self.patch(os, "write", lambda fd, data: len(data))
+        service._on_stop_signal(previous, signal.SIGTERM, None)
+        self.assertEqual(exits, [128 + signal.SIGTERM])
+
+    def test_a_stop_already_under_way_is_cut_short_by_the_first_signal(self):
+        service, clock = self.service()
+        service._stopping = True  # e.g. RabbitMQ refused the setup
+        service.exit_code = EXIT_BROKER_REFUSED
+        handled = []
+        service._on_stop_signal(lambda n, frame: handled.append(n), signal.SIGTERM, None)
+        self.assertEqual(handled, [])
+        self.assertTrue(service.mediator._drain_ended)
+        # its own exit status wins over the signal's
+        self.assertIsNone(getattr(clock, "_exitSignal", None))
+
+    def test_watchdog_is_a_child_service_when_configured(self):
+        service, clock = self.service(auto_kill_timeout=30.0)
+        self.assertIs(service.getServiceNamed("reactor-watchdog"), service.watchdog)
+        self.assertEqual((service.watchdog.timeout, service.watchdog.exit_code),
+                         (30.0, EXIT_REACTOR_STALLED))
+        self.assertIsNone(service.watchdog.marker, "no Redis to mark records in")
