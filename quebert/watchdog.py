@@ -281,7 +281,7 @@ class ReactorWatchdog(Service):
         self._write = write
         self.report_budget = report_budget
         self._use_thread = thread
-        self.last_tick = monotonic()
+        self.last_tick = self._last_check = monotonic()
         #: The thread ticks run in (the reactor's), known after the first tick.
         self.reactor_thread: Optional[int] = None
         self.fired = False
@@ -291,7 +291,7 @@ class ReactorWatchdog(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.last_tick = self._monotonic()
+        self.last_tick = self._last_check = self._monotonic()
         self._stop.clear()
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
@@ -321,10 +321,21 @@ class ReactorWatchdog(Service):
                 return
 
     def check(self) -> bool:
-        """Fire if the reactor has not ticked for ``timeout`` seconds; whether it fired."""
+        """
+        Fire if the reactor has not ticked for ``timeout`` seconds; whether
+        it fired.  Called every ``interval`` seconds: when the previous
+        check is much older than that, this thread did not run either, so
+        the whole process was paused (SIGSTOP, a frozen container, a
+        suspended VM), not the reactor alone; the reactor then gets another
+        interval to tick before anything is taken for a stall.
+        """
         if not self.running or self.fired:
             return False
-        stalled_for = self._monotonic() - self.last_tick
+        now = self._monotonic()
+        previous, self._last_check = self._last_check, now
+        if now - previous > self.interval + self.timeout / 2:
+            return False
+        stalled_for = now - self.last_tick
         if stalled_for < self.timeout:
             return False
         self.fired = True

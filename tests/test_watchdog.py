@@ -113,6 +113,14 @@ class WatchdogTests(SynchronousTestCase):
         self.addCleanup(lambda: dog.running and dog.stopService())
         return dog
 
+    def stall(self, dog, until, step=0.1):
+        """The reactor stays stuck while the watchdog thread checks every ``step`` s."""
+        while self.time.stalled < until - 1e-9:
+            self.time.stalled = min(until, self.time.stalled + step)
+            if dog.check():
+                return True
+        return False
+
     def test_exit_codes(self):
         self.assertEqual((EXIT_OK, EXIT_USAGE, EXIT_BROKER_REFUSED, EXIT_REACTOR_STALLED,
                           EXIT_STUCK_CONNECTION), (0, 1, 3, 4, 5))
@@ -132,11 +140,9 @@ class WatchdogTests(SynchronousTestCase):
         dog = self.watchdog(timeout=2.0, marker=marker)
         self.running["t1"] = FakeTask("t1", "app.block", 3, FakeDefinition(_task_a))
         self.clock.advance(0.5)  # a tick
-        self.time.stalled = 1.9  # the reactor stops ticking
-        self.assertFalse(dog.check())
+        self.assertFalse(self.stall(dog, 1.9))  # the reactor stops ticking
         self.assertEqual(self.exits, [])
-        self.time.stalled = 2.0
-        self.assertTrue(dog.check())
+        self.assertTrue(self.stall(dog, 2.0))
         self.assertEqual(self.exits, [EXIT_REACTOR_STALLED])
         # Checked once more (the thread would have been gone): no second report.
         self.assertFalse(dog.check())
@@ -154,10 +160,8 @@ class WatchdogTests(SynchronousTestCase):
         """The stall is measured from the last tick, not from the last check."""
         dog = self.watchdog(timeout=4.0)
         self.clock.advance(1.0)  # ticks at 0, 1 (interval 1 s)
-        self.time.stalled = 3.5
-        self.assertFalse(dog.check())
-        self.time.stalled = 4.0
-        self.assertTrue(dog.check())
+        self.assertFalse(self.stall(dog, 3.5))
+        self.assertTrue(self.stall(dog, 4.0))
 
     def test_a_failing_report_still_exits(self):
         def broken_write(text):
@@ -169,8 +173,7 @@ class WatchdogTests(SynchronousTestCase):
                               thread=False)
         dog.startService()
         self.addCleanup(dog.stopService)
-        self.time.stalled = 5
-        self.assertTrue(dog.check())
+        self.assertTrue(self.stall(dog, 5))
         self.assertEqual(self.exits, [EXIT_REACTOR_STALLED])
 
     def test_a_stuck_marker_does_not_hold_the_exit(self):
@@ -179,18 +182,34 @@ class WatchdogTests(SynchronousTestCase):
         marker = RecordingMarker(block=block)
         dog = self.watchdog(timeout=1.0, marker=marker, report_budget=0.05)
         self.running["t1"] = FakeTask("t1", "app.block", 1, FakeDefinition(_task_a))
-        self.time.stalled = 5
-        self.assertTrue(dog.check())
+        self.assertTrue(self.stall(dog, 5))
         self.assertEqual(self.exits, [EXIT_REACTOR_STALLED])
         self.assertEqual(len(marker.calls), 1)
 
     def test_no_marker_without_running_tasks(self):
         marker = RecordingMarker()
         dog = self.watchdog(timeout=1.0, marker=marker)
-        self.time.stalled = 5
-        self.assertTrue(dog.check())
+        self.assertTrue(self.stall(dog, 5))
         self.assertEqual(marker.calls, [])
         self.assertIn("Running tasks: none", "".join(self.written))
+
+    def test_a_paused_process_is_not_a_stalled_reactor(self):
+        """
+        SIGSTOP, a frozen container: the watchdog thread did not run either.
+        The reactor gets to tick before anything is called a stall.
+        """
+        dog = self.watchdog(timeout=2.0)
+        self.time.stalled = 600  # both threads paused for 10 minutes
+        self.assertFalse(dog.check())
+        self.clock.advance(0.5)  # the reactor runs its overdue tick at once
+        self.assertFalse(dog.check())
+        self.assertFalse(self.stall(dog, 601.9))
+        self.assertEqual(self.exits, [])
+        # A pause followed by a real stall is still caught.
+        self.time.stalled = 1200
+        self.assertFalse(dog.check())
+        self.assertTrue(self.stall(dog, 1201))
+        self.assertEqual(self.exits, [EXIT_REACTOR_STALLED])
 
     def test_stopped_watchdog_does_not_fire(self):
         dog = self.watchdog(timeout=1.0)
