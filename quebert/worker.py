@@ -342,10 +342,13 @@ class WorkerService(MultiService):
                           self._on_stop_signal(previous, n, frame))
 
     def _on_stop_signal(self, previous: Any, signum: int, frame: Any) -> None:
-        # Runs in the main thread between two bytecodes: only hand work over.
+        # Runs in the main thread wherever it was interrupted, possibly in the
+        # middle of a log write: only hand work over to the reactor (the
+        # reactor's own handler logs, and a log write from here can collide
+        # with the one it interrupted).
         if not (self._stopping or self._stop_signaled):
             self._stop_signaled = True
-            previous(signum, frame)
+            self.reactor.callFromThread(previous, signum, None)
         elif not self._hard_stop_requested:
             self._hard_stop_requested = True
             self.reactor.callFromThread(self._hard_stop, signum)
