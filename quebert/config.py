@@ -45,6 +45,9 @@ class WorkerConfig:
     errored_ttl_ms: Optional[int] = 7 * 24 * 3600 * 1000
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     shutdown_timeout: float = 30.0
+    #: Seconds without a reactor tick after which the watchdog kills the
+    #: worker (exit status 4); ``None``: no watchdog.
+    auto_kill_timeout: Optional[float] = None
     mediator: str = DEFAULT_MEDIATOR
     tasks: list = attrs.field(factory=list)
     max_message_size: int = 1024 * 1024
@@ -80,6 +83,21 @@ class WorkerConfig:
                 dispatch_deadline=q.get("dispatch_deadline"),
             ))
         return result
+
+
+#: The shortest reactor stall the watchdog may be set to kill for.
+MIN_AUTO_KILL_TIMEOUT = 1.0
+
+
+def check_auto_kill_timeout(value: float, what: str) -> Optional[float]:
+    """The watchdog timeout: 0 turns it off, otherwise at least 1 second."""
+    if value == 0:
+        return None
+    if value < MIN_AUTO_KILL_TIMEOUT:
+        raise ConfigurationError(
+            f"{what} must be 0 (off) or at least {MIN_AUTO_KILL_TIMEOUT:g} second, not "
+            f"{value!r}: a busy but healthy reactor can go that long between ticks")
+    return float(value)
 
 
 def parse_queue_option(value: str) -> dict:
@@ -209,6 +227,9 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     for key in ("shutdown_timeout",):
         if key in data:
             setattr(config, key, _positive(data[key], key))
+    if data.get("auto_kill_timeout") is not None:
+        config.auto_kill_timeout = check_auto_kill_timeout(
+            _non_negative(data["auto_kill_timeout"], "auto_kill_timeout"), "auto_kill_timeout")
     if "max_message_size" in data:
         config.max_message_size = _positive(data["max_message_size"], "max_message_size",
                                             integer=True)

@@ -64,6 +64,30 @@ class WorkerLost(QuebertError):
     transient = True
 
 
+class ReactorStalled(WorkerLost):
+    """
+    An attempt's worker was killed by its reactor-stall watchdog
+    (``--auto-kill-timeout``): the reactor did not tick for that long while
+    the attempt ran.  ``culprit`` is ``True`` when the attempt's own
+    function was on the reactor thread's stack (it blocked the reactor),
+    ``False`` when another task's was, ``None`` when the watchdog could not
+    tell.
+    """
+
+    def __init__(self, attempt: int, stalled_for: float,
+                 culprit: Optional[bool] = None) -> None:
+        if culprit is None:
+            what = f"attempt {attempt} was running when the reactor stalled"
+        elif culprit:
+            what = f"attempt {attempt} stalled the reactor"
+        else:
+            what = f"attempt {attempt} was running when another task stalled the reactor"
+        super().__init__(f"{what} for {stalled_for:.1f} s (watchdog)")
+        self.attempt = attempt
+        self.stalled_for = stalled_for
+        self.culprit = culprit
+
+
 class BrokerError(QuebertError):
     """Talking to RabbitMQ failed."""
 

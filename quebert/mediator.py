@@ -36,7 +36,14 @@ from twisted.python.failure import Failure
 
 from quebert import protocol
 from quebert._defer import mirror
-from quebert.errors import DispatchError, InvalidMessage, QuebertError, Reject, WorkerLost
+from quebert.errors import (
+    DispatchError,
+    InvalidMessage,
+    QuebertError,
+    ReactorStalled,
+    Reject,
+    WorkerLost,
+)
 from quebert.protocol import (
     H_ATTEMPT_BASE,
     H_ATTEMPTS,
@@ -221,6 +228,8 @@ class Mediator:
         #: Makes URL tasks' requests (:class:`quebert.dispatch.URLDispatcher`).
         self.dispatcher = dispatcher
         self._canceled: collections.OrderedDict = collections.OrderedDict()
+        self._drain_ended = False
+        self._drain_timer: Optional[defer.Deferred] = None
 
     # -- intake ------------------------------------------------------------
 
@@ -348,8 +357,8 @@ class Mediator:
             return
 
         if delivery.redelivered or delivery.delivery_count:
-            lost, settled, first_started = await self._lost_attempts(message, delivery,
-                                                                     previous)
+            lost, settled, first_started, stalled = await self._lost_attempts(
+                message, delivery, previous)
             if settled is not None:
                 # The attempt's outcome was made durable before its worker
                 # died, only the ack was lost: do not run it again.
@@ -361,7 +370,8 @@ class Mediator:
                 return
             if lost > previous:
                 await self._worker_lost(delivery, message, definition, policy, lost,
-                                        first_attempt_at or first_started or now)
+                                        first_attempt_at or first_started or now,
+                                        stalled=stalled)
                 return
 
         if self._canceled and message.id in self._canceled:
@@ -557,11 +567,13 @@ class Mediator:
     async def fail(self, task: Task, failure: Failure, reason: Optional[str] = None) -> None:
         """Publish an errored copy (confirmed), record ``failed``, ack."""
         error = error_info(failure)
+        stalled = isinstance(failure.value, ReactorStalled)
+        what = (f"{error['message']} ({error['type']})" if stalled
+                else f"attempt {task.attempt} failed with {error['type']}")
         reason = reason or (
-            f"attempt {task.attempt} failed with {error['type']} and the retry budget "
-            f"({task.policy.max_attempts} attempts) is spent"
+            f"{what} and the retry budget ({task.policy.max_attempts} attempts) is spent"
             if task.policy.max_attempts != -1 or task.policy.max_retry_duration
-            else f"attempt {task.attempt} failed"
+            else error["message"] if stalled else f"attempt {task.attempt} failed"
         )
         headers = protocol.republish_headers(task.delivery.headers, **{
             H_ATTEMPTS: task.attempt,
@@ -622,11 +634,13 @@ class Mediator:
         delivery.ack()
 
     async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
-                             ) -> tuple[int, Optional[str], Optional[float]]:
+                             ) -> tuple[int, Optional[str], Optional[float], Optional[dict]]:
         """
         For a redelivered message: how many attempts were really started,
-        the outcome state if the latest one had already ended, and when the
-        first attempt started (if the store still knows).
+        the outcome state if the latest one had already ended, when the
+        first attempt started (if the store still knows), and the
+        watchdog's stall mark if the latest attempt's worker was killed for
+        stalling its reactor.
 
         The state store knows (``attempts`` is written before an attempt
         starts and its outcome before the ack); when it cannot be reached,
@@ -639,20 +653,23 @@ class Mediator:
             log.warn("task {task_id} redelivered and the state store is unavailable "
                      "({error}); counting the redelivery as a lost attempt",
                      task_id=message.id, error=e)
-            return previous + max(1, delivery.delivery_count or 1), None, None
+            return previous + max(1, delivery.delivery_count or 1), None, None, None
         if record is None:
-            return previous, None, None
+            return previous, None, None, None
         history = record.get("history") or []
         first = history[0].get("started_at") if history and history[0].get("attempt") == 1 \
             else None
         started = int(record.get("attempts") or 0)
         if started > previous and record.get("state") in _SETTLED:
-            return started, record["state"], first
-        return max(previous, started), None, first
+            return started, record["state"], first, None
+        stalled = record.get("stalled")
+        if not stalled or stalled.get("attempt") != started:
+            stalled = None  # a mark left by an earlier attempt
+        return max(previous, started), None, first, stalled
 
     async def _worker_lost(self, delivery: Any, message: TaskMessage,
                            definition: TaskDefinition, policy: RetryPolicy, attempts: int,
-                           first_attempt_at: float) -> None:
+                           first_attempt_at: float, stalled: Optional[dict] = None) -> None:
         task = Task(
             id=message.id, name=message.task, queue=delivery.queue, args=message.args,
             kwargs=dict(message.kwargs), attempt=attempts, message=message,
@@ -660,11 +677,16 @@ class Mediator:
             started_at=self.clock.seconds(), delivery=delivery,
         )
         task.attempt_base = protocol.int_header(delivery.headers, H_ATTEMPT_BASE)
-        failure = Failure(WorkerLost(
-            f"the worker running attempt {attempts} was lost (killed, crashed or stalled)"
-        ))
-        log.warn("task {task_id} ({task}) redelivered: attempt {attempt} was lost with its "
-                 "worker", task_id=task.id, task=task.name, attempt=attempts)
+        if stalled is not None:
+            failure = Failure(ReactorStalled(attempts, stalled["for"], stalled.get("culprit")))
+            log.warn("task {task_id} ({task}) redelivered: {error}", task_id=task.id,
+                     task=task.name, attempt=attempts, error=failure.value)
+        else:
+            failure = Failure(WorkerLost(
+                f"the worker running attempt {attempts} was lost (killed, crashed or stalled)"
+            ))
+            log.warn("task {task_id} ({task}) redelivered: attempt {attempt} was lost with "
+                     "its worker", task_id=task.id, task=task.name, attempt=attempts)
         await self.on_failure(task, failure)
 
     # -- hooks -------------------------------------------------------------
@@ -720,14 +742,15 @@ class Mediator:
         while self._waiting:
             self._waiting.popleft().nack(requeue=True)
         pending = list(self._inflight.values())
-        if pending:
+        if pending and not self._drain_ended:
             log.info("waiting up to {timeout}s for {count} running task(s)", timeout=timeout,
                      count=len(pending))
             done = defer.DeferredList([mirror(d) for d in pending], consumeErrors=True)
-            timer = defer.Deferred()
-            call = self.clock.callLater(timeout, timer.callback, None)
+            timer = self._drain_timer = defer.Deferred()
+            call = self.clock.callLater(timeout, lambda: timer.called or timer.callback(None))
             await defer.DeferredList([done, timer], fireOnOneCallback=True,
                                      consumeErrors=True)
+            self._drain_timer = None
             if call.active():
                 call.cancel()
         left = len(self._inflight)
@@ -736,6 +759,16 @@ class Mediator:
                      "for redelivery: {ids}", count=left, timeout=timeout,
                      ids=sorted(self.running))
         return left
+
+    def end_drain(self) -> None:
+        """
+        End the drain now (or make the next one end at once): the tasks
+        still running are left unacked, for the broker to redeliver.
+        """
+        self._drain_ended = True
+        timer = self._drain_timer
+        if timer is not None and not timer.called:
+            timer.callback(None)
 
     # -- logging -------------------------------------------------------------
 

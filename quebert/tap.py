@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from quebert.config import (
     WorkerConfig,
+    check_auto_kill_timeout,
     from_mapping,
     load_file,
     parse_queue_option,
@@ -39,6 +40,8 @@ class Options(usage.Options):
         ["threads", None, None, "Threads for synchronous tasks [default: min(max, 50)]."],
         ["mediator", None, None, "Dotted name of the Mediator class to use."],
         ["shutdown-timeout", None, None, "Seconds running tasks get to finish on stop."],
+        ["auto-kill-timeout", None, None, "Exit (status 4) when the reactor has not run for "
+         "this many seconds: a task blocks it [default: 0, off]."],
         ["exchange", None, None, "Main exchange name [default: quebert]."],
         ["queue-type", None, None, "classic or quorum queues [default: classic]."],
         ["max-message-size", None, None, "Largest message body accepted, in bytes "
@@ -122,6 +125,9 @@ def build_config(options: Any) -> WorkerConfig:
         config.mediator = options["mediator"]
     if options["shutdown-timeout"]:
         config.shutdown_timeout = _float(options["shutdown-timeout"], "shutdown-timeout")
+    if options["auto-kill-timeout"] is not None:
+        config.auto_kill_timeout = check_auto_kill_timeout(
+            _float(options["auto-kill-timeout"], "auto-kill-timeout"), "--auto-kill-timeout")
     if options["exchange"]:
         config.exchange = options["exchange"]
     if options["queue-type"]:

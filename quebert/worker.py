@@ -15,6 +15,7 @@ import atexit
 import gc
 import importlib
 import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -38,10 +39,21 @@ from quebert.state.redis import connect_redis
 
 log = Logger(namespace="quebert.worker")
 
-#: Exit codes of ``twistd amqp-worker`` (see docs/operations.rst).
+#: Exit codes of ``twistd amqp-worker`` (see "Exit status" in docs/operations.rst).
+#: Stopped by SIGTERM/SIGINT after the graceful drain.
 EXIT_OK = 0
+#: Bad command line or config file, or another error at startup.
 EXIT_USAGE = 1
+#: RabbitMQ refused the worker's setup for good (403, 406, 530).
 EXIT_BROKER_REFUSED = 3
+#: The reactor-stall watchdog (``--auto-kill-timeout``) killed the worker.
+EXIT_REACTOR_STALLED = 4
+#: Reserved: an AMQP connection is stuck (the liveness beacon got no answer).
+EXIT_STUCK_CONNECTION = 5
+#: A second SIGTERM/SIGINT during the drain stops at once: the process then
+#: dies of that signal (status 128 + N, 143 for SIGTERM, 130 for SIGINT), as
+#: any program a signal interrupts.  A third one exits at once with that status.
+EXIT_SIGNAL_BASE = 128
 
 #: Allocations of container objects between two young-generation collections
 #: (Python's default is 700).
@@ -296,10 +308,28 @@ class WorkerService(MultiService):
             dispatcher=self.dispatcher,
         )
         self.mediator.start()
+        self.watchdog = None
+        if config.auto_kill_timeout:
+            self._setup_watchdog(config)
+        self._stopping = False
+        self._stop_signaled = False
+        self._hard_stop_requested = False
         self.client = None
         self.api_port = None
         if config.http_port is not None:
             self._setup_api(config, queues, registry, topology)
+
+    def _setup_watchdog(self, config: WorkerConfig) -> None:
+        """The reactor-stall watchdog (``--auto-kill-timeout``)."""
+        from quebert.watchdog import ReactorWatchdog, RedisStallMarker
+
+        marker = None
+        if self._redis is not None:
+            marker = RedisStallMarker(config.redis_url, config.state_prefix)
+        self.watchdog = ReactorWatchdog(
+            config.auto_kill_timeout, clock=self.reactor, running=lambda: self.mediator.running,
+            marker=marker, exit_code=EXIT_REACTOR_STALLED)
+        self.watchdog.setServiceParent(self)
 
     def _setup_api(self, config: WorkerConfig, queues: list, registry: Registry,
                    topology: Topology) -> None:
@@ -342,6 +372,65 @@ class WorkerService(MultiService):
         )
         self.executor.start()
         super().startService()
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is not None:
+            # The reactor installs its signal handlers as it starts running.
+            when_running(self._wrap_signal_handlers)
+
+    # -- signals: the first stops gracefully, the second at once -------------
+
+    def _wrap_signal_handlers(self) -> None:
+        """
+        Put a handler in front of the reactor's SIGTERM and SIGINT handlers:
+        the first signal goes to the reactor (graceful stop, the drain), a
+        second one during the stop ends the drain at once (:meth:`_hard_stop`),
+        a third exits on the spot.  Left alone when the reactor installed no
+        handlers (``installSignalHandlers=False``, not the main thread).
+        """
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous) or previous is signal.default_int_handler:
+                continue
+            signal.signal(signum, lambda n, frame, previous=previous:
+                          self._on_stop_signal(previous, n, frame))
+
+    def _on_stop_signal(self, previous: Any, signum: int, frame: Any) -> None:
+        # Runs in the main thread wherever it was interrupted, possibly in the
+        # middle of a log write: only hand work over to the reactor (the
+        # reactor's own handler logs, and a log write from here can collide
+        # with the one it interrupted).
+        if not (self._stopping or self._stop_signaled):
+            self._stop_signaled = True
+            self.reactor.callFromThread(previous, signum, None)
+        elif not self._hard_stop_requested:
+            self._hard_stop_requested = True
+            self.reactor.callFromThread(self._hard_stop, signum)
+        else:
+            code = EXIT_SIGNAL_BASE + signum
+            try:
+                os.write(2, f"quebert worker: signal {signum} again; exiting at once with "
+                            f"status {code}\n".encode())
+            finally:
+                os._exit(code)
+
+    def _hard_stop(self, signum: int) -> None:
+        """
+        A second stop signal: end the drain now.  Running tasks are left
+        unacked (the consumer channels close, the broker requeues them) and
+        the stop goes on with short waits; the process then dies of
+        ``signum`` (unless it already had another exit status to report).
+        """
+        self._hard_stop_requested = True
+        log.warn("signal {signal} during the graceful stop: stopping now; {count} running "
+                 "task(s) are left unacked for redelivery: {ids}", signal=signum,
+                 count=len(self.mediator.running), ids=sorted(self.mediator.running))
+        if self.exit_code == EXIT_OK:
+            self.reactor._exitSignal = signum
+        self.mediator.end_drain()
 
     def _apply_paused(self) -> None:
         """Queues paused through the API before this worker started stay paused."""
@@ -371,16 +460,22 @@ class WorkerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        log.info("quebert worker stopping: draining")
+        self._stopping = True
+        log.info("quebert worker stopping: draining (send the signal again to stop at once)")
         left = yield defer.ensureDeferred(self.mediator.drain(self.config.shutdown_timeout))
         self.broker.close_consumers()
+        # after a second signal, every wait is short
+        wait = 1.0 if self._hard_stop_requested else 5.0
         try:
-            yield bounded(self.dispatcher.close(), 5.0, self.reactor)
+            yield bounded(self.dispatcher.close(), wait, self.reactor)
         except Exception as e:
             log.warn("closing the URL dispatcher: {error}", error=e)
         flush = getattr(self.state, "flush", None)
         if flush is not None:
-            yield bounded(flush(), 5.0, self.reactor)
+            try:
+                yield bounded(flush(), wait, self.reactor)
+            except Exception as e:
+                log.warn("flushing the state writes: {error}", error=e)
         stop = getattr(self.state, "stop", None)
         if stop is not None:
             stop()
@@ -393,6 +488,8 @@ class WorkerService(MultiService):
         self.executor.stop(join=left == 0)
         # twistd re-raises the signal that stopped the reactor once it
         # returns, so a drained worker would exit -15; a graceful stop exits 0.
-        if self.exit_code == EXIT_OK and getattr(self.reactor, "_exitSignal", None) is not None:
+        # After a second signal, it dies of that signal (EXIT_SIGNAL_BASE).
+        if (self.exit_code == EXIT_OK and not self._hard_stop_requested
+                and getattr(self.reactor, "_exitSignal", None) is not None):
             self.reactor._exitSignal = None
         log.info("quebert worker stopped ({counts})", counts=dict(self.mediator.counts))

@@ -80,3 +80,21 @@ def kill_worker(path: str) -> None:
     """A poison task: kills the process running it, every time."""
     _append(path, {"at": time.time(), "pid": os.getpid()})
     os.kill(os.getpid(), 9)
+
+
+@task(name="it.block_reactor", executor="reactor", min_backoff=0.1, max_backoff=0.5,
+      max_attempts=2)
+def block_reactor(path: str, seconds: float = 10.0) -> float:
+    """A poison task: blocks the reactor (a bug the watchdog must catch)."""
+    _append(path, {"at": time.time(), "pid": os.getpid()})
+    time.sleep(seconds)
+    return seconds
+
+
+@task(name="it.sleep_thread")
+def sleep_thread(path: str, i: int, seconds: float) -> int:
+    """A thread task: records its start and its end."""
+    _append(path, {"i": i, "event": "start", "pid": os.getpid(), "at": time.time()})
+    time.sleep(seconds)
+    _append(path, {"i": i, "event": "end", "pid": os.getpid(), "at": time.time()})
+    return i

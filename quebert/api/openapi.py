@@ -189,6 +189,14 @@ _TASK: Dict[str, Any] = {
         "history": {"type": "array", "items": _ref("HistoryEntry")},
         "cancel_requested": {**_nullable("number"),
                              "description": "When a cancel was asked for (epoch seconds)."},
+        "stalled": {
+            "type": "object",
+            "description": ("Only when the reactor-stall watchdog killed a worker while this "
+                            "task ran: the latest such stall (attempt, epoch seconds, seconds "
+                            "stalled, whether this task's function blocked the reactor)."),
+            "properties": {"attempt": {"type": "integer"}, "at": {"type": "number"},
+                           "for": {"type": "number"}, "culprit": _nullable("boolean")},
+        },
     },
 }
 

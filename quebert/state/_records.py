@@ -459,4 +459,34 @@ def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
     record["attempts"] = record["attempts"] or 0
     # cjson writes an empty Lua table as an object
     record["history"] = [_decode_entry(entry) for entry in record["history"] or ()]
+    stalled = decode_stalled(fields)
+    if stalled is not None:
+        record["stalled"] = stalled
     return record
+
+
+#: Hash fields the reactor-stall watchdog writes (:mod:`quebert.watchdog`)
+#: on the record of each task running when it killed its worker.
+STALLED_FIELDS = ("stalled_attempt", "stalled_at", "stalled_for", "stalled_culprit")
+
+
+def decode_stalled(fields: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """
+    The latest stall mark of a record's hash as ``{"attempt", "at", "for",
+    "culprit"}`` (``culprit``: ``True``, ``False`` or ``None`` for unknown),
+    or ``None`` when there is none or it cannot be read.  Written outside
+    the state store's scripts by a dying worker, so it is never trusted to
+    be well formed: a bad mark is ignored, never an error.
+    """
+    if fields.get("stalled_at") is None:
+        return None
+    try:
+        attempt = int(fields["stalled_attempt"])
+        at = float(fields["stalled_at"])
+        stalled_for = float(fields["stalled_for"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (_isfinite(at) and _isfinite(stalled_for)):
+        return None
+    culprit = {"1": True, "0": False}.get(str(fields.get("stalled_culprit") or ""))
+    return {"attempt": attempt, "at": at, "for": stalled_for, "culprit": culprit}

@@ -20,6 +20,9 @@ A record is a JSON-ready ``dict``::
         {"attempt": 1, "state": "scheduled", "worker": ..., "started_at": ...,
          "finished_at": ..., "error": {...} or None, "retry_at": ... or None},
       ],
+      # only on a record whose task was running when the reactor-stall
+      # watchdog killed its worker (the latest such stall):
+      "stalled": {"attempt": 2, "at": epoch, "for": seconds, "culprit": True/False/None},
     }
 
 ``info`` mappings passed to the writers carry task metadata (``queue``,
