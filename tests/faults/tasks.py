@@ -83,3 +83,11 @@ def fail(path: str, i: int, seconds: float = 0.0) -> None:
         time.sleep(seconds)
     record_run(path, i)
     raise PlannedFailure(f"task {i} always fails")
+
+
+@task(name="faults.block_reactor", executor="reactor", min_backoff=0.1, max_backoff=0.5,
+      max_attempts=2)
+def block_reactor(path: str, seconds: float = 30.0) -> None:
+    """Blocks the reactor (a sleep on the reactor thread) after recording the run as ``-2``."""
+    record_run(path, -2)
+    time.sleep(seconds)
