@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.amqp.admin import BrokerAdmin
@@ -32,6 +33,9 @@ from quebert.amqp.consumer import QueueConsumer
 from quebert.amqp.publisher import Publisher
 from quebert.amqp.stuck import StuckConsumerCheck
 from quebert.amqp.topology import Topology
+from quebert.config import WorkerConfig, from_mapping
+from quebert.errors import ConfigurationError
+from quebert.tap import Options
 from tests import test_amqp
 from tests._proxy import FreezableProxy
 from tests._rabbit import (
@@ -954,3 +958,56 @@ class StuckConsumerLiveTests(TestCase):
             self.assertEqual(received[0].message_id, "m1")
 
         return defer.ensureDeferred(run())
+
+
+# -- options and wiring -------------------------------------------------------------
+
+
+class LivenessConfigTests(SynchronousTestCase):
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options["worker_config"]
+
+    def test_defaults(self):
+        config = self.parse()
+        self.assertEqual(config.beacon_interval, 5.0)
+        self.assertEqual(config.stuck_consumer_timeout, 60.0)
+
+    def test_command_line_and_file(self):
+        config = self.parse("--beacon-interval", "0.5", "--stuck-consumer-timeout", "0")
+        self.assertEqual(config.beacon_interval, 0.5)
+        self.assertEqual(config.stuck_consumer_timeout, 0.0)
+        config = from_mapping({"beacon_interval": 0, "stuck_consumer_timeout": 120})
+        self.assertEqual(config.beacon_interval, 0)
+        self.assertEqual(config.stuck_consumer_timeout, 120)
+
+    def test_bad_values(self):
+        for argv, fragment in [
+            (("--beacon-interval", "-1"), "--beacon-interval must be >= 0"),
+            (("--beacon-interval", "soon"), "--beacon-interval must be a number"),
+            (("--stuck-consumer-timeout", "nan"), "--stuck-consumer-timeout must be a finite"),
+        ]:
+            e = self.assertRaises(usage.UsageError, Options().parseOptions, list(argv))
+            self.assertIn(fragment, str(e))
+        e = self.assertRaises(ConfigurationError, from_mapping, {"beacon_interval": "x"})
+        self.assertIn("beacon_interval must be a number", str(e))
+
+    def test_worker_wiring(self):
+        from quebert.worker import EXIT_STUCK_CONNECTION, WorkerService
+
+        self.assertEqual(EXIT_STUCK_CONNECTION, 5)
+        worker = WorkerService(WorkerConfig(state="memory", beacon_interval=2.0))
+        publishing, consuming = worker.broker.publishing, worker.broker.consuming
+        [mine, theirs] = worker.broker.beacons
+        self.assertIs(mine.connection, publishing)
+        self.assertIs(mine.route, publishing)
+        self.assertIs(theirs.connection, consuming)
+        self.assertIs(theirs.route, publishing)
+        self.assertEqual(theirs.ttl_ms, 2000)
+        self.assertIsNotNone(worker.stuck_check)
+        self.assertEqual(worker.stuck_check.timeout, 60.0)
+        quiet = WorkerService(WorkerConfig(state="memory", beacon_interval=0,
+                                           stuck_consumer_timeout=0))
+        self.assertEqual(quiet.broker.beacons, [])
+        self.assertIsNone(quiet.stuck_check)
