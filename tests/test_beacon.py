@@ -144,7 +144,15 @@ class SimChannel:
     def basic_consume(self, queue, auto_ack=False):
         queue_object = SimQueueObject()
         self.broker.queues[queue]["consumer"] = queue_object
+        self.consumed = queue_object
         return defer.succeed((queue_object, f"ctag-{queue}"))
+
+    def break_(self, error):
+        """The broker closes this channel."""
+        self.is_open = False
+        consumed = getattr(self, "consumed", None)
+        if consumed is not None:
+            consumed.close(error)
 
     def basic_publish(self, exchange, routing_key, body, properties=None):
         if self.fail_publish is not None:
@@ -427,6 +435,17 @@ class BeaconTests(SynchronousTestCase):
         self.run_for(3 * self.interval)
         self.assertTrue(self.beacon._loop.running)
 
+    def test_channel_closed_under_the_beacon_is_replaced(self):
+        protocol = self.connection.attempt()
+        self.run_for(5 * self.interval)
+        protocol.channels[0].break_(pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND"))
+        self.assertEqual(len(protocol.channels), 2)
+        received = self.beacon.received
+        self.run_for(20 * self.interval)
+        self.assertGreater(self.beacon.received, received + 15)
+        self.assertEqual(self.connection.drops, 0)
+        self.assertEqual(len(self.logs.matching("lost its queue")), 1)
+
     def test_stopped_beacon_leaves_no_timers(self):
         self.connection.attempt()
         self.run_for(5 * self.interval)
@@ -478,6 +497,18 @@ class RoutedBeaconTests(SynchronousTestCase):
             self.assertLess(self.clock.seconds(), frozen_at + 10)
         self.assertLessEqual(self.clock.seconds() - frozen_at, 3 * self.interval + 0.05)
         self.assertEqual(self.publishing.drops, 0)
+
+    def test_route_channel_closed_is_reopened(self):
+        self.consuming.attempt()
+        publisher = self.publishing.attempt()
+        self.run_for(5)
+        publisher.channels[0].break_(pika.exceptions.ChannelClosedByBroker(504, "oops"))
+        self.run_for(2)
+        self.assertEqual(len(publisher.channels), 2)
+        received = self.beacon.received
+        self.run_for(20)
+        self.assertGreater(self.beacon.received, received + 15)
+        self.assertEqual(self.consuming.drops, 0)
 
     def test_no_beacon_expected_while_the_route_is_down_or_blocked(self):
         self.consuming.attempt()

@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 
 import pika
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -105,6 +106,7 @@ class Beacon(Service):
         self._deadline: Any = None
         self._giveup: Any = None
         self._attempt_after_drop = False
+        self._reopening = False
         self._paused_for: Optional[str] = None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
@@ -202,7 +204,8 @@ class Beacon(Service):
     def _why_not_armed(self) -> Optional[str]:
         """Why no beacon can be expected now, or None when one can."""
         protocol = self._protocol
-        if protocol is None or not protocol.is_open or self._channel is None:
+        if (protocol is None or not protocol.is_open or self._channel is None
+                or not self._channel.is_open):
             return "not connected"
         if self.route.blocked:
             return f"blocked by RabbitMQ ({self.route.blocked_reason})"
@@ -214,7 +217,12 @@ class Beacon(Service):
 
     def _tick(self) -> None:
         # A LoopingCall stops at its first uncaught exception: catch all.
+        if not self.running:
+            return
         try:
+            if (self.route is not self.connection and self._sender is not None
+                    and not self._sender.is_open):
+                self._reopen_sender()
             why = self._why_not_armed()
             if why is not None:
                 self._disarm()
@@ -269,15 +277,47 @@ class Beacon(Service):
     def _ended(self, failure, protocol) -> None:
         if protocol is not self._protocol or not self.running:
             return None
-        if failure.check(pika.exceptions.ConsumerCancelled):
-            # An operator deleted the beacon queue: this connection's beacon
-            # cannot come back; reconnecting declares new queues.
-            log.warn("beacon queue of AMQP {name} connection was deleted; reconnecting",
-                     name=self.name)
-            self._protocol = self._channel = None
-            self._disarm()
+        self._channel = None
+        self._disarm()
+        if not protocol.is_open:
+            return None  # the connection went: the next one prepares again
+        # The beacon queue was deleted (basic.cancel) or the channel closed
+        # under us: declare new queues on a new channel of this connection.
+        log.warn("beacon of AMQP {name} connection lost its queue ({error}); declaring "
+                 "new ones", name=self.name, error=failure.getErrorMessage() or
+                 type(failure.value).__name__)
+        if self._sender_protocol is protocol and self.route is self.connection:
+            self._sender = None
+
+        def failed(f) -> None:
+            log.warn("beacon of AMQP {name} connection: declaring new queues failed "
+                     "({error}); reconnecting", name=self.name, error=f.getErrorMessage())
             self.connection.drop()
+
+        defer.ensureDeferred(self._prepare(protocol)).addErrback(failed)
         return None
+
+    def _reopen_sender(self) -> None:
+        """The route's channel closed under a live connection: open another."""
+        protocol = self._sender_protocol
+        if self._reopening or protocol is None or not protocol.is_open:
+            return
+        self._reopening = True
+
+        def opened(channel) -> None:
+            if protocol is self._sender_protocol:
+                self._sender = channel
+
+        def failed(f) -> None:
+            log.info("beacon of AMQP {name} connection: no channel on {route} ({error})",
+                     name=self.name, route=self.route.connection_name,
+                     error=f.getErrorMessage())
+
+        def done(_) -> None:
+            self._reopening = False
+
+        d = defer.ensureDeferred(_channel_of(protocol))
+        d.addCallbacks(opened, failed).addBoth(done)
 
     def _back(self, body: bytes) -> None:
         now = self.clock.seconds()
@@ -409,6 +449,10 @@ class Beacon(Service):
             self.on_gave_up(self)
         except Exception:
             log.failure("beacon give-up handler failed")
+
+
+async def _channel_of(protocol) -> Any:
+    return await protocol.channel()
 
 
 def _seconds(value: Optional[float]) -> str:

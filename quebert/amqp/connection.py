@@ -110,6 +110,9 @@ class _NotifyingEndpoint:
         self._notify()
         return self._endpoint.connect(factory)
 
+    def __repr__(self) -> str:
+        return repr(self._endpoint)
+
 
 class AMQPConnection(ClientService):
     """
