@@ -62,6 +62,11 @@ class WorkerConfig:
     api_tokens: tuple = ()
     api_read_tokens: tuple = ()
     api_anonymous: str = "none"
+    #: Seconds between liveness beacons on each AMQP connection (0: none).
+    beacon_interval: float = 5.0
+    #: Seconds a consumer with room to spare may receive nothing while its
+    #: queue has ready messages before it is re-subscribed (0: never).
+    stuck_consumer_timeout: float = 60.0
 
     def dispatch_settings(self) -> Any:
         """The URL-task settings (defaults when the config has no ``dispatch`` block)."""
@@ -244,6 +249,9 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
         config.tasks = list(tasks)
     if "log_level" in data:
         config.log_level = str(data["log_level"])
+    for key in ("beacon_interval", "stuck_consumer_timeout"):
+        if key in data:
+            setattr(config, key, _non_negative(data[key], key))
     if "name_tombstone" in data:
         config.name_tombstone = _non_negative(data["name_tombstone"], "name_tombstone")
     if "dispatch" in data:

@@ -286,6 +286,10 @@ class Mediator:
             return
         self._start(delivery)
 
+    def has_capacity(self) -> bool:
+        """Whether one more delivery would start at once rather than wait for a slot."""
+        return not self.stopping and len(self._inflight) < self.max_running_tasks
+
     def _start(self, delivery: Any) -> None:
         d = defer.ensureDeferred(self.handle(delivery))
         self._inflight[delivery] = d

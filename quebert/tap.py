@@ -49,6 +49,11 @@ class Options(usage.Options):
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
         ["name-tombstone", None, None, "Seconds a finished task's unique name stays taken "
          "[default: 3600]."],
+        ["beacon-interval", None, None, "Seconds between liveness beacons on each AMQP "
+         "connection; 0 disables [default: 5]."],
+        ["stuck-consumer-timeout", None, None, "Seconds a consumer with spare capacity may "
+         "receive nothing while its queue has ready messages before it is re-subscribed; "
+         "0 disables [default: 60]."],
         ["http-port", None, None, "Serve the HTTP task API on this port (0: any free port)."],
         ["http-interface", None, None, "Address the HTTP API listens on [default: 127.0.0.1]."],
         ["api-token", None, None, "Read-write bearer token of the HTTP API "
@@ -138,6 +143,11 @@ def build_config(options: Any) -> WorkerConfig:
         config.log_level = options["log-level"]
     if options["name-tombstone"]:
         config.name_tombstone = _float(options["name-tombstone"], "name-tombstone")
+    if options["beacon-interval"] is not None:
+        config.beacon_interval = _float(options["beacon-interval"], "beacon-interval")
+    if options["stuck-consumer-timeout"] is not None:
+        config.stuck_consumer_timeout = _float(options["stuck-consumer-timeout"],
+                                               "stuck-consumer-timeout")
     if options["http-port"] is not None:
         try:
             config.http_port = int(options["http-port"])

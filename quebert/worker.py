@@ -23,11 +23,14 @@ import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger, LogLevel
 from twisted.python.reflect import namedAny
 
 from quebert._defer import bounded
+from quebert.amqp.admin import BrokerAdmin
 from quebert.amqp.broker import AMQPBroker
+from quebert.amqp.stuck import StuckConsumerCheck
 from quebert.amqp.topology import Topology
 from quebert.config import WorkerConfig
 from quebert.errors import ConfigurationError
@@ -48,7 +51,8 @@ EXIT_USAGE = 1
 EXIT_BROKER_REFUSED = 3
 #: The reactor-stall watchdog (``--auto-kill-timeout``) killed the worker.
 EXIT_REACTOR_STALLED = 4
-#: Reserved: an AMQP connection is stuck (the liveness beacon got no answer).
+#: An AMQP connection is stuck: the liveness beacon got no answer, even after
+#: reconnecting.
 EXIT_STUCK_CONNECTION = 5
 #: A second SIGTERM/SIGINT during the drain stops at once: the process then
 #: dies of that signal (status 128 + N, 143 for SIGTERM, 130 for SIGINT), as
@@ -268,7 +272,9 @@ class WorkerService(MultiService):
 
         topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
                             errored_ttl_ms=config.errored_ttl_ms)
-        self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor)
+        self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor,
+                                 beacon_interval=config.beacon_interval,
+                                 on_stuck=self._stuck_connection)
         self.broker.setServiceParent(self)
         self.exit_code = EXIT_OK
         for connection in self.broker.connections():
@@ -314,6 +320,13 @@ class WorkerService(MultiService):
         self._stopping = False
         self._stop_signaled = False
         self._hard_stop_requested = False
+        self.stuck_check: Optional[StuckConsumerCheck] = None
+        if config.stuck_consumer_timeout > 0:
+            admin = BrokerAdmin(self.broker.consuming, topology)
+            self.stuck_check = StuckConsumerCheck(
+                self.broker.consumers, admin.depth, self.mediator.has_capacity,
+                config.stuck_consumer_timeout, clock=reactor)
+            self.stuck_check.setServiceParent(self)
         self.client = None
         self.api_port = None
         if config.http_port is not None:
@@ -353,6 +366,23 @@ class WorkerService(MultiService):
         exit_after_shutdown(self.exit_code)
         if self.reactor.running:
             self.reactor.stop()
+
+    def _stuck_connection(self, beacon: Any) -> None:
+        if self.exit_code != EXIT_OK:
+            return
+        self.exit_code = EXIT_STUCK_CONNECTION
+        log.critical(
+            "the AMQP {name} connection is stuck and reconnecting did not help (no beacon "
+            "back, interval {interval}s). Stopping with exit code {code} so that the "
+            "supervisor restarts the worker.",
+            name=beacon.name, interval=beacon.interval, code=self.exit_code,
+        )
+        exit_after_shutdown(self.exit_code)
+        if self.reactor.running:
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass  # already shutting down; the exit code still applies
 
     @property
     def http_port(self) -> Optional[int]:

@@ -168,9 +168,11 @@ class TaskLifecycleTests(IntegrationTestCase):
         self.assertEqual(by_id[later.id]["result"], 42)
         self.assertGreaterEqual(by_id[later.id]["started_at"], enqueued_at + 2 - 0.05)
 
-        # Nothing left behind in any queue of the vhost.
+        # Nothing left behind in any queue of the vhost (but the worker's
+        # own exclusive server-named queues: a beacon is always in flight).
         counts = await queue_counts(self.url)
-        self.assertEqual({q: c for q, c in counts.items() if c != (0, 0)}, {})
+        self.assertEqual({q: c for q, c in counts.items()
+                          if c != (0, 0) and not q.startswith("amq.gen-")}, {})
         self.assertEqual(await worker.stop(), 0)
 
     def test_success_retry_failure_and_countdown(self):
@@ -279,7 +281,8 @@ class FaultTests(IntegrationTestCase):
         print(f"\nSIGKILL mid-batch: {ran_before_kill} ran before the kill, "
               f"{duplicates} duplicate run(s) after restart")
         counts = await queue_counts(self.url)
-        self.assertEqual({q: c for q, c in counts.items() if c != (0, 0)}, {})
+        self.assertEqual({q: c for q, c in counts.items()
+                          if c != (0, 0) and not q.startswith("amq.gen-")}, {})
         self.assertEqual(await worker.stop(), 0)
 
     def test_sigkill_mid_batch_loses_no_task(self):

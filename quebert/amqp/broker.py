@@ -5,6 +5,11 @@
 Two connections, as RabbitMQ recommends: one publishes (and may be blocked
 by a memory or disk alarm), the other consumes and acks, so flow control on
 publishing never stops acknowledgements.
+
+With ``beacon_interval``, each connection gets a liveness
+:class:`~quebert.amqp.beacon.Beacon`; the consuming connection's beacons
+are published through the publishing connection, so that the consuming
+connection never publishes (and is never blocked by an alarm).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from quebert.amqp import control
+from quebert.amqp.beacon import Beacon
 from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.consumer import QueueConsumer
 from quebert.amqp.control import ControlListener
@@ -32,10 +38,15 @@ class AMQPBroker(MultiService):
 
     :param consume: whether to open the consuming connection (a producer
         only needs the publishing one).
+    :param beacon_interval: seconds between liveness beacons on each
+        connection (0: no beacon).
+    :param on_stuck: called with the :class:`Beacon` that gave up on a
+        stuck connection (reconnecting did not help).
     """
 
     def __init__(self, url: str, topology: Optional[Topology] = None, *, reactor: Any = None,
-                 consume: bool = True, name: str = "quebert") -> None:
+                 consume: bool = True, name: str = "quebert", beacon_interval: float = 0.0,
+                 on_stuck: Optional[Callable[[Beacon], Any]] = None) -> None:
         super().__init__()
         self.topology = topology or Topology()
         self.exchange = self.topology.exchange
@@ -49,6 +60,14 @@ class AMQPBroker(MultiService):
             self.consuming.setServiceParent(self)
         self.consumers: dict[str, QueueConsumer] = {}
         self.control: Optional[ControlListener] = None
+        self.beacons: list[Beacon] = []
+        if beacon_interval and beacon_interval > 0:
+            self.beacons.append(Beacon(self.publishing, beacon_interval, on_gave_up=on_stuck))
+            if self.consuming is not None:
+                self.beacons.append(Beacon(self.consuming, beacon_interval,
+                                           route=self.publishing, on_gave_up=on_stuck))
+            for beacon in self.beacons:
+                beacon.setServiceParent(self)
 
     # -- publishing ------------------------------------------------------
 

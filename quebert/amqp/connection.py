@@ -9,6 +9,13 @@ One reconnecting AMQP connection, as a Twisted service.
 before ``whenConnected()`` fires.  A preparer that fails fails the whole
 attempt, the connection is dropped, and ``ClientService`` retries with
 backoff, so a consumer can never be silently missing after a reconnect.
+
+It also follows RabbitMQ's ``connection.blocked``/``unblocked``
+notifications (a memory or disk alarm blocks a connection that publishes):
+:attr:`AMQPConnection.blocked`, :meth:`~AMQPConnection.whenUnblocked` and
+blocked listeners let publishers wait instead of piling up frames, and let
+the liveness beacon (:mod:`quebert.amqp.beacon`) tell a blocked connection
+from a stuck one.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from quebert._defer import mirror
 from quebert.errors import ConfigurationError
@@ -89,6 +98,22 @@ class _PikaFactory(Factory):
         return TwistedProtocolConnection(self.parameters, custom_reactor=self.reactor)
 
 
+@implementer(IStreamClientEndpoint)
+class _NotifyingEndpoint:
+    """An endpoint that calls ``notify()`` before each connection attempt."""
+
+    def __init__(self, endpoint: Any, notify: Callable[[], None]) -> None:
+        self._endpoint = endpoint
+        self._notify = notify
+
+    def connect(self, factory):
+        self._notify()
+        return self._endpoint.connect(factory)
+
+    def __repr__(self) -> str:
+        return repr(self._endpoint)
+
+
 class AMQPConnection(ClientService):
     """
     A reconnecting, prepared AMQP connection.
@@ -118,6 +143,15 @@ class AMQPConnection(ClientService):
         self.failed_preparations = 0
         self._stopping = False
         self.current: Optional[TwistedProtocolConnection] = None
+        #: The newest protocol, prepared or not (a handshake may hang).
+        self._latest: Optional[TwistedProtocolConnection] = None
+        #: Whether RabbitMQ has blocked the current connection (resource alarm).
+        self.blocked = False
+        self.blocked_reason: Optional[str] = None
+        self._blocked_at: Optional[float] = None
+        self._blocked_listeners: List[Callable[[bool], Any]] = []
+        self._unblocked_waiters: List[defer.Deferred] = []
+        self._attempt_listeners: List[Callable[[], Any]] = []
         #: Called with a Failure when the broker refuses our setup for good
         #: (access refused, conflicting queue arguments).
         self.on_fatal: Optional[Callable[[Failure], Any]] = None
@@ -127,6 +161,7 @@ class AMQPConnection(ClientService):
             5671 if parts.scheme == "amqps" else 5672), timeout=10)
         if parts.scheme == "amqps":
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
+        endpoint = _NotifyingEndpoint(endpoint, self._attempting)
         policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         super().__init__(
             endpoint,
@@ -146,6 +181,82 @@ class AMQPConnection(ClientService):
         connection, in the order added, before it is handed out.
         """
         self._preparers.append(preparer)
+
+    def add_attempt_listener(self, listener: Callable[[], Any]) -> None:
+        """Call ``listener()`` each time a connection attempt starts."""
+        self._attempt_listeners.append(listener)
+
+    def add_blocked_listener(self, listener: Callable[[bool], Any]) -> None:
+        """
+        Call ``listener(True)`` when RabbitMQ blocks the connection (memory
+        or disk alarm) and ``listener(False)`` when it is unblocked or lost.
+        """
+        self._blocked_listeners.append(listener)
+
+    def whenUnblocked(self) -> defer.Deferred:
+        """Fires at once when not blocked, else once unblocked (or the connection is lost)."""
+        if not self.blocked:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._unblocked_waiters.append(waiter)
+        return waiter
+
+    def drop(self) -> bool:
+        """
+        Abort the TCP connection now (no AMQP close: the connection is
+        assumed stuck), so that ``ClientService`` reconnects and the
+        preparers run again.  False if there is no connection to drop.
+        """
+        protocol = self.current or self._latest
+        transport = getattr(protocol, "transport", None)
+        if transport is None or not getattr(transport, "connected", True):
+            return False
+        transport.abortConnection()
+        return True
+
+    def _attempting(self) -> None:
+        for listener in list(self._attempt_listeners):
+            try:
+                listener()
+            except Exception:
+                self.log.failure("connection attempt listener failed")
+
+    def _watch_blocked(self, protocol) -> None:
+        impl = getattr(protocol, "_impl", None)
+        if impl is None:
+            return
+        impl.add_on_connection_blocked_callback(
+            lambda _conn, frame: self._set_blocked(protocol, True, frame))
+        impl.add_on_connection_unblocked_callback(
+            lambda _conn, frame: self._set_blocked(protocol, False, frame))
+
+    def _set_blocked(self, protocol, blocked: bool, frame: Any = None) -> None:
+        if protocol is not self._latest or blocked == self.blocked:
+            return
+        now = self.reactor.seconds()
+        self.blocked = blocked
+        if blocked:
+            self._blocked_at = now
+            self.blocked_reason = getattr(getattr(frame, "method", None), "reason", None) or (
+                "resource alarm")
+            self.log.warn(
+                "AMQP {name} connection blocked by RabbitMQ ({reason}); publishing waits "
+                "until it is unblocked", name=self.connection_name, reason=self.blocked_reason)
+        else:
+            since = now - self._blocked_at if self._blocked_at is not None else 0.0
+            self.log.warn("AMQP {name} connection unblocked after {seconds:.1f}s",
+                          name=self.connection_name, seconds=since)
+            self._blocked_at = None
+            self.blocked_reason = None
+            waiters, self._unblocked_waiters = self._unblocked_waiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+        for listener in list(self._blocked_listeners):
+            try:
+                listener(blocked)
+            except Exception:
+                self.log.failure("blocked listener failed")
 
     def whenReady(self, fail_after_failures: Optional[int] = None) -> defer.Deferred:
         """
@@ -186,7 +297,16 @@ class AMQPConnection(ClientService):
         return reported
 
     async def _run_preparers(self, protocol) -> None:
-        await mirror(protocol.ready)
+        self._latest = protocol
+        if self.blocked:
+            # a new connection starts unblocked
+            self._set_blocked(protocol, False)
+        ready = mirror(protocol.ready)
+        # a failed handshake is reported through ``ready`` (ours); pika's
+        # own Deferred would otherwise log it as unhandled when collected
+        protocol.ready.addErrback(lambda _: None)
+        await ready
+        self._watch_blocked(protocol)
         for preparer in self._preparers:
             await preparer(protocol)
 
@@ -232,6 +352,8 @@ class AMQPConnection(ClientService):
     def _lost(self, reason: Any, protocol) -> None:
         if self.current is protocol:
             self.current = None
+        if self._latest is protocol and self.blocked:
+            self._set_blocked(protocol, False)
         if self.running and not self._stopping:
             self.log.warn("AMQP {name} connection lost: {reason}; reconnecting",
                           name=self.connection_name, reason=reason)

@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from quebert._defer import mirror
+from quebert._defer import bounded, mirror
 from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.topology import Topology
 from quebert.protocol import H_DELIVERY_COUNT
@@ -43,6 +43,10 @@ log = Logger()
 #: Longest an ack waits (seconds) behind an earlier delivery that is still
 #: unsettled, hoping to join a multiple ack, before it is sent on its own.
 ACK_HOLD = 0.005
+
+#: Seconds a re-subscription waits for the broker to confirm the old
+#: consumer's cancellation.
+CANCEL_WAIT = 5.0
 
 _WRONG_STATE = (pika.exceptions.ChannelWrongStateError,
                 pika.exceptions.ConnectionWrongStateError)
@@ -291,6 +295,12 @@ class QueueConsumer:
         self._tag: Optional[str] = None
         self._generation = 0
         self.deliveries = 0
+        #: When the last message arrived, and when consuming last (re)started.
+        self.last_delivery_at: Optional[float] = None
+        self.consuming_since: Optional[float] = None
+        self.resubscribes = 0
+        #: Channels of cancelled consumers, kept open until their deliveries settle.
+        self._retired: list = []
         connection.add_preparer(self._prepare)
 
     @defer.inlineCallbacks
@@ -320,6 +330,7 @@ class QueueConsumer:
         queue_object, tag = yield channel.basic_consume(queue=self.queue)
         self._channel, self._tag, self._acker = channel, tag, acker
         self.consuming = True
+        self.consuming_since = self.clock.seconds()
         log.info("consuming {queue} (prefetch {prefetch})", queue=self.queue,
                  prefetch=self.prefetch)
         self._pump(queue_object, generation, acker)
@@ -347,6 +358,7 @@ class QueueConsumer:
 
     def _deliver(self, message, acker: _Acker) -> None:
         self.deliveries += 1
+        self.last_delivery_at = self.clock.seconds()
         try:
             self.on_delivery(delivery_from(self.queue, message, acker))
         except Exception:
@@ -428,6 +440,75 @@ class QueueConsumer:
                 channel = None
             yield self._consume(protocol, channel)
 
+    @property
+    def unacked(self) -> int:
+        """Deliveries of the current channel not yet acked or nacked on the wire."""
+        acker = self._acker
+        if acker is None or acker.dead:
+            return 0
+        return len(acker._outstanding)
+
+    @defer.inlineCallbacks
+    def resubscribe(self):
+        """
+        Cancel the consumer and consume again on a fresh channel (a
+        consumer the broker silently stopped serving).  The old channel
+        stays open until the deliveries it holds are settled, so running
+        tasks can still be acked.  Fires True if consuming again.
+        """
+        protocol = self._protocol
+        if self.paused or protocol is None or not protocol.is_open:
+            return False
+        channel, tag, acker = self._channel, self._tag, self._acker
+        self._tag = None
+        self._generation += 1  # the old pump's end is not a reason to restart
+        self.consuming = False
+        self.resubscribes += 1
+        known = getattr(channel, "consumer_tags", None)
+        if isinstance(known, (list, tuple, set)) and tag not in known:
+            # pika forgot this consumer: it would never answer a cancel
+            log.info("consumer {tag} of {queue} is unknown to its channel; not cancelling it",
+                     tag=tag, queue=self.queue)
+        elif channel is not None and channel.is_open and tag is not None:
+            cancel = channel.basic_cancel(tag)
+            waiting = mirror(cancel)
+            cancel.addErrback(lambda _: None)  # its late outcome is ours to drop
+            try:
+                yield bounded(waiting, CANCEL_WAIT, self.clock,
+                              lambda: TimeoutError(f"no cancel-ok in {CANCEL_WAIT}s"))
+            except Exception as e:
+                log.info("cancelling consumer of {queue}: {error}", queue=self.queue, error=e)
+        if channel is not None:
+            self._retired.append((channel, acker))
+        self.reap_retired()
+        if self.paused or self.consuming or protocol is not self._protocol:
+            return self.consuming
+        try:
+            yield self._consume(protocol)
+        except Exception as e:
+            log.warn("re-consuming {queue} failed: {error}; re-establishing it", queue=self.queue,
+                     error=e)
+            self._restart(self._generation)
+            return False
+        return True
+
+    def reap_retired(self) -> None:
+        """Close the channels of cancelled consumers whose deliveries are all settled."""
+        keep = []
+        for channel, acker in self._retired:
+            if acker is not None and acker.alive():
+                acker.flush(everything=True)
+                if acker._outstanding:
+                    keep.append((channel, acker))
+                    continue
+                acker.drop()
+            if channel.is_open:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
+        self._retired = keep
+
     def close_channel(self) -> None:
         """Close the channel: unacked messages go back to the queue."""
         channel, self._channel = self._channel, None
@@ -442,6 +523,16 @@ class QueueConsumer:
                 channel.close()
             except Exception:
                 pass
+        retired, self._retired = self._retired, []
+        for channel, acker in retired:
+            if acker is not None:
+                acker.flush(everything=True)
+                acker.drop()
+            if channel.is_open:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
 
 
 def mirror_cancel(channel, tag: str) -> defer.Deferred:

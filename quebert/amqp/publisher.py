@@ -7,6 +7,10 @@ Publishing with publisher confirms, surviving reconnects.
 broker nack) are retried on the next channel, so a caller that waits for
 the confirm before acking the original message never loses a task.  A
 retried publish may duplicate a message: at-least-once.
+
+While RabbitMQ blocks the connection (``connection.blocked``: a memory or
+disk alarm), new publishes wait for ``connection.unblocked`` before they
+are written, instead of piling up in pika's buffer or failing.
 """
 
 from __future__ import annotations
@@ -168,6 +172,8 @@ class Publisher:
         """
         failures = 0
         while True:
+            if self.connection.blocked:
+                yield self._wait_unblocked(exchange, routing_key)
             channel = yield self._get_channel()
             try:
                 if declare is not None:
@@ -191,6 +197,17 @@ class Publisher:
                     exchange=exchange, routing_key=routing_key, error=e, n=failures,
                 )
                 yield deferLater(self.clock, min(0.05 * 2**failures, 5.0), lambda: None)
+
+    @defer.inlineCallbacks
+    def _wait_unblocked(self, exchange: str, routing_key: str):
+        started = self.clock.seconds()
+        self.log.info("publish to {exchange}/{routing_key} waits: the connection is blocked "
+                      "by RabbitMQ ({reason})", exchange=exchange, routing_key=routing_key,
+                      reason=self.connection.blocked_reason)
+        yield self.connection.whenUnblocked()
+        self.log.info("publish to {exchange}/{routing_key} resumes after {seconds:.1f}s",
+                      exchange=exchange, routing_key=routing_key,
+                      seconds=self.clock.seconds() - started)
 
     def stop(self) -> None:
         self.stopped = True
