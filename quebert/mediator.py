@@ -52,6 +52,7 @@ from quebert.protocol import (
     H_EXECUTIONS,
     H_FIRST_ATTEMPT,
     H_NOT_BEFORE,
+    H_PARKED,
     H_PREVIOUS_RESPONSE,
     H_QUEUE,
     H_REASON,
@@ -61,7 +62,7 @@ from quebert.protocol import (
 )
 from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
 from quebert.retry import RetryPolicy
-from quebert.state.interface import CANCELED, FAILED, SCHEDULED, SUCCEEDED
+from quebert.state.interface import CANCELED, FAILED, RUNNING, SCHEDULED, SUCCEEDED
 
 #: Outcomes recorded only after they were made durable on the broker.
 _SETTLED = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
@@ -73,6 +74,11 @@ EARLY_TOLERANCE = 1.0
 _HEADER_TEXT_LIMIT = 1000
 #: Seconds a URL task's request may take unless its message or queue says.
 DEFAULT_DISPATCH_DEADLINE = 600.0
+#: A redelivered task still running on a live worker is looked at again
+#: this long after that worker's current beat would expire (at most
+#: MAX_PARK_DELAY seconds later).
+PARK_MARGIN = 0.5
+MAX_PARK_DELAY = 30.0
 #: Ids of tasks canceled through the control channel, remembered in case
 #: their message arrives while the state store cannot say so.
 CANCELED_MEMORY = 10000
@@ -360,8 +366,9 @@ class Mediator:
             running.delivery = delivery
             return
 
-        if delivery.redelivered or delivery.delivery_count:
-            lost, settled, first_started, stalled = await self._lost_attempts(
+        parks = protocol.int_header(headers, H_PARKED)
+        if delivery.redelivered or delivery.delivery_count or parks:
+            lost, settled, first_started, stalled, holder = await self._lost_attempts(
                 message, delivery, previous)
             if settled is not None:
                 # The attempt's outcome was made durable before its worker
@@ -373,6 +380,13 @@ class Mediator:
                 self.counts["redelivered_settled"] += 1
                 return
             if lost > previous:
+                alive = await self._still_running(holder) if holder is not None else 0.0
+                if alive:
+                    # Its worker is alive and still runs the attempt: only
+                    # its broker connection dropped.  Counting the attempt
+                    # lost would fork the task; wait for its outcome.
+                    await self._park(delivery, message, holder, parks, alive)
+                    return
                 await self._worker_lost(delivery, message, definition, policy, lost,
                                         first_attempt_at or first_started or now,
                                         stalled=stalled)
@@ -638,13 +652,14 @@ class Mediator:
         delivery.ack()
 
     async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
-                             ) -> tuple[int, Optional[str], Optional[float], Optional[dict]]:
+                             ) -> tuple[int, Optional[str], Optional[float], Optional[dict],
+                                        Optional[str]]:
         """
         For a redelivered message: how many attempts were really started,
         the outcome state if the latest one had already ended, when the
-        first attempt started (if the store still knows), and the
-        watchdog's stall mark if the latest attempt's worker was killed for
-        stalling its reactor.
+        first attempt started (if the store still knows), the watchdog's
+        stall mark if the latest attempt's worker was killed for stalling
+        its reactor, and the other worker recorded running it (if any).
 
         The state store knows (``attempts`` is written before an attempt
         starts and its outcome before the ack); when it cannot be reached,
@@ -657,19 +672,57 @@ class Mediator:
             log.warn("task {task_id} redelivered and the state store is unavailable "
                      "({error}); counting the redelivery as a lost attempt",
                      task_id=message.id, error=e)
-            return previous + max(1, delivery.delivery_count or 1), None, None, None
+            return previous + max(1, delivery.delivery_count or 1), None, None, None, None
         if record is None:
-            return previous, None, None, None
+            return previous, None, None, None, None
         history = record.get("history") or []
         first = history[0].get("started_at") if history and history[0].get("attempt") == 1 \
             else None
         started = int(record.get("attempts") or 0)
         if started > previous and record.get("state") in _SETTLED:
-            return started, record["state"], first, None
+            return started, record["state"], first, None, None
         stalled = record.get("stalled")
         if not stalled or stalled.get("attempt") != started:
             stalled = None  # a mark left by an earlier attempt
-        return max(previous, started), None, first, stalled
+        holder = record.get("worker")
+        if record.get("state") != RUNNING or holder == self.worker_id or stalled:
+            holder = None
+        return max(previous, started), None, first, stalled, holder
+
+    async def _still_running(self, worker: str) -> float:
+        """
+        Seconds ``worker``'s last beat in the state store still lasts: more
+        than 0 while it is alive; 0 when it is gone or cannot be told.
+        """
+        alive = getattr(self.state, "worker_alive", None)
+        if alive is None:
+            return 0.0
+        try:
+            return float(await alive(worker))
+        except Exception as e:
+            log.warn("cannot tell whether worker {worker} is alive ({error}); taking its "
+                     "attempt for lost", worker=worker, error=e)
+            return 0.0
+
+    async def _park(self, delivery: Any, message: TaskMessage, holder: str,
+                    parks: int, beat_left: float) -> None:
+        """
+        Put a redelivered message aside (a delayed copy, confirmed, then
+        the ack) while the live worker ``holder`` finishes the attempt: the
+        copy is checked again just after ``holder``'s current beat would
+        expire, and acked if the attempt ended, counted as lost if
+        ``holder`` stopped beating, put aside again otherwise.
+        """
+        delay = min(beat_left + PARK_MARGIN, MAX_PARK_DELAY)
+        headers = protocol.republish_headers(delivery.headers, **{H_PARKED: parks + 1})
+        await self.broker.publish(delivery.queue, delivery.body, headers,
+                                  message_id=message.id, content_type=delivery.content_type,
+                                  delay=delay)
+        delivery.ack()
+        self.counts["parked"] += 1
+        log.info("task {task_id} redelivered while worker {worker} (alive) still runs it; "
+                 "checking again in {delay:g}s", task_id=message.id, worker=holder,
+                 delay=delay)
 
     async def _worker_lost(self, delivery: Any, message: TaskMessage,
                            definition: TaskDefinition, policy: RetryPolicy, attempts: int,

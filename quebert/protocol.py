@@ -87,6 +87,9 @@ H_PREVIOUS_RESPONSE = "x-quebert-previous-response"
 #: AMQP header on a requeued task: attempts made before it was requeued (its
 #: retry budget counts from there).
 H_ATTEMPT_BASE = "x-quebert-attempt-base"
+#: AMQP header on a redelivered message put aside while a live worker
+#: finishes its attempt: how many times it was put aside.
+H_PARKED = "x-quebert-parked"
 #: AMQP header on a URL task: attempts that got an HTTP answer so far.
 H_EXECUTIONS = "x-quebert-executions"
 #: AMQP header set by quorum queues: deliveries returned to the queue.

@@ -24,6 +24,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.reflect import namedAny
 
@@ -41,6 +42,10 @@ from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateM
 from quebert.state.redis import connect_redis
 
 log = Logger(namespace="quebert.worker")
+
+#: Seconds between two worker beats in the state store, and how long one lasts.
+BEAT_INTERVAL = 1.0
+BEAT_TTL = 3.0
 
 #: Exit codes of ``twistd amqp-worker`` (see "Exit status" in docs/operations.rst).
 #: Stopped by SIGTERM/SIGINT after the graceful drain.
@@ -166,6 +171,49 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
     server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}")
     server.setServiceParent(parent)
     return client, server
+
+
+class _WorkerBeat(Service):
+    """
+    Says in the state store that this worker is alive (every
+    ``BEAT_INTERVAL`` seconds, valid ``BEAT_TTL`` seconds), so that a worker
+    that gets a redelivered task still ``running`` here can tell a live
+    worker that lost its broker connection from a dead one.
+    """
+
+    def __init__(self, state: Any, worker_id: str, reactor: Any) -> None:
+        self.state = state
+        self.worker_id = worker_id
+        self.loop = LoopingCall(self._beat)
+        self.loop.clock = reactor
+        self._failing = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(BEAT_INTERVAL, now=True)
+
+    def _beat(self) -> defer.Deferred:
+        d = defer.maybeDeferred(self.state.worker_beat, self.worker_id, BEAT_TTL)
+
+        def done(_: Any) -> None:
+            if self._failing:
+                log.info("worker beats reach the state store again")
+            self._failing = False
+
+        def failed(failure: Any) -> None:
+            if not self._failing:
+                log.warn("worker beat not written ({error}); retrying every {interval}s",
+                         error=failure.getErrorMessage(), interval=BEAT_INTERVAL)
+            self._failing = True
+
+        return d.addCallbacks(done, failed)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+        d = defer.maybeDeferred(self.state.worker_beat, self.worker_id, 0)
+        return bounded(d.addErrback(lambda _: None), 2.0, self.loop.clock)
 
 
 class _ApiServer(Service):
@@ -314,6 +362,8 @@ class WorkerService(MultiService):
             dispatcher=self.dispatcher,
         )
         self.mediator.start()
+        if hasattr(self.state, "worker_beat"):
+            _WorkerBeat(self.state, self.mediator.worker_id, reactor).setServiceParent(self)
         self.watchdog = None
         if config.auto_kill_timeout:
             self._setup_watchdog(config)

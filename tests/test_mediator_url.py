@@ -260,3 +260,64 @@ class ProtocolURLTests(SynchronousTestCase):
                          ("url", "https://example.com/a?secret=1", "PUT", b"\x00\x01"))
         self.assertEqual(decoded.task, "PUT https://example.com/a")
         self.assertEqual(decoded.dispatch_deadline, 5)
+
+
+class LiveWorkerRedeliveryTests(SynchronousTestCase):
+    """
+    A redelivered task whose record says it runs on another worker that
+    still beats (only its broker connection dropped) is put aside, not
+    counted lost: counting it would fork the task into two messages.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.registry = Registry()
+        self.calls = []
+        self.registry.register(self.calls.append, "app.record")
+
+    def redelivered_running_elsewhere(self, worker):
+        worker.broker.pause("default")
+        task_id = worker.enqueue("app.record", 1)
+        worker.broker.queues["default"][0].redelivered = True
+        worker.state.started(task_id, 1, "other:1", {"queue": "default"}, T0)
+        worker.state.worker_beat("other:1", 4)
+        worker.broker.resume("default")
+        return task_id
+
+    def test_put_aside_then_acked_once_the_other_worker_recorded_the_outcome(self):
+        worker = StubWorker(self.clock, registry=self.registry)
+        task_id = self.redelivered_running_elsewhere(worker)
+        self.assertEqual(self.calls, [])
+        self.assertEqual(worker.mediator.counts["parked"], 1)
+        [(_, parked, delay)] = [p for p in worker.broker.published if p[2] > 0]
+        self.assertEqual(parked.headers[protocol.H_PARKED], 1)
+        self.assertEqual(delay, 4.5)  # the beat's 4 s, and a margin
+        # the other worker finishes its attempt (and its ack is lost)
+        worker.state.finished(task_id, SUCCEEDED, 1, {"queue": "default"}, T0 + 0.5)
+        worker.run_until_idle()
+        self.assertEqual(self.calls, [])
+        record = worker.state_of(task_id)
+        self.assertEqual((record["state"], record["attempts"]), (SUCCEEDED, 1))
+        self.assertEqual(worker.mediator.counts["redelivered_settled"], 1)
+
+    def test_counted_lost_once_the_other_worker_stops_beating(self):
+        worker = StubWorker(self.clock, registry=self.registry)
+        task_id = self.redelivered_running_elsewhere(worker)
+        worker.run_until_idle()  # the beat expires (4 s) while the copy is put aside
+        record = worker.state_of(task_id)
+        self.assertEqual((record["state"], record["attempts"]), (SUCCEEDED, 2))
+        self.assertEqual(record["history"][0]["error"]["type"], "quebert.errors.WorkerLost")
+        self.assertEqual(self.calls, [1])
+        self.assertEqual(worker.mediator.counts["parked"], 1)
+
+    def test_dead_worker_is_counted_lost_at_once(self):
+        worker = StubWorker(self.clock, registry=self.registry)
+        worker.broker.pause("default")
+        task_id = worker.enqueue("app.record", 1)
+        worker.broker.queues["default"][0].redelivered = True
+        worker.state.started(task_id, 1, "gone:1", {"queue": "default"}, T0)
+        worker.broker.resume("default")
+        worker.run_until_idle()
+        self.assertEqual(worker.mediator.counts["parked"], 0)
+        self.assertEqual(worker.state_of(task_id)["attempts"], 2)

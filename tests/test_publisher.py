@@ -99,6 +99,8 @@ class _FakeProtocol:
 
 
 class _FakeConnection:
+    blocked = False
+
     def __init__(self, clock, protocol) -> None:
         self.reactor = clock
         self.protocol = protocol

@@ -259,6 +259,16 @@ class RequeueAndPauseContract:
         self.assertEqual(await self.manager.requeued("a", T0 + 3), SUCCEEDED)
         self.assertEqual((await self.manager.get("a"))["state"], SUCCEEDED)
 
+    async def test_worker_beats(self) -> None:
+        """A worker is alive while its beat lasts; a beat of 0 says it stopped."""
+        self.assertFalse(await self.manager.worker_alive("host:1"))
+        await self.manager.worker_beat("host:1", 30)
+        left = await self.manager.worker_alive("host:1")
+        self.assertTrue(29 < left <= 30, left)
+        self.assertFalse(await self.manager.worker_alive("host:2"))
+        await self.manager.worker_beat("host:1", 0)
+        self.assertFalse(await self.manager.worker_alive("host:1"))
+
     async def test_paused_queues_are_remembered(self) -> None:
         self.assertEqual(await self.manager.paused_queues(), set())
         await self.manager.set_paused("mail", True)

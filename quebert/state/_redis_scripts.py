@@ -496,6 +496,21 @@ for i = 1, na do reply[i + 1] = answers[i] end
 return reply
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
 
+# ARGV: prefix, worker id, ttl ms ('0': the worker is gone)
+_WORKER_BEAT = """
+local key = ARGV[1] .. 'worker:' .. ARGV[2]
+if ARGV[3] == '0' then return redis.call('DEL', key) end
+redis.call('SET', key, '1', 'PX', ARGV[3])
+return 1
+"""
+
+# ARGV: prefix, worker id
+_WORKER_ALIVE = """
+local ttl = redis.call('PTTL', ARGV[1] .. 'worker:' .. ARGV[2])
+if ttl < 0 then return 0 end
+return ttl
+"""
+
 # ARGV: prefix
 _PAUSED = """
 return redis.call('SMEMBERS', ARGV[1] .. 'paused')
@@ -581,5 +596,7 @@ SCRIPTS = {
         ("get", _GET),
         ("list", _LIST),
         ("paused", _PAUSED),
+        ("worker_beat", _WORKER_BEAT),
+        ("worker_alive", _WORKER_ALIVE),
     )
 }

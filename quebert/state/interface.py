@@ -139,6 +139,17 @@ class IStateManager(Interface):
     def set_paused(queue: str, paused: bool):
         """Remember that ``queue`` is paused (or resumed), for workers started later too."""
 
+    def worker_beat(worker: str, ttl: float):
+        """
+        ``worker`` (``host:pid``) is alive for ``ttl`` more seconds; 0 says
+        it stopped.  Workers beat every few seconds, so that a worker that
+        meets a redelivered task still ``running`` elsewhere can tell a
+        dead worker from a live one that lost its broker connection.
+        """
+
+    def worker_alive(worker: str):
+        """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""
+
     def paused_queues():
         """Fire with the set of paused queue names."""
 

@@ -84,6 +84,7 @@ class MemoryStateManager:
         self.finished_ttl = finished_ttl
         self.name_tombstone = name_tombstone
         self._paused: set = set()
+        self._workers: Dict[str, float] = {}
         #: unique name -> (holding task id, expiry time or None while it is live)
         self._names: Dict[str, Tuple[str, Optional[float]]] = {}
         self._clock = clock
@@ -126,6 +127,18 @@ class MemoryStateManager:
         """Remember that ``queue`` is paused (or not)."""
         (self._paused.add if paused else self._paused.discard)(queue)
         return succeed(None)
+
+    def worker_beat(self, worker: str, ttl: float) -> Deferred:
+        """``worker`` is alive for ``ttl`` more seconds (0: it is gone)."""
+        if ttl > 0:
+            self._workers[worker] = self._now() + ttl
+        else:
+            self._workers.pop(worker, None)
+        return succeed(None)
+
+    def worker_alive(self, worker: str) -> Deferred:
+        """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""
+        return succeed(max(self._workers.get(worker, 0.0) - self._now(), 0.0))
 
     def paused_queues(self) -> Deferred:
         """Fire with the set of paused queue names."""

@@ -204,6 +204,16 @@ class RedisStateManager:
             return fail()
         return self._submit(op).addCallback(lambda _: None)
 
+    def worker_beat(self, worker: str, ttl: float) -> Deferred:
+        """``worker`` is alive for ``ttl`` more seconds (0: it is gone)."""
+        ms = str(max(1, round(ttl * 1000))) if ttl > 0 else "0"
+        return self._run("worker_beat", [self.prefix, worker, ms]).addCallback(lambda _: None)
+
+    def worker_alive(self, worker: str) -> Deferred:
+        """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""
+        return self._run("worker_alive", [self.prefix, worker]).addCallback(
+            lambda ms: max(int(ms), 0) / 1000.0)
+
     def paused_queues(self) -> Deferred:
         """Fire with the set of paused queue names."""
         return self._run("paused", [self.prefix]).addCallback(

@@ -276,6 +276,15 @@ class ResilientStateManager:
         return maybeDeferred(self.inner.set_paused, queue, paused).addErrback(
             self._read_failed)
 
+    def worker_beat(self, worker: str, ttl: float) -> Deferred:
+        """The inner store's ``worker_beat``."""
+        return maybeDeferred(self.inner.worker_beat, worker, ttl).addErrback(
+            self._read_failed)
+
+    def worker_alive(self, worker: str) -> Deferred:
+        """The inner store's ``worker_alive``."""
+        return maybeDeferred(self.inner.worker_alive, worker).addErrback(self._read_failed)
+
     def paused_queues(self) -> Deferred:
         """The inner store's ``paused_queues``."""
         return maybeDeferred(self.inner.paused_queues).addErrback(self._read_failed)

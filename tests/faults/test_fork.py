@@ -1,16 +1,16 @@
 """
-Known bug, pinned (trial ``todo``): a connection drop forks a running task.
+A connection drop must not fork a running task.
 
-Found by the ``broker-restart`` scenario: when a *live* worker loses its
-AMQP connection while it runs a task, the broker redelivers the message to
-another worker, which finds the record ``running`` and, taking the first
-worker for dead, counts a lost attempt (``WorkerLost``) and publishes a
-retry copy.  The first worker then finishes its attempt and publishes its
+Found by the ``broker-restart`` scenario: when a *live* worker lost its
+AMQP connection while it ran a task, the broker redelivered the message to
+another worker, which found the record ``running`` and, taking the first
+worker for dead, counted a lost attempt (``WorkerLost``) and published a
+retry copy.  The first worker then finished its attempt and published its
 own outcome (a retry copy, if the attempt failed), its ack being lost
-with its channel.  The task is now two messages that live on separately:
-the same attempt numbers run twice, the record counts fewer attempts than
-ran, and a failing task spends its retry budget twice and lands twice in
-the errored queue.
+with its channel: the task forked into two messages.  Workers now beat in
+the state store; a redelivered task still running on a live worker is put
+aside (a delayed copy) until that worker's outcome is recorded, and only
+counted as lost if the worker stops beating.
 
 This test makes it happen on purpose: worker A reaches RabbitMQ through a
 TCP proxy that the test cuts while A runs a failing task (2 s per
@@ -40,11 +40,6 @@ class ForkTests(FaultCase):
     def test_connection_drop_does_not_fork_a_running_task(self):
         return defer.ensureDeferred(self._test())
 
-    test_connection_drop_does_not_fork_a_running_task.todo = (
-        "quebert bug: a task running on a live worker whose connection dropped is taken for "
-        "lost by the worker that gets the redelivery; both publish a retry copy (see the "
-        "module docstring and docs/reliability.rst)")
-
     async def _test(self):
         proxy = CuttableProxy(reactor, RABBIT_HOST, RABBIT_PORT)
         proxied = self.url.replace(f":{RABBIT_PORT}/", f":{proxy.start()}/")
@@ -69,7 +64,7 @@ class ForkTests(FaultCase):
         self.row.update(tasks=1, succeeded=0, lost=0, duplicates=max(0, runs - MAX_ATTEMPTS),
                         duplicate_bound=1, forks=int(forked),
                         recovery="n/a (a correctness check)",
-                        status="known bug (todo)" if forked else "passed",
+                        status="forked" if forked else "passed",
                         notes=f"{runs} runs for a budget of {MAX_ATTEMPTS}; record "
                               f"{record['state']} with {record['attempts']} attempts; "
                               f"{errored} errored copies; B logged WorkerLost: "

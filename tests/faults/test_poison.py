@@ -50,7 +50,11 @@ class PoisonTests(FaultCase):
                 await worker.ready()
 
         records = await self.wait_done(ids, supervise=supervise, timeout=180)
-        await until(lambda: self.count_in("failed"), 30, "the poison task to fail")
+        async def poison_failed() -> bool:
+            await supervise()  # the poison may still be killing workers
+            return bool(await self.count_in("failed"))
+
+        await until(poison_failed, 60, "the poison task to fail")
         poisoned = await self.state.get(poison.id)
         self.assertEqual(poisoned["state"], "failed")
         self.assertEqual(poisoned["attempts"], MAX_ATTEMPTS)

@@ -57,7 +57,11 @@ class StallTests(FaultCase):
                     await worker.ready()
 
         records = await self.wait_done(ids, supervise=supervise, timeout=180)
-        await until(lambda: self.count_in("failed"), 60, "the blocking task to fail")
+        async def blocker_failed() -> bool:
+            await supervise()  # the blocking task may still be stalling workers
+            return bool(await self.count_in("failed"))
+
+        await until(blocker_failed, 60, "the blocking task to fail")
         blocked = await self.state.get(blocker.id)
         self.assertEqual(blocked["state"], "failed")
         self.assertEqual(blocked["attempts"], MAX_ATTEMPTS)
