@@ -207,7 +207,7 @@ class Mediator:
         self.worker_id = worker_id or default_worker_id()
         self.hooks = list(hooks)
         self.max_message_size = max_message_size
-        self.task_log_level = task_log_level
+        self.task_log_level = task_log_level  # (sets _info_logged)
         #: Tasks currently in the executor, by id.
         self.running: dict[str, Task] = {}
         self._inflight: dict[Any, defer.Deferred] = {}
@@ -221,6 +221,17 @@ class Mediator:
         #: Makes URL tasks' requests (:class:`quebert.dispatch.URLDispatcher`).
         self.dispatcher = dispatcher
         self._canceled: collections.OrderedDict = collections.OrderedDict()
+
+    @property
+    def task_log_level(self) -> LogLevel:
+        """Least level of the per-task log lines (started, succeeded...)."""
+        return self._task_log_level
+
+    @task_log_level.setter
+    def task_log_level(self, level: LogLevel) -> None:
+        self._task_log_level = level
+        # LogLevel comparisons are slow: the common check, made once
+        self._info_logged = not LogLevel.info < level
 
     # -- intake ------------------------------------------------------------
 
@@ -280,8 +291,11 @@ class Mediator:
     def _start(self, delivery: Any) -> None:
         d = defer.ensureDeferred(self.handle(delivery))
         self._inflight[delivery] = d
-        d.addErrback(self._unexpected, delivery)
-        d.addBoth(self._finished, delivery)
+        d.addCallbacks(self._finished, self._unexpected_then_finished, (delivery,), None,
+                       (delivery,))
+
+    def _unexpected_then_finished(self, failure: Failure, delivery: Any) -> None:
+        self._finished(self._unexpected(failure, delivery), delivery)
 
     def _unexpected(self, failure: Failure, delivery: Any) -> None:
         # Typically the broker refused or lost an outcome publish.  Give the
@@ -374,6 +388,7 @@ class Mediator:
             kwargs=dict(message.kwargs), attempt=attempt, message=message,
             definition=definition, policy=policy,
             first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
+            info=message.info(),
         )
         if self._before_hooks and not await self._run_before_hooks(task):
             await self.state.finished(task.id, CANCELED, attempt - 1, task.info,
@@ -391,7 +406,8 @@ class Mediator:
             self.counts["canceled"] += 1
             self._log(task, "task {task_id} ({task}) was canceled; not running it")
             return
-        self._log(task, "task {task_id} ({task}) attempt {attempt} started")
+        if self._info_logged:
+            self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
         try:
             await self._run(task)
@@ -427,8 +443,9 @@ class Mediator:
                                       self.clock.seconds(), result=result)
             task.delivery.ack()
             self.counts["succeeded"] += 1
-            self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
-                      "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
+            if self._info_logged:
+                self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
+                          "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
         else:
             await self._run_error_hooks(task, failure)
             await self.on_failure(task, failure)
@@ -740,7 +757,10 @@ class Mediator:
     # -- logging -------------------------------------------------------------
 
     def _log(self, task: Task, fmt: str, level: LogLevel = LogLevel.info, **kw: Any) -> None:
-        if level < self.task_log_level:
+        if level is LogLevel.info:
+            if not self._info_logged:
+                return
+        elif level < self._task_log_level:
             return
         log.emit(level, fmt, task_id=task.id, task=task.name, attempt=task.attempt,
                  queue=task.queue, **kw)
