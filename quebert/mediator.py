@@ -418,11 +418,15 @@ class Mediator:
             message = attrs.evolve(message, queue=delivery.queue)
 
         headers = delivery.headers or {}
-        previous = protocol.int_header(headers, H_ATTEMPTS)
-        first_attempt_at = protocol.time_header(headers, H_FIRST_ATTEMPT)
+        previous = headers.get(H_ATTEMPTS)
+        if previous.__class__ is not int or previous < 0:  # (a first attempt: 0)
+            previous = protocol.int_header(headers, H_ATTEMPTS)
+        first_attempt_at = (protocol.time_header(headers, H_FIRST_ATTEMPT)
+                            if H_FIRST_ATTEMPT in headers else None)
         policy = self.policy_for(message, definition)
 
-        not_before = protocol.time_header(headers, H_NOT_BEFORE) or message.eta
+        not_before = (protocol.time_header(headers, H_NOT_BEFORE)
+                      if H_NOT_BEFORE in headers else None) or message.eta
         if not_before is not None and not_before - now >= EARLY_TOLERANCE:
             await self._delay(delivery, message, not_before - now, {})
             return

@@ -444,10 +444,12 @@ class ResilientStateManager:
 
     def _sent(self, result: Any, write: _Write) -> None:
         self._inflight -= 1
+        # the next write of the task goes first: one its caller makes once
+        # released is then sent at once, not queued behind this one
+        self._next_of(write.task_id)
         write.release(result)
         if self._slow:
             self._trim_slow()
-        self._next_of(write.task_id)
         self._settled()
 
     def _send_failed(self, failure: Failure, write: _Write) -> None:
