@@ -290,6 +290,21 @@ def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     }
 
 
+_time_reprs: Dict[float, str] = {}
+
+
+def _time_repr(value: float) -> str:
+    """``repr`` of a float, remembered: a task's info times are written twice or more."""
+    text = _time_reprs.get(value) if value else None  # (0.0 == -0.0, but not their reprs)
+    if text is None:
+        text = _float_repr(value)
+        if value:
+            if len(_time_reprs) >= 4096:
+                _time_reprs.clear()
+            _time_reprs[value] = text
+    return text
+
+
 def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
     """
     ``[queue, kind, task, name, eta, created_at]`` of ``info`` as Redis hash
@@ -307,8 +322,8 @@ def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
             and (created_at is None or created_at.__class__ is float)):
         # the common case, cheaply: short ASCII strings, floats or None
         return [queue, kind, task, name,
-                None if eta is None else _float_repr(eta),
-                None if created_at is None else _float_repr(created_at)]
+                None if eta is None else _time_repr(eta),
+                None if created_at is None else _time_repr(created_at)]
     return [
         text(get("queue"), MESSAGE_LIMIT),
         text(get("kind"), MESSAGE_LIMIT),
