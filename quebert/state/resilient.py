@@ -390,7 +390,7 @@ class ResilientStateManager:
 
     def _wait_for(self, write: _Write) -> None:
         """Release the caller of ``write`` after ``start_wait`` if still waiting."""
-        clock = self._timers()
+        clock = self._clock or self._timers()
         write.deadline = clock.seconds() + self.start_wait
         self._slow.append(write)
         if self._slow_timer is None:
@@ -446,11 +446,15 @@ class ResilientStateManager:
         self._inflight -= 1
         # the next write of the task goes first: one its caller makes once
         # released is then sent at once, not queued behind this one
-        self._next_of(write.task_id)
+        waiting = self._waiting.pop(write.task_id, None)
+        if waiting:
+            self._waiting[write.task_id] = waiting
+            self._send(waiting.popleft())
         write.release(result)
         if self._slow:
             self._trim_slow()
-        self._settled()
+        if self._flushes or not self.healthy:
+            self._settled()
 
     def _send_failed(self, failure: Failure, write: _Write) -> None:
         self._inflight -= 1
