@@ -13,8 +13,10 @@ the tasks that overran).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import threading
+import types
 from typing import Any, Mapping, Optional
 
 from twisted.internet import defer
@@ -60,8 +62,8 @@ class Executor:
             timeout: Optional[float] = None) -> defer.Deferred:
         """Fire with the callable's result, or fail with its error."""
         if definition.executor == REACTOR:
-            d = defer.maybeDeferred(_call_on_reactor, definition, args, dict(kwargs))
-            if timeout:
+            d = _run_on_reactor(definition, args, dict(kwargs))
+            if timeout and not d.called:
                 d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out(definition,
                                                                                 timeout))
             return d
@@ -73,11 +75,58 @@ class Executor:
         return race.follow(d)
 
 
-def _call_on_reactor(definition: TaskDefinition, args: tuple, kwargs: dict) -> Any:
-    result = definition.fn(*args, **kwargs)
-    if inspect.isawaitable(result) and not isinstance(result, defer.Deferred):
+def _run_on_reactor(definition: TaskDefinition, args: tuple, kwargs: dict) -> defer.Deferred:
+    """
+    ``maybeDeferred`` of the callable, with a fast path for coroutines: the
+    coroutine is driven at once, in a context of its own, and only put
+    under a Deferred-driven trampoline if it actually waits for something.
+    """
+    try:
+        result = definition.fn(*args, **kwargs)
+    except BaseException:
+        return defer.fail()
+    if type(result) is types.CoroutineType:
+        context = contextvars.copy_context()
+        try:
+            yielded = context.run(result.send, None)
+        except StopIteration as stop:
+            return defer.succeed(stop.value)
+        except BaseException:
+            return defer.fail()
+        return defer.Deferred.fromCoroutine(_resume(result, yielded, context))
+    if isinstance(result, defer.Deferred):
+        return result
+    if isinstance(result, defer.Failure):
+        return defer.fail(result)
+    if inspect.isawaitable(result):
         return defer.ensureDeferred(result)
-    return result
+    return defer.succeed(result)
+
+
+@types.coroutine
+def _resume(coro: Any, yielded: Any, context: contextvars.Context) -> Any:
+    """
+    The rest of a coroutine that was started by hand and suspended on
+    ``yielded``: what it awaits is handed to Twisted's trampoline as is (so
+    cancelling the Deferred cancels what the coroutine waits on, and the
+    error is thrown into it), every step runs in ``context``.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:
+            try:
+                yielded = context.run(coro.throw, e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = context.run(coro.send, sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _call_in_thread(definition: TaskDefinition, args: tuple, kwargs: dict) -> Any:

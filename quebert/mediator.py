@@ -24,9 +24,12 @@ retry or fail), ``policy_for`` (the retry policy of a task) and
 from __future__ import annotations
 
 import collections
+import contextvars
+import inspect
 import os
 import socket
 import traceback
+import types
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -82,6 +85,76 @@ MAX_PARK_DELAY = 30.0
 #: Ids of tasks canceled through the control channel, remembered in case
 #: their message arrives while the state store cannot say so.
 CANCELED_MEMORY = 10000
+
+
+_NOTHING = object()
+
+
+class _Driven:
+    """
+    Runs one ``handle()`` coroutine like ``defer.ensureDeferred`` does, with
+    less machinery per delivery and per resumption (this is the hot path):
+    each awaited Deferred's result is sent (a failure thrown) into the
+    coroutine, every step runs in one ``contextvars`` context of its own,
+    and ``deferred`` fires with the coroutine's outcome.  Cancelling
+    ``deferred`` cancels the Deferred the coroutine waits on.
+    """
+
+    __slots__ = ("coro", "context", "deferred", "waiting_on", "_inside", "_early")
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+        self.context = contextvars.copy_context()
+        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
+        self.waiting_on: Optional[defer.Deferred] = None
+        self._inside = False
+        self._early: Any = _NOTHING
+        self._step(None)
+
+    def _cancel(self, _: defer.Deferred) -> None:
+        waiting_on = self.waiting_on
+        if waiting_on is not None:
+            waiting_on.cancel()
+
+    def _step(self, result: Any) -> None:
+        coro, run = self.coro, self.context.run
+        while True:
+            try:
+                if isinstance(result, Failure):
+                    yielded = run(result.throwExceptionIntoGenerator, coro)
+                else:
+                    yielded = run(coro.send, result)
+            except StopIteration as e:
+                if not self.deferred.called:
+                    self.deferred.callback(e.value)
+                return
+            except BaseException:
+                failure = Failure()
+                if not self.deferred.called:
+                    self.deferred.errback(failure)
+                return
+            if not isinstance(yielded, defer.Deferred):
+                if inspect.iscoroutine(yielded) or inspect.isgenerator(yielded):
+                    yielded = defer.Deferred.fromCoroutine(yielded)
+                else:  # as inlineCallbacks does
+                    result = yielded
+                    continue
+            self._inside = True
+            yielded.addBoth(self._resumed)
+            self._inside = False
+            result, self._early = self._early, _NOTHING
+            if result is _NOTHING:
+                self.waiting_on = yielded
+                return
+            # fired at once: go on here rather than recurse
+
+    def _resumed(self, result: Any) -> None:
+        if self._inside:
+            self._early = result
+        else:
+            self.waiting_on = None
+            self._step(result)
+        return None
 
 
 def _no_callable(*args: Any, **kwargs: Any) -> Any:
@@ -220,7 +293,7 @@ class Mediator:
         self.worker_id = worker_id or default_worker_id()
         self.hooks = list(hooks)
         self.max_message_size = max_message_size
-        self.task_log_level = task_log_level
+        self.task_log_level = task_log_level  # (sets _info_logged)
         #: Tasks currently in the executor, by id.
         self.running: dict[str, Task] = {}
         self._inflight: dict[Any, defer.Deferred] = {}
@@ -236,6 +309,17 @@ class Mediator:
         self._canceled: collections.OrderedDict = collections.OrderedDict()
         self._drain_ended = False
         self._drain_timer: Optional[defer.Deferred] = None
+
+    @property
+    def task_log_level(self) -> LogLevel:
+        """Least level of the per-task log lines (started, succeeded...)."""
+        return self._task_log_level
+
+    @task_log_level.setter
+    def task_log_level(self, level: LogLevel) -> None:
+        self._task_log_level = level
+        # LogLevel comparisons are slow: the common check, made once
+        self._info_logged = not LogLevel.info < level
 
     # -- intake ------------------------------------------------------------
 
@@ -297,10 +381,17 @@ class Mediator:
         return not self.stopping and len(self._inflight) < self.max_running_tasks
 
     def _start(self, delivery: Any) -> None:
-        d = defer.ensureDeferred(self.handle(delivery))
+        handling = self.handle(delivery)
+        if type(handling) is types.CoroutineType:
+            d = _Driven(handling).deferred
+        else:  # a subclass's handle() returning a Deferred
+            d = defer.ensureDeferred(handling)
         self._inflight[delivery] = d
-        d.addErrback(self._unexpected, delivery)
-        d.addBoth(self._finished, delivery)
+        d.addCallbacks(self._finished, self._unexpected_then_finished, (delivery,), None,
+                       (delivery,))
+
+    def _unexpected_then_finished(self, failure: Failure, delivery: Any) -> None:
+        self._finished(self._unexpected(failure, delivery), delivery)
 
     def _unexpected(self, failure: Failure, delivery: Any) -> None:
         # Typically the broker refused or lost an outcome publish.  Give the
@@ -346,11 +437,15 @@ class Mediator:
             message = attrs.evolve(message, queue=delivery.queue)
 
         headers = delivery.headers or {}
-        previous = protocol.int_header(headers, H_ATTEMPTS)
-        first_attempt_at = protocol.time_header(headers, H_FIRST_ATTEMPT)
+        previous = headers.get(H_ATTEMPTS)
+        if previous.__class__ is not int or previous < 0:  # (a first attempt: 0)
+            previous = protocol.int_header(headers, H_ATTEMPTS)
+        first_attempt_at = (protocol.time_header(headers, H_FIRST_ATTEMPT)
+                            if H_FIRST_ATTEMPT in headers else None)
         policy = self.policy_for(message, definition)
 
-        not_before = protocol.time_header(headers, H_NOT_BEFORE) or message.eta
+        not_before = (protocol.time_header(headers, H_NOT_BEFORE)
+                      if H_NOT_BEFORE in headers else None) or message.eta
         if not_before is not None and not_before - now >= EARLY_TOLERANCE:
             await self._delay(delivery, message, not_before - now, {})
             return
@@ -402,6 +497,7 @@ class Mediator:
             kwargs=dict(message.kwargs), attempt=attempt, message=message,
             definition=definition, policy=policy,
             first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
+            info=message.info(),
         )
         if self._before_hooks and not await self._run_before_hooks(task):
             await self.state.finished(task.id, CANCELED, attempt - 1, task.info,
@@ -419,7 +515,8 @@ class Mediator:
             self.counts["canceled"] += 1
             self._log(task, "task {task_id} ({task}) was canceled; not running it")
             return
-        self._log(task, "task {task_id} ({task}) attempt {attempt} started")
+        if self._info_logged:
+            self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
         try:
             await self._run(task)
@@ -455,8 +552,9 @@ class Mediator:
                                       self.clock.seconds(), result=result)
             task.delivery.ack()
             self.counts["succeeded"] += 1
-            self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
-                      "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
+            if self._info_logged:
+                self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
+                          "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
         else:
             await self._run_error_hooks(task, failure)
             await self.on_failure(task, failure)
@@ -830,7 +928,10 @@ class Mediator:
     # -- logging -------------------------------------------------------------
 
     def _log(self, task: Task, fmt: str, level: LogLevel = LogLevel.info, **kw: Any) -> None:
-        if level < self.task_log_level:
+        if level is LogLevel.info:
+            if not self._info_logged:
+                return
+        elif level < self._task_log_level:
             return
         log.emit(level, fmt, task_id=task.id, task=task.name, attempt=task.attempt,
                  queue=task.queue, **kw)

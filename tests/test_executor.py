@@ -275,3 +275,64 @@ class ReactorTaskTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         inner.callback(1)
         self.assertEqual(self.successResultOf(d), 1)
+
+    def test_coroutine_that_waits_several_times(self):
+        # driven by hand until it first waits, then by Twisted's trampoline
+        first, second = defer.Deferred(), defer.Deferred()
+
+        async def work():
+            a = await first
+            try:
+                await second
+            except Boom:
+                return a + 1
+            return -1
+
+        d = self.executor.run(definition(work, REACTOR), (), {})
+        self.assertNoResult(d)
+        first.callback(1)
+        self.assertNoResult(d)
+        second.errback(Boom())
+        self.assertEqual(self.successResultOf(d), 2)
+
+    def test_coroutine_keeps_one_context_of_its_own(self):
+        import contextvars
+
+        var = contextvars.ContextVar("var", default="outside")
+        wait = defer.Deferred()
+        seen = []
+
+        async def work():
+            var.set("inside")
+            await wait
+            seen.append(var.get())
+
+        d = self.executor.run(definition(work, REACTOR), (), {})
+        self.assertEqual(var.get(), "outside")
+        wait.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(seen, ["inside"])
+        self.assertEqual(var.get(), "outside")
+
+    def test_cancelling_a_suspended_coroutine(self):
+        events = []
+
+        async def work():
+            try:
+                await defer.Deferred()
+            except defer.CancelledError:
+                events.append("cancelled")
+                raise
+
+        d = self.executor.run(definition(work, REACTOR), (), {})
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(events, ["cancelled"])
+
+    def test_finished_coroutine_arms_no_timer(self):
+        async def work():
+            return 1
+
+        d = self.executor.run(definition(work, REACTOR), (), {}, timeout=5)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -1006,3 +1006,51 @@ class QueueOfOriginTests(MediatorTestCase):
         self.assertEqual((queue, delay), ("default", 3))
         self.assertEqual(len(worker.broker.errored["default"]), 1)
         self.assertNotIn("elsewhere", worker.broker.errored)
+
+
+class DrivenTests(SynchronousTestCase):
+    """quebert.mediator._Driven runs a coroutine as ensureDeferred would."""
+
+    def test_results_failures_and_context(self):
+        import contextvars
+
+        from quebert.mediator import _Driven
+
+        var = contextvars.ContextVar("v", default="outside")
+        first, second = defer.Deferred(), defer.Deferred()
+        seen = []
+
+        async def work():
+            var.set("inside")
+            seen.append(await first)
+            seen.append(await defer.succeed(2))  # fired already: no suspension
+            try:
+                await second
+            except ValueError as e:
+                seen.append(str(e))
+            seen.append(var.get())
+            return "done"
+
+        d = _Driven(work()).deferred
+        self.assertNoResult(d)
+        self.assertEqual(var.get(), "outside")
+        first.callback(1)
+        second.errback(ValueError("boom"))
+        self.assertEqual(self.successResultOf(d), "done")
+        self.assertEqual(seen, [1, 2, "boom", "inside"])
+        self.assertIsNone(self.successResultOf(second))  # the failure was consumed
+
+    def test_error_and_cancel(self):
+        from quebert.mediator import _Driven
+
+        async def broken():
+            raise KeyError("x")
+
+        self.failureResultOf(_Driven(broken()).deferred, KeyError)
+
+        async def waits():
+            await defer.Deferred()
+
+        d = _Driven(waits()).deferred
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)

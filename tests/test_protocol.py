@@ -531,3 +531,35 @@ class FuzzTests(SynchronousTestCase):
     def test_with_content_type_and_size(self, value, content_type, max_size):
         self.check(json.dumps(value).encode("utf-8"), content_type=content_type,
                    max_size=max_size)
+
+
+class FastPathTests(SynchronousTestCase):
+    """The fast path of _validate gives what the full checks give."""
+
+    def test_same_message_as_the_full_checks(self):
+        for kwargs in ({}, {"now": 0.0}, {"now": 1767225590.5}):
+            _, body = protocol.build("app.add", (1, [2], {"x": None}), {"k": "v"},
+                                     queue="q1", **kwargs)
+            data = json.loads(body)
+            fast = protocol._validate(data, "default")
+            full = protocol._validate_fully(data, "default")
+            self.assertEqual(fast, full)
+            self.assertEqual(repr(fast), repr(full))
+            self.assertEqual(fast.to_body(), full.to_body())
+            self.assertEqual(protocol.decode(body), full)
+
+    def test_odd_bodies_take_the_full_checks(self):
+        _, body = protocol.build("app.add", (1,), queue="q1", now=5.0)
+        for text in (b" " + body, body + b"\n", body.decode().encode("utf-16")):
+            self.assertEqual(protocol.decode(text), protocol.decode(body))
+        data = json.loads(body)
+        for key, value in (("version", True), ("version", 1.0), ("created_at", 5),
+                           ("queue", None), ("kind", "call")):
+            odd = dict(data, **{key: value})
+            outcomes = []
+            for validate in (protocol._validate, protocol._validate_fully):
+                try:
+                    outcomes.append(validate(odd, "q1"))
+                except InvalidMessage as e:
+                    outcomes.append((e.reason, e.field, e.task_id))
+            self.assertEqual(outcomes[0], outcomes[1])

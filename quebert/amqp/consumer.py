@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 import pika.exceptions
+from pika.adapters.twisted_connection import ClosableDeferredQueue
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -344,6 +345,7 @@ class QueueConsumer:
                 d.addCallbacks(self._one_and_pump, self._ended,
                                callbackArgs=(queue_object, generation, acker),
                                errbackArgs=(generation, acker))
+                self._hand_over(queue_object, acker)
                 return
             box: list = []
             d.addBoth(box.append)
@@ -351,6 +353,27 @@ class QueueConsumer:
                 self._ended(box[0], generation, acker)
                 return
             self._deliver(box[0], acker)
+
+    def _hand_over(self, queue_object, acker: _Acker) -> None:
+        """
+        With pika's queue drained and our ``get()`` waiting, have its
+        ``put`` hand each message straight to :meth:`_deliver`: the same
+        order and calls, without a Deferred and a ``get()`` per message.
+        The waiting ``get()`` still fails when the queue is closed (the
+        consumer cancelled, the channel closed), which ends the consumer.
+        """
+        if type(queue_object) is not ClosableDeferredQueue:
+            return
+        deliver = self._deliver
+        queue_put = ClosableDeferredQueue.put
+
+        def put(message: Any) -> Any:
+            if queue_object.closed or queue_object.pending or not queue_object.waiting:
+                return queue_put(queue_object, message)
+            deliver(message, acker)
+            return None
+
+        queue_object.put = put
 
     def _one_and_pump(self, message, queue_object, generation: int, acker: _Acker) -> None:
         self._deliver(message, acker)

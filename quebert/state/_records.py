@@ -150,6 +150,13 @@ def check_enqueued(task_id: Any, state: Any, info: Any, at: Any) -> None:
 
 def check_started(task_id: Any, attempt: Any, worker: Any, info: Any, at: Any) -> None:
     """Raise ``TypeError``/``ValueError`` if a ``started`` write is malformed."""
+    if (task_id.__class__ is str and task_id and task_id.isascii()
+            and attempt.__class__ is int and attempt >= 1
+            and (worker is None or worker.__class__ is str)
+            and at.__class__ is float and _isfinite(at)
+            and info.__class__ is dict and _fine_time(info.get("eta"))
+            and _fine_time(info.get("created_at"))):
+        return  # the common case, cheaply
     check_task_id(task_id)
     _check_attempt(attempt, 1)
     if worker is not None and not isinstance(worker, str):
@@ -169,6 +176,13 @@ def check_finished(
     retry_at: Any = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` if a ``finished`` write is malformed."""
+    if (task_id.__class__ is str and task_id and task_id.isascii()
+            and state in OUTCOME_STATES and attempt.__class__ is int and attempt >= 0
+            and at.__class__ is float and _isfinite(at)
+            and retry_at is None and error is None and reason is None
+            and info.__class__ is dict and _fine_time(info.get("eta"))
+            and _fine_time(info.get("created_at"))):
+        return  # the common case (a success), cheaply
     check_task_id(task_id)
     if state not in OUTCOME_STATES:
         raise ValueError(f"finished state must be one of {sorted(OUTCOME_STATES)}, not {state!r}")
@@ -276,6 +290,21 @@ def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     }
 
 
+_time_reprs: Dict[float, str] = {}
+
+
+def _time_repr(value: float) -> str:
+    """``repr`` of a float, remembered: a task's info times are written twice or more."""
+    text = _time_reprs.get(value) if value else None  # (0.0 == -0.0, but not their reprs)
+    if text is None:
+        text = _float_repr(value)
+        if value:
+            if len(_time_reprs) >= 4096:
+                _time_reprs.clear()
+            _time_reprs[value] = text
+    return text
+
+
 def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
     """
     ``[queue, kind, task, name, eta, created_at]`` of ``info`` as Redis hash
@@ -283,7 +312,18 @@ def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
     ``None`` where missing.
     """
     get = (info or _NO_INFO).get
+    queue, kind, task, name = get("queue"), get("kind"), get("task"), get("name")
     eta, created_at = get("eta"), get("created_at")
+    if (queue.__class__ is str and kind.__class__ is str and task.__class__ is str
+            and (name is None or name.__class__ is str)
+            and len(queue) + len(kind) + len(task) + len(name or "") <= MESSAGE_LIMIT
+            and (queue + kind + task + (name or "")).isascii()
+            and (eta is None or eta.__class__ is float)
+            and (created_at is None or created_at.__class__ is float)):
+        # the common case, cheaply: short ASCII strings, floats or None
+        return [queue, kind, task, name,
+                None if eta is None else _time_repr(eta),
+                None if created_at is None else _time_repr(created_at)]
     return [
         text(get("queue"), MESSAGE_LIMIT),
         text(get("kind"), MESSAGE_LIMIT),

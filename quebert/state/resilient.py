@@ -150,8 +150,9 @@ class ResilientStateManager:
         )
         self._seq = 0
         self._queue: Deque[_Write] = deque()  # ordered by seq
-        self._inflight: Dict[int, _Write] = {}  # direct writes, healthy
-        self._waiting: Dict[str, Deque[_Write]] = {}  # task -> writes behind its in-flight one
+        self._inflight = 0  # direct writes on their way, healthy
+        # task -> writes behind its in-flight one (None: none yet, the common case)
+        self._waiting: Dict[str, Optional[Deque[_Write]]] = {}
         self._replaying: Optional[_Write] = None
         self._draining = False
         self._retry: Optional[IDelayedCall] = None
@@ -383,11 +384,14 @@ class ResilientStateManager:
         if bounded and self.start_wait <= 0:
             write.release()
             bounded = False
-        waiting = self._waiting.get(task_id)
-        if waiting is not None:
-            waiting.append(write)
+        waiting = self._waiting
+        if task_id in waiting:
+            behind = waiting[task_id]
+            if behind is None:
+                behind = waiting[task_id] = deque()
+            behind.append(write)
         else:
-            self._waiting[task_id] = deque()
+            waiting[task_id] = None
             self._send(write)
         if bounded and write.waiter is not None:
             self._wait_for(write)
@@ -395,7 +399,7 @@ class ResilientStateManager:
 
     def _wait_for(self, write: _Write) -> None:
         """Release the caller of ``write`` after ``start_wait`` if still waiting."""
-        clock = self._timers()
+        clock = self._clock or self._timers()
         write.deadline = clock.seconds() + self.start_wait
         self._slow.append(write)
         if self._slow_timer is None:
@@ -438,7 +442,7 @@ class ResilientStateManager:
 
     def _send(self, write: _Write) -> None:
         """Write straight to the store (healthy)."""
-        self._inflight[write.seq] = write
+        self._inflight += 1
         if write.op is not None:
             # the store reports to write.callback / write.errback
             write.owner = self
@@ -448,15 +452,21 @@ class ResilientStateManager:
             d.addCallbacks(self._sent, self._send_failed, (write,), None, (write,))
 
     def _sent(self, result: Any, write: _Write) -> None:
-        del self._inflight[write.seq]
+        self._inflight -= 1
+        # the next write of the task goes first: one its caller makes once
+        # released is then sent at once, not queued behind this one
+        waiting = self._waiting.pop(write.task_id, None)
+        if waiting:
+            self._waiting[write.task_id] = waiting
+            self._send(waiting.popleft())
         write.release(result)
         if self._slow:
             self._trim_slow()
-        self._next_of(write.task_id)
-        self._settled()
+        if self._flushes or not self.healthy:
+            self._settled()
 
     def _send_failed(self, failure: Failure, write: _Write) -> None:
-        del self._inflight[write.seq]
+        self._inflight -= 1
         if failure.check(*_BUGS):
             log.failure(
                 "state store refused {method} of task {task_id}",
@@ -491,9 +501,11 @@ class ResilientStateManager:
         self._failures = 0
         self._replayed = 0
         self._dropped_in_outage = 0
-        held = sorted((w for waiting in self._waiting.values() for w in waiting), key=_seq)
+        held = sorted((w for waiting in self._waiting.values() if waiting for w in waiting),
+                      key=_seq)
         for waiting in self._waiting.values():
-            waiting.clear()
+            if waiting:
+                waiting.clear()
         for write in held:
             self._insert(write)
             write.release()
