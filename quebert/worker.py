@@ -401,7 +401,8 @@ class WorkerService(MultiService):
         self.client, self.api_service = serve_api(
             self, config, reactor=self.reactor, state=self.state, redis=self._redis,
             registry=registry, queues=queues,
-            readiness=[lambda: consuming.current is not None and consuming.current.is_open])
+            readiness=[lambda: consuming.current is not None and consuming.current.is_open,
+                       lambda: not any(b.gave_up for b in self.broker.beacons)])
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:
