@@ -136,3 +136,37 @@ class TransientPublishFailureTests(SynchronousTestCase):
         self.successResultOf(d)
         published = [p for channel in protocol.channels for p in channel.published]
         self.assertEqual(published, [("quebert", "q", b"{}")])
+
+    def test_channel_that_never_opens_does_not_hold_publishes_forever(self):
+        """
+        pika never answers a channel opened on a connection that dies
+        meanwhile: the publisher gives that opening up after a while (it
+        is not cancelled) and opens another, so the publish goes through.
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.internet.task import Clock
+
+        from quebert.amqp.publisher import ANSWER_TIMEOUT, Publisher, properties
+        from quebert.amqp.topology import Topology
+
+        class HangingOnce(_FakeProtocol):
+            hung = 0
+
+            def channel(self):
+                if len(self.channels) == 2 and not self.hung:
+                    self.hung += 1
+                    return defer.Deferred()  # never answered
+                return super().channel()
+
+        clock = Clock()
+        protocol = HangingOnce([ConnectionLost("gone")])
+        connection = _FakeConnection(clock, protocol)
+        publisher = Publisher(connection, Topology(), clock=clock)
+        self.successResultOf(connection.preparer(protocol))
+        d = publisher.publish("quebert", "q", b"{}", properties("t1", {}))
+        clock.advance(1)
+        self.assertNoResult(d)  # waiting for the channel that never opens
+        for _ in range(int(ANSWER_TIMEOUT) + 5):
+            clock.advance(1)
+        self.successResultOf(d)
+        self.assertEqual(protocol.hung, 1)

@@ -24,7 +24,7 @@ from twisted.internet import error as twisted_error
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from quebert._defer import Shared, mirror
+from quebert._defer import Shared, bounded, mirror
 from quebert.amqp.connection import AMQPConnection, is_permanent
 from quebert.amqp.topology import Topology
 from quebert.errors import BrokerError, UnroutableError
@@ -42,6 +42,10 @@ _TRANSIENT = (
     twisted_error.ConnectionDone,
     twisted_error.ConnectionClosed,
 )
+
+
+#: Seconds a channel opening or a queue declaration may take.
+ANSWER_TIMEOUT = 10.0
 
 
 class Publisher:
@@ -109,7 +113,8 @@ class Publisher:
                 try:
                     # every publish waiting for the new channel shares one reopening
                     if self._reopening is None or self._reopening.done:
-                        self._reopening = Shared(self._lock.run(self._reopen, protocol))
+                        self._reopening = Shared(self._lock.run(self._bounded, self._reopen,
+                                                                protocol))
                     yield self._reopening.wait()
                 except Exception as e:
                     self.log.warn("could not open a publishing channel: {error}", error=e)
@@ -119,6 +124,17 @@ class Publisher:
                 yield self.connection.whenReady()
             except (defer.CancelledError, ConnectionError):
                 raise BrokerError("publisher is stopped")
+
+    def _bounded(self, operation, *args):
+        """
+        ``operation(*args)``, given up (not cancelled: it is pika's) after
+        ``ANSWER_TIMEOUT`` seconds with a transient error, so that a channel
+        opened on a connection that dies meanwhile (pika never answers it)
+        cannot hold the lock, and every publish waiting behind it, forever.
+        """
+        return bounded(defer.maybeDeferred(operation, *args), ANSWER_TIMEOUT, self.clock,
+                       lambda: ConnectionError(
+                           f"RabbitMQ did not answer within {ANSWER_TIMEOUT:g}s"))
 
     def _reopen(self, protocol):
         if self._usable_channel() is not None or protocol is not self._protocol:
@@ -133,7 +149,7 @@ class Publisher:
         shared = self._declaring.get(key)
         if shared is None or shared.done:
             shared = self._declaring[key] = Shared(
-                self._lock.run(self._declare_queue, protocol, queue))
+                self._lock.run(self._bounded, self._declare_queue, protocol, queue))
             shared.wait().addBoth(
                 lambda _, s=shared: self._declaring.pop(key) if self._declaring.get(key) is s
                 else None)
