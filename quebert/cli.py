@@ -190,6 +190,33 @@ def _add_connection_options(parser: argparse.ArgumentParser, suppress: bool) -> 
                        help="log connection events and show tracebacks on stderr")
 
 
+def _add_publish_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The options ``enqueue`` and ``enqueue-url`` share: when, where, retries, state."""
+    parser.add_argument("--queue", metavar="Q", help="work queue [default: default]")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--countdown", type=non_negative, metavar="S",
+                      help=f"{verb} no sooner than S seconds from now")
+    when.add_argument("--eta", type=eta, metavar="TIME",
+                      help=f"{verb} no sooner than TIME: epoch seconds or ISO 8601 with offset")
+    parser.add_argument("--name", metavar="UNIQUE", help="unique task name")
+    parser.add_argument("--task-id", metavar="ID", help="task id [default: random]")
+    parser.add_argument("--max-attempts", type=attempts, metavar="N",
+                        help="attempts allowed, first included (-1: unlimited)")
+    parser.add_argument("--min-backoff", type=non_negative, metavar="S",
+                        help="delay before the first retry")
+    parser.add_argument("--max-backoff", type=non_negative, metavar="S",
+                        help="longest delay between retries")
+    parser.add_argument("--no-state", action="store_true",
+                        help="do not record the task in Redis")
+
+
+def _retry_options(options: argparse.Namespace) -> dict:
+    """The retry overrides given on the command line."""
+    return {key: value for key, value in (
+        ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
+        ("max_backoff", options.max_backoff)) if value is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``quebert`` command line."""
     parser = argparse.ArgumentParser(
@@ -206,24 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="positional arguments, a JSON array")
     enqueue.add_argument("--kwargs", type=json_object, default={}, metavar="JSON",
                          help="keyword arguments, a JSON object")
-    enqueue.add_argument("--queue", metavar="Q", help="work queue [default: default]")
-    when = enqueue.add_mutually_exclusive_group()
-    when.add_argument("--countdown", type=non_negative, metavar="S",
-                      help="run no sooner than S seconds from now")
-    when.add_argument("--eta", type=eta, metavar="TIME",
-                      help="run no sooner than TIME: epoch seconds or ISO 8601 with offset")
-    enqueue.add_argument("--name", metavar="UNIQUE", help="unique task name")
-    enqueue.add_argument("--task-id", metavar="ID", help="task id [default: random]")
+    _add_publish_options(enqueue, "run")
     enqueue.add_argument("--timeout", type=positive, metavar="S",
                          help="seconds each attempt may run")
-    enqueue.add_argument("--max-attempts", type=attempts, metavar="N",
-                         help="attempts allowed, first included (-1: unlimited)")
-    enqueue.add_argument("--min-backoff", type=non_negative, metavar="S",
-                         help="delay before the first retry")
-    enqueue.add_argument("--max-backoff", type=non_negative, metavar="S",
-                         help="longest delay between retries")
-    enqueue.add_argument("--no-state", action="store_true",
-                         help="do not record the task in Redis")
     _add_connection_options(enqueue, suppress=True)
     enqueue.set_defaults(run=cmd_enqueue)
 
@@ -240,24 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--data", "-d", metavar="TEXT", help="request body (text)")
     body.add_argument("--data-file", metavar="FILE",
                       help="request body read from FILE (bytes; - for stdin)")
-    url.add_argument("--queue", metavar="Q", help="work queue [default: default]")
-    when = url.add_mutually_exclusive_group()
-    when.add_argument("--countdown", type=non_negative, metavar="S",
-                      help="send no sooner than S seconds from now")
-    when.add_argument("--eta", type=eta, metavar="TIME",
-                      help="send no sooner than TIME: epoch seconds or ISO 8601 with offset")
-    url.add_argument("--name", metavar="UNIQUE", help="unique task name")
-    url.add_argument("--task-id", metavar="ID", help="task id [default: random]")
+    _add_publish_options(url, "send")
     url.add_argument("--dispatch-deadline", type=positive, metavar="S",
                      help="seconds each request may take [default: the queue's, 600]")
-    url.add_argument("--max-attempts", type=attempts, metavar="N",
-                     help="attempts allowed, first included (-1: unlimited)")
-    url.add_argument("--min-backoff", type=non_negative, metavar="S",
-                     help="delay before the first retry")
-    url.add_argument("--max-backoff", type=non_negative, metavar="S",
-                     help="longest delay between retries")
-    url.add_argument("--no-state", action="store_true",
-                     help="do not record the task in Redis")
     _add_connection_options(url, suppress=True)
     url.set_defaults(run=cmd_enqueue_url)
 
@@ -500,9 +497,7 @@ async def _wait_connected(reactor: Any, client: Client, options: argparse.Namesp
 
 async def cmd_enqueue(reactor: Any, options: argparse.Namespace) -> int:
     """Publish one task; print its id."""
-    retry = {key: value for key, value in (
-        ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
-        ("max_backoff", options.max_backoff)) if value is not None}
+    retry = _retry_options(options)
 
     def add(client: Client) -> defer.Deferred:
         return client.add_task(
@@ -564,9 +559,7 @@ async def cmd_enqueue_url(reactor: Any, options: argparse.Namespace) -> int:
                 raise CommandError(f"cannot read --data-file: {e}")
     else:
         body = (options.data or "").encode("utf-8")
-    retry = {key: value for key, value in (
-        ("max_attempts", options.max_attempts), ("min_backoff", options.min_backoff),
-        ("max_backoff", options.max_backoff)) if value is not None}
+    retry = _retry_options(options)
 
     def add(client: Client) -> defer.Deferred:
         return client.add_url_task(
