@@ -124,6 +124,36 @@ class Tally:
         return sum(self.duplicates.values())
 
 
+class Supervisor:
+    """
+    The test as process supervisor: each call restarts the workers that
+    died, noting when and how (``deaths``: (time, exit status)) and the
+    restarted processes (``restarts``: (time, pid)).
+    """
+
+    def __init__(self, workers: Iterable[WorkerProcess]) -> None:
+        self.workers = list(workers)
+        self.deaths: List[tuple] = []
+        self.restarts: List[tuple] = []
+
+    async def __call__(self) -> None:
+        for worker in self.workers:
+            if not worker.alive:
+                self.deaths.append((time.time(), worker.process.returncode))
+                worker.start()
+                self.restarts.append((time.time(), worker.process.pid))
+                await worker.ready()
+
+    def slowest_recovery(self, runs: Runs) -> Optional[float]:
+        """Seconds from the slowest restart to that worker's first task run."""
+        recovery = []
+        for at, pid in self.restarts:
+            after = runs.first_after(at, pid=pid)
+            if after is not None:
+                recovery.append(after - at)
+        return max(recovery) if recovery else None
+
+
 class FaultCase(TestCase):
     """Base class of one fault scenario (see the module docstring)."""
 
@@ -195,6 +225,15 @@ class FaultCase(TestCase):
             [sem.run(self.client.add_task, task, self.runs.path, i, **options(i))
              for i in numbers], consumeErrors=True)
         return {i: info.id for i, info in zip(numbers, infos)}
+
+    async def until_failed(self, supervise: Supervisor, what: str,
+                           timeout: float = 60.0) -> None:
+        """Keep supervising until a task of this test is ``failed``."""
+        async def failed() -> bool:
+            await supervise()  # the failing task may still be killing workers
+            return bool(await self.count_in("failed"))
+
+        await until(failed, timeout, what)
 
     async def count_in(self, state: str) -> int:
         """How many of this test's tasks the state store lists as ``state``."""

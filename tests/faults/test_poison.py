@@ -11,11 +11,9 @@ duplicates are bounded by deaths * prefetch.
 
 from __future__ import annotations
 
-import time
-
 from twisted.internet import defer
 
-from tests.faults._harness import FaultCase, until
+from tests.faults._harness import FaultCase, Supervisor
 
 GOOD = 1000
 PREFETCH = 10
@@ -39,41 +37,23 @@ class PoisonTests(FaultCase):
         ids = {**first, **rest}
         worker = self.worker(queues=(f"default:{PREFETCH}",)).start()
         await worker.ready()
-        deaths: list = []
-        restarts: list = []  # (restarted at, pid)
-
-        async def supervise():
-            if not worker.alive:
-                deaths.append((time.time(), worker.process.returncode))
-                worker.start()
-                restarts.append((time.time(), worker.process.pid))
-                await worker.ready()
-
+        supervise = Supervisor([worker])
         records = await self.wait_done(ids, supervise=supervise, timeout=180)
-        async def poison_failed() -> bool:
-            await supervise()  # the poison may still be killing workers
-            return bool(await self.count_in("failed"))
-
-        await until(poison_failed, 60, "the poison task to fail")
+        await self.until_failed(supervise, "the poison task to fail")
         poisoned = await self.state.get(poison.id)
         self.assertEqual(poisoned["state"], "failed")
         self.assertEqual(poisoned["attempts"], MAX_ATTEMPTS)
         self.assertEqual(poisoned["error"]["type"], "quebert.errors.WorkerLost")
         self.assertEqual(self.runs.counts()[-1], MAX_ATTEMPTS, "the poison ran once per attempt")
-        self.assertEqual(len(deaths), MAX_ATTEMPTS, f"deaths: {deaths}")
-        self.assertEqual({code for _, code in deaths}, {-9})
+        self.assertEqual(len(supervise.deaths), MAX_ATTEMPTS, f"deaths: {supervise.deaths}")
+        self.assertEqual({code for _, code in supervise.deaths}, {-9})
 
         tally = self.tally(records, {i: 1 for i in ids})
-        self.check(tally, duplicate_bound=len(deaths) * PREFETCH, records=records)
-        recovery = []
-        for at, pid in restarts:
-            after = self.runs.first_after(at, pid=pid)
-            if after is not None:
-                recovery.append(after - at)
+        self.check(tally, duplicate_bound=len(supervise.deaths) * PREFETCH, records=records)
         await self.assert_queues({"default.errored": (1, 0)})
-        self.recovered(max(recovery) if recovery else None, RESTART_BOUND,
+        self.recovered(supervise.slowest_recovery(self.runs), RESTART_BOUND,
                        "slowest restart to the restarted worker's first task")
         await self.stop_workers(worker)
-        self.passed(f"{len(deaths)} deaths, {worker.starts} starts; poison failed with "
+        self.passed(f"{len(supervise.deaths)} deaths, {worker.starts} starts; poison failed with "
                     f"{poisoned['attempts']} attempts; {tally.extra_attempts} lost attempt(s) "
                     "of good tasks recorded")

@@ -12,12 +12,10 @@ Tasks in flight on a killed worker may run twice (at-least-once).
 
 from __future__ import annotations
 
-import time
-
 from twisted.internet import defer
 
 from quebert.worker import EXIT_REACTOR_STALLED
-from tests.faults._harness import FaultCase, until
+from tests.faults._harness import FaultCase, Supervisor
 
 GOOD = 1000
 PREFETCH = 10
@@ -45,40 +43,21 @@ class StallTests(FaultCase):
                    for n in range(2)]
         for worker in workers:
             await worker.ready()
-        deaths: list = []
-        restarts: list = []
-
-        async def supervise():
-            for worker in workers:
-                if not worker.alive:
-                    deaths.append((time.time(), worker.process.returncode))
-                    worker.start()
-                    restarts.append((time.time(), worker.process.pid))
-                    await worker.ready()
-
+        supervise = Supervisor(workers)
         records = await self.wait_done(ids, supervise=supervise, timeout=180)
-        async def blocker_failed() -> bool:
-            await supervise()  # the blocking task may still be stalling workers
-            return bool(await self.count_in("failed"))
-
-        await until(blocker_failed, 60, "the blocking task to fail")
+        await self.until_failed(supervise, "the blocking task to fail")
         blocked = await self.state.get(blocker.id)
         self.assertEqual(blocked["state"], "failed")
         self.assertEqual(blocked["attempts"], MAX_ATTEMPTS)
         self.assertEqual(blocked["error"]["type"], "quebert.errors.ReactorStalled")
         self.assertIn("stalled the reactor", blocked["reason"])
-        self.assertEqual(len(deaths), MAX_ATTEMPTS, f"deaths: {deaths}")
-        self.assertEqual({code for _, code in deaths}, {EXIT_REACTOR_STALLED})
+        self.assertEqual(len(supervise.deaths), MAX_ATTEMPTS, f"deaths: {supervise.deaths}")
+        self.assertEqual({code for _, code in supervise.deaths}, {EXIT_REACTOR_STALLED})
         tally = self.tally(records, {i: 1 for i in ids})
-        self.check(tally, duplicate_bound=len(deaths) * PREFETCH, records=records)
-        recovery = []
-        for at, pid in restarts:
-            after = self.runs.first_after(at, pid=pid)
-            if after is not None:
-                recovery.append(after - at)
+        self.check(tally, duplicate_bound=len(supervise.deaths) * PREFETCH, records=records)
         await self.assert_queues({"default.errored": (1, 0)})
-        self.recovered(max(recovery) if recovery else None, RESTART_BOUND,
+        self.recovered(supervise.slowest_recovery(self.runs), RESTART_BOUND,
                        "slowest restart to the restarted worker's first task")
         await self.stop_workers(*workers)
-        self.passed(f"{len(deaths)} watchdog kills (exit {EXIT_REACTOR_STALLED}); the "
+        self.passed(f"{len(supervise.deaths)} watchdog kills (exit {EXIT_REACTOR_STALLED}); the "
                     f"blocking task failed after {blocked['attempts']} attempts")
