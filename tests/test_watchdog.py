@@ -6,7 +6,6 @@ second-signal stop: fast ones on a fake clock, then real worker processes.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -40,7 +39,8 @@ from quebert.worker import (
     EXIT_STUCK_CONNECTION,
     EXIT_USAGE,
 )
-from tests._rabbit import make_vhost, queue_counts
+from tests import test_integration as integration
+from tests._rabbit import queue_counts
 from tests._worker import WorkerProcess, sleep, wait_for
 
 T0 = 1_700_000_000.0
@@ -490,42 +490,10 @@ class RedisMarkerTests(TestCase):
         return self.assertFailure(d, OSError)
 
 
-def _read_lines(path: str) -> list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
-class WorkerProcessTests(TestCase):
+class WorkerProcessTests(integration.IntegrationTestCase):
     """Real ``twistd amqp-worker`` processes, RabbitMQ and Redis."""
 
     timeout = 180
-
-    def setUp(self):
-        from quebert import Client
-
-        self.url = make_vhost(self)
-        self.prefix = f"quebert-test-{uuid.uuid4().hex[:12]}:"
-        self.redis = connect_redis(REDIS_URL)
-        self.state = RedisStateManager(self.redis, prefix=self.prefix)
-        self.client = Client(self.url, state=self.state)
-        self.addCleanup(self._cleanup)
-
-    async def _cleanup_async(self):
-        await self.client.close()
-        cursor = 0
-        while True:
-            cursor, keys = await self.redis.scan(cursor, self.prefix + "*", 500)
-            if keys:
-                await self.redis.delete(*keys)
-            if int(cursor) == 0:
-                break
-        await self.redis.disconnect()
-
-    def _cleanup(self):
-        return defer.ensureDeferred(self._cleanup_async())
 
     def worker(self, *extra, queues=("default:10",)) -> WorkerProcess:
         return WorkerProcess(self, self.url, REDIS_URL, self.prefix, queues=queues,
@@ -537,7 +505,7 @@ class WorkerProcessTests(TestCase):
             worker = self.worker("--auto-kill-timeout", "2").start()
             await worker.ready()
             poison = await self.client.add_task("it.block_reactor", path, 10.0)
-            await wait_for(lambda: _read_lines(path), 30, what="the task to start")
+            await wait_for(lambda: integration._read_lines(path), 30, what="the task to start")
             started = time.monotonic()
             await wait_for(lambda: not worker.alive, 15, what="the watchdog to kill")
             self.assertLess(time.monotonic() - started, 2 + 4, "timeout + margin")
@@ -565,7 +533,8 @@ class WorkerProcessTests(TestCase):
                                     what="the poison task to fail")
             self.assertEqual(worker.starts, 3, "killed twice, restarted twice")
             self.assertEqual(record["attempts"], 2)
-            self.assertEqual(len(_read_lines(path)), 2, "ran exactly max_attempts times")
+            self.assertEqual(len(integration._read_lines(path)), 2,
+                             "ran exactly max_attempts times")
             self.assertEqual(record["error"]["type"], "quebert.errors.ReactorStalled")
             self.assertIn("attempt 2 stalled the reactor for", record["reason"])
             self.assertIn("(watchdog)", record["reason"])
@@ -641,7 +610,7 @@ class WorkerProcessTests(TestCase):
             self.assertIn("stopping now", worker.log())
             self.assertEqual(await queue_counts(self.url, "default"), (2, 0),
                              "both slow tasks are back in the queue, ready")
-            lines = _read_lines(path)
+            lines = integration._read_lines(path)
             self.assertEqual(sorted(line["i"] for line in lines if "event" not in line),
                              list(range(5)), "each finished task ran once")
             self.assertEqual([line["event"] for line in lines if "event" in line], ["start"])
