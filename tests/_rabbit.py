@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from typing import Optional
 
+import pika
 from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 
@@ -67,3 +68,30 @@ def queue_counts(url: str, queue: Optional[str] = None):
         if len(parts) == 3 and parts[1].isdigit():
             counts[parts[0]] = (int(parts[1]), int(parts[2]))
     return counts if queue is None else counts.get(queue, (0, 0))
+
+
+def read_all(url: str, queue: str) -> list:
+    """Read (and ack) every message of ``queue``, blocking: ``[(properties, body)]``."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        messages = []
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return messages
+            messages.append((properties, body))
+    finally:
+        connection.close()
+
+
+def publish_raw(url: str, queue: str, items: list) -> None:
+    """Publish ``(body, properties)`` pairs to ``queue`` with confirms, blocking."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body, properties in items:
+            channel.basic_publish("", queue, body, properties, mandatory=True)
+    finally:
+        connection.close()

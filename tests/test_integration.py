@@ -21,38 +21,18 @@ from twisted.trial.unittest import TestCase
 from quebert import Client
 from quebert.errors import BrokerError
 from quebert.state import RedisStateManager, connect_redis
-from tests._rabbit import make_vhost, queue_counts, rabbitmqctl, vhost_of
+from tests._rabbit import (
+    make_vhost,
+    publish_raw,
+    queue_counts,
+    rabbitmqctl,
+    read_all,
+    vhost_of,
+)
 from tests._worker import ROOT, TWISTD, WorkerProcess, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-def _basic_get_all(url: str, queue: str) -> list:
-    """Read (and ack) every message of ``queue`` with a blocking client."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        messages = []
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return messages
-            messages.append((properties, body))
-    finally:
-        connection.close()
-
-
-def _publish_raw(url: str, queue: str, items: list) -> None:
-    """Publish raw bodies the way a foreign producer might."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for body, properties in items:
-            channel.basic_publish("", queue, body, properties, mandatory=True)
-    finally:
-        connection.close()
 
 
 def _read_lines(path: str) -> list:
@@ -157,7 +137,7 @@ class TaskLifecycleTests(IntegrationTestCase):
         self.assertEqual(doomed_record["attempts"], 3)
         self.assertEqual(doomed_record["error"]["type"], "builtins.ValueError")
         self.assertIn("this task always fails", doomed_record["error"]["traceback"])
-        errored = await deferToThread(_basic_get_all, self.url, "default.errored")
+        errored = await deferToThread(read_all, self.url, "default.errored")
         self.assertEqual([p.message_id for p, _ in errored], [doomed.id])
         headers = errored[0][0].headers
         self.assertEqual(headers["x-quebert-attempts"], 3)
@@ -214,7 +194,7 @@ class TaskLifecycleTests(IntegrationTestCase):
             (json.dumps(oversized).encode(), json_props),
             (b"<xml/>", pika.BasicProperties(content_type="text/xml", delivery_mode=2)),
         ]
-        await deferToThread(_publish_raw, self.url, "default", bad)
+        await deferToThread(publish_raw, self.url, "default", bad)
         good = await self.client.add_task("it.add", 20, 22)
         [record] = await self.wait_states([good.id], worker=worker)
         self.assertEqual(record["result"], 42)
@@ -224,7 +204,7 @@ class TaskLifecycleTests(IntegrationTestCase):
             return ready == len(bad)
 
         await wait_for(all_errored, 30, what="bad messages in the errored queue")
-        errored = await deferToThread(_basic_get_all, self.url, "default.errored")
+        errored = await deferToThread(read_all, self.url, "default.errored")
         reasons = [p.headers["x-quebert-reason"] for p, _ in errored]
         self.assertEqual(len(reasons), len(bad))
         for reason in reasons:
@@ -311,7 +291,7 @@ class FaultTests(IntegrationTestCase):
         self.assertEqual(len(_read_lines(path)), 3, "ran exactly max_attempts times")
         records = await self.wait_states([o.id for o in others], worker=worker)
         self.assertEqual({r["state"] for r in records}, {"succeeded"})
-        errored = await deferToThread(_basic_get_all, self.url, "default.errored")
+        errored = await deferToThread(read_all, self.url, "default.errored")
         self.assertEqual([p.message_id for p, _ in errored], [poison.id])
         self.assertEqual(await worker.stop(), 0)
 

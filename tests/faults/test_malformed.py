@@ -37,6 +37,7 @@ from quebert import protocol
 from quebert.errors import InvalidMessage
 from quebert.protocol import QUEUE_RE
 from quebert.registry import default_registry
+from tests._rabbit import publish_raw, read_all
 from tests.faults import tasks as _tasks  # noqa: F401  (registers the tasks here too)
 from tests.faults._harness import FaultCase
 
@@ -198,32 +199,6 @@ def accepted(body: bytes, content_type) -> bool:
     return True
 
 
-def publish_raw(url: str, items: list) -> None:
-    """Publish ``(body, properties)`` pairs to ``default`` with confirms."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for body, properties in items:
-            channel.basic_publish("", "default", body, properties, mandatory=True)
-    finally:
-        connection.close()
-
-
-def read_all(url: str, queue: str) -> list:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        messages = []
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return messages
-            messages.append((properties, body))
-    finally:
-        connection.close()
-
-
 class MalformedTests(FaultCase):
     scenario = "malformed"
     fault = f"hypothesis burst of malformed messages shuffled among {GOOD} good ones"
@@ -261,7 +236,7 @@ class MalformedTests(FaultCase):
                              extra=("--max-message-size", str(MAX_SIZE))).start()
         await worker.ready()
         pid = worker.process.pid
-        await deferToThread(publish_raw, self.url, items)
+        await deferToThread(publish_raw, self.url, "default", items)
 
         records = await self.wait_done(good_ids, workers=(worker,))
         tally = self.tally(records, {i: 1 for i in good_ids})
