@@ -197,6 +197,17 @@ class Task:
     attempt_base: int = 0
     #: The running attempt's Deferred (cancelled to cancel the task).
     running: Optional[defer.Deferred] = attrs.field(default=None, repr=False)
+    #: Other deliveries of this task met while the attempt ran (a
+    #: redelivery after a reconnect, a copy parked by another worker): the
+    #: attempt's outcome settles them too.
+    copies: Optional[list] = attrs.field(default=None, repr=False)
+
+    def ack(self) -> None:
+        """Ack the delivery this attempt started from and every copy met meanwhile."""
+        self.delivery.ack()
+        if self.copies:
+            for copy in self.copies:
+                copy.ack()
 
 
 class Hook:
@@ -452,13 +463,17 @@ class Mediator:
 
         running = self.running.get(message.id)
         if running is not None and running.delivery is not delivery:
-            # The connection dropped while this attempt runs here, and the
-            # broker gave the message back to us: the running attempt will
-            # settle the new copy (the old delivery tag died with its channel).
-            log.info("task {task_id} redelivered while its attempt {attempt} still runs "
-                     "here; that attempt will settle the new copy", task_id=message.id,
+            # Another copy while the attempt runs here: a redelivery after the
+            # connection dropped (the first delivery died with its channel)
+            # or a copy another worker parked meanwhile (both are live).  The
+            # running attempt's outcome settles every copy.
+            log.info("task {task_id}: another copy arrived while its attempt {attempt} "
+                     "runs here; that attempt will settle it", task_id=message.id,
                      attempt=running.attempt)
-            running.delivery = delivery
+            if running.copies is None:
+                running.copies = [delivery]
+            else:
+                running.copies.append(delivery)
             return
 
         parks = protocol.int_header(headers, H_PARKED)
@@ -520,11 +535,18 @@ class Mediator:
         self.running[task.id] = task
         try:
             await self._run(task)
+        except BaseException:
+            if task.copies:
+                # Its outcome could not be settled: the copies go back too
+                # (the delivery it started from is returned by _unexpected).
+                for copy in task.copies:
+                    self.clock.callLater(self.unexpected_error_delay, copy.nack, True)
+            raise
         finally:
             self.running.pop(task.id, None)
 
     async def _run(self, task: Task) -> None:
-        """Run one attempt and settle it (``task.delivery`` may be swapped meanwhile)."""
+        """Run one attempt and settle it (with every copy met meanwhile)."""
         try:
             if task.message.kind == URL:
                 task.running = self._dispatch(task)
@@ -550,7 +572,7 @@ class Mediator:
                 await self._run_after_hooks(task, result)
             await self.state.finished(task.id, SUCCEEDED, task.attempt, task.info,
                                       self.clock.seconds(), result=result)
-            task.delivery.ack()
+            task.ack()
             self.counts["succeeded"] += 1
             if self._info_logged:
                 self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
@@ -593,7 +615,7 @@ class Mediator:
         await self.state.finished(task.id, CANCELED, task.attempt, task.info,
                                   self.clock.seconds(),
                                   reason=f"canceled while attempt {task.attempt} ran")
-        task.delivery.ack()
+        task.ack()
         self.counts["canceled"] += 1
         self._log(task, "task {task_id} ({task}) canceled during attempt {attempt}",
                   level=LogLevel.warn)
@@ -674,7 +696,7 @@ class Mediator:
         now = self.clock.seconds()
         await self.state.finished(task.id, SCHEDULED, task.attempt, task.info, now,
                                   error=error, retry_at=now + delay)
-        task.delivery.ack()
+        task.ack()
         self.counts["retried"] += 1
         self._log(task, "task {task_id} ({task}) attempt {attempt} failed: {error}; "
                   "retry in {delay:.3f}s", error=error["message"] or error["type"],
@@ -705,7 +727,7 @@ class Mediator:
                                           content_type=task.delivery.content_type)
         await self.state.finished(task.id, FAILED, task.attempt, task.info,
                                   self.clock.seconds(), error=error, reason=reason)
-        task.delivery.ack()
+        task.ack()
         self.counts["failed"] += 1
         self._log(task, "task {task_id} ({task}) failed for good after attempt {attempt}: "
                   "{reason}", reason=reason, level=LogLevel.error)

@@ -10,6 +10,7 @@ import json
 
 from twisted.internet import defer, task
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from quebert import protocol
@@ -20,6 +21,7 @@ from quebert.protocol import (
     H_ERROR_MESSAGE,
     H_ERROR_TYPE,
     H_NOT_BEFORE,
+    H_PARKED,
     H_QUEUE,
     H_REASON,
 )
@@ -798,6 +800,43 @@ class CrashTests(MediatorTestCase):
         record = worker.state_of(task_id)
         self.assertEqual((record["state"], record["attempts"]), ("succeeded", 1))
         self.assertTrue(worker.broker.idle())
+
+    def test_second_live_copy_of_running_task_is_settled_with_it(self):
+        """
+        A second copy arrives on a live channel while the attempt runs here
+        (a copy another worker parked while this one ran the attempt): when
+        the attempt ends, both the delivery it started from and the copy
+        are acked.  Regression: the copy replaced the original delivery,
+        which then stayed unacked on its live channel for ever.
+        """
+        for outcome in ("ok", "fail"):
+            pending = []
+
+            def controlled(pending=pending):
+                d = defer.Deferred()
+                pending.append(d)
+                return d
+
+            name = self.register(controlled, f"app.copy_{outcome}", executor=REACTOR,
+                                 max_attempts=5, min_backoff=1)
+            worker = self.worker()
+            task_id = worker.enqueue(name)
+            self.assertEqual(len(pending), 1)
+            original = worker.broker.unacked["default"][0]
+            worker.broker.queues["default"].append(StubMessage(
+                body=original.message.body, headers={H_ATTEMPTS: 0, H_PARKED: 1},
+                message_id=task_id))
+            worker.broker.resume_consuming()
+            self.assertEqual(len(pending), 1, "the copy must not run the task again")
+            self.assertEqual(len(worker.broker.unacked["default"]), 2)
+            if outcome == "ok":
+                pending[0].callback("done")
+                expected = "succeeded"
+            else:
+                pending[0].errback(Failure(Boom()))
+                expected = "scheduled"
+            self.assertEqual(worker.state_of(task_id)["state"], expected, outcome)
+            self.assertEqual(worker.broker.unacked["default"], [], outcome)
 
     def test_redelivery_after_settled_outcome_is_acked(self):
         """The retry copy was published and recorded, only the ack was lost."""
