@@ -484,13 +484,25 @@ class CredentialsConfigTests(SynchronousTestCase):
         self.assertIn("dispatch.credentials[0].token", str(e))
         self.assertNotIn("literal-secret-123", str(e))
 
-    def test_missing_token_stops_the_worker_before_it_connects(self):
-        from quebert.tap import makeService
+    def test_missing_token_is_a_usage_error_of_the_worker_only(self):
+        from quebert import api_tap
 
         self.patch(os, "environ", {})
+        path = self.write_config({"dispatch": {"credentials": [self.RULE]}})
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
+        self.assertIn("the environment variable QUEBERT_CONFIG_TEST_TOKEN, which is not set "
+                      "or empty", str(e))
+        api = api_tap.Options()
+        api.parseOptions(["-c", path, "--http-port", "0", "--api-token", "t" * 20])
+        self.assertEqual(len(api["worker_config"].dispatch_settings().credentials), 1)
+
+    def test_worker_service_checks_the_token_before_it_connects(self):
+        from quebert.tap import makeService
+
+        self.patch(os, "environ", {"QUEBERT_CONFIG_TEST_TOKEN": "x" * 20})
         options = Options()
         options.parseOptions(["-c", self.write_config({"dispatch": {"credentials": [
             self.RULE]}}), "--state", "memory"])
+        self.patch(os, "environ", {})
         e = self.assertRaises(usage.UsageError, makeService, options)
-        self.assertIn("the environment variable QUEBERT_CONFIG_TEST_TOKEN, which is not set "
-                      "or empty", str(e))
+        self.assertIn("QUEBERT_CONFIG_TEST_TOKEN, which is not set or empty", str(e))
