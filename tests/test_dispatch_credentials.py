@@ -377,3 +377,38 @@ class DispatcherTests(SynchronousTestCase):
             self.dispatcher(body_prefix_limit=1020), "https://app.test/db/long"))
         # 1000 bytes of x, "Bearer ", then the token's first 13 characters
         self.assertEqual(result.body_prefix, "x" * 1000 + "Bearer " + REDACTED)
+
+
+class DocsTests(SynchronousTestCase):
+    """The examples of the docs are valid configurations."""
+
+    def read(self, name):
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", name)
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def test_url_tasks_example(self):
+        import re
+
+        blocks = re.findall(r"code-block:: json\n\n((?:    .*\n|\n)+)", self.read("url-tasks.rst"))
+        [block] = [b for b in blocks if '"credentials"' in b]
+        s = DispatchSettings.from_config(json.loads(block)["dispatch"])
+        guillotina, api = s.credentials
+        self.assertEqual((guillotina.url_prefix, guillotina.header, guillotina.auth_scheme,
+                          guillotina.token_env),
+                         ("http://127.0.0.1:8080/db/", "Authorization", "Bearer",
+                          "GUILLOTINA_SERVICE_TOKEN"))
+        self.assertEqual((api.url_prefix, api.header, api.auth_scheme, api.token_file),
+                         ("https://api.example.com/v2", "X-Api-Key", "",
+                          "/run/secrets/example-api-key"))
+        credential = guillotina.load({"GUILLOTINA_SERVICE_TOKEN": TOKEN})
+        self.assertEqual(credential.value, f"Bearer {TOKEN}")
+
+    def test_configuration_example(self):
+        import re
+
+        text = self.read("configuration.rst")
+        block = re.search(r'missing the worker stops .*?::\n\n((?:    [^\n]*\n)+)', text,
+                          re.S).group(1)
+        s = DispatchSettings.from_config(json.loads("{" + block + "}")["dispatch"])
+        self.assertEqual([r.token_env for r in s.credentials], ["GUILLOTINA_SERVICE_TOKEN"])
