@@ -245,9 +245,10 @@ class MatchTests(SynchronousTestCase):
     def test_dot_segments_never_match(self):
         credentials = loaded(rule("http://h/db/"))
         for url in ("http://h/db/../admin", "http://h/db/./x", "http://h/db/%2e%2E/admin",
-                    "http://h/db/x%2F..%2F..%2Fadmin", "http://h/db/x\\..\\admin"):
+                    "http://h/db/x%2F..%2F..%2Fadmin", "http://h/db/x\\..\\admin",
+                    "http://h/db/..;/admin", "http://h/db/.;x/y"):
             self.assertIsNone(credentials.for_url(url), url)
-        self.assertIsNotNone(credentials.for_url("http://h/db/..x/.y"))
+        self.assertIsNotNone(credentials.for_url("http://h/db/..x/.y/;../a"))
 
 
 class RedactTests(SynchronousTestCase):

@@ -28,9 +28,10 @@ Rules, and why:
   IDNA), same port (default ports filled in), and a path under the
   prefix's path *on a segment boundary* (``/db/`` matches ``/db/x`` but
   ``/db`` never matches ``/dbx``).  A path with a dot segment (``/db/../x``,
-  also percent-encoded) never matches: the server would resolve it outside
-  the prefix.  A URL with ``user:password@`` never matches (the dispatcher
-  refuses it anyway).  The longest matching prefix wins.
+  also percent-encoded, after a backslash or before ``;``) never matches:
+  the server would resolve it outside the prefix.  A URL with
+  ``user:password@`` never matches (the dispatcher refuses it anyway).
+  The longest matching prefix wins.
 - **The worker's header wins**: a matching rule replaces any header of the
   same name the task set, and the task's own ``Authorization`` is dropped
   too, so a task can neither choose nor see the credential.
@@ -76,9 +77,14 @@ _SEPARATORS = re.compile(r"[/\\]")
 
 
 def _has_dot_segment(path: str) -> bool:
-    """``.`` or ``..`` among the path's segments, percent-encoded or not."""
+    """
+    ``.`` or ``..`` among the path's segments, percent-encoded or not, with
+    ``\\`` as a separator too and ``;parameters`` ignored (``..;/`` is
+    ``../`` to some servers).
+    """
     decoded = urllib.parse.unquote(path)
-    return any(segment in (".", "..") for segment in _SEPARATORS.split(decoded))
+    return any(segment.split(";", 1)[0] in (".", "..")
+               for segment in _SEPARATORS.split(decoded))
 
 
 def _under(path: str, prefix: str) -> bool:
