@@ -20,6 +20,7 @@ from quebert.errors import ConfigurationError
 class Options(tap.Options):
     longdesc = ("Serve the quebert HTTP task API (push, inspect, cancel, requeue tasks; "
                 "pause and resume queues) without running tasks.")
+    sends_url_tasks = False  # it never needs the workers' service tokens
 
     def postOptions(self) -> None:
         super().postOptions()

@@ -78,9 +78,16 @@ class Options(usage.Options):
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
 
+    #: Whether the process sends URL tasks, so needs the service tokens of
+    #: ``dispatch.credentials`` (``quebert-api`` only checks URLs: it does not).
+    sends_url_tasks = True
+
     def postOptions(self) -> None:
         try:
             self["worker_config"] = build_config(self)
+            if self.sends_url_tasks:
+                # A missing token is a usage error now, not a traceback later.
+                self["worker_config"].dispatch_settings().load_credentials()
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
 

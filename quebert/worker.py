@@ -311,6 +311,9 @@ class WorkerService(MultiService):
             reactor = global_reactor
         self.config = config
         self.reactor = reactor
+        dispatch = config.dispatch_settings()
+        # Service tokens first: a missing one stops the worker before it connects.
+        credentials = dispatch.load_credentials()
         import_tasks(config.tasks)
         mediator_class = load_mediator_class(config.mediator)
         registry = registry if registry is not None else default_registry
@@ -350,8 +353,7 @@ class WorkerService(MultiService):
             level = LogLevel.levelWithName(config.log_level)
         except Exception:
             raise ConfigurationError(f"unknown log level {config.log_level!r}")
-        dispatch = config.dispatch_settings()
-        self.dispatcher = dispatch.dispatcher(reactor)
+        self.dispatcher = dispatch.dispatcher(reactor, credentials=credentials)
         queues = [q if q.dispatch_deadline else attrs.evolve(
             q, dispatch_deadline=dispatch.dispatch_deadline) for q in config.queue_settings()]
         self.mediator = mediator_class(

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -46,7 +46,7 @@ class WorkerProcess:
     def __init__(self, testcase, amqp_url: str, redis_url: str, prefix: str, *,
                  tasks: Iterable[str] = ("tests.tasks_integration",),
                  queues: Iterable[str] = ("default:50",), extra: Iterable[str] = (),
-                 name: str = "worker") -> None:
+                 name: str = "worker", env: Optional[Mapping[str, str]] = None) -> None:
         self.testcase = testcase
         self.log_path = os.path.abspath(testcase.mktemp() + f"-{name}.log")
         self.args = [TWISTD, "--pidfile=", "-n", f"--logfile={self.log_path}", "amqp-worker",
@@ -57,12 +57,14 @@ class WorkerProcess:
         for queue in queues:
             self.args += ["--queue", queue]
         self.args += list(extra)
+        #: Variables added to the worker's environment (service tokens, say).
+        self.env = dict(env or {})
         self.process: Optional[subprocess.Popen] = None
         self.starts = 0
         testcase.addCleanup(self._cleanup)
 
     def start(self) -> WorkerProcess:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

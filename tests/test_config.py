@@ -455,3 +455,54 @@ class TapOptionsTests(SynchronousTestCase):
 
     def test_unknown_option(self):
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--no-such-option"])
+
+
+class CredentialsConfigTests(SynchronousTestCase):
+    """``dispatch.credentials``: checked with the file, tokens read by the worker only."""
+
+    RULE = {"url_prefix": "http://127.0.0.1:8080/db/", "token_env": "QUEBERT_CONFIG_TEST_TOKEN"}
+
+    def write_config(self, data) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        return path
+
+    def test_rules_parsed_without_reading_the_token(self):
+        self.patch(os, "environ", {})
+        config = from_mapping({"dispatch": {"credentials": [self.RULE]}})
+        [rule] = config.dispatch_settings().credentials
+        self.assertEqual((rule.url_prefix, rule.token_env),
+                         ("http://127.0.0.1:8080/db/", "QUEBERT_CONFIG_TEST_TOKEN"))
+        # what quebert-api and Client use needs no token
+        config.dispatch_settings().policy.check_url("http://127.0.0.1:8080/db/x")
+
+    def test_bad_rule_is_a_usage_error(self):
+        path = self.write_config({"dispatch": {"credentials": [
+            {"url_prefix": "http://h/", "token": "literal-secret-123"}]}})
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
+        self.assertIn("dispatch.credentials[0].token", str(e))
+        self.assertNotIn("literal-secret-123", str(e))
+
+    def test_missing_token_is_a_usage_error_of_the_worker_only(self):
+        from quebert import api_tap
+
+        self.patch(os, "environ", {})
+        path = self.write_config({"dispatch": {"credentials": [self.RULE]}})
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
+        self.assertIn("the environment variable QUEBERT_CONFIG_TEST_TOKEN, which is not set "
+                      "or empty", str(e))
+        api = api_tap.Options()
+        api.parseOptions(["-c", path, "--http-port", "0", "--api-token", "t" * 20])
+        self.assertEqual(len(api["worker_config"].dispatch_settings().credentials), 1)
+
+    def test_worker_service_checks_the_token_before_it_connects(self):
+        from quebert.tap import makeService
+
+        self.patch(os, "environ", {"QUEBERT_CONFIG_TEST_TOKEN": "x" * 20})
+        options = Options()
+        options.parseOptions(["-c", self.write_config({"dispatch": {"credentials": [
+            self.RULE]}}), "--state", "memory"])
+        self.patch(os, "environ", {})
+        e = self.assertRaises(usage.UsageError, makeService, options)
+        self.assertIn("QUEBERT_CONFIG_TEST_TOKEN, which is not set or empty", str(e))

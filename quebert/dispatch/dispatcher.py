@@ -17,6 +17,11 @@ The rules (App Engine push queues / Cloud Tasks HTTP targets):
 - A URL, method, header or body the policy refuses raises
   :class:`~quebert.errors.URLRefused` (a ``Reject``: never retried) and is
   never requested.
+- A URL under a service credential's prefix
+  (:mod:`quebert.dispatch.credentials`) gets the worker's token in the
+  rule's header, added last so the task can neither set nor replace it;
+  the task's own ``Authorization`` is dropped then.  The token is scrubbed
+  from everything recorded or logged about the answer.
 
 The ``deadline`` covers one attempt on the wire (connecting, sending,
 waiting, reading the answer); waiting for the queue's limits or for a free
@@ -50,20 +55,14 @@ from zope.interface import implementer
 
 from quebert._version import __version__
 from quebert.dispatch.connect import BoundedPool, GuardedEndpointFactory
+from quebert.dispatch.credentials import NO_CREDENTIALS, ServiceCredential, ServiceCredentials
 from quebert.dispatch.limits import Gate, QueueLimits
-from quebert.dispatch.policy import URLPolicy
+from quebert.dispatch.policy import DROPPED_HEADERS, RESERVED_PREFIX, URLPolicy
 from quebert.dispatch.retry_after import parse_retry_after
 from quebert.errors import DispatchError, URLRefused
 
 log = Logger(namespace="quebert.dispatch")
 
-#: Header prefix reserved for quebert: a task's own ``X-Quebert-*`` headers are dropped.
-RESERVED_PREFIX = "x-quebert-"
-#: Request headers a task may not set: computed by the HTTP client, or hop-by-hop.
-DROPPED_HEADERS = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
-    "trailer", "upgrade", "proxy-connection", "proxy-authorization",
-})
 #: Answer headers kept in a :class:`DispatchResult`.
 KEPT_HEADERS = ("content-type", "content-length", "location", "etag", "retry-after")
 _LOCATION_LIMIT = 300
@@ -273,7 +272,9 @@ class URLDispatcher:
     of :meth:`URLPolicy.check_request` apply, not the address checks.
     ``resolver`` (an ``IHostnameResolver``, default the reactor's) and
     ``tls_policy`` (an ``IPolicyForHTTPS``, default browser-like
-    verification) configure the guarded agent.
+    verification) configure the guarded agent.  ``credentials`` (loaded
+    :class:`~quebert.dispatch.credentials.ServiceCredentials`) are the
+    service tokens added to requests under their prefixes.
     """
 
     def __init__(self, reactor: Any, *, policy: URLPolicy = DEFAULT_POLICY,
@@ -283,7 +284,8 @@ class URLDispatcher:
                  connect_timeout: float = 10.0, idle_timeout: float = 60.0,
                  body_prefix_limit: int = 1024, agent: Any = None,
                  user_agent: str = f"quebert/{__version__}",
-                 resolver: Any = None, tls_policy: Any = None) -> None:
+                 resolver: Any = None, tls_policy: Any = None,
+                 credentials: ServiceCredentials = NO_CREDENTIALS) -> None:
         if max_connections < 1 or max_connections_per_host < 1:
             raise ValueError("max_connections and max_connections_per_host must be >= 1")
         self.reactor = reactor
@@ -294,6 +296,7 @@ class URLDispatcher:
         self.max_connections_per_host = max_connections_per_host
         self.body_prefix_limit = body_prefix_limit
         self.user_agent = user_agent
+        self.credentials = credentials
         self.pool: Optional[BoundedPool] = None
         if agent is None:
             self.pool = BoundedPool(reactor, max_idle=max_connections,
@@ -330,10 +333,18 @@ class URLDispatcher:
                                             response=_record(None, 0.0, b"", "closed")))
         try:
             target = self.policy.check_request(request)
-            headers = self._headers(request, extra_headers)
+            credential = self.credentials.for_target(target)
+            headers = self._headers(request, extra_headers, credential)
         except URLRefused as e:
             log.warn("URL task refused: {reason}", queue=queue, task=task, reason=str(e))
             return defer.fail(e)
+        if credential is not None:
+            own = sorted(n for n in request.headers
+                         if n.lower() in ("authorization", credential.header.lower()))
+            if own:
+                log.warn("URL task's own {headers} header(s) dropped: the worker's service "
+                         "credential for {prefix} replaces them", queue=queue, task=task,
+                         headers=", ".join(own), prefix=credential.rule.url_prefix)
 
         state = _State()
         inner = defer.Deferred.fromCoroutine(
@@ -400,7 +411,14 @@ class URLDispatcher:
                                              self.limits.get(queue, self.default_limits))
         return gate
 
-    def _headers(self, request: URLRequest, extra_headers: Mapping[str, str]) -> dict:
+    def _headers(self, request: URLRequest, extra_headers: Mapping[str, str],
+                 credential: Optional[ServiceCredential]) -> dict:
+        """
+        The request's headers: the task's own (less the dropped and reserved
+        ones), ``User-Agent``, ``extra_headers``, and last the service
+        credential's header (the task's same-named header and its
+        ``Authorization`` dropped, so the task cannot override the token).
+        """
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             lower = name.lower()
@@ -409,7 +427,13 @@ class URLDispatcher:
             headers[name] = value
         if not any(name.lower() == "user-agent" for name in headers):
             headers["User-Agent"] = self.user_agent
-        for name, value in extra_headers.items():
+        added = dict(extra_headers)
+        if credential is not None:
+            for name in [n for n in headers
+                         if n.lower() in ("authorization", credential.header.lower())]:
+                del headers[name]
+            added[credential.header] = credential.value
+        for name, value in added.items():
             for existing in [n for n in headers if n.lower() == name.lower()]:
                 del headers[existing]
             headers[name] = value
@@ -488,7 +512,7 @@ class URLDispatcher:
                                                                 "deadline exceeded"))
             if isinstance(e, (defer.CancelledError, ConnectingCancelledError)):
                 raise defer.CancelledError()
-            reason = _describe(e)
+            reason = self.credentials.redact(_describe(e))
             log.info("URL dispatch failed: {method} {url}: {reason}", reason=reason, **fields)
             raise DispatchError(f"{request.method} {url}: {reason}",
                                 response=_record(None, elapsed, b"", reason)) from e
@@ -518,12 +542,13 @@ class URLDispatcher:
 
     def _judge(self, request: URLRequest, url: str, status: int, headers: Any, body: _Body,
                elapsed: float, fields: dict) -> DispatchResult:
+        redact = self.credentials.redact  # a target may echo the service token back
         kept = {}
         for name in KEPT_HEADERS:
             value = _first(headers, name)
             if value is not None:
-                kept[name] = value[:_LOCATION_LIMIT]
-        prefix = body.prefix.decode("utf-8", "replace")
+                kept[name] = redact(value[:_LOCATION_LIMIT])
+        prefix = redact(body.prefix.decode("utf-8", "replace"))
         if 200 <= status < 300 and not body.too_large:
             log.debug("URL dispatch succeeded: {method} {url} answered {status} in {elapsed}s",
                       status=status, elapsed=elapsed, **fields)
@@ -549,7 +574,7 @@ class URLDispatcher:
         log.info("URL dispatch failed: {message}", message=message, status=status,
                  elapsed=elapsed, **fields)
         raise DispatchError(message, status=status, retry_after=retry_after,
-                            response=_record(status, elapsed, body.prefix, message))
+                            response=_record(status, elapsed, prefix, message))
 
 
 def _record(status: Optional[int], elapsed: float, body: Union[bytes, str],

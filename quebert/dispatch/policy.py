@@ -84,6 +84,14 @@ _NETWORK_NAMES = {
     "private": PRIVATE_NETWORKS,
 }
 
+#: Header prefix reserved for quebert: a task's own ``X-Quebert-*`` headers are dropped.
+RESERVED_PREFIX = "x-quebert-"
+#: Request headers a task may not set: computed by the HTTP client, or hop-by-hop.
+DROPPED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+    "trailer", "upgrade", "proxy-connection", "proxy-authorization",
+})
+
 #: Methods a URL task may use (those of Cloud Tasks' HTTP targets).
 ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -112,7 +120,8 @@ class Target:
     ``url`` is rebuilt from the checked parts (host IDNA-encoded, path and
     query percent-encoded, fragment and trailing dot dropped), so the
     request goes exactly where the checks looked.  ``address`` is set when
-    the host is an IP literal.
+    the host is an IP literal; ``path`` is the path as sent (percent-encoded,
+    at least ``/``), what service credentials match their prefixes against.
     """
 
     url: str
@@ -120,6 +129,7 @@ class Target:
     host: str
     port: int
     address: Optional[str] = None
+    path: str = "/"
 
     @property
     def origin(self) -> str:
@@ -350,7 +360,8 @@ class URLPolicy:
         default_port = 443 if scheme == "https" else 80
         netloc = shown_host if port == default_port else f"{shown_host}:{port}"
         rebuilt = f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
-        return Target(url=rebuilt, scheme=scheme, host=host, port=port, address=address)
+        return Target(url=rebuilt, scheme=scheme, host=host, port=port, address=address,
+                      path=path)
 
     def check_address(self, address: str, host: Optional[str] = None) -> None:
         """

@@ -11,21 +11,28 @@ The ``dispatch`` block of a worker's JSON config file, read and checked.
         "max_connections": 50,
         "dispatch_deadline": 120,
         "max_dispatches_per_second": 20,
-        "queues": {"emails": {"max_concurrent_dispatches": 2}}
+        "queues": {"emails": {"max_concurrent_dispatches": 2}},
+        "credentials": [{"url_prefix": "http://127.0.0.1:8080/db/",
+                         "token_env": "GUILLOTINA_SERVICE_TOKEN"}]
     }
 
 The limit keys at the top of the block are the defaults of every queue; a
-queue's block under ``"queues"`` overrides them for that queue.  See
-``docs/url-tasks.rst`` for every key.
+queue's block under ``"queues"`` overrides them for that queue.
+``"credentials"`` lists the worker's service credentials
+(:mod:`quebert.dispatch.credentials`): they are validated here, but their
+tokens are read only when the worker builds its dispatcher
+(:meth:`DispatchSettings.dispatcher`), so a process that only checks URLs
+(``quebert-api``) never needs them.  See ``docs/url-tasks.rst`` for every key.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 
+from quebert.dispatch.credentials import CredentialRule, ServiceCredentials
 from quebert.dispatch.limits import QueueLimits
 from quebert.dispatch.policy import URLPolicy
 from quebert.errors import ConfigurationError
@@ -34,7 +41,7 @@ from quebert.errors import ConfigurationError
 DEFAULT_DISPATCH_DEADLINE = 600.0
 
 _OWN_KEYS = ("max_connections", "max_connections_per_host", "connect_timeout",
-             "dispatch_deadline", "queues")
+             "dispatch_deadline", "queues", "credentials")
 CONFIG_KEYS = URLPolicy.CONFIG_KEYS + QueueLimits.CONFIG_KEYS + _OWN_KEYS
 
 
@@ -62,6 +69,8 @@ class DispatchSettings:
     max_connections_per_host: int = 10
     connect_timeout: float = 10.0
     dispatch_deadline: float = DEFAULT_DISPATCH_DEADLINE
+    #: Service credential rules (tokens not read yet), in config order.
+    credentials: tuple = ()
 
     @classmethod
     def from_config(cls, mapping: Mapping[str, Any]) -> DispatchSettings:
@@ -98,6 +107,7 @@ class DispatchSettings:
                 raise ConfigurationError(f"dispatch.queues.{name}: {e}")
         return cls(
             policy=policy, default_limits=defaults, limits=limits,
+            credentials=_credential_rules(mapping.get("credentials", [])),
             max_connections=_positive(mapping, "max_connections", 100, True),
             max_connections_per_host=_positive(mapping, "max_connections_per_host", 10, True),
             connect_timeout=_positive(mapping, "connect_timeout", 10.0, False),
@@ -105,10 +115,26 @@ class DispatchSettings:
                                         DEFAULT_DISPATCH_DEADLINE, False),
         )
 
+    def load_credentials(self, environ: Optional[Mapping[str, str]] = None
+                         ) -> ServiceCredentials:
+        """
+        Read every credential rule's token (from ``environ``, default
+        ``os.environ``, or its file); ConfigurationError, naming the
+        variable or file and never the value, when one is missing or empty.
+        """
+        return ServiceCredentials.load(self.credentials, environ)
+
     def dispatcher(self, reactor: Any, **kwargs: Any) -> Any:
-        """A :class:`~quebert.dispatch.URLDispatcher` with these settings (``kwargs`` win)."""
+        """
+        A :class:`~quebert.dispatch.URLDispatcher` with these settings
+        (``kwargs`` win).  Reads the credentials' tokens unless ``kwargs``
+        gives ``credentials``: a missing one raises ConfigurationError, so
+        the worker stops at start-up rather than at its first URL task.
+        """
         from quebert.dispatch.dispatcher import URLDispatcher
 
+        if "credentials" not in kwargs:
+            kwargs["credentials"] = self.load_credentials()
         options: dict[str, Any] = dict(
             policy=self.policy, limits=self.limits, default_limits=self.default_limits,
             max_connections=self.max_connections,
@@ -116,3 +142,19 @@ class DispatchSettings:
             connect_timeout=self.connect_timeout)
         options.update(kwargs)
         return URLDispatcher(reactor, **options)
+
+
+def _credential_rules(entries: Any) -> tuple:
+    """``dispatch.credentials``: a list of rules, no two for the same prefix."""
+    if not isinstance(entries, list):
+        raise ConfigurationError("dispatch.credentials must be a list of objects")
+    rules: list[CredentialRule] = []
+    for index, block in enumerate(entries):
+        rule = CredentialRule.from_config(block, f"dispatch.credentials[{index}]")
+        for other in rules:
+            if other.url_prefix == rule.url_prefix:
+                raise ConfigurationError(
+                    f"dispatch.credentials[{index}]: the prefix {rule.url_prefix!r} already "
+                    "has a rule; one credential per prefix")
+        rules.append(rule)
+    return tuple(rules)
