@@ -138,7 +138,10 @@ class BridgeSettings:
             raise ConfigurationError(
                 f'app_settings["quebert"]["queue_type"] must be one of '
                 f"{', '.join(QUEUE_TYPES)}, not {merged['queue_type']!r}")
-        parse_redis_url(merged["redis_url"])
+        try:
+            parse_redis_url(merged["redis_url"])
+        except ConfigurationError as e:
+            raise ConfigurationError(f'app_settings["quebert"]["redis_url"]: {e}') from e
         prefix = merged["state_prefix"]
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(
