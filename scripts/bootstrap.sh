@@ -95,12 +95,22 @@ _quebert_bootstrap() {
         | sha256sum | cut -d' ' -f1)"
     [ -f "$stamp" ] && have="$(cat "$stamp")"
     if [ "$want" != "$have" ] || [ ! -x "$venv/bin/twistd" ] || [ ! -x "$venv/bin/trial" ]; then
-        say "installing quebert into $venv (pip install -e '.[test]', editable_mode=compat)"
+        say "installing quebert into $venv (pip install -e '.[test,guillotina]', editable_mode=compat)"
         # compat mode puts the source tree on sys.path (a .pth entry), which
         # is how twistd finds twisted/plugins/quebert_plugin.py; the default
-        # PEP 660 import hook would hide the plugin.
+        # PEP 660 import hook would hide the plugin.  The guillotina extra
+        # is there for the bridge's tests; guillotina builds C extensions
+        # from source, so it needs a C compiler and Python's headers.
+        if ! command -v cc >/dev/null 2>&1; then
+            say "no C compiler (needed to build guillotina)"
+            apt_install gcc libc6-dev
+        fi
+        if ! "$venv/bin/python" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+            say "no Python.h for $("$venv/bin/python" -V 2>&1) (needed to build guillotina)"
+            apt_install python3-dev
+        fi
         "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input \
-            --config-settings editable_mode=compat -e '.[test]'
+            --config-settings editable_mode=compat -e '.[test,guillotina]'
         printf '%s\n' "$want" >"$stamp"
     else
         say "$venv is up to date"

@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.test_bridge_guillotina_live -*-
+"""
+The running bridge: one publisher and one state store per application.
+
+:class:`Bridge` sends a built task the way quebert's ``Client`` does
+(claim a unique name first; publish with confirms; record the task
+``queued``/``scheduled``), plus what the Guillotina side needs: the
+``context`` field in the body and the per-container index.  It cancels
+the way ``Client.cancel`` does: the state store's cancel write first, then
+the ``cancel`` broadcast on the control exchange.
+
+:func:`start` and :func:`stop` run on Guillotina's application start-up
+and clean-up events (see ``subscribers.py``); :func:`get_bridge` is how
+the API and the services find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from quebert import protocol
+from quebert.amqp import control
+from quebert.amqp.topology import Topology
+from quebert.bridge.guillotina.publisher import Publisher
+from quebert.bridge.guillotina.settings import BridgeSettings
+from quebert.bridge.guillotina.state import BridgeState
+from quebert.errors import ConfigurationError, QuebertError
+from quebert.protocol import H_ATTEMPTS, H_NOT_BEFORE
+from quebert.state.interface import QUEUED, SCHEDULED
+
+log = logging.getLogger("quebert.bridge.guillotina")
+
+#: Largest ``context`` accepted, in bytes of JSON (the wire protocol's limit).
+MAX_CONTEXT_SIZE = 8192
+
+
+def encode_body(message: protocol.TaskMessage, context: Optional[dict]) -> bytes:
+    """
+    The body of ``message`` with its ``context`` field (``docs/protocol.rst``):
+    a JSON object with string keys, at most :data:`MAX_CONTEXT_SIZE` bytes.
+    """
+    body = message.to_body()
+    if context is not None:
+        if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
+            raise ConfigurationError("a task's context must be a JSON object with string keys")
+        try:
+            size = len(protocol.dumps(context))
+        except (TypeError, ValueError) as e:
+            raise ConfigurationError(f"a task's context must be JSON: {e}") from e
+        if size > MAX_CONTEXT_SIZE:
+            raise ConfigurationError(
+                f"a task's context is {size} bytes of JSON, more than {MAX_CONTEXT_SIZE}")
+        body["context"] = context
+    return protocol.dumps(body)
+
+
+def job_data(message: protocol.TaskMessage, context: Optional[dict]) -> dict:
+    """What ``GET @amqp-tasks/{id}`` shows a debugger of the task's message."""
+    if message.kind == protocol.URL:
+        data: dict = {"kind": message.kind, "method": message.method, "url": message.url,
+                      "headers": dict(message.headers),
+                      "body": message.body.decode("utf-8", "replace")}
+    else:
+        data = {"kind": message.kind, "task": message.task, "args": list(message.args),
+                "kwargs": dict(message.kwargs)}
+    data["context"] = context
+    return data
+
+
+class Bridge:
+    """
+    Publishes tasks and cancels them for one Guillotina application.
+
+    :param settings: the checked ``app_settings["quebert"]``.
+    :param publisher: a :class:`Publisher`; built from ``settings`` when ``None``.
+    :param state: a :class:`BridgeState`; built from ``settings`` when ``None``.
+    """
+
+    def __init__(self, settings: BridgeSettings, *, publisher: Optional[Publisher] = None,
+                 state: Optional[BridgeState] = None) -> None:
+        self.settings = settings
+        self.topology = Topology(exchange=settings.exchange, queue_type=settings.queue_type)
+        self.publisher = publisher or Publisher(settings.amqp_url, self.topology,
+                                                timeout=settings.publish_timeout)
+        self.state = state or BridgeState.from_url(
+            settings.redis_url, prefix=settings.state_prefix, finished_ttl=settings.state_ttl,
+            name_tombstone=settings.name_tombstone)
+
+    async def start(self) -> None:
+        """
+        Connect to RabbitMQ now, so that a broken configuration shows at
+        start-up.  An unreachable broker is logged, not fatal: the first
+        publish connects again (and fails, within ``publish_timeout``, if
+        it still cannot).
+        """
+        try:
+            await self.publisher.connect()
+        except QuebertError as e:
+            log.warning("quebert bridge: RabbitMQ is not reachable at start-up (%s); "
+                        "publishing will try again", e)
+
+    async def close(self) -> None:
+        try:
+            await self.publisher.close()
+        finally:
+            await self.state.close()
+
+    async def send(self, message: protocol.TaskMessage, context: Optional[dict],
+                   container: Optional[str]) -> None:
+        """
+        Publish ``message`` with its ``context``; index it under
+        ``container`` (``{db_id}/{container_id}``) when given.  Returns once
+        the broker confirmed it.  A unique name is claimed first
+        (:class:`~quebert.errors.TaskAlreadyExists`) and released if the
+        publish fails.
+        """
+        body = encode_body(message, context)
+        now = time.time()
+        delay = max(0.0, message.eta - now) if message.eta is not None else 0.0
+        headers: dict[str, Any] = {H_ATTEMPTS: 0}
+        if delay:
+            headers[H_NOT_BEFORE] = protocol.to_ms(message.eta)
+        state = SCHEDULED if delay else QUEUED
+        if container is not None:
+            # Before the publish: a task that runs is always findable from
+            # its container; an entry whose task never got a record is
+            # skipped by listings and pruned later.
+            await self.state.index(container, message.id, now, job_data(message, context),
+                                   keep=delay)
+        if message.name is not None:
+            await self.state.claim(message, state, now)
+            try:
+                await self.publisher.publish(message.queue, body, headers,
+                                             message_id=message.id, delay=delay)
+            except Exception as e:
+                try:
+                    await self.state.unclaim(message, time.time(),
+                                             f"publishing the task failed: {e}")
+                except QuebertError as unclaim_error:
+                    log.warning("task %s was not published and its name %r could not be "
+                                "released: %s", message.id, message.name, unclaim_error)
+                raise
+            return
+        await self.publisher.publish(message.queue, body, headers, message_id=message.id,
+                                     delay=delay)
+        try:
+            await self.state.enqueued(message, state, time.time())
+        except QuebertError as e:
+            # The task is safely queued; its record appears when it runs.
+            log.warning("task %s is queued but its state record could not be written: %s",
+                        message.id, e)
+
+    async def cancel(self, task_id: str, reason: str = "canceled") -> Optional[str]:
+        """
+        Cancel a task as ``Client.cancel`` does: record it in the state
+        store (a queued or scheduled task becomes ``canceled``, a running
+        one is marked), then tell every worker through the control
+        exchange.  Returns the state the task was in (``None``: unknown).
+        """
+        old = await self.state.cancel(task_id, time.time(), reason)
+        if old is None or old in ("succeeded", "failed", "canceled"):
+            return old
+        try:
+            await self.publisher.publish_control(control.CANCEL, id=task_id)
+        except QuebertError as e:
+            # Recorded: workers will not start it; a running attempt ends
+            # canceled when it is recorded.
+            log.warning("cancel of task %s recorded but not broadcast: %s", task_id, e)
+        return old
+
+
+_bridge: Optional[Bridge] = None
+
+
+def get_bridge() -> Bridge:
+    """The application's bridge; ``ConfigurationError`` when it is not running."""
+    if _bridge is None:
+        raise ConfigurationError(
+            "the quebert bridge is not running: add \"quebert.bridge.guillotina\" to the "
+            "application's \"applications\" and publish from within the application")
+    return _bridge
+
+
+def set_bridge(bridge: Optional[Bridge]) -> None:
+    """Make ``bridge`` the one :func:`get_bridge` returns (``None``: none)."""
+    global _bridge
+    _bridge = bridge
+
+
+async def start(settings: Any) -> Bridge:
+    """Build the bridge from ``app_settings["quebert"]``, connect it, make it current."""
+    bridge = Bridge(BridgeSettings.from_mapping(settings))
+    await bridge.start()
+    set_bridge(bridge)
+    return bridge
+
+
+async def stop() -> None:
+    """Close the current bridge, if any."""
+    bridge = _bridge
+    set_bridge(None)
+    if bridge is not None:
+        await bridge.close()

@@ -1,0 +1,252 @@
+"""
+The Guillotina bridge for real: a Guillotina 7 application (uvicorn, in a
+subprocess, DUMMY_FILE database) with ``quebert.bridge.guillotina`` and
+``tests.guillotina_bridge_app``, the real RabbitMQ (a fresh vhost) and
+Redis (a fresh prefix), treq as the HTTP client; the last test adds a real
+``twistd amqp-worker`` that runs a task published from Guillotina.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import pika
+import treq
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from quebert import protocol
+from tests._guillotina import ROOT_USER, GuillotinaProcess, settings_for
+from tests._rabbit import make_vhost, read_all
+from tests._redis import REDIS_URL, isolated_redis
+from tests._worker import WorkerProcess, wait_for
+from tests.guillotina_bridge_app import OPERATOR_TOKEN
+
+SERVICE_TOKEN = "service-" + uuid.uuid4().hex
+QUEUE = "bridge-test"
+ROOT_AUTH = "Basic " + base64.b64encode(":".join(ROOT_USER).encode()).decode()
+#: What would betray the caller's credentials if it were copied anywhere.
+SECRETS = (ROOT_AUTH, ROOT_AUTH.split()[1], "Basic ", "Authorization", "authorization",
+           ROOT_USER[1] + "\"")
+
+
+class GuillotinaBridgeTests(TestCase):
+    """One application per test, with containers ``c1`` and ``c2``."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.amqp_url = make_vhost(self, "quebert-bridge")
+        self.redis, self.prefix = await isolated_redis(self)
+        self.app = GuillotinaProcess(self, settings_for(
+            self, self.amqp_url, REDIS_URL, self.prefix, service_token=SERVICE_TOKEN))
+        await self.app.start()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=pool)
+        for container in ("c1", "c2"):
+            status, _ = await self.call("POST", "/db", {"@type": "Container", "id": container})
+            self.assertIn(status, (200, 201))
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   auth: Any = ROOT_AUTH) -> tuple:
+        """``(status, JSON answer)`` of a request to the application."""
+        headers = {"Content-Type": ["application/json"]}
+        if auth is not None:
+            headers["Authorization"] = [auth]
+        data = None if body is None else json.dumps(body).encode()
+        response = await treq.request(method, self.app.base_url + path, data=data,
+                                      headers=headers, agent=self.agent)
+        content = await treq.content(response)
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            answer = content.decode(errors="replace")
+        return response.code, answer
+
+    async def enqueue(self, container: str = "c1", **body: Any) -> str:
+        status, answer = await self.call("POST", f"/db/{container}/@bridge-test-enqueue", body)
+        self.assertEqual(status, 200, answer)
+        self.assertTrue(answer["has_task_id"])
+        return answer["task_id"]
+
+    async def redis_dump(self) -> str:
+        """Every key under the test's prefix with its value, as one text."""
+        parts = []
+        cursor = 0
+        while True:
+            cursor, keys = await self.redis.scan(cursor, pattern=self.prefix + "*", count=500)
+            for key in keys:
+                kind = await self.redis.type(key)
+                if kind == "hash":
+                    value = await self.redis.hgetall(key)
+                elif kind == "zset":
+                    value = await self.redis.zrange(key, 0, -1)
+                elif kind == "string":
+                    value = await self.redis.get(key)
+                else:
+                    value = kind
+                parts.append(f"{key} {value!r}")
+            if int(cursor) == 0:
+                return "\n".join(parts)
+
+    # -- publishing --------------------------------------------------------------
+
+    async def test_message_is_a_v1_body_with_context_and_no_credentials(self) -> None:
+        task_id = await self.enqueue(kind="decorated", args=["/a"], kwargs={"times": 2})
+        self.assertTrue(task_id.startswith("task:db-c1-"), task_id)
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual((status, record["state"], record["queue"], record["task"]),
+                         (200, "queued", QUEUE, "bridge_test.touch"))
+        stored = await self.redis_dump()
+        self.assertIn(task_id, stored)
+        for secret in SECRETS:
+            self.assertNotIn(secret, stored)
+
+        [(properties, body)] = read_all(self.amqp_url, QUEUE)
+        message = protocol.decode(body, properties.content_type)
+        self.assertEqual((message.id, message.task, message.args, dict(message.kwargs)),
+                         (task_id, "bridge_test.touch", ("/a",), {"times": 2}))
+        self.assertEqual((properties.content_type, properties.delivery_mode,
+                          properties.message_id), ("application/json", 2, task_id))
+        self.assertEqual(json.loads(body)["context"],
+                         {"db_id": "db", "container_id": "c1", "user_id": "root", "path": "/"})
+        raw = body.decode() + repr(properties.headers)
+        for secret in SECRETS:
+            self.assertNotIn(secret, raw)
+
+    async def test_add_task_by_name_checks_arguments(self) -> None:
+        task_id = await self.enqueue(kind="add_task", task="bridge_test.plain", args=[7])
+        [(_, body)] = read_all(self.amqp_url, QUEUE)
+        self.assertEqual(protocol.decode(body).args, (7,))
+        self.assertEqual(json.loads(body)["id"], task_id)
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue",
+                                         {"kind": "add_task", "task": "bridge_test.plain",
+                                          "args": [1, 2]})
+        self.assertEqual((status, answer["type"]), (412, "InvalidMessage"))
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue",
+                                         {"kind": "add_task", "args": [1],
+                                          "kwargs": {"_retries": 3}})
+        self.assertEqual((status, answer["type"]), (412, "ConfigurationError"))
+        self.assertIn("_retries", answer["reason"])
+
+    async def test_url_task_calls_back_without_credentials(self) -> None:
+        task_id = await self.enqueue(kind="url", path="@bridge-test-callback", body={"a": 1})
+        [(properties, body)] = read_all(self.amqp_url, "default")
+        message = protocol.decode(body, properties.content_type)
+        self.assertEqual((message.id, message.kind, message.method, message.url),
+                         (task_id, "url", "POST",
+                          self.app.base_url + "/db/c1/@bridge-test-callback"))
+        self.assertEqual(dict(message.headers), {"Content-Type": "application/json"})
+        self.assertEqual(json.loads(body)["context"]["container_id"], "c1")
+        for secret in SECRETS:
+            self.assertNotIn(secret, body.decode())
+
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue", {
+            "kind": "url", "path": "/db/c1/@bridge-test-callback",
+            "headers": {"authorization": "Bearer stolen"}})
+        self.assertEqual((status, answer["type"]), (412, "ConfigurationError"))
+        self.assertIn("credentials never travel", answer["reason"])
+        self.assertEqual(read_all(self.amqp_url, "default"), [])
+
+    # -- the service token ---------------------------------------------------------
+
+    async def test_service_token_authenticates_the_callback(self) -> None:
+        path = "/db/c1/@bridge-test-callback"
+        status, answer = await self.call("POST", path, {"x": 1}, auth=f"Bearer {SERVICE_TOKEN}")
+        self.assertEqual((status, answer.get("user"), answer.get("body")),
+                         (200, "quebert-service", {"x": 1}), answer)
+        for auth in (f"Bearer {SERVICE_TOKEN[:-1]}x", f"Bearer {SERVICE_TOKEN}x", None,
+                     f"Basic {base64.b64encode(SERVICE_TOKEN.encode()).decode()}"):
+            status, answer = await self.call("POST", path, {"x": 1}, auth=auth)
+            self.assertIn(status, (401, 403), (auth, answer))
+        # The service principal may call back, not manage tasks.
+        status, _ = await self.call("GET", "/db/c1/@amqp-tasks", auth=f"Bearer {SERVICE_TOKEN}")
+        self.assertIn(status, (401, 403))
+
+    # -- the endpoints ---------------------------------------------------------------
+
+    async def test_list_and_read_tasks_of_a_container(self) -> None:
+        first = await self.enqueue(kind="add_task", args=[1])
+        second = await self.enqueue(kind="decorated", args=["/b"])
+        other = await self.enqueue("c2", kind="add_task", args=[2])
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual((status, ids), (200, [second, first]))
+        status, ids = await self.call("GET", "/db/c2/@amqp-tasks")
+        self.assertEqual((status, ids), (200, [other]))
+
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{second}")
+        self.assertEqual((status, record["id"], record["state"]), (200, second, "queued"))
+        self.assertEqual(record["job_data"]["args"], ["/b"])
+        self.assertEqual(record["job_data"]["context"]["user_id"], "root")
+
+        operator = f"Bearer {OPERATOR_TOKEN}"
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{second}", auth=operator)
+        self.assertEqual((status, record["state"]), (200, "queued"))
+        self.assertNotIn("job_data", record)
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks", auth=operator)
+        self.assertEqual((status, ids), (200, [second, first]))
+
+        for auth in (None, f"Bearer {SERVICE_TOKEN}"):
+            for method, path in (("GET", "/db/c1/@amqp-tasks"),
+                                 ("GET", f"/db/c1/@amqp-tasks/{second}"),
+                                 ("DELETE", f"/db/c1/@amqp-tasks/{second}")):
+                status, _ = await self.call(method, path, auth=auth)
+                self.assertIn(status, (401, 403), (method, path, auth))
+        status, _ = await self.call("POST", "/db/c1/@bridge-test-enqueue",
+                                    {"kind": "add_task", "args": [1]}, auth=None)
+        self.assertIn(status, (401, 403))
+
+    async def test_unknown_and_foreign_ids_are_not_found(self) -> None:
+        theirs = await self.enqueue("c2", kind="add_task", args=[2])
+        for task_id in ("nope", theirs, "task:db-c1-" + uuid.uuid4().hex):
+            for method in ("GET", "DELETE"):
+                status, answer = await self.call(method, f"/db/c1/@amqp-tasks/{task_id}")
+                self.assertEqual((status, answer), (404, {"reason": "Task not found"}),
+                                 (method, task_id))
+        status, record = await self.call("GET", f"/db/c2/@amqp-tasks/{theirs}")
+        self.assertEqual((status, record["state"]), (200, "queued"))
+
+    async def test_delete_cancels_and_tells_the_workers(self) -> None:
+        task_id = await self.enqueue(kind="decorated", args=["/c"])
+        # A queue on the control exchange, as a worker binds one.
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        self.addCleanup(connection.close)
+        channel = connection.channel()
+        control = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(control, "quebert.control")
+
+        status, record = await self.call("DELETE", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual((status, record["id"], record["state"]), (200, task_id, "canceled"))
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual((status, record["state"]), (200, "canceled"))
+        status, record = await self.call("DELETE", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual((status, record["state"]), (200, "canceled"))
+
+        _, properties, body = channel.basic_get(control, auto_ack=True)
+        self.assertEqual(json.loads(body)["type"], "cancel")
+        self.assertEqual(json.loads(body)["id"], task_id)
+        self.assertEqual((properties.content_type, properties.delivery_mode),
+                         ("application/json", 1))
+        self.assertEqual(channel.basic_get(control, auto_ack=True)[0], None)
+
+    # -- a worker runs it -------------------------------------------------------------
+
+    async def test_worker_runs_a_task_published_from_guillotina(self) -> None:
+        worker = WorkerProcess(self, self.amqp_url, REDIS_URL, self.prefix,
+                               tasks=("tests.guillotina_bridge_tasks",), queues=(QUEUE,))
+        worker.start()
+        await worker.ready()
+        task_id = await self.enqueue(kind="decorated", args=["/d"], kwargs={"times": 3})
+
+        async def done() -> Any:
+            status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+            return record if record.get("state") == "succeeded" else None
+
+        record = await wait_for(done, 30, what="the task to succeed")
+        self.assertEqual(record["result"], {"path": "/d", "times": 3})
+        self.assertEqual(record["attempts"], 1)
