@@ -237,6 +237,23 @@ class CurrentTaskTests(TestCase):
             context=dict(CONTEXT, path="/db/site/doc")))
 
 
+class StubWorkerTests(SynchronousTestCase):
+    """Users' unit tests get the same through quebert.testing.StubWorker."""
+
+    def test_enqueue_with_context(self):
+        from twisted.internet.task import Clock
+
+        from quebert.testing import StubWorker
+
+        registry = Registry()
+        registry.register(seen, "app.seen")
+        worker = StubWorker(Clock(), registry=registry)
+        task_id = worker.enqueue("app.seen", _context={"db_id": "db"})
+        record = worker.state_of(task_id)
+        self.assertEqual(record["result"]["context"], {"db_id": "db"})
+        self.assertEqual(record["result"]["id"], task_id)
+
+
 class URLTaskTests(SynchronousTestCase):
     """A URL task runs no task function: it is not made the current task."""
 
