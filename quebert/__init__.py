@@ -6,6 +6,7 @@ The public API; everything not re-exported here is internal.
 
 from quebert._version import __version__
 from quebert.client import Client, TaskInfo, get_default_client, set_default_client
+from quebert.current import CurrentTask, current_task
 from quebert.errors import (
     ConfigurationError,
     DispatchError,
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "Client",
     "ConfigurationError",
+    "CurrentTask",
     "DelayOnErrorMediator",
     "DispatchError",
     "Hook",
@@ -57,6 +59,7 @@ __all__ = [
     "URLRefused",
     "UnknownTask",
     "WorkerLost",
+    "current_task",
     "default_registry",
     "get_default_client",
     "set_default_client",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
 from twisted.internet import defer
@@ -106,12 +106,17 @@ class Client:
                  _queue: Optional[str] = None, _countdown: Optional[float] = None,
                  _eta: Any = None, _name: Optional[str] = None,
                  _task_id: Optional[str] = None, _timeout: Optional[float] = None,
-                 _retry: Optional[dict] = None, **kwargs: Any) -> defer.Deferred:
+                 _retry: Optional[dict] = None, _context: Optional[Mapping[str, Any]] = None,
+                 **kwargs: Any) -> defer.Deferred:
         """
         Publish a task; fires with its :class:`TaskInfo` once the broker
         confirmed it.  Options are the ``_``-prefixed keywords; retry
         overrides may also be given one by one (``_max_attempts=3``).
-        Unserialisable arguments raise :class:`SerializationError` here.
+        ``_context`` is plain data about where the task comes from (names to
+        JSON scalars, see ``docs/protocol.rst``) that the task reads with
+        :func:`quebert.current_task`.  Unserialisable arguments raise
+        :class:`SerializationError` here, a bad context
+        :class:`~quebert.errors.InvalidMessage`.
         """
         retry = dict(_retry or {})
         for field in RETRY_FIELDS:
@@ -127,7 +132,7 @@ class Client:
         eta = self._eta(_countdown, _eta, now, "_countdown", "_eta")
         message, body = protocol.build(
             name, args, kwargs, queue=queue, task_id=_task_id, eta=eta, name=_name,
-            retry=retry, timeout=_timeout, now=now,
+            retry=retry, timeout=_timeout, now=now, context=_context,
         )
         return self._publish(message, body, now)
 
@@ -137,13 +142,15 @@ class Client:
                      eta: Any = None, name: Optional[str] = None,
                      task_id: Optional[str] = None, retry: Optional[dict] = None,
                      dispatch_deadline: Optional[float] = None,
+                     context: Optional[Mapping[str, Any]] = None,
                      **retry_fields: Any) -> defer.Deferred:
         """
         Publish a URL task: a worker makes this HTTP request, and any 2xx
         answer is success; anything else is retried like a failed call
         task.  ``body`` is bytes, text, or a JSON object/array (sent as
-        JSON).  Fires with the :class:`TaskInfo`.  The URL is checked
-        against ``url_policy`` here (raising
+        JSON).  ``context`` travels with the task as for :meth:`add_task`
+        (it is not sent to the URL).  Fires with the :class:`TaskInfo`.
+        The URL is checked against ``url_policy`` here (raising
         :class:`~quebert.errors.URLRefused`) so that a task that can never
         be sent is refused at once.
         """
@@ -159,7 +166,7 @@ class Client:
         message, encoded = protocol.build_url(
             url, method=method, headers=headers, body=body, queue=queue or self.default_queue,
             task_id=task_id, eta=when, name=name, retry=retry,
-            dispatch_deadline=dispatch_deadline, now=now,
+            dispatch_deadline=dispatch_deadline, now=now, context=context,
         )
         from quebert.dispatch import URLRequest
 

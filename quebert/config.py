@@ -5,8 +5,9 @@ Worker configuration: a JSON file, then command-line options on top.
 The file takes the guillotina_amqp ``amqp`` block as it is (``host``,
 ``port``, ``login``, ``password``, ``vhost``, ``heartbeat``, ``exchange``,
 ``queue``, ``max_running_tasks``, ``delayed_ttl_ms``, ``errored_ttl_ms``,
-``state_ttl``, ``max_task_retries``) plus quebert's own keys; see
-``docs/configuration.rst`` for every key.
+``state_ttl``, ``max_task_retries``) plus quebert's own keys (among them
+``legacy_tasks``: the task names guillotina_amqp producers use, mapped to
+registered tasks); see ``docs/configuration.rst`` for every key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import attrs
 from quebert.amqp.connection import DEFAULT_AMQP_URL, amqp_url
 from quebert.errors import ConfigurationError
 from quebert.mediator import QueueSettings
-from quebert.protocol import QUEUE_RE
+from quebert.protocol import _NAME_RE, QUEUE_RE
 from quebert.retry import RETRY_FIELDS, RetryPolicy
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -67,6 +68,9 @@ class WorkerConfig:
     #: Seconds a consumer with room to spare may receive nothing while its
     #: queue has ready messages before it is re-subscribed (0: never).
     stuck_consumer_timeout: float = 60.0
+    #: Aliases of registered tasks, ``{legacy name: registered name}``: the
+    #: ``func`` names guillotina_amqp producers send (see Registry.alias).
+    legacy_tasks: dict = attrs.field(factory=dict)
 
     def dispatch_settings(self) -> Any:
         """The URL-task settings (defaults when the config has no ``dispatch`` block)."""
@@ -276,7 +280,27 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
             setattr(config, attr, tuple(tokens))
     if "anonymous" in api:
         config.api_anonymous = str(api["anonymous"])
+    if "legacy_tasks" in data:
+        config.legacy_tasks = parse_legacy_tasks(data["legacy_tasks"])
     return config
+
+
+def parse_legacy_tasks(value: Any) -> dict:
+    """
+    The ``legacy_tasks`` block: ``{"old.dotted.name": "registered.name"}``,
+    both task names.  Whether the registered names exist is checked when the
+    worker has imported its tasks (:func:`quebert.worker.apply_legacy_tasks`).
+    """
+    if not isinstance(value, dict):
+        raise ConfigurationError("'legacy_tasks' must be a JSON object of "
+                                 "{\"legacy.name\": \"registered.name\"}")
+    for old, new in value.items():
+        for name in (old, new):
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+                raise ConfigurationError(
+                    f"legacy_tasks: {name!r} is not a task name (a letter or _, then up to "
+                    "199 of A-Z a-z 0-9 _ . : -)")
+    return dict(value)
 
 
 def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:

@@ -9,6 +9,11 @@ reactor task's Deferred; a thread cannot be interrupted, so a timed-out
 thread task is reported failed at once and its eventual result discarded
 (it keeps its thread until it returns, which bounds the pool's damage to
 the tasks that overran).
+
+Context variables (:func:`quebert.current_task` among them) reach every
+task: reactor tasks run in the caller's context, and a thread task runs in
+a copy of it taken when it is submitted (Twisted's thread pool does not
+carry ``contextvars`` into its threads by itself).
 """
 
 from __future__ import annotations
@@ -67,11 +72,13 @@ class Executor:
                 d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out(definition,
                                                                                 timeout))
             return d
+        run_in_context = contextvars.copy_context().run
         if not timeout:
-            return deferToThreadPool(self.reactor, self.pool, _call_in_thread, definition,
-                                     args, dict(kwargs))
+            return deferToThreadPool(self.reactor, self.pool, run_in_context, _call_in_thread,
+                                     definition, args, dict(kwargs))
         race = _Race(self.reactor, definition, timeout)
-        d = deferToThreadPool(self.reactor, self.pool, race.call_in_thread, args, dict(kwargs))
+        d = deferToThreadPool(self.reactor, self.pool, run_in_context, race.call_in_thread,
+                              args, dict(kwargs))
         return race.follow(d)
 
 

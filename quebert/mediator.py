@@ -8,7 +8,14 @@ died running it) -> before-hooks -> state ``running`` -> executor ->
 after-hooks or error-hooks -> outcome.  The outcome is made durable before
 the original message is acked: a retry or errored copy is published with
 publisher confirms first, so a worker killed at any instant loses nothing
-(at-least-once; duplicates are possible).
+(at-least-once; duplicates are possible).  Copies carry the body as
+received, except a guillotina_amqp body's: its copies are its version-1
+body (:func:`quebert.protocol.copy_body`), so that the caller's credentials
+it may hold never reach a delay or errored queue.
+
+While a call task runs, :func:`quebert.current_task` tells its function
+which task it is (one ``ContextVar`` set per attempt, in the delivery's own
+context).
 
 ``Mediator`` sends a failed task straight to its errored queue;
 :class:`DelayOnErrorMediator` (the default) retries it through the broker's
@@ -39,6 +46,7 @@ from twisted.python.failure import Failure
 
 from quebert import protocol
 from quebert._defer import mirror
+from quebert.current import running_task
 from quebert.errors import (
     DispatchError,
     InvalidMessage,
@@ -85,6 +93,9 @@ MAX_PARK_DELAY = 30.0
 #: Ids of tasks canceled through the control channel, remembered in case
 #: their message arrives while the state store cannot say so.
 CANCELED_MEMORY = 10000
+
+#: Makes a call task the running one for ``quebert.current_task()``.
+_set_running = running_task.set
 
 
 _NOTHING = object()
@@ -428,6 +439,7 @@ class Mediator:
     async def handle(self, delivery: Any) -> None:
         """Take one delivery all the way to an acked, recorded outcome."""
         now = self.clock.seconds()
+        message = None
         try:
             message = protocol.decode(delivery.body, delivery.content_type,
                                       default_queue=delivery.queue,
@@ -439,9 +451,12 @@ class Mediator:
                 definition = URL_DEFINITION
             else:
                 definition = self.registry.get(message.task, message.id)
+                if definition.name != message.task:
+                    # An alias (a legacy name): the task is known by its own name.
+                    message = attrs.evolve(message, task=definition.name)
                 definition.bind(message.args, message.kwargs, message.id)
         except InvalidMessage as e:
-            await self.reject(delivery, e)
+            await self.reject(delivery, e, message)
             return
         if message.queue != delivery.queue:
             # The queue it came from rules: retries, errored copy, settings.
@@ -514,6 +529,10 @@ class Mediator:
             first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
             info=message.info(),
         )
+        # In this delivery's own context (see _Driven): the task's function
+        # and the hooks around it see it, nothing else does.  A URL task runs
+        # no function of ours: None, not whatever this context was copied with.
+        _set_running(task if definition is not URL_DEFINITION else None)
         if self._before_hooks and not await self._run_before_hooks(task):
             await self.state.finished(task.id, CANCELED, attempt - 1, task.info,
                                       self.clock.seconds(), reason="skipped by a before-hook")
@@ -690,9 +709,10 @@ class Mediator:
         })
         _count_response(headers, failure)
         headers.pop(H_NOT_BEFORE, None)
-        await self.broker.publish(task.queue, task.delivery.body, headers,
-                                  message_id=task.id,
-                                  content_type=task.delivery.content_type, delay=delay)
+        body, content_type = protocol.copy_body(task.message, task.delivery.body,
+                                                task.delivery.content_type)
+        await self.broker.publish(task.queue, body, headers, message_id=task.id,
+                                  content_type=content_type, delay=delay)
         now = self.clock.seconds()
         await self.state.finished(task.id, SCHEDULED, task.attempt, task.info, now,
                                   error=error, retry_at=now + delay)
@@ -722,9 +742,10 @@ class Mediator:
             H_REASON: _header_text(reason),
         })
         _count_response(headers, failure)
-        await self.broker.publish_errored(task.queue, task.delivery.body, headers,
-                                          message_id=task.id,
-                                          content_type=task.delivery.content_type)
+        body, content_type = protocol.copy_body(task.message, task.delivery.body,
+                                                task.delivery.content_type)
+        await self.broker.publish_errored(task.queue, body, headers, message_id=task.id,
+                                          content_type=content_type)
         await self.state.finished(task.id, FAILED, task.attempt, task.info,
                                   self.clock.seconds(), error=error, reason=reason)
         task.ack()
@@ -732,10 +753,13 @@ class Mediator:
         self._log(task, "task {task_id} ({task}) failed for good after attempt {attempt}: "
                   "{reason}", reason=reason, level=LogLevel.error)
 
-    async def reject(self, delivery: Any, error: InvalidMessage) -> None:
+    async def reject(self, delivery: Any, error: InvalidMessage,
+                     message: Optional[TaskMessage] = None) -> None:
         """
         A message that can never run: errored queue with the reason, state
-        ``failed`` when it has an id, ack.  Logged once.
+        ``failed`` when it has an id, ack.  Logged once.  ``message`` is the
+        decoded message when decoding succeeded (and the task was refused
+        after): a guillotina_amqp body's copy is then its version-1 body.
         """
         reason = error.reason
         headers = protocol.republish_headers(delivery.headers, **{
@@ -745,9 +769,9 @@ class Mediator:
             H_REASON: _header_text(reason),
         })
         task_id = error.task_id or delivery.message_id
-        await self.broker.publish_errored(delivery.queue, delivery.body, headers,
-                                          message_id=task_id,
-                                          content_type=delivery.content_type)
+        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        await self.broker.publish_errored(delivery.queue, body, headers, message_id=task_id,
+                                          content_type=content_type)
         if error.task_id:
             info = {"queue": delivery.queue}
             await self.state.finished(
@@ -766,9 +790,9 @@ class Mediator:
                      extra: dict) -> None:
         headers = protocol.republish_headers(delivery.headers, **extra)
         headers[H_NOT_BEFORE] = protocol.to_ms(self.clock.seconds() + delay)
-        await self.broker.publish(delivery.queue, delivery.body, headers,
-                                  message_id=message.id, content_type=delivery.content_type,
-                                  delay=delay)
+        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
+                                  content_type=content_type, delay=delay)
         delivery.ack()
 
     async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
@@ -835,9 +859,9 @@ class Mediator:
         """
         delay = min(beat_left + PARK_MARGIN, MAX_PARK_DELAY)
         headers = protocol.republish_headers(delivery.headers, **{H_PARKED: parks + 1})
-        await self.broker.publish(delivery.queue, delivery.body, headers,
-                                  message_id=message.id, content_type=delivery.content_type,
-                                  delay=delay)
+        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
+                                  content_type=content_type, delay=delay)
         delivery.ack()
         self.counts["parked"] += 1
         log.info("task {task_id} redelivered while worker {worker} (alive) still runs it; "

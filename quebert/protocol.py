@@ -17,6 +17,7 @@ A task message is a JSON object (``content_type: application/json``,
       "name": null,                  # optional unique name
       "retry": {"max_attempts": 5},  # optional RetryPolicy overrides
       "timeout": 30.0,               # optional: seconds per attempt
+      "context": {"db_id": "db"},    # optional: plain data about where it came from
       "created_at": 1767225590.0
     }
 
@@ -35,7 +36,10 @@ Unknown keys are ignored so that the format can grow.  Run-time bookkeeping
 headers, because the body of a task never changes between attempts.
 
 The worker also accepts the body that guillotina_amqp publishes (``func``,
-``args``, ``kwargs``, ``task_id``, ...), see :func:`decode`.
+``args``, ``kwargs``, ``task_id``, ...), see :func:`decode`.  Only plain,
+non-secret data of such a body is kept (its ``req_data``, with the
+request's ``Authorization`` header, never is), and every copy the worker
+publishes of it is the version-1 body :meth:`TaskMessage.to_body` writes.
 
 This module only converts; it never imports anything a message names.
 """
@@ -70,6 +74,20 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 MAX_URL_LENGTH = 8192
 #: Task name recorded for URL tasks (their ``task`` field in the state store).
 URL_TASK = "quebert.url"
+#: ``TaskMessage.origin`` of version-1 bodies and of guillotina_amqp ones.
+QUEBERT = "quebert"
+GUILLOTINA = "guillotina"
+#: Most keys a task's ``context`` may have.
+MAX_CONTEXT_KEYS = 50
+#: Largest ``context``, in bytes of the compact JSON :func:`dumps` writes.
+MAX_CONTEXT_SIZE = 8192
+#: Largest value kept from a guillotina_amqp body into ``context``, in bytes
+#: of JSON (the four kept values then always fit in ``MAX_CONTEXT_SIZE``).
+MAX_LEGACY_VALUE = 2000
+#: The only keys of a guillotina_amqp body a refused copy keeps: its
+#: ``req_data`` (request headers, with the caller's ``Authorization``),
+#: ``user`` and ``annotations`` never leave the worker.
+LEGACY_KEPT_KEYS = ("task_id", "func", "args", "kwargs", "db_id", "container_id")
 
 #: AMQP header: attempts made (started) before this delivery.
 H_ATTEMPTS = "x-quebert-attempts"
@@ -126,8 +144,10 @@ class TaskMessage:
     timeout: Optional[float] = None
     created_at: Optional[float] = None
     #: "quebert" for version-1 bodies, "guillotina" for guillotina_amqp ones.
-    origin: str = "quebert"
-    #: Extra guillotina_amqp context (req_data, db_id, container_id).
+    origin: str = QUEBERT
+    #: Plain data about where the task was enqueued from (string keys,
+    #: JSON scalar values): the body's ``context``; for a guillotina_amqp
+    #: body its ``db_id``, ``container_id``, ``user_id`` and ``path``.
     context: Mapping[str, Any] = attrs.field(factory=dict)
     #: URL tasks: the request to make.
     url: Optional[str] = None
@@ -158,6 +178,8 @@ class TaskMessage:
             "timeout": self.timeout,
             "created_at": self.created_at,
         })
+        if self.context:
+            body["context"] = dict(self.context)
         return body
 
     def info(self) -> dict:
@@ -189,15 +211,18 @@ def build(
     retry: Optional[Mapping[str, Any]] = None,
     timeout: Optional[float] = None,
     now: Optional[float] = None,
+    context: Optional[Mapping[str, Any]] = None,
 ) -> tuple[TaskMessage, bytes]:
     """
     Build a validated call task and its encoded body.
 
     Raises :class:`SerializationError` when the arguments are not JSON, and
-    :class:`InvalidMessage` when an option is malformed, so that producers
-    fail at the call rather than in a worker.
+    :class:`InvalidMessage` when an option is malformed (``context``
+    included, see :func:`check_context`), so that producers fail at the
+    call rather than in a worker.
     """
     kwargs = dict(kwargs or {})
+    context = check_context(_copy(context)) if context is not None else {}
     message = TaskMessage(
         id=task_id or new_task_id(),
         task=task,
@@ -209,6 +234,7 @@ def build(
         retry=dict(retry or {}),
         timeout=timeout,
         created_at=time.time() if now is None else now,
+        context=context,
     )
     body = message.to_body()
     try:
@@ -235,6 +261,7 @@ def build_url(
     retry: Optional[Mapping[str, Any]] = None,
     dispatch_deadline: Optional[float] = None,
     now: Optional[float] = None,
+    context: Optional[Mapping[str, Any]] = None,
 ) -> tuple[TaskMessage, bytes]:
     """
     Build a validated URL task and its encoded body.
@@ -242,9 +269,12 @@ def build_url(
     ``body`` may be ``bytes`` or ``str`` (sent UTF-8 encoded), or a JSON
     value (``dict``/``list``), which is sent as JSON with a
     ``Content-Type: application/json`` header unless one is given.
-    Raises :class:`InvalidMessage` naming the field at fault.
+    Raises :class:`InvalidMessage` naming the field at fault.  ``context``
+    travels with the task as for :func:`build` (the request does not carry
+    it).
     """
     headers = dict(headers or {})
+    context = check_context(_copy(context)) if context is not None else {}
     if isinstance(body, (dict, list)):
         try:
             body = dumps(body)
@@ -264,7 +294,7 @@ def build_url(
         queue=queue, kind=URL, eta=eta, name=name, retry=dict(retry or {}),
         created_at=time.time() if now is None else now, url=url,
         method=str(method).upper(), headers=headers, body=body,
-        dispatch_deadline=dispatch_deadline,
+        dispatch_deadline=dispatch_deadline, context=context,
     )
     try:
         encoded = dumps(message.to_body())
@@ -312,7 +342,7 @@ def decode(
         raise InvalidMessage(
             f"message body must be a JSON object, not {type(data).__name__}", field="body"
         )
-    if "version" not in data and "func" in data:
+    if "version" not in data and "func" in data:  # (is_guillotina, inline)
         return _decode_guillotina(data, default_queue)
     return _validate(data, default_queue)
 
@@ -370,8 +400,9 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
     # set but created_at.  Anything else takes the full checks below, which
     # also name what is wrong; what passes here passes there, unchanged.
     get = data.get
-    version, task_id, name, args, kwargs, created_at = (
-        get("version"), get("id"), get("task"), get("args"), get("kwargs"), get("created_at"))
+    version, task_id, name, args, kwargs, created_at, context = (
+        get("version"), get("id"), get("task"), get("args"), get("kwargs"), get("created_at"),
+        get("context"))
     queue = get("queue") or default_queue
     if (version.__class__ is int and version == 1
             and task_id.__class__ is str and _ID_RE.match(task_id)
@@ -382,12 +413,15 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
             and get("name") is None and get("retry") is None and get("timeout") is None
             and get("eta") is None
             and (created_at is None
-                 or (created_at.__class__ is float and 0.0 <= created_at < _INF))):
+                 or (created_at.__class__ is float and 0.0 <= created_at < _INF))
+            and (context is None or context.__class__ is dict)):
+        # (a context is checked here, where its errors are the full path's)
+        context = check_context(context, task_id) if context else {}
         message = _new(TaskMessage)
         _set_dict(message, "__dict__", {
             "id": task_id, "task": name, "queue": queue, "args": tuple(args),
             "kwargs": kwargs, "kind": CALL, "eta": None, "name": None, "retry": {},
-            "timeout": None, "created_at": created_at, "origin": "quebert", "context": {},
+            "timeout": None, "created_at": created_at, "origin": QUEBERT, "context": context,
             "url": None, "method": "POST", "headers": {}, "body": b"",
             "dispatch_deadline": None,
         })
@@ -468,6 +502,8 @@ def _validate_fully(data: Mapping[str, Any], default_queue: str = "default") -> 
     timeout = _number(data, "timeout", task_id)
     if timeout == 0:
         timeout = None
+    context = data.get("context")
+    context = check_context(context, task_id) if context is not None else {}
     return TaskMessage(
         id=task_id,
         task=name,
@@ -480,8 +516,61 @@ def _validate_fully(data: Mapping[str, Any], default_queue: str = "default") -> 
         retry=retry,
         timeout=timeout,
         created_at=_number(data, "created_at", task_id),
+        context=context,
         **request,
     )
+
+
+def check_context(context: Any, task_id: Optional[str] = None) -> dict:
+    """
+    ``context`` checked (a copy, as a dict), or :class:`InvalidMessage`
+    naming the field at fault.
+
+    A context is a JSON object of at most :data:`MAX_CONTEXT_KEYS` keys, each
+    a name (a letter or ``_``, then up to 199 of ``A-Z a-z 0-9 _ . : -``),
+    whose values are JSON scalars (string, finite number, boolean, null) and
+    whose compact JSON is at most :data:`MAX_CONTEXT_SIZE` bytes.  Scalars
+    only, so that it stays plain data: read-only all the way down once it is
+    wrapped in a mapping proxy (see :func:`quebert.current_task`), and
+    small enough to travel with every copy of the task.
+    """
+    if context.__class__ is not dict:
+        if not isinstance(context, Mapping):
+            raise InvalidMessage(
+                f"'context' must be a JSON object, not {type(context).__name__}",
+                field="context", task_id=task_id)
+        context = dict(context)
+    if len(context) > MAX_CONTEXT_KEYS:
+        raise InvalidMessage(
+            f"'context' has {len(context)} keys, more than the {MAX_CONTEXT_KEYS} allowed",
+            field="context", task_id=task_id)
+    for key, value in context.items():
+        if key.__class__ is not str or not _NAME_RE.fullmatch(key):
+            raise InvalidMessage(
+                f"'context' keys must be names (a letter or _, then up to 199 of A-Z a-z 0-9 "
+                f"_ . : -), not {str(key)[:100]!r}", field="context", task_id=task_id)
+        if value is None or value.__class__ in _CONTEXT_SCALARS:
+            if value.__class__ is float and not math.isfinite(value):
+                raise InvalidMessage(f"'context.{key}' must be a finite number, not {value!r}",
+                                     field=f"context.{key}", task_id=task_id)
+            continue
+        raise InvalidMessage(
+            f"'context.{key}' must be a string, number, boolean or null, not "
+            f"{type(value).__name__}", field=f"context.{key}", task_id=task_id)
+    size = len(dumps(context))
+    if size > MAX_CONTEXT_SIZE:
+        raise InvalidMessage(
+            f"'context' is {size} bytes of JSON, more than the {MAX_CONTEXT_SIZE} allowed",
+            field="context", task_id=task_id)
+    return context
+
+
+_CONTEXT_SCALARS = frozenset({str, int, float, bool})
+
+
+def _copy(value: Any) -> Any:
+    """A producer's mapping copied (its later changes must not reach the task)."""
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _validate_request(data: Mapping[str, Any], task_id: Optional[str]) -> dict:
@@ -594,6 +683,11 @@ def _validate_retry(retry: Any, task_id: str) -> None:
 
 
 def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessage:
+    """
+    A guillotina_amqp body as a task of the queue it came from.  ``func``
+    is a name for the registry (aliases included), never imported; the
+    context keeps only :func:`guillotina_context`'s plain data.
+    """
     task_id = data.get("task_id")
     if not isinstance(task_id, str) or not _ID_RE.match(task_id):
         raise InvalidMessage(
@@ -614,16 +708,100 @@ def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessa
     if not isinstance(kwargs, dict):
         raise InvalidMessage("guillotina task: 'kwargs' must be a JSON object", field="kwargs",
                              task_id=task_id)
-    context = {k: data.get(k) for k in ("req_data", "db_id", "container_id") if k in data}
     return TaskMessage(
         id=task_id,
         task=func,
         queue=default_queue,
         args=tuple(args),
         kwargs=kwargs,
-        origin="guillotina",
-        context=context,
+        origin=GUILLOTINA,
+        context=guillotina_context(data, task_id),
     )
+
+
+def guillotina_context(data: Mapping[str, Any], task_id: Optional[str] = None) -> dict:
+    """
+    The plain, non-secret data of a guillotina_amqp body: ``db_id``,
+    ``container_id``, ``user_id`` (``req_data.user.id``, else a top-level
+    ``user`` string or ``user.id``) and ``path`` (``req_data.url``'s path:
+    no scheme, host, credentials, query or fragment).  Nothing else of
+    ``req_data`` (its headers carry the caller's ``Authorization``), no
+    ``user`` object, no ``annotations``.
+
+    Missing or ``null`` values are left out.  A ``db_id`` or
+    ``container_id`` that is not a string, or any kept value longer than
+    :data:`MAX_LEGACY_VALUE` bytes of JSON, is :class:`InvalidMessage`
+    (the task would otherwise run without the scope it names).
+    """
+    context: dict[str, Any] = {}
+    for key in ("db_id", "container_id"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidMessage(f"guillotina task: {key!r} must be a string, not "
+                                 f"{type(value).__name__}", field=key, task_id=task_id)
+        context[key] = value
+    req_data = data.get("req_data")
+    req_data = req_data if isinstance(req_data, dict) else {}
+    user = req_data.get("user")
+    user_id = _user_id(user) if isinstance(user, dict) else None
+    if user_id is None:
+        user_id = _user_id(data.get("user"))
+    if user_id is not None:
+        context["user_id"] = user_id
+    url = req_data.get("url")
+    if isinstance(url, str):
+        parts = urlsplit_safe(url)
+        if parts is not None and parts.path:
+            context["path"] = parts.path
+    for key, value in context.items():
+        if len(dumps(value)) > MAX_LEGACY_VALUE:
+            field = "req_data.url" if key == "path" else key
+            raise InvalidMessage(
+                f"guillotina task: {field!r} is longer than {MAX_LEGACY_VALUE} bytes of JSON",
+                field=field, task_id=task_id)
+    return context
+
+
+def _user_id(user: Any) -> Optional[str]:
+    """A user id from a guillotina ``user``: the string itself, or an object's ``id``."""
+    if isinstance(user, dict):
+        user = user.get("id")
+    return user if isinstance(user, str) and user else None
+
+
+def is_guillotina(data: Any) -> bool:
+    """Whether decoded JSON is a guillotina_amqp body (``func``, no ``version``)."""
+    return isinstance(data, dict) and "version" not in data and "func" in data
+
+
+def copy_body(message: Optional[TaskMessage], body: bytes,
+              content_type: Optional[str]) -> tuple[bytes, Optional[str]]:
+    """
+    What a copy of a received message carries (a retry, a re-delay, an
+    errored copy): ``(body, content_type)``.
+
+    A version-1 body is copied as received.  A guillotina_amqp body never
+    is: it may carry the request's ``Authorization`` header and user
+    (``req_data``), which must not spread to delay and errored queues.  Its
+    copy is the version-1 body of ``message`` (same id, task, arguments,
+    plain context), or, when it could not be decoded (``message`` is
+    ``None``), the body reduced to :data:`LEGACY_KEPT_KEYS`.
+    """
+    if message is not None:
+        if message.origin == QUEBERT:
+            return body, content_type
+        return dumps(message.to_body()), CONTENT_TYPE
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return body, content_type
+    if not is_guillotina(data):
+        return body, content_type
+    kept = {k: data[k] for k in LEGACY_KEPT_KEYS if k in data}
+    # (json.loads reads NaN and Infinity, which dumps refuses: keep them as read)
+    return json.dumps(kept, separators=(",", ":")).encode("utf-8"), CONTENT_TYPE
 
 
 #: Headers RabbitMQ sets itself.  They must not be copied into a republished

@@ -10,12 +10,18 @@ original function directly.
 
 A worker imports the modules named by ``--tasks``; a message can only name
 a task registered that way, never a dotted path to import.
+
+*Aliases* are further names of a registered task: the dotted paths that
+guillotina_amqp producers put in ``func``, or the old name of a renamed
+task.  ``@task(aliases=("old.name",))``, :meth:`Registry.alias`, or the
+worker's ``legacy_tasks`` config block declare them; a message naming an
+alias runs (and is recorded as) the task it points to.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import attrs
 
@@ -113,6 +119,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskDefinition] = {}
+        #: alias -> registered name
+        self._aliases: dict[str, str] = {}
 
     def register(
         self,
@@ -122,12 +130,22 @@ class Registry:
         queue: Optional[str] = None,
         timeout: Optional[float] = None,
         executor: Optional[str] = None,
+        aliases: Iterable[str] = (),
         **retry: Any,
     ) -> TaskDefinition:
-        """Register ``fn``; re-registering the same function is harmless."""
+        """
+        Register ``fn``; re-registering the same function is harmless.
+        ``aliases`` are further names messages may use (see :meth:`alias`).
+        """
         name = name or f"{fn.__module__}.{fn.__qualname__}"
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ConfigurationError(f"{name!r} is not a valid task name")
+        if name in self._aliases:
+            raise ConfigurationError(
+                f"task name {name!r} is already an alias of {self._aliases[name]!r}")
+        if isinstance(aliases, str):
+            raise ConfigurationError(
+                f"aliases of task {name!r} must be a list of names, not the string {aliases!r}")
         if queue is not None and not QUEUE_RE.match(queue):
             raise ConfigurationError(f"{queue!r} is not a valid queue name")
         unknown = set(retry) - set(RETRY_FIELDS)
@@ -160,13 +178,51 @@ class Registry:
                     f"{existing.fn.__module__}.{existing.fn.__qualname__}"
                 )
         self._tasks[name] = definition
+        try:
+            for old in aliases:
+                self.alias(old, name)
+        except ConfigurationError:
+            if existing is None:
+                self.unregister(name)  # all or nothing
+            raise
         return definition
 
+    def alias(self, old: str, new: str) -> None:
+        """
+        Make messages naming ``old`` run the task registered as ``new``
+        (an alias of an alias points to its task).  ``old`` must not be a
+        registered name itself, nor an alias of another task; declaring the
+        same alias again is harmless.  Raises :class:`ConfigurationError`.
+        """
+        if not isinstance(old, str) or not _NAME_RE.fullmatch(old):
+            raise ConfigurationError(f"{old!r} is not a valid task name for an alias")
+        target = self._aliases.get(new, new)
+        if target not in self._tasks:
+            raise ConfigurationError(
+                f"cannot make {old!r} an alias of {new!r}: no task is registered as {new!r} "
+                "(is its module in --tasks?)")
+        if old in self._tasks:
+            raise ConfigurationError(
+                f"cannot make {old!r} an alias of {target!r}: a task is registered as {old!r}")
+        existing = self._aliases.get(old)
+        if existing is not None and existing != target:
+            raise ConfigurationError(
+                f"{old!r} is already an alias of {existing!r}, not of {target!r}")
+        self._aliases[old] = target
+
+    @property
+    def aliases(self) -> Mapping[str, str]:
+        """A copy of the aliases: ``{alias: registered name}``."""
+        return dict(self._aliases)
+
     def get(self, name: str, task_id: Optional[str] = None) -> TaskDefinition:
-        """The definition of ``name``, or :class:`UnknownTask`."""
+        """The definition of ``name`` (or of the task it aliases), or :class:`UnknownTask`."""
         try:
             return self._tasks[name]
         except KeyError:
+            target = self._aliases.get(name)
+            if target is not None:
+                return self._tasks[target]
             raise UnknownTask(
                 f"task {name!r} is not registered in this worker (is its module in --tasks?)",
                 field="task",
@@ -174,8 +230,11 @@ class Registry:
             )
 
     def lookup(self, name: str) -> Optional[TaskDefinition]:
-        """The definition of ``name``, or ``None``."""
-        return self._tasks.get(name)
+        """The definition of ``name`` (or of the task it is an alias of), or ``None``."""
+        definition = self._tasks.get(name)
+        if definition is None and name in self._aliases:
+            definition = self._tasks[self._aliases[name]]
+        return definition
 
     def find_function(self, fn: Callable[..., Any]) -> Optional[TaskDefinition]:
         """The definition registered for function ``fn``, or ``None``."""
@@ -194,7 +253,10 @@ class Registry:
         return len(self._tasks)
 
     def unregister(self, name: str) -> None:
+        """Forget task ``name`` and its aliases."""
         self._tasks.pop(name, None)
+        for old in [old for old, target in self._aliases.items() if target == name]:
+            del self._aliases[old]
 
 
 #: The registry ``@task`` uses unless told otherwise.
@@ -251,6 +313,7 @@ def task(
     max_backoff: Optional[float] = None,
     max_doublings: Optional[int] = None,
     jitter: Optional[float] = None,
+    aliases: Iterable[str] = (),
 ) -> Union[TaskFunction, Callable[[Callable[..., Any]], TaskFunction]]:
     """
     Register a function as a task, with or without options::
@@ -260,6 +323,13 @@ def task(
 
         @task(queue="high", max_attempts=10, min_backoff=5)
         async def fetch(url): ...
+
+        @task(name="search.reindex", aliases=("guillotina_app.tasks.reindex",))
+        async def reindex(path): ...
+
+    ``aliases`` are further names messages may use, such as the dotted
+    path a guillotina_amqp producer puts in ``func`` (see
+    :meth:`Registry.alias`).
 
     ``async def`` and ``inlineCallbacks`` functions run on the reactor;
     other functions run in the worker's thread pool unless
@@ -279,6 +349,7 @@ def task(
             max_backoff=max_backoff,
             max_doublings=max_doublings,
             jitter=jitter,
+            aliases=aliases,
         )
         return TaskFunction(definition)
 

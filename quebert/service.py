@@ -61,13 +61,15 @@ class TaskService:
     def add_task(self, task: str, args: list, kwargs: dict, *, queue: Optional[str] = None,
                  countdown: Optional[float] = None, eta: Optional[float] = None,
                  name: Optional[str] = None, retry: Optional[dict] = None,
-                 timeout: Optional[float] = None) -> defer.Deferred:
+                 timeout: Optional[float] = None,
+                 context: Optional[dict] = None) -> defer.Deferred:
         return defer.ensureDeferred(self._add_task(task, args, kwargs, queue, countdown, eta,
-                                                   name, retry, timeout))
+                                                   name, retry, timeout, context))
 
     async def _add_task(self, task: str, args: list, kwargs: dict, queue: Optional[str],
                         countdown: Optional[float], eta: Optional[float], name: Optional[str],
-                        retry: Optional[dict], timeout: Optional[float]) -> dict:
+                        retry: Optional[dict], timeout: Optional[float],
+                        context: Optional[dict]) -> dict:
         if self.registry is not None and len(self.registry):
             definition = self.registry.lookup(task)
             if definition is None:
@@ -75,24 +77,28 @@ class TaskService:
             definition.bind(tuple(args), kwargs)
         info = await self.client.add_task(task, *args, _queue=queue, _countdown=countdown,
                                           _eta=eta, _name=name, _retry=retry,
-                                          _timeout=timeout, **kwargs)
+                                          _timeout=timeout, _context=context, **kwargs)
         return await self._record_of(info)
 
     def add_url_task(self, url: str, *, method: str = "POST", headers: Optional[dict] = None,
                      body: bytes = b"", queue: Optional[str] = None,
                      countdown: Optional[float] = None, eta: Optional[float] = None,
                      name: Optional[str] = None, retry: Optional[dict] = None,
-                     dispatch_deadline: Optional[float] = None) -> defer.Deferred:
+                     dispatch_deadline: Optional[float] = None,
+                     context: Optional[dict] = None) -> defer.Deferred:
         return defer.ensureDeferred(self._add_url_task(
-            url, method, headers, body, queue, countdown, eta, name, retry, dispatch_deadline))
+            url, method, headers, body, queue, countdown, eta, name, retry, dispatch_deadline,
+            context))
 
     async def _add_url_task(self, url: str, method: str, headers: Optional[dict], body: bytes,
                             queue: Optional[str], countdown: Optional[float],
                             eta: Optional[float], name: Optional[str], retry: Optional[dict],
-                            dispatch_deadline: Optional[float]) -> dict:
+                            dispatch_deadline: Optional[float],
+                            context: Optional[dict]) -> dict:
         info = await self.client.add_url_task(
             url, method=method, headers=headers, body=body, queue=queue, countdown=countdown,
-            eta=eta, name=name, retry=retry, dispatch_deadline=dispatch_deadline)
+            eta=eta, name=name, retry=retry, dispatch_deadline=dispatch_deadline,
+            context=context)
         return await self._record_of(info)
 
     async def _record_of(self, info: Any) -> dict:

@@ -287,14 +287,18 @@ class StubWorker:
     def enqueue(self, name: str, *args: Any, _queue: Optional[str] = None,
                 _countdown: Optional[float] = None, _task_id: Optional[str] = None,
                 _retry: Optional[dict] = None, _timeout: Optional[float] = None,
-                **kwargs: Any) -> str:
-        """Publish a task the way :class:`~quebert.Client` does; return its id."""
+                _context: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> str:
+        """
+        Publish a task the way :class:`~quebert.Client` does; return its id.
+        ``_context`` is what the task then reads in ``current_task().context``.
+        """
         now = self.clock.seconds()
         definition = self.registry.lookup(name)
         queue = _queue or (definition.queue if definition else None) or self.default_queue
         eta = now + _countdown if _countdown else None
         message, body = protocol.build(name, args, kwargs, queue=queue, task_id=_task_id,
-                                       eta=eta, retry=_retry, timeout=_timeout, now=now)
+                                       eta=eta, retry=_retry, timeout=_timeout, now=now,
+                                       context=_context)
         headers: dict[str, Any] = {protocol.H_ATTEMPTS: 0}
         if eta:
             headers[protocol.H_NOT_BEFORE] = protocol.to_ms(eta)

@@ -114,6 +114,20 @@ def import_tasks(modules: list[str]) -> None:
             raise ConfigurationError(f"importing tasks module {name!r} failed: {e!r}")
 
 
+def apply_legacy_tasks(registry: Registry, legacy_tasks: dict) -> None:
+    """
+    Declare the config's ``legacy_tasks`` as aliases in ``registry``, once
+    the tasks are imported: a legacy name pointing to a task nobody
+    registered is a :class:`ConfigurationError` at start-up, not a refused
+    message later.
+    """
+    for old, new in legacy_tasks.items():
+        try:
+            registry.alias(old, new)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"legacy_tasks: {e}") from None
+
+
 def load_mediator_class(dotted: str) -> type:
     """The Mediator subclass named by ``dotted``."""
     try:
@@ -269,6 +283,8 @@ class ApiService(MultiService):
             raise ConfigurationError("quebert-api needs --http-port (or api.port in --config)")
         self.reactor = reactor
         import_tasks(config.tasks)
+        if len(default_registry):  # (without tasks, any call task name is accepted)
+            apply_legacy_tasks(default_registry, config.legacy_tasks)
         self._redis = None
         if config.state == "redis":
             self._redis = connect_redis(config.redis_url, reactor=reactor)
@@ -320,6 +336,7 @@ class WorkerService(MultiService):
         if not len(registry):
             log.warn("no tasks are registered: every message will be refused "
                      "(pass --tasks MODULE)")
+        apply_legacy_tasks(registry, config.legacy_tasks)
 
         topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
                             errored_ttl_ms=config.errored_ttl_ms)

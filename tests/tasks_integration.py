@@ -14,7 +14,7 @@ import time
 
 from twisted.internet import defer, reactor
 
-from quebert import task
+from quebert import current_task, task
 
 
 def _append(path: str, record: dict) -> int:
@@ -98,3 +98,30 @@ def sleep_thread(path: str, i: int, seconds: float) -> int:
     time.sleep(seconds)
     _append(path, {"i": i, "event": "end", "pid": os.getpid(), "at": time.time()})
     return i
+
+
+def _whoami() -> dict:
+    current = current_task()
+    return {"id": current.id, "name": current.name, "queue": current.queue,
+            "origin": current.origin, "context": dict(current.context)}
+
+
+@task(name="it.whoami", aliases=("guillotina_app.tasks.whoami",))
+async def whoami() -> dict:
+    """An ``async def`` task reporting what quebert.current_task() tells it."""
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    await d
+    return _whoami()
+
+
+@task(name="it.whoami_thread")
+def whoami_thread() -> dict:
+    """The same from a thread (reached through the legacy_tasks config block)."""
+    return _whoami()
+
+
+@task(name="it.fail_slowly", min_backoff=3600, max_backoff=3600, max_attempts=2)
+def fail_slowly() -> None:
+    """Fails once, and is retried an hour later: its copy waits in a delay queue."""
+    raise RuntimeError("planned failure, retried in an hour")

@@ -118,6 +118,14 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
      "dispatch_deadline"),
     ({"kind": "url", "url": "http://example.com/", "task": "app.add"}, "task"),
     ({"kind": "url", "url": "http://example.com/", "timeout": 3}, "timeout"),
+    ({"kind": "call", "task": "app.add", "context": ["db"]}, "context"),
+    ({"kind": "call", "task": "app.add", "context": {"1db": "x"}}, "context"),
+    ({"kind": "call", "task": "app.add", "context": {f"k{i}": i for i in range(51)}},
+     "context"),
+    ({"kind": "call", "task": "app.add", "context": {"k": "x" * 8192}}, "context"),
+    ({"kind": "call", "task": "app.add", "context": {"roles": ["a"]}}, "context.roles"),
+    ({"kind": "url", "url": "http://example.com/", "context": {"user": {"id": 1}}},
+     "context.user"),
 ]
 
 
@@ -151,6 +159,16 @@ class ValidationTests(SynchronousTestCase):
             "retry": {"max_attempts": 3, "min_backoff": 1.0, "jitter": 0.5}, "timeout": 2.0,
         })
         self.assertIsInstance(task.arguments["retry"]["max_attempts"], int)
+
+    def test_context(self) -> None:
+        """A context is passed on checked; null or absent, it is not passed at all."""
+        context = {"db_id": "db", "container_id": "site", "user_id": "u", "n": 1.5,
+                   "ok": True, "none": None}
+        for kind, extra in (("call", {"task": "app.add"}), ("url", {"url": "http://h/"})):
+            task = new_task({"kind": kind, "context": context, **extra})
+            self.assertEqual(task.arguments["context"], context)
+            self.assertNotIn("context", new_task({"kind": kind, "context": None, **extra})
+                             .arguments)
 
     def test_nulls_are_absent(self) -> None:
         """``null`` options are the same as leaving them out."""
@@ -304,6 +322,19 @@ class HTTPTests(LiveAPI, TestCase):
                           published["timeout"]), ([1, 2], {"c": 3}, {"max_attempts": 2}, 5.0))
         again = await self.request("GET", response.header("location"), token=RO)
         self.assertEqual((again.code, again.json), (200, record))
+
+    async def test_add_with_context(self) -> None:
+        """The context reaches the backend, for call and URL tasks; a bad one is a 400."""
+        context = {"db_id": "db", "container_id": "site", "user_id": "alice"}
+        call = await self.post_task(context=context)
+        self.assertEqual(call.code, 201, call)
+        self.assertEqual(self.service.published[call.json["id"]]["context"], context)
+        url = await self.post_task(kind="url", url="https://example.com/x", context=context)
+        self.assertEqual(url.code, 201, url)
+        self.assertEqual(self.service.published[url.json["id"]]["context"], context)
+        bad = await self.post_task(context={"db": {"nested": 1}})
+        error = self.assertError(bad, 400, "invalid_field", "context.db")
+        self.assertIn("string, number, boolean or null", error["message"])
 
     async def test_add_scheduled(self) -> None:
         """countdown and eta (number or RFC 3339) make a scheduled task."""

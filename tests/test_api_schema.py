@@ -71,6 +71,19 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(schema["properties"]["error"]["properties"]["code"]["enum"],
                          list(CODES))
 
+    def test_context_schema_states_the_enforced_limits(self) -> None:
+        """Both task kinds take a context, with the wire protocol's limits."""
+        from quebert import protocol
+
+        schemas = openapi_document()["components"]["schemas"]
+        for kind in ("CallTask", "URLTask"):
+            context = schemas[kind]["properties"]["context"]
+            self.assertEqual(context["maxProperties"], protocol.MAX_CONTEXT_KEYS)
+            self.assertEqual(context["propertyNames"]["pattern"], protocol._NAME_RE.pattern)
+            self.assertEqual(context["additionalProperties"],
+                             {"type": ["string", "number", "boolean", "null"]})
+            self.assertIn(str(protocol.MAX_CONTEXT_SIZE), context["description"])
+
     def test_fresh_copies(self) -> None:
         first = openapi_document()
         first["paths"].clear()

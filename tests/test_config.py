@@ -22,8 +22,10 @@ from quebert.config import (
     parse_queue_option,
 )
 from quebert.errors import ConfigurationError
+from quebert.registry import Registry
 from quebert.retry import RetryPolicy
 from quebert.tap import Options
+from quebert.worker import apply_legacy_tasks
 
 
 class AMQPBlockTests(SynchronousTestCase):
@@ -255,6 +257,34 @@ class BadValueTests(SynchronousTestCase):
     def test_negative_errored_ttl(self):
         """RabbitMQ refuses a negative x-message-ttl: say so before connecting."""
         self.assertBad({"amqp": {"errored_ttl_ms": -1}}, "errored_ttl_ms")
+
+
+class LegacyTasksTests(SynchronousTestCase):
+    """The ``legacy_tasks`` block: guillotina_amqp task names mapped to registered ones."""
+
+    def test_read(self):
+        config = from_mapping({"legacy_tasks": {"guillotina_app.tasks.reindex": "app.reindex"}})
+        self.assertEqual(config.legacy_tasks, {"guillotina_app.tasks.reindex": "app.reindex"})
+        self.assertEqual(from_mapping({}).legacy_tasks, {})
+
+    def test_bad_blocks(self):
+        for block, words in ((["a"], "must be a JSON object"),
+                             ({"os.system;x": "app.a"}, "'os.system;x' is not a task name"),
+                             ({"old.a": 5}, "5 is not a task name"),
+                             ({"old.a": "app a"}, "'app a' is not a task name")):
+            e = self.assertRaises(ConfigurationError, from_mapping, {"legacy_tasks": block})
+            self.assertIn("legacy_tasks", str(e))
+            self.assertIn(words, str(e))
+
+    def test_applied_once_the_tasks_are_registered(self):
+        registry = Registry()
+        definition = registry.register(lambda: None, "app.reindex")
+        apply_legacy_tasks(registry, {"guillotina_app.tasks.reindex": "app.reindex"})
+        self.assertIs(registry.get("guillotina_app.tasks.reindex"), definition)
+        e = self.assertRaises(ConfigurationError, apply_legacy_tasks, registry,
+                              {"guillotina_app.tasks.gone": "app.gone"})
+        self.assertIn("legacy_tasks: cannot make 'guillotina_app.tasks.gone' an alias", str(e))
+        self.assertIn("no task is registered as 'app.gone'", str(e))
 
 
 class LoadFileTests(SynchronousTestCase):

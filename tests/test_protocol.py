@@ -356,16 +356,115 @@ class GuillotinaTests(SynchronousTestCase):
         self.assertEqual(message.args, ("/db/container/item", 1))
         self.assertEqual(message.kwargs, {"full": True})
         self.assertEqual(message.queue, "guillotina")
-        self.assertEqual(message.context["db_id"], "db")
-        self.assertEqual(message.context["container_id"], "container")
-        self.assertEqual(message.context["req_data"]["method"], "POST")
+        self.assertEqual(message.context, {"db_id": "db", "container_id": "container",
+                                           "path": "/db/container"})
         self.assertEqual(message.kind, "call")
 
     def test_plain_uuid_task_id(self):
         message = decode(encode(self.guillotina_body(
             task_id="7e5c4b4c-3b5b-4a63-9a0a-cc6b1b5e8f31", db_id=None, container_id=None,
             req_data=_DROP)))
-        self.assertEqual(message.context, {"db_id": None, "container_id": None})
+        self.assertEqual(message.id, "7e5c4b4c-3b5b-4a63-9a0a-cc6b1b5e8f31")
+        self.assertEqual(message.context, {})
+
+    def secret_body(self):
+        """A body as guillotina_amqp sends it for a logged-in user, with credentials."""
+        return self.guillotina_body(
+            req_data={
+                "url": "https://admin:pw-SECRET@cms.example.com/db/container/item?token=qs-SECRET",
+                "method": "POST",
+                "headers": {"Authorization": "Bearer tok-SECRET", "Cookie": "auth_token=ck"},
+                "user": {"id": "alice", "roles": {"guillotina.Manager": 1},
+                         "groups": ["Managers"], "Authorization": "Bearer tok-SECRET"},
+                "annotations": {"jwt": "tok-SECRET"},
+            },
+            user={"id": "alice", "token": "tok-SECRET"},
+            annotations={"auth": "tok-SECRET"},
+        )
+
+    def test_only_plain_context_is_kept(self):
+        """No credential of the request survives the decode: only ids and the path."""
+        message = decode(encode(self.secret_body()))
+        self.assertEqual(message.context, {"db_id": "db", "container_id": "container",
+                                           "user_id": "alice", "path": "/db/container/item"})
+        self.assertNotIn("SECRET", repr(message))
+        self.assertNotIn(b"SECRET", protocol.dumps(message.to_body()))
+
+    def test_user_id_sources(self):
+        """req_data.user.id first, then a top-level user string or user.id."""
+        for changes, expected in (
+            ({"req_data": {"user": {"id": "a"}}, "user": "b"}, "a"),
+            ({"req_data": {"user": "not-an-object"}, "user": "b"}, "b"),
+            ({"req_data": _DROP, "user": {"id": "c", "roles": []}}, "c"),
+            ({"req_data": "junk", "user": 7}, None),
+            ({"req_data": {"user": {"id": ""}}, "user": {"id": None}}, None),
+        ):
+            context = decode(encode(self.guillotina_body(**changes))).context
+            self.assertEqual(context.get("user_id"), expected, changes)
+
+    def test_path_without_query_credentials_or_host(self):
+        for url, expected in (("http://u:p@h:8080/db/c/i?x=1#f", "/db/c/i"),
+                              ("/db/c", "/db/c"), ("http://h", None), ("http://h:bad/x", None),
+                              (7, None)):
+            req_data = {"url": url, "headers": {"Authorization": "Basic eDp5"}}
+            context = decode(encode(self.guillotina_body(req_data=req_data))).context
+            self.assertEqual(context.get("path"), expected, url)
+
+    def test_non_string_ids_are_refused(self):
+        for key in ("db_id", "container_id"):
+            e = self.assertRaises(InvalidMessage, decode,
+                                  encode(self.guillotina_body(**{key: {"x": 1}})))
+            self.assertEqual(e.field, key)
+            self.assertEqual(e.task_id, self.guillotina_body()["task_id"])
+
+    def test_overlong_values_are_refused(self):
+        """What is kept must fit a version-1 context, so its converted copy decodes."""
+        long = "x" * protocol.MAX_LEGACY_VALUE
+        e = self.assertRaises(InvalidMessage, decode, encode(self.guillotina_body(db_id=long)))
+        self.assertEqual(e.field, "db_id")
+        e = self.assertRaises(InvalidMessage, decode, encode(self.guillotina_body(
+            req_data={"url": "http://h/" + long})))
+        self.assertEqual(e.field, "req_data.url")
+        longest = "x" * (protocol.MAX_LEGACY_VALUE - 2)  # its JSON has the quotes
+        message = decode(encode(self.guillotina_body(
+            db_id=longest, container_id=longest, user=longest,
+            req_data={"url": "http://h/" + longest[1:]})))
+        self.assertEqual(decode(protocol.dumps(message.to_body())).context, message.context)
+
+    def test_copy_is_the_version_1_body(self):
+        """A guillotina message's copies are its version-1 body, which decodes the same."""
+        raw = encode(self.secret_body())
+        message = decode(raw, default_queue="legacy")
+        copy, content_type = protocol.copy_body(message, raw, None)
+        self.assertEqual(content_type, CONTENT_TYPE)
+        self.assertNotIn(b"SECRET", copy)
+        again = decode(copy, content_type, default_queue="other")
+        self.assertEqual(again.origin, "quebert")
+        self.assertEqual((again.id, again.task, again.args, again.kwargs, again.queue,
+                          again.context),
+                         (message.id, message.task, message.args, message.kwargs, "legacy",
+                          message.context))
+
+    def test_copy_of_an_undecodable_guillotina_body_keeps_only_safe_keys(self):
+        data = dict(self.secret_body(), args={"not": "a list"}, kwargs={"n": math.nan})
+        raw = json.dumps(data).encode("utf-8")
+        self.assertRaises(InvalidMessage, decode, raw)
+        copy, content_type = protocol.copy_body(None, raw, None)
+        self.assertEqual(content_type, CONTENT_TYPE)
+        self.assertNotIn(b"SECRET", copy)
+        kept = json.loads(copy)
+        self.assertEqual(set(kept), set(protocol.LEGACY_KEPT_KEYS))
+        self.assertEqual(kept["args"], {"not": "a list"})
+        self.assertTrue(math.isnan(kept["kwargs"]["n"]))
+
+    def test_other_bodies_are_copied_as_received(self):
+        _, raw = build("app.add", (1,), queue="q", context={"k": "v"})
+        message = decode(raw)
+        self.assertEqual(protocol.copy_body(message, raw, "application/json; x=1"),
+                         (raw, "application/json; x=1"))
+        for junk in (b"\xff\xfe", b"[1]", b'{"version": 2, "func": "x"}', raw):
+            self.assertEqual(protocol.copy_body(None, junk, "text/plain"),
+                             (junk, "text/plain"))
 
     def test_missing_args_and_kwargs(self):
         message = decode(encode(self.guillotina_body(args=_DROP, kwargs=_DROP)))
@@ -396,6 +495,94 @@ class GuillotinaTests(SynchronousTestCase):
         e = self.assertRaises(InvalidMessage, decode,
                               encode(dict(self.guillotina_body(), version=1)))
         self.assertEqual(e.field, "id")
+
+
+class ContextTests(SynchronousTestCase):
+    """The optional ``context`` field: plain data about where a task comes from."""
+
+    CONTEXT = {"db_id": "db", "container_id": "site", "user_id": "alice", "depth": 2,
+               "ratio": 0.5, "draft": False, "parent": None}
+
+    def test_round_trip(self):
+        message, raw = build("app.add", (1,), queue="q", context=self.CONTEXT)
+        self.assertEqual(json.loads(raw)["context"], self.CONTEXT)
+        decoded = decode(raw)
+        self.assertEqual(decoded.context, self.CONTEXT)
+        self.assertEqual(decoded, message)
+        self.assertEqual(decoded.to_body(), message.to_body())
+
+    def test_fast_path_reads_it_as_the_full_checks_do(self):
+        _, raw = build("app.add", (1,), queue="q", context=self.CONTEXT, now=5.0)
+        data = json.loads(raw)
+        fast = protocol._validate(data)
+        self.assertEqual(fast, protocol._validate_fully(data))
+        self.assertEqual(fast.context, self.CONTEXT)
+        for bad in ({"a": [1]}, {"-a": 1}, {"a": math.inf}):
+            outcomes = []
+            for validate in (protocol._validate, protocol._validate_fully):
+                try:
+                    outcomes.append(validate(dict(data, context=bad)))
+                except InvalidMessage as e:
+                    outcomes.append((e.reason, e.field, e.task_id))
+            self.assertEqual(outcomes[0], outcomes[1])
+            self.assertIsInstance(outcomes[0], tuple)
+
+    def test_empty_or_null_context_is_not_written(self):
+        for context in (None, {}):
+            message, raw = build("app.add", (1,), queue="q", context=context)
+            self.assertNotIn("context", json.loads(raw))
+            self.assertEqual(message.context, {})
+        self.assertEqual(decode(encode(body(context=None))).context, {})
+        self.assertEqual(decode(encode(body(context={}))).context, {})
+
+    def test_url_task_carries_it(self):
+        message, raw = protocol.build_url("https://example.com/hook", queue="q",
+                                          context={"user_id": "bob"})
+        self.assertEqual(decode(raw).context, {"user_id": "bob"})
+        self.assertEqual(message.context, {"user_id": "bob"})
+
+    def test_producer_changes_after_build_do_not_reach_the_task(self):
+        context = {"k": "v"}
+        message, _ = build("app.add", (), queue="q", context=context)
+        context["k"] = "changed"
+        self.assertEqual(message.context, {"k": "v"})
+
+    def test_limits(self):
+        at_most = {f"k{i}": "v" for i in range(protocol.MAX_CONTEXT_KEYS)}
+        self.assertEqual(decode(encode(body(context=at_most))).context, at_most)
+        big = {"k": "x" * (protocol.MAX_CONTEXT_SIZE - len('{"k":""}'))}
+        self.assertEqual(len(protocol.dumps(big)), protocol.MAX_CONTEXT_SIZE)
+        self.assertEqual(decode(encode(body(context=big))).context, big)
+        for context, field, words in (
+            ([1], "context", "must be a JSON object"),
+            ("db", "context", "must be a JSON object"),
+            (dict(at_most, extra=1), "context", "more than the 50"),
+            ({"k": "x" * protocol.MAX_CONTEXT_SIZE}, "context", "more than the 8192"),
+            ({"1st": 1}, "context", "keys must be names"),
+            ({"a b": 1}, "context", "keys must be names"),
+            ({"k\n": 1}, "context", "keys must be names"),
+            ({"k" * 201: 1}, "context", "keys must be names"),
+            ({"roles": ["a"]}, "context.roles", "string, number, boolean or null"),
+            ({"user": {"id": 1}}, "context.user", "string, number, boolean or null"),
+        ):
+            e = self.assertRaises(InvalidMessage, decode, encode(body(context=context)))
+            self.assertEqual((e.field, e.task_id), (field, TASK_ID), context)
+            self.assertIn(words, e.reason)
+
+    def test_non_finite_numbers_are_refused(self):
+        raw = b'{"version": 1, "id": "t1", "task": "a.b", "context": {"n": NaN}}'
+        e = self.assertRaises(InvalidMessage, decode, raw)
+        self.assertEqual(e.field, "context.n")
+
+    def test_build_refuses_bad_context_at_the_call(self):
+        for context, field in (({"k": {1, 2}}, "context.k"), ({1: "v"}, "context"),
+                               (["k"], "context")):
+            e = self.assertRaises(InvalidMessage, build, "app.add", (), queue="q",
+                                  context=context)
+            self.assertEqual(e.field, field)
+            e = self.assertRaises(InvalidMessage, protocol.build_url, "https://e.com/",
+                                  queue="q", context=context)
+            self.assertEqual(e.field, field)
 
 
 class HeaderTests(SynchronousTestCase):

@@ -360,3 +360,83 @@ class TaskDecoratorTests(SynchronousTestCase):
         self.assertRaises(ConfigurationError, task, name="bad name", registry=self.registry,
                           fn=add)
         self.assertEqual(list(self.registry), ["sentinel.other"])
+
+
+class AliasTests(SynchronousTestCase):
+    """Further names of a registered task: legacy (guillotina_amqp) dotted paths."""
+
+    def setUp(self):
+        self.registry = Registry()
+        self.definition = self.registry.register(add, "jobs.add")
+
+    def test_alias_resolves_to_the_task(self):
+        self.registry.alias("old_app.tasks.add", "jobs.add")
+        self.assertIs(self.registry.get("old_app.tasks.add"), self.definition)
+        self.assertIs(self.registry.lookup("old_app.tasks.add"), self.definition)
+        self.assertEqual(self.registry.aliases, {"old_app.tasks.add": "jobs.add"})
+        # an alias is a name for messages, not a task of its own
+        self.assertEqual(list(self.registry), ["jobs.add"])
+        self.assertNotIn("old_app.tasks.add", self.registry)
+
+    def test_alias_of_an_alias_points_to_the_task(self):
+        self.registry.alias("v2.add", "jobs.add")
+        self.registry.alias("v1.add", "v2.add")
+        self.assertEqual(self.registry.aliases, {"v2.add": "jobs.add", "v1.add": "jobs.add"})
+
+    def test_same_alias_again_is_harmless(self):
+        self.registry.alias("old.add", "jobs.add")
+        self.registry.alias("old.add", "jobs.add")
+        self.assertEqual(self.registry.aliases, {"old.add": "jobs.add"})
+
+    def test_conflicts_are_refused(self):
+        self.registry.register(other, "jobs.other")
+        self.registry.alias("old.add", "jobs.add")
+        for old, new, words in (
+            ("old.add", "jobs.other", "already an alias of 'jobs.add'"),
+            ("jobs.other", "jobs.add", "a task is registered as 'jobs.other'"),
+            ("old.x", "jobs.missing", "no task is registered as 'jobs.missing'"),
+            ("os.system;rm", "jobs.add", "not a valid task name"),
+            ("old\n", "jobs.add", "not a valid task name"),
+        ):
+            e = self.assertRaises(ConfigurationError, self.registry.alias, old, new)
+            self.assertIn(words, str(e))
+        e = self.assertRaises(ConfigurationError, self.registry.register, other, "old.add")
+        self.assertIn("already an alias of 'jobs.add'", str(e))
+
+    def test_unknown_names_still_refused(self):
+        self.registry.alias("old.add", "jobs.add")
+        e = self.assertRaises(UnknownTask, self.registry.get, "old.sub", "t1")
+        self.assertEqual((e.field, e.task_id), ("task", "t1"))
+        self.assertIsNone(self.registry.lookup("old.sub"))
+
+    def test_unregister_drops_the_aliases(self):
+        self.registry.alias("old.add", "jobs.add")
+        self.registry.unregister("jobs.add")
+        self.assertEqual(self.registry.aliases, {})
+        self.assertIsNone(self.registry.lookup("old.add"))
+
+    def test_register_and_decorator_take_aliases(self):
+        registry = self.registry
+
+        @task(name="jobs.mul", aliases=("guillotina_app.tasks.mul", "old.mul"),
+              registry=registry)
+        def mul(x, y):
+            return x * y
+
+        self.assertIs(registry.get("old.mul"), mul.definition)
+        self.assertIs(registry.get("guillotina_app.tasks.mul"), mul.definition)
+        definition = registry.register(other, "jobs.other2", aliases=["old.other"])
+        self.assertIs(registry.get("old.other"), definition)
+
+    def test_a_failed_alias_leaves_nothing_registered(self):
+        self.registry.register(other, "jobs.other")
+        e = self.assertRaises(ConfigurationError, self.registry.register, kwonly, "jobs.sub",
+                              aliases=("new.sub", "jobs.other"))
+        self.assertIn("a task is registered as 'jobs.other'", str(e))
+        self.assertNotIn("jobs.sub", self.registry)
+        self.assertEqual(self.registry.aliases, {})
+
+    def test_aliases_must_be_a_list(self):
+        e = self.assertRaises(ConfigurationError, self.registry.register, kwonly, "jobs.sub",
+                              aliases="old.sub")
+        self.assertIn("must be a list of names", str(e))

@@ -26,6 +26,7 @@ import attrs
 
 from quebert import protocol
 from quebert.api._errors import invalid
+from quebert.errors import InvalidMessage
 from quebert.retry import RETRY_FIELDS
 from quebert.state.interface import STATES
 
@@ -78,6 +79,12 @@ FORBIDDEN_HEADERS = frozenset({
 })
 URL_SCHEMES = ("http", "https")
 
+#: A task's context: at most this many keys, named like tasks, JSON scalar
+#: values, at most this many bytes of JSON (the wire protocol's limits).
+MAX_CONTEXT_KEYS = protocol.MAX_CONTEXT_KEYS
+MAX_CONTEXT_SIZE = protocol.MAX_CONTEXT_SIZE
+CONTEXT_KEY_PATTERN = protocol._NAME_RE.pattern
+
 #: Integer retry options; the others are seconds (``jitter`` a fraction).
 RETRY_INTS = frozenset({"max_attempts", "max_doublings"})
 
@@ -85,7 +92,7 @@ MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_OFFSET = 2**31 - 1
 
-COMMON_FIELDS = ("kind", "queue", "countdown", "eta", "name", "retry")
+COMMON_FIELDS = ("kind", "queue", "countdown", "eta", "name", "retry", "context")
 CALL_FIELDS = COMMON_FIELDS + ("task", "args", "kwargs", "timeout")
 URL_FIELDS = COMMON_FIELDS + (
     "url", "method", "headers", "body", "body_base64", "dispatch_deadline",
@@ -217,6 +224,16 @@ def _retry(value: Any) -> Dict[str, Any]:
     return retry
 
 
+def _context(value: Any) -> Dict[str, Any]:
+    """The wire protocol's own check (:func:`quebert.protocol.check_context`)."""
+    if not isinstance(value, dict):
+        raise invalid("context", f"context must be an object, not {_type_name(value)}")
+    try:
+        return protocol.check_context(value)
+    except InvalidMessage as e:
+        raise invalid(e.field, e.reason) from None
+
+
 def _url(value: Any) -> str:
     _string(value, "url")
     if len(value) > MAX_URL_LENGTH:
@@ -307,6 +324,8 @@ def new_task(data: Any) -> NewTask:
                                       "1-200 characters of A-Z a-z 0-9 _ . : -")
     if get("retry") is not None:
         arguments["retry"] = _retry(get("retry"))
+    if get("context") is not None:
+        arguments["context"] = _context(get("context"))
     if kind == "call":
         if get("task") is None:
             raise invalid("task", "task is required for a 'call' task")

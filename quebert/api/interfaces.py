@@ -36,13 +36,17 @@ class ITaskService(Interface):
         name: Optional[str] = None,
         retry: Optional[dict] = None,
         timeout: Optional[float] = None,
+        context: Optional[dict] = None,
     ):
         """
         Publish a call task; fire with its record once the broker has it.
 
         At most one of ``countdown`` (seconds from now) and ``eta`` (epoch
         seconds) is given.  ``retry`` holds :data:`quebert.retry.RETRY_FIELDS`
-        overrides.  Fails with :class:`~quebert.errors.TaskAlreadyExists`
+        overrides.  ``context`` (already checked, see
+        :func:`quebert.protocol.check_context`) travels with the task; the
+        API passes it only when the request has one.  Fails with
+        :class:`~quebert.errors.TaskAlreadyExists`
         (``name`` taken), :class:`~quebert.errors.UnknownTask`,
         :class:`~quebert.errors.ConfigurationError` or
         :class:`~quebert.errors.SerializationError` (bad options; a
@@ -62,6 +66,7 @@ class ITaskService(Interface):
         name: Optional[str] = None,
         retry: Optional[dict] = None,
         dispatch_deadline: Optional[float] = None,
+        context: Optional[dict] = None,
     ):
         """
         Publish a URL task (an HTTP request the worker makes); fire with its

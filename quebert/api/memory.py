@@ -105,23 +105,25 @@ class MemoryTaskService:
     def add_task(self, task: str, args: list, kwargs: dict, *, queue: Optional[str] = None,
                  countdown: Optional[float] = None, eta: Optional[float] = None,
                  name: Optional[str] = None, retry: Optional[dict] = None,
-                 timeout: Optional[float] = None) -> Deferred:
+                 timeout: Optional[float] = None, context: Optional[dict] = None) -> Deferred:
         """Record a call task as published."""
         return maybeDeferred(
             self._add, "call", task, queue, countdown, eta, name, retry,
-            {"task": task, "args": list(args), "kwargs": dict(kwargs), "timeout": timeout},
+            {"task": task, "args": list(args), "kwargs": dict(kwargs), "timeout": timeout,
+             "context": dict(context or {})},
         )
 
     def add_url_task(self, url: str, *, method: str = "POST", headers: Optional[dict] = None,
                      body: bytes = b"", queue: Optional[str] = None,
                      countdown: Optional[float] = None, eta: Optional[float] = None,
                      name: Optional[str] = None, retry: Optional[dict] = None,
-                     dispatch_deadline: Optional[float] = None) -> Deferred:
+                     dispatch_deadline: Optional[float] = None,
+                     context: Optional[dict] = None) -> Deferred:
         """Record a URL task as published."""
         return maybeDeferred(
             self._add, "url", None, queue, countdown, eta, name, retry,
             {"url": url, "method": method, "headers": dict(headers or {}), "body": body,
-             "dispatch_deadline": dispatch_deadline},
+             "dispatch_deadline": dispatch_deadline, "context": dict(context or {})},
         )
 
     def get(self, task_id: str) -> Deferred:

@@ -82,6 +82,17 @@ _COMMON_PROPERTIES: Dict[str, Any] = {
     "retry": {"type": ["object", "null"], "additionalProperties": False,
               "properties": _RETRY_PROPERTIES,
               "description": "Retry policy overrides (Cloud Tasks parameters)."},
+    "context": {
+        "type": ["object", "null"],
+        "maxProperties": v.MAX_CONTEXT_KEYS,
+        "propertyNames": {"pattern": v.CONTEXT_KEY_PATTERN},
+        "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+        "description": (
+            "Plain data about where the task comes from (e.g. db_id, container_id, "
+            "user_id), which the task reads with quebert.current_task(): names to JSON "
+            f"scalars, at most {v.MAX_CONTEXT_KEYS} keys and {v.MAX_CONTEXT_SIZE} bytes of "
+            "compact JSON.  Not stored in the task's record."),
+    },
 }
 
 #: countdown and eta are exclusive (either may be null, meaning absent).
