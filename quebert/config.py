@@ -78,6 +78,13 @@ class WorkerConfig:
 
         return self.dispatch if self.dispatch is not None else DispatchSettings()
 
+    def existing_queues(self) -> frozenset:
+        """
+        Queues another system declared (``"existing": true``): used as they
+        are, declared passively, their arguments left alone.
+        """
+        return frozenset(q["name"] for q in self.queues if q.get("existing"))
+
     def queue_settings(self) -> list[QueueSettings]:
         """The queues to consume, with the defaults filled in."""
         queues = self.queues or [{"name": DEFAULT_QUEUE}]
@@ -329,7 +336,7 @@ def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
         if not isinstance(name, str) or not QUEUE_RE.match(name):
             raise ConfigurationError(f"{name!r} is not a valid queue name")
         unknown = set(q) - {"name", "concurrency", "timeout", "dispatch_deadline",
-                            *RETRY_FIELDS}
+                            "existing", *RETRY_FIELDS}
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) for queue {name!r}: {', '.join(sorted(unknown))}"
@@ -337,6 +344,9 @@ def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
         if "concurrency" in q:
             q["concurrency"] = _positive(q["concurrency"], f"queues.{name}.concurrency",
                                          integer=True)
+        if "existing" in q and not isinstance(q["existing"], bool):
+            raise ConfigurationError(
+                f"queues.{name}.existing must be true or false, not {q['existing']!r}")
         if q.get("timeout") is not None:
             q["timeout"] = _positive(q["timeout"], f"queues.{name}.timeout")
         if q.get("dispatch_deadline") is not None:

@@ -339,7 +339,8 @@ class WorkerService(MultiService):
         apply_legacy_tasks(registry, config.legacy_tasks)
 
         topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
-                            errored_ttl_ms=config.errored_ttl_ms)
+                            errored_ttl_ms=config.errored_ttl_ms,
+                            existing_queues=config.existing_queues())
         self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor,
                                  beacon_interval=config.beacon_interval,
                                  on_stuck=self._stuck_connection)
@@ -429,7 +430,9 @@ class WorkerService(MultiService):
         self.exit_code = EXIT_BROKER_REFUSED
         log.critical(
             "RabbitMQ refused this worker's setup for good ({error}); check permissions and "
-            "that existing queues were declared with the same arguments (queue type, TTLs). "
+            "that existing queues were declared with the same arguments (queue type, TTLs); "
+            "a work queue another system declared (guillotina_amqp's, say) is used as it is "
+            "with \"existing\": true in its entry of the config's \"queues\". "
             "Stopping with exit code {code}.",
             error=failure.getErrorMessage(), code=self.exit_code,
         )

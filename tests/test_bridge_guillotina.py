@@ -17,7 +17,7 @@ from quebert import protocol
 from quebert.bridge.guillotina import TaskId, add_task, add_url_task, task
 from quebert.bridge.guillotina.api import _callback_target, container_task_id
 from quebert.bridge.guillotina.auth import ServiceTokenValidator
-from quebert.bridge.guillotina.bridge import MAX_CONTEXT_SIZE, encode_body, get_bridge
+from quebert.bridge.guillotina.bridge import get_bridge, job_data
 from quebert.bridge.guillotina.settings import DEFAULTS, BridgeSettings
 from quebert.errors import ConfigurationError, InvalidMessage, SerializationError
 from quebert.registry import TaskFunction, default_registry
@@ -79,19 +79,19 @@ class TaskIdTests(SynchronousTestCase):
 
 
 class BodyTests(SynchronousTestCase):
-    def test_context_is_added_to_a_valid_v1_body(self) -> None:
-        message, _ = protocol.build("app.t", (1,), {"k": "v"}, queue="q")
-        body = encode_body(message, SCOPE)
+    def test_context_travels_in_a_valid_v1_body(self) -> None:
+        message, body = protocol.build("app.t", (1,), {"k": "v"}, queue="q", context=SCOPE)
         self.assertEqual(json.loads(body)["context"], SCOPE)
         decoded = protocol.decode(body, "application/json")
-        self.assertEqual((decoded.id, decoded.task, decoded.args), (message.id, "app.t", (1,)))
+        self.assertEqual((decoded.id, decoded.task, decoded.args, dict(decoded.context)),
+                         (message.id, "app.t", (1,), SCOPE))
 
-    def test_context_rules(self) -> None:
+    def test_job_data_shows_the_message_and_its_context(self) -> None:
+        message, _ = protocol.build("app.t", (1,), {"k": "v"}, queue="q", context=SCOPE)
+        self.assertEqual(job_data(message), {"kind": "call", "task": "app.t", "args": [1],
+                                             "kwargs": {"k": "v"}, "context": SCOPE})
         message, _ = protocol.build("app.t", queue="q")
-        for context in ({1: "a"}, {"x": object()}, ["a"],
-                        {"big": "x" * MAX_CONTEXT_SIZE}):
-            self.assertRaises(ConfigurationError, encode_body, message, context)
-        self.assertNotIn("context", json.loads(encode_body(message, None)))
+        self.assertIsNone(job_data(message)["context"])
 
 
 class URLTargetTests(SynchronousTestCase):

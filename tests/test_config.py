@@ -159,6 +159,15 @@ class QueuesTests(SynchronousTestCase):
         config = from_mapping({"amqp": {"max_running_tasks": 500}, "queues": ["a"]})
         self.assertEqual(config.queue_settings()[0].concurrency, 100)
 
+    def test_existing_queues(self):
+        config = from_mapping({"queues": {"guillotina": {"existing": True}, "new": {},
+                                          "old": {"existing": False}}})
+        self.assertEqual(config.existing_queues(), frozenset({"guillotina"}))
+        self.assertEqual(from_mapping({}).existing_queues(), frozenset())
+        e = self.assertRaises(ConfigurationError, from_mapping,
+                              {"queues": {"q": {"existing": "yes"}}})
+        self.assertIn("queues.q.existing", str(e))
+
     def test_unknown_queue_keys(self):
         e = self.assertRaises(ConfigurationError, from_mapping,
                               {"queues": {"low": {"max_attempt": 3, "concurency": 1}}})

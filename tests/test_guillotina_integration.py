@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from quebert import Client, protocol
 from tests import test_integration as integration
 from tests._rabbit import queue_counts, read_all
-from tests._worker import WorkerProcess
+from tests._worker import WorkerProcess, wait_for
 
 EXCHANGE = "guillotina"
 QUEUE = "legacy"
@@ -167,6 +167,49 @@ class GuillotinaWorkerTests(integration.IntegrationTestCase):
         log = worker.log()
         self.assertIn(unknown, log)
         self.assert_no_secret(log, "the worker's log")
+
+    def declare_like_guillotina_amqp(self) -> None:
+        """The work queue as guillotina_amqp's worker declared it: with its own dead-lettering."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(exchange=EXCHANGE, exchange_type="direct", durable=True)
+            channel.queue_declare(QUEUE, durable=True, arguments={
+                "x-dead-letter-exchange": EXCHANGE,
+                "x-dead-letter-routing-key": f"{QUEUE}-error"})
+            channel.queue_bind(QUEUE, EXCHANGE, routing_key=QUEUE)
+        finally:
+            connection.close()
+
+    async def test_queue_declared_by_guillotina_amqp_is_used_as_it_is(self):
+        """
+        ``"existing": true``: the worker consumes the queue guillotina_amqp
+        declared (with arguments quebert would not give it) instead of
+        refusing it, and retries come back to it through the delay queues.
+        """
+        await deferToThread(self.declare_like_guillotina_amqp)
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump({"queues": {QUEUE: {"existing": True, "concurrency": 5}}}, f)
+        worker = self.worker("--exchange", EXCHANGE, "--config", config, queues=(),
+                             name="existing").start()
+        await worker.ready()
+        marks = os.path.abspath(self.mktemp())
+        task_id, body = self.legacy_body("it.flaky", kwargs={"path": marks, "failures": 1})
+        await deferToThread(publish_like_guillotina, self.url, [body])
+        [record] = await self.wait_states([task_id], worker=worker)
+        self.assertEqual((record["state"], record["attempts"]), ("succeeded", 2),
+                         record.get("error"))
+        self.assertEqual(await worker.stop(), 0)
+
+    async def test_queue_declared_by_guillotina_amqp_is_refused_without_existing(self):
+        """Without ``"existing"`` the worker stops (exit 3) and says how to use the queue."""
+        await deferToThread(self.declare_like_guillotina_amqp)
+        worker = self.worker("--exchange", EXCHANGE, queues=(QUEUE,), name="refused").start()
+        await wait_for(lambda: not worker.alive, 60, what="the worker to give up")
+        self.assertEqual(worker.process.returncode, 3)
+        self.assertIn("PRECONDITION_FAILED", worker.log())
+        self.assertIn('"existing": true', worker.log())
 
     async def state_dump(self) -> str:
         """Every key under this test's Redis prefix and its value, as text."""

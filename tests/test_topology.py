@@ -30,9 +30,10 @@ class RecordingChannel:
         self.exchanges[exchange] = {"type": exchange_type, "durable": durable}
         return defer.succeed(None)
 
-    def queue_declare(self, queue, durable=False, arguments=None, **kwargs):
+    def queue_declare(self, queue, durable=False, arguments=None, passive=False, **kwargs):
         self.calls.append(("queue_declare", queue))
-        self.queues[queue] = {"durable": durable, "arguments": dict(arguments or {})}
+        self.queues[queue] = {"durable": durable, "arguments": dict(arguments or {}),
+                              "passive": passive}
         return defer.succeed(None)
 
     def queue_bind(self, queue, exchange, routing_key=None, **kwargs):
@@ -260,6 +261,18 @@ class ArgumentsTests(SynchronousTestCase):
         self.assertEqual(channel.exchanges["quebert"]["type"], "direct")
         self.assertEqual(channel.exchanges["quebert.delay.deliver"]["type"], "topic")
         self.assertEqual(channel.exchanges["quebert.delay.17"]["type"], "topic")
+
+    def test_existing_queue_is_declared_passively(self):
+        """A queue another system declared is checked, not declared with quebert's arguments."""
+        topology = Topology(queue_type="quorum", existing_queues=["work"])
+        channel = self.declared(topology)
+        self.assertEqual(channel.queues["work"], {"durable": False, "arguments": {},
+                                                  "passive": True})
+        self.assertIn(("quebert", "work", "work"), channel.queue_bindings)
+        self.assertFalse(channel.queues["work.errored"]["passive"])
+        self.assertEqual(channel.queues["work.errored"]["arguments"]["x-queue-type"], "quorum")
+        other = self.declared(Topology(existing_queues=["other"]))
+        self.assertFalse(other.queues["work"]["passive"])
 
     def test_errored_ttl_disabled(self):
         topology = Topology(errored_ttl_ms=None)

@@ -58,6 +58,10 @@ class Topology:
     queue_type: str = "classic"
     #: TTL of messages in errored queues (ms); ``None`` keeps them forever.
     errored_ttl_ms: Optional[int] = 7 * 24 * 3600 * 1000
+    #: Work queues another system declared (guillotina_amqp's, say, with a
+    #: dead-letter exchange of its own): declared passively, so that they
+    #: are used as they are instead of refused for their arguments.
+    existing_queues: frozenset = attrs.field(default=frozenset(), converter=frozenset)
 
     def __attrs_post_init__(self) -> None:
         if self.queue_type not in QUEUE_TYPES:
@@ -166,8 +170,12 @@ class Topology:
         """
         if not QUEUE_RE.match(queue):
             raise ConfigurationError(f"{queue!r} is not a valid queue name")
-        yield channel.queue_declare(queue=queue, durable=True,
-                                    arguments=self.work_queue_arguments())
+        if queue in self.existing_queues:
+            # Only checks that it exists (404 NOT_FOUND otherwise).
+            yield channel.queue_declare(queue=queue, passive=True)
+        else:
+            yield channel.queue_declare(queue=queue, durable=True,
+                                        arguments=self.work_queue_arguments())
         yield channel.queue_bind(queue=queue, exchange=self.exchange, routing_key=queue)
         yield channel.queue_bind(
             queue=queue, exchange=self.deliver_exchange, routing_key="*." * LEVELS + queue

@@ -183,8 +183,9 @@ async def add_task(func: Union[str, Callable, TaskFunction], *args: Any,
     now = time.time()
     message, _ = protocol.build(name, args, kwargs, queue=queue, task_id=task_id,
                                 eta=_eta_of(_countdown, now), name=_name,
-                                retry=dict(_retry or {}), timeout=_timeout, now=now)
-    await bridge.send(message, scope, container)
+                                retry=dict(_retry or {}), timeout=_timeout, now=now,
+                                context=scope)
+    await bridge.send(message, container)
     return TaskId(message.id)
 
 
@@ -254,10 +255,10 @@ async def add_url_task(path_or_url: str, method: str = "POST", body: Any = b"",
     message, _ = protocol.build_url(
         url, method=method, headers=headers, body=body, queue=queue or bridge.settings.queue,
         task_id=task_id, eta=_eta_of(countdown, now), name=name, retry=dict(retry or {}),
-        dispatch_deadline=dispatch_deadline, now=now)
+        dispatch_deadline=dispatch_deadline, now=now, context=scope)
     URLPolicy().check_request(URLRequest(url=message.url, method=message.method,
                                          headers=message.headers, body=message.body))
-    await bridge.send(message, scope, container)
+    await bridge.send(message, container)
     return TaskId(message.id)
 
 

@@ -32,31 +32,7 @@ from quebert.state.interface import QUEUED, SCHEDULED
 
 log = logging.getLogger("quebert.bridge.guillotina")
 
-#: Largest ``context`` accepted, in bytes of JSON (the wire protocol's limit).
-MAX_CONTEXT_SIZE = 8192
-
-
-def encode_body(message: protocol.TaskMessage, context: Optional[dict]) -> bytes:
-    """
-    The body of ``message`` with its ``context`` field (``docs/protocol.rst``):
-    a JSON object with string keys, at most :data:`MAX_CONTEXT_SIZE` bytes.
-    """
-    body = message.to_body()
-    if context is not None:
-        if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
-            raise ConfigurationError("a task's context must be a JSON object with string keys")
-        try:
-            size = len(protocol.dumps(context))
-        except (TypeError, ValueError) as e:
-            raise ConfigurationError(f"a task's context must be JSON: {e}") from e
-        if size > MAX_CONTEXT_SIZE:
-            raise ConfigurationError(
-                f"a task's context is {size} bytes of JSON, more than {MAX_CONTEXT_SIZE}")
-        body["context"] = context
-    return protocol.dumps(body)
-
-
-def job_data(message: protocol.TaskMessage, context: Optional[dict]) -> dict:
+def job_data(message: protocol.TaskMessage) -> dict:
     """What ``GET @amqp-tasks/{id}`` shows a debugger of the task's message."""
     if message.kind == protocol.URL:
         data: dict = {"kind": message.kind, "method": message.method, "url": message.url,
@@ -65,7 +41,7 @@ def job_data(message: protocol.TaskMessage, context: Optional[dict]) -> dict:
     else:
         data = {"kind": message.kind, "task": message.task, "args": list(message.args),
                 "kwargs": dict(message.kwargs)}
-    data["context"] = context
+    data["context"] = dict(message.context) or None
     return data
 
 
@@ -107,16 +83,15 @@ class Bridge:
         finally:
             await self.state.close()
 
-    async def send(self, message: protocol.TaskMessage, context: Optional[dict],
-                   container: Optional[str]) -> None:
+    async def send(self, message: protocol.TaskMessage, container: Optional[str]) -> None:
         """
-        Publish ``message`` with its ``context``; index it under
+        Publish ``message`` (its ``context`` included); index it under
         ``container`` (``{db_id}/{container_id}``) when given.  Returns once
         the broker confirmed it.  A unique name is claimed first
         (:class:`~quebert.errors.TaskAlreadyExists`) and released if the
         publish fails.
         """
-        body = encode_body(message, context)
+        body = protocol.dumps(message.to_body())
         now = time.time()
         delay = max(0.0, message.eta - now) if message.eta is not None else 0.0
         headers: dict[str, Any] = {H_ATTEMPTS: 0}
@@ -127,7 +102,7 @@ class Bridge:
             # Before the publish: a task that runs is always findable from
             # its container; an entry whose task never got a record is
             # skipped by listings and pruned later.
-            await self.state.index(container, message.id, now, job_data(message, context),
+            await self.state.index(container, message.id, now, job_data(message),
                                    keep=delay)
         if message.name is not None:
             await self.state.claim(message, state, now)
