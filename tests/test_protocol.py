@@ -663,6 +663,30 @@ class LineEndTests(SynchronousTestCase):
                                       "https://example.com/hook", **kwargs)
                 self.assertEqual(e.field, field)
 
+    def test_no_module_pattern_is_used_with_match(self):
+        """
+        Module-level patterns (``_ID_RE``, ``QUEUE_RE``...) are anchored with
+        ``^...$`` and checked with ``fullmatch``: with ``match`` a name
+        ending in "\\n" would pass again.
+        """
+        import ast
+        import pathlib
+        import re
+
+        import quebert
+
+        constant = re.compile(r"_?[A-Z][A-Z0-9_]*")
+        found = []
+        for path in sorted(pathlib.Path(quebert.__file__).parent.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "match"):
+                    receiver = node.func.value
+                    name = getattr(receiver, "id", getattr(receiver, "attr", ""))
+                    if constant.fullmatch(name):
+                        found.append(f"{path.name}:{node.lineno} {name}.match")
+        self.assertEqual(found, [])
+
     def test_guillotina_task_id_and_func(self):
         good = GuillotinaTests.guillotina_body(None)
         for end in LINE_ENDS:
