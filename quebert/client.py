@@ -62,6 +62,12 @@ def _epoch(eta: Union[float, int, datetime.datetime]) -> float:
     return float(eta)
 
 
+def _check_queue(queue: Any) -> None:
+    if not isinstance(queue, str) or not protocol.QUEUE_RE.fullmatch(queue):
+        raise ConfigurationError(f"{queue!r} is not a valid queue name "
+                                 "(1-100 of A-Z a-z 0-9 _ . : -, not starting with . or :)")
+
+
 class Client:
     """
     Publishes tasks to RabbitMQ.
@@ -85,6 +91,7 @@ class Client:
                  default_queue: str = "default", registry: Optional[Registry] = None,
                  url_policy: Any = None) -> None:
         self.topology = Topology(exchange=exchange, queue_type=queue_type)
+        _check_queue(default_queue)
         self.broker = AMQPBroker(amqp_url, self.topology, reactor=reactor, consume=False,
                                  name="client")
         self.admin = BrokerAdmin(self.broker.publishing, self.topology)
@@ -310,6 +317,7 @@ class Client:
 
     async def pause(self, queue: str) -> None:
         """Every worker stops taking tasks from ``queue`` (it still accepts tasks)."""
+        _check_queue(queue)
         state = self._need_state("pause")
         self._ensure_started()
         await state.set_paused(queue, True)
@@ -317,6 +325,7 @@ class Client:
 
     async def resume(self, queue: str) -> None:
         """Workers take tasks from ``queue`` again."""
+        _check_queue(queue)
         state = self._need_state("resume")
         self._ensure_started()
         await state.set_paused(queue, False)

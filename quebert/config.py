@@ -119,7 +119,7 @@ def check_auto_kill_timeout(value: float, what: str) -> Optional[float]:
 def parse_queue_option(value: str) -> dict:
     """``NAME[:CONCURRENCY]`` from the command line."""
     name, _, concurrency = value.partition(":")
-    if not QUEUE_RE.match(name):
+    if not QUEUE_RE.fullmatch(name):
         raise ConfigurationError(f"{name!r} is not a valid queue name "
                                  "(letters, digits, _ . : - ; at most 100)")
     queue: dict[str, Any] = {"name": name}
@@ -333,7 +333,7 @@ def _parse_queues(queues: Any, retry: RetryPolicy) -> list[dict]:
     result = []
     for q in items:
         name = q.get("name")
-        if not isinstance(name, str) or not QUEUE_RE.match(name):
+        if not isinstance(name, str) or not QUEUE_RE.fullmatch(name):
             raise ConfigurationError(f"{name!r} is not a valid queue name")
         unknown = set(q) - {"name", "concurrency", "timeout", "dispatch_deadline",
                             "existing", *RETRY_FIELDS}

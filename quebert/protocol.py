@@ -114,6 +114,10 @@ H_EXECUTIONS = "x-quebert-executions"
 #: AMQP header set by quorum queues: deliveries returned to the queue.
 H_DELIVERY_COUNT = "x-delivery-count"
 
+# Checked with ``fullmatch``, never ``match``: ``$`` also matches before a
+# final newline, so ``match`` lets "abc\n" through.  The patterns keep their
+# ``^...$`` (not ``\Z``) because the OpenAPI document publishes them, and
+# ECMA-262 regexes have no ``\Z``.
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$")
 _BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
@@ -371,7 +375,7 @@ def _scan_object(body: Any) -> Optional[dict]:
 
 def _task_id_of(data: Mapping[str, Any]) -> Optional[str]:
     value = data.get("id", data.get("task_id"))
-    if isinstance(value, str) and _ID_RE.match(value):
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
         return value
     return None
 
@@ -405,11 +409,11 @@ def _validate(data: Mapping[str, Any], default_queue: str = "default") -> TaskMe
         get("context"))
     queue = get("queue") or default_queue
     if (version.__class__ is int and version == 1
-            and task_id.__class__ is str and _ID_RE.match(task_id)
+            and task_id.__class__ is str and _ID_RE.fullmatch(task_id)
             and get("kind", CALL) == CALL
-            and name.__class__ is str and _NAME_RE.match(name)
+            and name.__class__ is str and _NAME_RE.fullmatch(name)
             and args.__class__ is list and kwargs.__class__ is dict
-            and queue.__class__ is str and QUEUE_RE.match(queue)
+            and queue.__class__ is str and QUEUE_RE.fullmatch(queue)
             and get("name") is None and get("retry") is None and get("timeout") is None
             and get("eta") is None
             and (created_at is None
@@ -465,7 +469,7 @@ def _validate_fully(data: Mapping[str, Any], default_queue: str = "default") -> 
         name = data.get("task")
         if name is None:
             raise InvalidMessage("missing field 'task'", field="task", task_id=task_id)
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise InvalidMessage(
                 f"'task' must be a registered task name, not {name!r}", field="task",
                 task_id=task_id)
@@ -486,11 +490,11 @@ def _validate_fully(data: Mapping[str, Any], default_queue: str = "default") -> 
                 task_id=task_id,
             )
     queue = data.get("queue") or default_queue
-    if not isinstance(queue, str) or not QUEUE_RE.match(queue):
+    if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
         raise InvalidMessage(f"'queue' is not a valid queue name: {queue!r}", field="queue",
                              task_id=task_id)
     unique = data.get("name")
-    if unique is not None and (not isinstance(unique, str) or not _ID_RE.match(unique)):
+    if unique is not None and (not isinstance(unique, str) or not _ID_RE.fullmatch(unique)):
         raise InvalidMessage(
             f"'name' must be 1-200 characters of A-Z a-z 0-9 _ . : -, not {unique!r}",
             field="name",
@@ -602,7 +606,7 @@ def _validate_request(data: Mapping[str, Any], task_id: Optional[str]) -> dict:
         raise InvalidMessage("'headers' must be a JSON object of strings", field="headers",
                              task_id=task_id)
     for key, value in headers.items():
-        if not _TOKEN_RE.match(key):
+        if not _TOKEN_RE.fullmatch(key):
             raise InvalidMessage(f"header name {key[:100]!r} is not a valid HTTP token",
                                  field=f"headers.{key[:100]}", task_id=task_id)
         if not isinstance(value, str) or _BAD_HEADER_VALUE.search(value):
@@ -689,12 +693,12 @@ def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessa
     context keeps only :func:`guillotina_context`'s plain data.
     """
     task_id = data.get("task_id")
-    if not isinstance(task_id, str) or not _ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not _ID_RE.fullmatch(task_id):
         raise InvalidMessage(
             f"guillotina task: 'task_id' must be an id string, not {task_id!r}", field="task_id"
         )
     func = data.get("func")
-    if not isinstance(func, str) or not _NAME_RE.match(func):
+    if not isinstance(func, str) or not _NAME_RE.fullmatch(func):
         raise InvalidMessage(
             f"guillotina task: 'func' must be a task name, not {func!r}",
             field="func",

@@ -146,7 +146,7 @@ class Registry:
         if isinstance(aliases, str):
             raise ConfigurationError(
                 f"aliases of task {name!r} must be a list of names, not the string {aliases!r}")
-        if queue is not None and not QUEUE_RE.match(queue):
+        if queue is not None and not QUEUE_RE.fullmatch(queue):
             raise ConfigurationError(f"{queue!r} is not a valid queue name")
         unknown = set(retry) - set(RETRY_FIELDS)
         if unknown:

@@ -46,6 +46,10 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "call", "task": "app.add", "kwargs": {"_queue": "x"}}, "kwargs._queue"),
     ({"kind": "call", "task": "app.add", "queue": 5}, "queue"),
     ({"kind": "call", "task": "app.add", "queue": "bad queue"}, "queue"),
+    ({"kind": "call", "task": "app.add", "queue": "q1\n"}, "queue"),
+    ({"kind": "call", "task": "app.add", "queue": "q1\r\n"}, "queue"),
+    ({"kind": "call", "task": "app.add\n"}, "task"),
+    ({"kind": "url", "url": "http://example.com/", "queue": "q1\n"}, "queue"),
     ({"kind": "call", "task": "app.add", "countdown": "10"}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": -1}, "countdown"),
     ({"kind": "call", "task": "app.add", "countdown": True}, "countdown"),
@@ -64,6 +68,7 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "call", "task": "app.add", "eta": [1]}, "eta"),
     ({"kind": "call", "task": "app.add", "countdown": 5, "eta": 1767225600}, "eta"),
     ({"kind": "call", "task": "app.add", "name": "has space"}, "name"),
+    ({"kind": "call", "task": "app.add", "name": "n-1\n"}, "name"),
     ({"kind": "call", "task": "app.add", "name": 12}, "name"),
     ({"kind": "call", "task": "app.add", "retry": 3}, "retry"),
     ({"kind": "call", "task": "app.add", "retry": {"max_attempts": "3"}}, "retry.max_attempts"),
@@ -105,6 +110,7 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "url", "url": "http://example.com/", "headers": {"X-A": "a\nb"}}, "headers.X-A"),
     ({"kind": "url", "url": "http://example.com/", "headers": {"X-A": "a\x00"}}, "headers.X-A"),
     ({"kind": "url", "url": "http://example.com/", "headers": {"X A": "a"}}, "headers.X A"),
+    ({"kind": "url", "url": "http://example.com/", "headers": {"X-A\n": "a"}}, "headers.X-A\n"),
     ({"kind": "url", "url": "http://example.com/", "headers": {"X\r\nA": "a"}},
      "headers.X\r\nA"),
     ({"kind": "url", "url": "http://example.com/", "headers": {"Host": "evil"}}, "headers.Host"),
@@ -120,6 +126,7 @@ BAD_FIELDS: List[Tuple[dict, str]] = [
     ({"kind": "url", "url": "http://example.com/", "timeout": 3}, "timeout"),
     ({"kind": "call", "task": "app.add", "context": ["db"]}, "context"),
     ({"kind": "call", "task": "app.add", "context": {"1db": "x"}}, "context"),
+    ({"kind": "call", "task": "app.add", "context": {"db\n": "x"}}, "context"),
     ({"kind": "call", "task": "app.add", "context": {f"k{i}": i for i in range(51)}},
      "context"),
     ({"kind": "call", "task": "app.add", "context": {"k": "x" * 8192}}, "context"),
@@ -211,6 +218,7 @@ class ValidationTests(SynchronousTestCase):
                              (b"limit=1001", "limit"), (b"limit=-1", "limit"),
                              (b"limit=1.5", "limit"), (b"offset=-1", "offset"),
                              (b"offset=x", "offset"), (b"queue=a%20b", "queue"),
+                             (b"queue=q1%0A", "queue"), (b"queue=q1%0D%0A", "queue"),
                              (b"sort=id", "sort"), (b"limit=1&limit=2", "limit"),
                              (b"state=%ff", None)):
             error = self.assertRaises(ApiError, list_query, query)
@@ -554,7 +562,7 @@ class HTTPTests(LiveAPI, TestCase):
                                  "task_not_found")
         self.assertEqual(error["task_id"], "nope")
         # ids that cannot exist, even percent-encoded
-        for path in ("/tasks/a%2Fb", "/tasks/a%20b", "/tasks/" + "a" * 201):
+        for path in ("/tasks/a%2Fb", "/tasks/a%20b", "/tasks/" + "a" * 201, "/tasks/nope%0A"):
             self.assertError(await self.request("GET", path), 404, "task_not_found")
         # not even UTF-8: no route matches
         self.assertError(await self.request("GET", "/tasks/%ff"), 404, "not_found")
@@ -611,6 +619,8 @@ class HTTPTests(LiveAPI, TestCase):
         self.assertEqual(error["queue"], "nope")
         self.assertError(await self.request("POST", "/queues/bad%20name/resume"), 404,
                          "queue_not_found")
+        for path in ("/queues/q1%0A/pause", "/queues/q1%0D%0A/resume"):
+            self.assertError(await self.request("POST", path), 404, "queue_not_found")
 
     # -- health, schema, HTTP plumbing -------------------------------------
 

@@ -154,6 +154,12 @@ class MemoryTaskServiceTests(SynchronousTestCase):
         self.assertEqual(queues["default"]["ready"], 0)
         self.assertIn("retry", mail["settings"])
 
+    def test_queue_name_ending_in_a_newline(self) -> None:
+        for queue in ("mail\n", "mail\r\n"):
+            self.failureResultOf(self.service.add_task("app.add", [1], {}, queue=queue),
+                                 ConfigurationError)
+        self.assertEqual(self.successResultOf(self.service.list(None, None, 10, 0)), [])
+
     def test_pause_resume(self) -> None:
         self.assertTrue(self.successResultOf(self.service.pause("mail"))["paused"])
         self.assertFalse(self.successResultOf(self.service.resume("mail"))["paused"])

@@ -40,7 +40,9 @@ class SettingsTests(SynchronousTestCase):
 
     def test_bad_values_name_their_key(self) -> None:
         for key, value in (("amqp_url", "http://x"), ("exchange", "bad name"),
-                           ("queue", ""), ("queue_type", "stream"), ("redis_url", "x://"),
+                           ("queue", ""), ("queue", "q\n"), ("queue", "q\r\n"),
+                           ("exchange", "quebert\n"),
+                           ("queue_type", "stream"), ("redis_url", "x://"),
                            ("state_ttl", -1), ("publish_timeout", 0),
                            ("callback_url", "/relative"),
                            ("callback_url", "http://user:pw@app"),

@@ -179,6 +179,15 @@ class QueuesTests(SynchronousTestCase):
         for queues in (["bad name"], [{"concurrency": 1}], {"a/b": {}}, [{"name": 5}]):
             self.assertRaises(ConfigurationError, from_mapping, {"queues": queues})
 
+    def test_queue_names_ending_in_a_newline(self):
+        """A regex "$" matches before a final newline: such names must still be refused."""
+        for end in ("\n", "\r\n"):
+            for queues in (["q" + end], {"q" + end: {}}, [{"name": "q" + end}],
+                           {"q" + end: {"concurrency": 2}}):
+                e = self.assertRaises(ConfigurationError, from_mapping, {"queues": queues})
+                self.assertIn("not a valid queue name", str(e))
+                self.assertIn(repr("q" + end), str(e))
+
     def test_bad_queue_values(self):
         e = self.assertRaises(ConfigurationError, from_mapping,
                               {"queues": {"q": {"concurrency": 0}}})
@@ -345,6 +354,11 @@ class QueueOptionTests(SynchronousTestCase):
         for value in ("high:0", "high:-1", "high:x", "high:2.5", "bad name", ":5", ""):
             self.assertRaises(ConfigurationError, parse_queue_option, value)
 
+    def test_name_ending_in_a_newline(self):
+        for value in ("high\n", "high\r\n", "high\n:5"):
+            e = self.assertRaises(ConfigurationError, parse_queue_option, value)
+            self.assertIn("not a valid queue name", str(e))
+
 
 class TapOptionsTests(SynchronousTestCase):
     """quebert.tap.Options: command line over config file."""
@@ -415,6 +429,8 @@ class TapOptionsTests(SynchronousTestCase):
         self.assertIn("concurrency", self.bad("--queue", "high:x"))
         self.assertIn("concurrency", self.bad("--queue", "high:0"))
         self.assertIn("not a valid queue name", self.bad("--queue", "bad name"))
+        self.assertIn("not a valid queue name", self.bad("--queue", "high\n"))
+        self.assertIn("not a valid queue name", self.bad("--queue", "high\n:2"))
 
     def test_bad_numbers(self):
         message = self.bad("--max-running-tasks", "many")
@@ -478,6 +494,7 @@ class TapOptionsTests(SynchronousTestCase):
 
     def test_bad_exchange_and_queue_type(self):
         self.assertIn("exchange", self.bad("--exchange", "bad name"))
+        self.assertIn("exchange", self.bad("--exchange", "quebert\n"))
         self.assertIn("stream", self.bad("--queue-type", "stream"))
 
     def test_queue_retry_inconsistent_with_file_retry(self):

@@ -80,6 +80,12 @@ class RuleConfigTests(SynchronousTestCase):
             ({"url_prefix": "http://h/"}, "exactly one of token_env and token_file"),
             ({"url_prefix": "http://h/", "token_env": "NOT-A-NAME"},
              "token_env must be an environment variable's name"),
+            ({"url_prefix": "http://h/", "token_env": "TOKEN\n"},
+             "token_env must be an environment variable's name"),
+            ({"url_prefix": "http://h/", "token_env": "A", "header": "X-Auth\n"},
+             "header must be an HTTP header name"),
+            ({"url_prefix": "http://h/", "token_env": "A", "scheme": "Bearer\n"},
+             "scheme must be one word"),
             ({"url_prefix": "http://h/", "token_file": ""}, "token_file must be a file's path"),
         ):
             with self.assertRaises(ConfigurationError, msg=block) as caught:

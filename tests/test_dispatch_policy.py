@@ -184,7 +184,7 @@ class RequestCheckTests(SynchronousTestCase):
         policy = URLPolicy()
         policy.check_request(URLRequest("http://x.test/", headers={"X-A": "b c"}))
         for headers in ({"X A": "b"}, {"X-A": "b\nc"}, {"X-A": "b\x00"}, {"": "b"},
-                        {"X-A": 1}):
+                        {"X-A": 1}, {"X-A\n": "b"}, {"X-A\r\n": "b"}):
             self.assertRaises(URLRefused, policy.check_request,
                               URLRequest("http://x.test/", headers=headers))
 

@@ -585,6 +585,119 @@ class ContextTests(SynchronousTestCase):
             self.assertEqual(e.field, field)
 
 
+#: Line ends a regex ``$`` also matches before (``\n``), and one it does not.
+LINE_ENDS = ("\n", "\r\n")
+
+
+class LineEndTests(SynchronousTestCase):
+    """
+    An id or a name ending in a line end is refused, naming the field: such
+    an id would reach Redis keys, log lines and AMQP headers.
+    """
+
+    def assertInvalid(self, data, field, task_id=TASK_ID):
+        e = self.assertRaises(InvalidMessage, decode, encode(data))
+        self.assertEqual((e.field, e.task_id), (field, task_id), e.reason)
+        return e
+
+    def test_the_reported_body(self):
+        raw = b'{"version":1,"id":"abc\\n","task":"a.b\\n","queue":"q\\n"}'
+        e = self.assertRaises(InvalidMessage, decode, raw)
+        self.assertEqual((e.field, e.task_id), ("id", None))
+
+    def test_id(self):
+        for end in LINE_ENDS:
+            e = self.assertInvalid(body(id=TASK_ID + end), "id", None)
+            self.assertIn(repr(TASK_ID + end), e.reason)
+
+    def test_task(self):
+        for end in LINE_ENDS:
+            self.assertInvalid(body(task="app.tasks.add" + end), "task")
+
+    def test_queue(self):
+        for end in LINE_ENDS:
+            self.assertInvalid(body(queue="default" + end), "queue")
+            e = self.assertRaises(InvalidMessage, decode, encode(body(queue=_DROP)),
+                                  default_queue="default" + end)
+            self.assertEqual(e.field, "queue")
+
+    def test_unique_name(self):
+        for end in LINE_ENDS:
+            self.assertInvalid(body(name="nightly" + end), "name")
+
+    def test_context_keys(self):
+        for end in LINE_ENDS:
+            self.assertInvalid(body(context={"user_id" + end: "bob"}), "context")
+
+    def test_url_header_names(self):
+        for end in LINE_ENDS:
+            name = "X-Request-Source" + end
+            self.assertInvalid(body(kind="url", url="https://example.com/hook",
+                                    headers={name: "billing"}), f"headers.{name}")
+
+    def test_fast_path_agrees(self):
+        """What the fast path lets through, the full checks would let through."""
+        data = json.loads(build("app.add", (1,), queue="q1", now=5.0)[1])
+        for key in ("id", "task", "queue"):
+            for end in LINE_ENDS:
+                odd = dict(data, **{key: data[key] + end})
+                for validate in (protocol._validate, protocol._validate_fully):
+                    e = self.assertRaises(InvalidMessage, validate, odd)
+                    self.assertEqual(e.field, key)
+
+    def test_build(self):
+        for end in LINE_ENDS:
+            for args, kwargs, field in (
+                (("app.add" + end,), {"queue": "q"}, "task"),
+                (("app.add",), {"queue": "q" + end}, "queue"),
+                (("app.add",), {"queue": "q", "task_id": "abc" + end}, "id"),
+                (("app.add",), {"queue": "q", "name": "n" + end}, "name"),
+            ):
+                e = self.assertRaises(InvalidMessage, build, *args, **kwargs)
+                self.assertEqual(e.field, field)
+            for kwargs, field in (({"queue": "q" + end}, "queue"),
+                                  ({"queue": "q", "task_id": "abc" + end}, "id"),
+                                  ({"queue": "q", "headers": {"X-A" + end: "b"}},
+                                   "headers.X-A" + end)):
+                e = self.assertRaises(InvalidMessage, protocol.build_url,
+                                      "https://example.com/hook", **kwargs)
+                self.assertEqual(e.field, field)
+
+    def test_no_module_pattern_is_used_with_match(self):
+        """
+        Module-level patterns (``_ID_RE``, ``QUEUE_RE``...) are anchored with
+        ``^...$`` and checked with ``fullmatch``: with ``match`` a name
+        ending in "\\n" would pass again.
+        """
+        import ast
+        import pathlib
+        import re
+
+        import quebert
+
+        constant = re.compile(r"_?[A-Z][A-Z0-9_]*")
+        found = []
+        for path in sorted(pathlib.Path(quebert.__file__).parent.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "match"):
+                    receiver = node.func.value
+                    name = getattr(receiver, "id", getattr(receiver, "attr", ""))
+                    if constant.fullmatch(name):
+                        found.append(f"{path.name}:{node.lineno} {name}.match")
+        self.assertEqual(found, [])
+
+    def test_guillotina_task_id_and_func(self):
+        good = GuillotinaTests.guillotina_body(None)
+        for end in LINE_ENDS:
+            e = self.assertRaises(InvalidMessage, decode,
+                                  encode(dict(good, task_id=good["task_id"] + end)))
+            self.assertEqual((e.field, e.task_id), ("task_id", None))
+            e = self.assertRaises(InvalidMessage, decode,
+                                  encode(dict(good, func=good["func"] + end)))
+            self.assertEqual((e.field, e.task_id), ("func", good["task_id"]))
+
+
 class HeaderTests(SynchronousTestCase):
     """Reading and copying AMQP headers."""
 

@@ -103,6 +103,11 @@ class RegisterTests(SynchronousTestCase):
 
     def test_invalid_queue(self):
         self.assertRaises(ConfigurationError, self.registry.register, add, queue="bad queue")
+        for end in ("\n", "\r\n"):
+            self.assertRaises(ConfigurationError, self.registry.register, add, queue="q" + end)
+            self.assertRaises(ConfigurationError, self.registry.register, add,
+                              name="app.add" + end)
+        self.assertEqual(list(self.registry), [])
 
     def test_invalid_executor(self):
         self.assertRaises(ConfigurationError, self.registry.register, add, executor="process")

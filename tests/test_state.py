@@ -1001,6 +1001,21 @@ class RedisScriptTests(SynchronousTestCase):
         self.assertRaises(ConfigurationError, RedisStateManager, FakeRedis(), timeout=0)
 
 
+class UniqueNameTests(SynchronousTestCase):
+    """The checks of unique task names both stores share."""
+
+    def test_name_ending_in_a_newline(self) -> None:
+        _records.check_name("nightly-report")
+        for name in ("nightly-report\n", "nightly-report\r\n", "a b", ""):
+            self.assertRaises(ValueError, _records.check_name, name)
+
+    def test_memory_store_refuses_it(self) -> None:
+        manager = MemoryStateManager(clock=Clock())
+        failure = self.failureResultOf(
+            manager.claim("a", QUEUED, info(name="n\n"), T0), ValueError)
+        self.assertIn("unique name", str(failure.value))
+
+
 class RedisURLTests(SynchronousTestCase):
     """parse_redis_url / connect_redis read redis:// URLs and refuse others clearly."""
 

@@ -297,7 +297,7 @@ class ValidationTests(SynchronousTestCase):
         self.assertIn("stream", str(e))
 
     def test_invalid_exchange(self):
-        for name in ("", "has space", "a/b", ".start"):
+        for name in ("", "has space", "a/b", ".start", "quebert\n", "quebert\r\n"):
             self.assertRaises(ConfigurationError, Topology, exchange=name)
 
     def test_invalid_queue_name(self):
@@ -305,6 +305,15 @@ class ValidationTests(SynchronousTestCase):
         failure = self.failureResultOf(Topology().declare_queue(channel, "bad queue"),
                                        ConfigurationError)
         self.assertIn("bad queue", str(failure.value))
+        self.assertEqual(channel.calls, [])
+
+    def test_queue_name_ending_in_a_newline(self):
+        """A regex "$" matches before a final newline: the name is refused all the same."""
+        channel = RecordingChannel()
+        for name in ("q\n", "q\r\n"):
+            failure = self.failureResultOf(Topology().declare_queue(channel, name),
+                                           ConfigurationError)
+            self.assertIn(repr(name), str(failure.value))
         self.assertEqual(channel.calls, [])
 
     def test_declarations_are_sequential(self):

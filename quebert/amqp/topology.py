@@ -68,7 +68,7 @@ class Topology:
             raise ConfigurationError(
                 f"queue_type must be one of {', '.join(QUEUE_TYPES)}, not {self.queue_type!r}"
             )
-        if not QUEUE_RE.match(self.exchange):
+        if not QUEUE_RE.fullmatch(self.exchange):
             raise ConfigurationError(f"{self.exchange!r} is not a valid exchange name")
 
     # -- names ---------------------------------------------------------
@@ -168,7 +168,7 @@ class Topology:
         is false: producers leave that to workers, whose errored TTL may
         differ) its errored queue.
         """
-        if not QUEUE_RE.match(queue):
+        if not QUEUE_RE.fullmatch(queue):
             raise ConfigurationError(f"{queue!r} is not a valid queue name")
         if queue in self.existing_queues:
             # Only checks that it exists (404 NOT_FOUND otherwise).

@@ -197,7 +197,7 @@ class MemoryTaskService:
                 e.field = "retry"  # type: ignore[attr-defined]
                 raise
         queue = queue or self.default_queue
-        if not protocol.QUEUE_RE.match(queue):
+        if not protocol.QUEUE_RE.fullmatch(queue):
             raise ConfigurationError(f"not a queue name: {queue!r}")
         if name is not None:
             holder = self._names.get(name)

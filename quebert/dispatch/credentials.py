@@ -136,7 +136,7 @@ class CredentialRule:
                                      f"URL, not {prefix!r}")
         target = _parse_prefix(prefix, f"{where}.url_prefix")
         header = block.get("header", "Authorization")
-        if not isinstance(header, str) or not _HEADER_NAME.match(header):
+        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
             raise ConfigurationError(f"{where}.header must be an HTTP header name, "
                                      f"not {header!r}")
         lower = header.lower()
@@ -144,7 +144,7 @@ class CredentialRule:
             raise ConfigurationError(f"{where}.header: {header!r} is computed by the worker "
                                      "or reserved, it cannot carry a credential")
         auth_scheme = block.get("scheme", "Bearer")
-        if not isinstance(auth_scheme, str) or not _AUTH_SCHEME.match(auth_scheme):
+        if not isinstance(auth_scheme, str) or not _AUTH_SCHEME.fullmatch(auth_scheme):
             raise ConfigurationError(f"{where}.scheme must be one word such as 'Bearer' or "
                                      f"'Basic', or '' for the raw token, not {auth_scheme!r}")
         sources = [key for key in ("token_env", "token_file") if key in block]
@@ -153,7 +153,7 @@ class CredentialRule:
         source = sources[0]
         value = block[source]
         if source == "token_env" and (not isinstance(value, str)
-                                      or not _ENV_NAME.match(value)):
+                                      or not _ENV_NAME.fullmatch(value)):
             raise ConfigurationError(f"{where}.token_env must be an environment variable's "
                                      f"name, not {value!r}")
         if source == "token_file" and (not isinstance(value, str) or not value

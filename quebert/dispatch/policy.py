@@ -184,7 +184,7 @@ def _host_patterns(what: str):
             pattern = value.strip().lower().rstrip(".")
             if pattern.startswith("[") and pattern.endswith("]"):
                 pattern = pattern[1:-1]
-            if not _PATTERN.match(pattern) or "*" in pattern[1:]:
+            if not _PATTERN.fullmatch(pattern) or "*" in pattern[1:]:
                 raise ConfigurationError(
                     f"{what}: {value!r} is not a host name pattern "
                     "(a host name, an IP address, or '*.' followed by a domain)")
@@ -415,7 +415,7 @@ class URLPolicy:
         if not host:
             raise _refuse(url, "no host")
         labels = host.split(".")
-        if _NUMERIC_LABEL.match(labels[-1]):
+        if _NUMERIC_LABEL.fullmatch(labels[-1]):
             # Resolvers read "2852039166", "0xa9.254.169.254" or "169.254.43518"
             # as IPv4 addresses; only the canonical dotted quad is accepted.
             try:
@@ -424,7 +424,7 @@ class URLPolicy:
                 raise _refuse(url, f"{raw_host!r} is not a canonical IPv4 address")
             return ip4.compressed, ip4.compressed
         if host.isascii():
-            if not all(_HOST_LABEL.match(label) for label in labels) or len(host) > 253:
+            if not all(_HOST_LABEL.fullmatch(label) for label in labels) or len(host) > 253:
                 raise _refuse(url, f"{raw_host!r} is not a valid host name")
             return host, None
         try:
@@ -432,7 +432,7 @@ class URLPolicy:
         except (idna.IDNAError, UnicodeError, ValueError) as e:
             raise _refuse(url, f"{raw_host!r} is not a valid host name ({e})")
         if not ascii_host or len(ascii_host) > 253 or not all(
-                _HOST_LABEL.match(label) for label in ascii_host.split(".")):
+                _HOST_LABEL.fullmatch(label) for label in ascii_host.split(".")):
             raise _refuse(url, f"{raw_host!r} is not a valid host name")
         return ascii_host, None
 
@@ -453,7 +453,7 @@ class URLPolicy:
             raise URLRefused(f"method {request.method!r} is not allowed for URL tasks "
                              f"(allowed: {', '.join(sorted(ALLOWED_METHODS))})")
         for name, value in request.headers.items():
-            if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
                 raise URLRefused(f"{name!r} is not a valid HTTP header name")
             if not isinstance(value, str) or _HEADER_VALUE_BAD.search(value):
                 raise URLRefused(f"the value of header {name!r} is not valid "

@@ -44,7 +44,7 @@ def parse_http_date(value: str, now: float) -> Optional[float]:
     than 50 years after ``now`` (RFC 9110, section 5.6.7).
     """
     for pattern in (_IMF_FIXDATE, _RFC850, _ASCTIME):
-        match = pattern.match(value)
+        match = pattern.fullmatch(value)
         if match:
             break
     else:
@@ -82,7 +82,7 @@ def parse_retry_after(value: Union[str, bytes, None], now: float) -> Optional[fl
     value = value.strip()
     if len(value) > 64:
         return None
-    if _DELTA.match(value):
+    if _DELTA.fullmatch(value):
         delay = float(value)
     else:
         when = parse_http_date(value, now)

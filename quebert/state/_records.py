@@ -105,7 +105,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
 def check_name(name: Any) -> None:
     """A unique task name: a short string of the id alphabet."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"a unique name must be 1-200 characters of A-Z a-z 0-9 _ . : -, "
                          f"not {name!r}")
 

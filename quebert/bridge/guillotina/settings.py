@@ -72,7 +72,7 @@ def _seconds(settings: Mapping[str, Any], key: str, *, positive: bool) -> float:
 
 def _name(settings: Mapping[str, Any], key: str) -> str:
     value = settings.get(key)
-    if not isinstance(value, str) or not QUEUE_RE.match(value):
+    if not isinstance(value, str) or not QUEUE_RE.fullmatch(value):
         raise ConfigurationError(
             f'app_settings["quebert"]["{key}"] must be 1-100 characters of A-Z a-z 0-9 '
             f"_ . : - (not starting with . or :), not {value!r}")
