@@ -5,6 +5,10 @@ Importing this module needs neither Guillotina nor aio-pika: the worker
 of ``tests.test_bridge_guillotina_live`` loads it with ``--tasks``.
 """
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from quebert import current_task
 from quebert.bridge.guillotina import task
 
 
@@ -18,3 +22,10 @@ def touch(path: str, times: int = 1) -> dict:
 def plain(value):
     """A second task, published by name through add_task."""
     return value
+
+
+@task(name="bridge_test.slow", queue="bridge-test")
+async def slow(seconds: float) -> dict:
+    """Sleep on the reactor (to be cancelled), then say where it came from."""
+    await deferLater(reactor, seconds, lambda: None)
+    return dict(current_task().context)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from typing import Any
 
@@ -21,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from quebert import protocol
 from tests._guillotina import ROOT_USER, GuillotinaProcess, settings_for
-from tests._rabbit import make_vhost, read_all
+from tests._rabbit import make_vhost, queue_counts, read_all
 from tests._redis import REDIS_URL, isolated_redis
 from tests._worker import WorkerProcess, wait_for
 from tests.guillotina_bridge_app import OPERATOR_TOKEN
@@ -250,3 +251,58 @@ class GuillotinaBridgeTests(TestCase):
         record = await wait_for(done, 30, what="the task to succeed")
         self.assertEqual(record["result"], {"path": "/d", "times": 3})
         self.assertEqual(record["attempts"], 1)
+
+    async def test_url_callback_and_cancel_through_a_worker(self) -> None:
+        """
+        A worker holding the service token (``dispatch.credentials``) runs
+        a URL task that calls back into the application, which sees the
+        service principal; a running task cancelled with ``DELETE
+        @amqp-tasks/{id}`` ends ``canceled``; and no credential of the
+        caller or of the service is left in RabbitMQ or Redis.
+        """
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump({"dispatch": {"credentials": [{
+                "url_prefix": self.app.base_url + "/db/",
+                "token_env": "BRIDGE_TEST_SERVICE_TOKEN"}]}}, f)
+        worker = WorkerProcess(self, self.amqp_url, REDIS_URL, self.prefix,
+                               tasks=("tests.guillotina_bridge_tasks",),
+                               queues=(QUEUE, "default"), extra=("--config", config),
+                               env={"BRIDGE_TEST_SERVICE_TOKEN": SERVICE_TOKEN})
+        worker.start()
+        await worker.ready()
+
+        callback = await self.enqueue(kind="url", path="@bridge-test-callback",
+                                      body={"order": 17})
+        slow = await self.enqueue(kind="add_task", task="bridge_test.slow", args=[30])
+
+        async def state_of(task_id: str, *states: str) -> Any:
+            status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+            return record if record.get("state") in states else None
+
+        record = await wait_for(lambda: state_of(callback, "succeeded", "failed"), 30,
+                                what="the callback task to end")
+        self.assertEqual(record["state"], "succeeded", record.get("error"))
+        self.assertEqual(json.loads(record["result"]["body"]),
+                         {"user": "quebert-service", "body": {"order": 17}})
+
+        await wait_for(lambda: state_of(slow, "running"), 30, what="the slow task to run")
+        status, record = await self.call("DELETE", f"/db/c1/@amqp-tasks/{slow}")
+        self.assertEqual(status, 200, record)
+        record = await wait_for(lambda: state_of(slow, "canceled"), 10,
+                                what="the running task to be canceled")
+        self.assertEqual(record["attempts"], 1)
+        self.assertIn("canceled while attempt 1 ran", record["reason"])
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual(ids, [slow, callback])
+        self.assertEqual(await worker.stop(), 0)
+
+        secrets = SECRETS + (SERVICE_TOKEN,)
+        stored = await self.redis_dump()
+        self.assertIn(slow, stored)
+        left = [(queue, properties, body) for queue in await queue_counts(self.amqp_url)
+                for properties, body in read_all(self.amqp_url, queue)]
+        for secret in secrets:
+            self.assertNotIn(secret, stored)
+            self.assertNotIn(secret, repr(left))
+            self.assertNotIn(secret, worker.log())
