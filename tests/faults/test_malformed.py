@@ -252,8 +252,17 @@ class MalformedTests(FaultCase):
             by_index[headers.get(H_INDEX)] = (body, headers["x-quebert-reason"])
         self.assertEqual(sorted(by_index), list(range(len(bad))),
                          "every bad message, once, in the errored queue")
-        for n, (_, body, _) in enumerate(bad):
-            self.assertEqual(by_index[n][0], body, "errored copies keep the body")
+        for n, (kind, body, _) in enumerate(bad):
+            copy = by_index[n][0]
+            if kind != "guillotina":
+                self.assertEqual(copy, body, "errored copies keep the body")
+                continue
+            # guillotina_amqp bodies are never copied as received: their
+            # req_data may hold the caller's credentials (docs/protocol.rst).
+            self.assertNotIn(b"req_data", copy)
+            original, kept = json.loads(body), json.loads(copy)
+            self.assertEqual(kept.get("task_id", kept.get("id")), original.get("task_id"),
+                             "the errored copy is the same task")
 
         self.assertTrue(worker.alive)
         self.assertEqual(worker.process.pid, pid)
