@@ -162,6 +162,8 @@ class FaultCase(TestCase):
     scenario = "unnamed"
     #: One line saying what the fault is.
     fault = ""
+    #: ``--queue-type`` of the scenario's workers and client.
+    queue_type = "classic"
 
     def setUp(self) -> None:
         self._began = time.monotonic()
@@ -178,7 +180,7 @@ class FaultCase(TestCase):
         self.prefix = f"quebert-fault-{uuid.uuid4().hex[:12]}:"
         self.redis = connect_redis(REDIS_URL)
         self.state = RedisStateManager(self.redis, prefix=self.prefix)
-        self.client = Client(self.url, state=self.state)
+        self.client = Client(self.url, state=self.state, queue_type=self.queue_type)
         self.addCleanup(lambda: defer.ensureDeferred(self._cleanup()))
         self.runs = Runs(os.path.abspath(self.mktemp()))
 
@@ -209,8 +211,8 @@ class FaultCase(TestCase):
                extra: Iterable[str] = ()) -> WorkerProcess:
         """A worker process (not started) on the fault tasks; killed in cleanup."""
         return WorkerProcess(self, amqp_url or self.url, redis_url, self.prefix,
-                             tasks=(TASKS_MODULE,), queues=queues, extra=tuple(extra),
-                             name=name)
+                             tasks=(TASKS_MODULE,), queues=queues,
+                             extra=("--queue-type", self.queue_type, *extra), name=name)
 
     async def publish(self, count: int, task: str = "faults.mark", *, start: int = 0,
                       options: Callable[[int], Mapping[str, Any]] = lambda i: {}
@@ -260,7 +262,18 @@ class FaultCase(TestCase):
                                          + w.log()[-3000:])
             return await self.count_in(state) >= len(ids)
 
-        await wait_for(done, timeout, interval=0.25, what=f"{len(ids)} tasks to be {state}")
+        try:
+            await wait_for(done, timeout, interval=0.25,
+                           what=f"{len(ids)} tasks to be {state}")
+        except AssertionError:
+            # Say which tasks are behind, and where they stand.
+            records = await self.records(ids)
+            behind = [i for i, r in records.items() if (r or {}).get("state") != state]
+            print(f"[faults] {len(behind)} task(s) not {state}: {behind[:20]}")
+            self._evidence(Tally(tasks=len(ids), succeeded=len(ids) - len(behind),
+                                 lost=behind, duplicates={}, strays={}, extra_attempts=0,
+                                 undercounted=[]), records)
+            raise
         return await self.records(ids)
 
     async def records(self, ids: Mapping[int, str]) -> Dict[int, dict]:
