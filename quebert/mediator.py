@@ -10,7 +10,7 @@ the original message is acked: a retry or errored copy is published with
 publisher confirms first, so a worker killed at any instant loses nothing
 (at-least-once; duplicates are possible).  Copies carry the body as
 received, except a guillotina_amqp body's: its copies are its version-1
-body (:func:`quebert.protocol.copy_body`), so that the caller's credentials
+body (:func:`quebert.legacy.copy_body`), so that the caller's credentials
 it may hold never reach a delay or errored queue.
 
 While a call task runs, :func:`quebert.current_task` tells its function
@@ -44,7 +44,7 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from quebert import protocol
+from quebert import legacy, protocol
 from quebert._defer import mirror
 from quebert.current import running_task
 from quebert.errors import (
@@ -709,8 +709,8 @@ class Mediator:
         })
         _count_response(headers, failure)
         headers.pop(H_NOT_BEFORE, None)
-        body, content_type = protocol.copy_body(task.message, task.delivery.body,
-                                                task.delivery.content_type)
+        body, content_type = legacy.copy_body(task.message, task.delivery.body,
+                                              task.delivery.content_type)
         await self.broker.publish(task.queue, body, headers, message_id=task.id,
                                   content_type=content_type, delay=delay)
         now = self.clock.seconds()
@@ -742,8 +742,8 @@ class Mediator:
             H_REASON: _header_text(reason),
         })
         _count_response(headers, failure)
-        body, content_type = protocol.copy_body(task.message, task.delivery.body,
-                                                task.delivery.content_type)
+        body, content_type = legacy.copy_body(task.message, task.delivery.body,
+                                              task.delivery.content_type)
         await self.broker.publish_errored(task.queue, body, headers, message_id=task.id,
                                           content_type=content_type)
         await self.state.finished(task.id, FAILED, task.attempt, task.info,
@@ -769,7 +769,7 @@ class Mediator:
             H_REASON: _header_text(reason),
         })
         task_id = error.task_id or delivery.message_id
-        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
         await self.broker.publish_errored(delivery.queue, body, headers, message_id=task_id,
                                           content_type=content_type)
         if error.task_id:
@@ -790,7 +790,7 @@ class Mediator:
                      extra: dict) -> None:
         headers = protocol.republish_headers(delivery.headers, **extra)
         headers[H_NOT_BEFORE] = protocol.to_ms(self.clock.seconds() + delay)
-        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
         await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
                                   content_type=content_type, delay=delay)
         delivery.ack()
@@ -859,7 +859,7 @@ class Mediator:
         """
         delay = min(beat_left + PARK_MARGIN, MAX_PARK_DELAY)
         headers = protocol.republish_headers(delivery.headers, **{H_PARKED: parks + 1})
-        body, content_type = protocol.copy_body(message, delivery.body, delivery.content_type)
+        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
         await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
                                   content_type=content_type, delay=delay)
         delivery.ack()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_protocol -*-
+# -*- test-case-name: tests.test_protocol,tests.test_legacy -*-
 """
 The wire protocol: what a task looks like on the broker.
 
@@ -35,11 +35,9 @@ Unknown keys are ignored so that the format can grow.  Run-time bookkeeping
 (how many attempts were made, when the first one started) travels in AMQP
 headers, because the body of a task never changes between attempts.
 
-The worker also accepts the body that guillotina_amqp publishes (``func``,
-``args``, ``kwargs``, ``task_id``, ...), see :func:`decode`.  Only plain,
-non-secret data of such a body is kept (its ``req_data``, with the
-request's ``Authorization`` header, never is), and every copy the worker
-publishes of it is the version-1 body :meth:`TaskMessage.to_body` writes.
+The worker also accepts the body that guillotina_amqp publishes (no
+``version``, a ``func``): :func:`decode` hands it to :mod:`quebert.legacy`,
+which keeps only its plain, non-secret data.
 
 This module only converts; it never imports anything a message names.
 """
@@ -74,20 +72,13 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 MAX_URL_LENGTH = 8192
 #: Task name recorded for URL tasks (their ``task`` field in the state store).
 URL_TASK = "quebert.url"
-#: ``TaskMessage.origin`` of version-1 bodies and of guillotina_amqp ones.
+#: ``TaskMessage.origin`` of version-1 bodies (guillotina_amqp ones have
+#: :data:`quebert.legacy.GUILLOTINA`).
 QUEBERT = "quebert"
-GUILLOTINA = "guillotina"
 #: Most keys a task's ``context`` may have.
 MAX_CONTEXT_KEYS = 50
 #: Largest ``context``, in bytes of the compact JSON :func:`dumps` writes.
 MAX_CONTEXT_SIZE = 8192
-#: Largest value kept from a guillotina_amqp body into ``context``, in bytes
-#: of JSON (the four kept values then always fit in ``MAX_CONTEXT_SIZE``).
-MAX_LEGACY_VALUE = 2000
-#: The only keys of a guillotina_amqp body a refused copy keeps: its
-#: ``req_data`` (request headers, with the caller's ``Authorization``),
-#: ``user`` and ``annotations`` never leave the worker.
-LEGACY_KEPT_KEYS = ("task_id", "func", "args", "kwargs", "db_id", "container_id")
 
 #: AMQP header: attempts made (started) before this delivery.
 H_ATTEMPTS = "x-quebert-attempts"
@@ -319,7 +310,7 @@ def decode(
 
     Raises :class:`InvalidMessage` with a reason naming the field at fault.
     Bodies without a ``version`` but with ``func`` and ``task_id`` are read
-    as guillotina_amqp tasks.
+    as guillotina_amqp tasks (:func:`quebert.legacy.decode_guillotina`).
     """
     if max_size is not None and len(body) > max_size:
         raise InvalidMessage(
@@ -346,8 +337,8 @@ def decode(
         raise InvalidMessage(
             f"message body must be a JSON object, not {type(data).__name__}", field="body"
         )
-    if "version" not in data and "func" in data:  # (is_guillotina, inline)
-        return _decode_guillotina(data, default_queue)
+    if "version" not in data and "func" in data:  # (legacy.is_guillotina, inline)
+        return legacy.decode_guillotina(data, default_queue)
     return _validate(data, default_queue)
 
 
@@ -686,128 +677,6 @@ def _validate_retry(retry: Any, task_id: str) -> None:
             )
 
 
-def _decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessage:
-    """
-    A guillotina_amqp body as a task of the queue it came from.  ``func``
-    is a name for the registry (aliases included), never imported; the
-    context keeps only :func:`guillotina_context`'s plain data.
-    """
-    task_id = data.get("task_id")
-    if not isinstance(task_id, str) or not _ID_RE.fullmatch(task_id):
-        raise InvalidMessage(
-            f"guillotina task: 'task_id' must be an id string, not {task_id!r}", field="task_id"
-        )
-    func = data.get("func")
-    if not isinstance(func, str) or not _NAME_RE.fullmatch(func):
-        raise InvalidMessage(
-            f"guillotina task: 'func' must be a task name, not {func!r}",
-            field="func",
-            task_id=task_id,
-        )
-    args = data.get("args") or []
-    kwargs = data.get("kwargs") or {}
-    if not isinstance(args, list):
-        raise InvalidMessage("guillotina task: 'args' must be a JSON array", field="args",
-                             task_id=task_id)
-    if not isinstance(kwargs, dict):
-        raise InvalidMessage("guillotina task: 'kwargs' must be a JSON object", field="kwargs",
-                             task_id=task_id)
-    return TaskMessage(
-        id=task_id,
-        task=func,
-        queue=default_queue,
-        args=tuple(args),
-        kwargs=kwargs,
-        origin=GUILLOTINA,
-        context=guillotina_context(data, task_id),
-    )
-
-
-def guillotina_context(data: Mapping[str, Any], task_id: Optional[str] = None) -> dict:
-    """
-    The plain, non-secret data of a guillotina_amqp body: ``db_id``,
-    ``container_id``, ``user_id`` (``req_data.user.id``, else a top-level
-    ``user`` string or ``user.id``) and ``path`` (``req_data.url``'s path:
-    no scheme, host, credentials, query or fragment).  Nothing else of
-    ``req_data`` (its headers carry the caller's ``Authorization``), no
-    ``user`` object, no ``annotations``.
-
-    Missing or ``null`` values are left out.  A ``db_id`` or
-    ``container_id`` that is not a string, or any kept value longer than
-    :data:`MAX_LEGACY_VALUE` bytes of JSON, is :class:`InvalidMessage`
-    (the task would otherwise run without the scope it names).
-    """
-    context: dict[str, Any] = {}
-    for key in ("db_id", "container_id"):
-        value = data.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise InvalidMessage(f"guillotina task: {key!r} must be a string, not "
-                                 f"{type(value).__name__}", field=key, task_id=task_id)
-        context[key] = value
-    req_data = data.get("req_data")
-    req_data = req_data if isinstance(req_data, dict) else {}
-    user = req_data.get("user")
-    user_id = _user_id(user) if isinstance(user, dict) else None
-    if user_id is None:
-        user_id = _user_id(data.get("user"))
-    if user_id is not None:
-        context["user_id"] = user_id
-    url = req_data.get("url")
-    if isinstance(url, str):
-        parts = urlsplit_safe(url)
-        if parts is not None and parts.path:
-            context["path"] = parts.path
-    for key, value in context.items():
-        if len(dumps(value)) > MAX_LEGACY_VALUE:
-            field = "req_data.url" if key == "path" else key
-            raise InvalidMessage(
-                f"guillotina task: {field!r} is longer than {MAX_LEGACY_VALUE} bytes of JSON",
-                field=field, task_id=task_id)
-    return context
-
-
-def _user_id(user: Any) -> Optional[str]:
-    """A user id from a guillotina ``user``: the string itself, or an object's ``id``."""
-    if isinstance(user, dict):
-        user = user.get("id")
-    return user if isinstance(user, str) and user else None
-
-
-def is_guillotina(data: Any) -> bool:
-    """Whether decoded JSON is a guillotina_amqp body (``func``, no ``version``)."""
-    return isinstance(data, dict) and "version" not in data and "func" in data
-
-
-def copy_body(message: Optional[TaskMessage], body: bytes,
-              content_type: Optional[str]) -> tuple[bytes, Optional[str]]:
-    """
-    What a copy of a received message carries (a retry, a re-delay, an
-    errored copy): ``(body, content_type)``.
-
-    A version-1 body is copied as received.  A guillotina_amqp body never
-    is: it may carry the request's ``Authorization`` header and user
-    (``req_data``), which must not spread to delay and errored queues.  Its
-    copy is the version-1 body of ``message`` (same id, task, arguments,
-    plain context), or, when it could not be decoded (``message`` is
-    ``None``), the body reduced to :data:`LEGACY_KEPT_KEYS`.
-    """
-    if message is not None:
-        if message.origin == QUEBERT:
-            return body, content_type
-        return dumps(message.to_body()), CONTENT_TYPE
-    try:
-        data = json.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        return body, content_type
-    if not is_guillotina(data):
-        return body, content_type
-    kept = {k: data[k] for k in LEGACY_KEPT_KEYS if k in data}
-    # (json.loads reads NaN and Infinity, which dumps refuses: keep them as read)
-    return json.dumps(kept, separators=(",", ":")).encode("utf-8"), CONTENT_TYPE
-
-
 #: Headers RabbitMQ sets itself.  They must not be copied into a republished
 #: message: the broker drops a message that is dead-lettered through a queue
 #: its ``x-death`` already names (cycle detection), which would silently
@@ -871,3 +740,10 @@ def _float_header(headers: Optional[Mapping[str, Any]], key: str) -> Optional[fl
     if result is not None and not math.isfinite(result):
         return None
     return result
+
+
+# Last, not at the top: legacy builds on this module (TaskMessage, the id
+# and name patterns), so it is imported once all of that is defined, and
+# decode() reaches it as ``legacy.decode_guillotina`` at call time.  (An
+# import inside decode() would cost about 0.8 us per guillotina_amqp body.)
+from quebert import legacy  # noqa: E402
