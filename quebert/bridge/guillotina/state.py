@@ -16,8 +16,9 @@ The bridge keeps two things of its own, under the same prefix:
     scored by publish time.  It decides which tasks a container's
     ``@amqp-tasks`` endpoints show: a task id is never trusted to say
     where it belongs.  Entries older than the state TTL whose record has
-    expired are dropped as new tasks are added; listing skips ids whose
-    record is gone.
+    expired are dropped as new tasks are added, a batch at a time
+    (``{prefix}guillotina:prune:{db_id}/{container_id}`` remembers where
+    the last batch stopped); listing skips ids whose record is gone.
 ``{prefix}guillotina:job:{task_id}``
     the task's message as JSON (function and arguments, or the request of
     a URL task, and the context), shown to holders of
@@ -44,9 +45,14 @@ LIST_LIMIT = 1000
 PRUNE_BATCH = 100
 
 # ARGV: index key, task key prefix, id, score, horizon ('' : never prune),
-# job key, job JSON, job ttl in ms ('0': no expiry).
+# job key, job JSON, job ttl in ms ('0': no expiry), prune cursor key.
+# Each call examines the next PRUNE_BATCH entries older than the horizon,
+# from the score the previous call stopped at (the cursor), and starts
+# again from the oldest once it reached the horizon: entries that still
+# have a record (a task queued for a queue nobody reads, a long countdown)
+# never hide the expired ones behind them.
 _INDEX_ADD = """
-local index = ARGV[1]
+local index, cursor_key = ARGV[1], ARGV[9]
 redis.call('ZADD', index, ARGV[4], ARGV[3])
 if ARGV[8] == '0' then
   redis.call('SET', ARGV[6], ARGV[7])
@@ -54,13 +60,23 @@ else
   redis.call('SET', ARGV[6], ARGV[7], 'PX', ARGV[8])
 end
 if ARGV[5] == '' then return 0 end
-local old = redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. ARGV[5], 'LIMIT', 0, __BATCH__)
-local dropped = 0
-for _, id in ipairs(old) do
+local from = redis.call('GET', cursor_key)
+from = from and ('(' .. from) or '-inf'
+local old = redis.call('ZRANGEBYSCORE', index, from, '(' .. ARGV[5], 'WITHSCORES',
+                       'LIMIT', 0, __BATCH__)
+local dropped, last = 0, nil
+for i = 1, #old, 2 do
+  local id = old[i]
+  last = old[i + 1]
   if redis.call('EXISTS', ARGV[2] .. id) == 0 then
     redis.call('ZREM', index, id)
     dropped = dropped + 1
   end
+end
+if #old < 2 * __BATCH__ then
+  redis.call('DEL', cursor_key)
+else
+  redis.call('SET', cursor_key, last, 'PX', ARGV[10])
 end
 return dropped
 """.replace("__BATCH__", str(PRUNE_BATCH))
@@ -184,6 +200,9 @@ class BridgeState:
     def _index_key(self, container: str) -> str:
         return f"{self.prefix}guillotina:container:{container}"
 
+    def _prune_key(self, container: str) -> str:
+        return f"{self.prefix}guillotina:prune:{container}"
+
     def _job_key(self, task_id: str) -> str:
         return f"{self.prefix}guillotina:job:{task_id}"
 
@@ -199,6 +218,7 @@ class BridgeState:
         await self._run(self._index_add, [
             self._index_key(container), f"{self.prefix}task:", task_id, repr(at), horizon,
             self._job_key(task_id), json.dumps(job, separators=(",", ":")), ttl_ms,
+            self._prune_key(container), self._ttl_ms,
         ], "index")
 
     async def list(self, container: str, limit: int = LIST_LIMIT) -> list:
