@@ -11,18 +11,27 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import time
 import uuid
 from typing import Any
 
 import pika
 import treq
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from quebert import protocol
 from tests._guillotina import ROOT_USER, GuillotinaProcess, settings_for
-from tests._rabbit import make_vhost, queue_counts, read_all
+from tests._rabbit import (
+    _rabbitmqctl_sync,
+    make_vhost,
+    queue_counts,
+    rabbitmqctl,
+    read_all,
+    vhost_of,
+)
 from tests._redis import REDIS_URL, isolated_redis
 from tests._worker import WorkerProcess, wait_for
 from tests.guillotina_bridge_app import OPERATOR_TOKEN
@@ -35,16 +44,26 @@ SECRETS = (ROOT_AUTH, ROOT_AUTH.split()[1], "Basic ", "Authorization", "authoriz
            ROOT_USER[1] + "\"")
 
 
-class GuillotinaBridgeTests(TestCase):
-    """One application per test, with containers ``c1`` and ``c2``."""
+class _BridgeTestCase(TestCase):
+    """
+    One application per test, with containers ``c1`` and ``c2``;
+    ``app_redis_url`` and ``quebert_settings`` change what it is given.
+    """
 
     timeout = 120
+    #: More keys of the application's ``app_settings["quebert"]``.
+    quebert_settings: dict = {}
+
+    def app_redis_url(self) -> str:
+        return REDIS_URL
 
     async def setUp(self) -> None:
         self.amqp_url = make_vhost(self, "quebert-bridge")
+        self.vhost = vhost_of(self.amqp_url)
         self.redis, self.prefix = await isolated_redis(self)
         self.app = GuillotinaProcess(self, settings_for(
-            self, self.amqp_url, REDIS_URL, self.prefix, service_token=SERVICE_TOKEN))
+            self, self.amqp_url, self.app_redis_url(), self.prefix,
+            service_token=SERVICE_TOKEN, **self.quebert_settings))
         await self.app.start()
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
@@ -94,6 +113,10 @@ class GuillotinaBridgeTests(TestCase):
                 parts.append(f"{key} {value!r}")
             if int(cursor) == 0:
                 return "\n".join(parts)
+
+
+class GuillotinaBridgeTests(_BridgeTestCase):
+    """The bridge with a working RabbitMQ and Redis."""
 
     # -- publishing --------------------------------------------------------------
 
@@ -306,3 +329,196 @@ class GuillotinaBridgeTests(TestCase):
             self.assertNotIn(secret, stored)
             self.assertNotIn(secret, repr(left))
             self.assertNotIn(secret, worker.log())
+
+    # -- unique names -------------------------------------------------------------------
+
+    async def test_a_live_name_is_refused(self) -> None:
+        named = {"kind": "add_task", "args": [1], "kwargs": {"_name": "nightly"}}
+        first = await self.enqueue(**named)
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue", named)
+        self.assertEqual((status, answer["type"]), (412, "TaskAlreadyExists"), answer)
+        self.assertIn(first, answer["reason"])
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual((status, ids), (200, [first]))
+        self.assertEqual(len(read_all(self.amqp_url, QUEUE)), 1)
+        # Another container publishing the same name meets the same task.
+        status, answer = await self.call("POST", "/db/c2/@bridge-test-enqueue", named)
+        self.assertEqual((status, answer["type"]), (412, "TaskAlreadyExists"), answer)
+
+    async def test_concurrent_enqueues_of_one_name_publish_once(self) -> None:
+        named = {"kind": "add_task", "args": [1], "kwargs": {"_name": "once"}}
+        answers = await defer.gatherResults([
+            defer.ensureDeferred(self.call("POST", f"/db/{container}/@bridge-test-enqueue",
+                                           named))
+            for container in ("c1", "c2") * 4])
+        won = [answer["task_id"] for status, answer in answers if status == 200]
+        refused = [answer for status, answer in answers
+                   if status == 412 and answer["type"] == "TaskAlreadyExists"]
+        self.assertEqual((len(won), len(refused)), (1, 7), answers)
+        [(_, body)] = read_all(self.amqp_url, QUEUE)
+        self.assertEqual(json.loads(body)["id"], won[0])
+        self.assertEqual(await self.redis.get(f"{self.prefix}name:once"), won[0])
+
+    async def test_a_refused_publish_frees_the_name(self) -> None:
+        """
+        RabbitMQ refuses the work queue (declared as a quorum queue by
+        someone else, the application says classic): the name is released
+        and the task recorded ``failed`` with the reason; once the queue is
+        fixed, the same call takes the name.
+        """
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = connection.channel()
+        channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        named = {"kind": "add_task", "args": [1], "kwargs": {"_name": "refused"}}
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue", named)
+        self.assertEqual((status, answer["type"]), (412, "BrokerError"), answer)
+        self.assertIn("queue_type", answer["reason"])
+        self.assertIsNone(await self.redis.get(f"{self.prefix}name:refused"))
+        status, [failed] = await self.call("GET", "/db/c1/@amqp-tasks")
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{failed}")
+        self.assertEqual((status, record["state"]), (200, "failed"), record)
+        self.assertIn("publishing the task failed", record["reason"])
+
+        channel.queue_delete(QUEUE)
+        connection.close()
+        task_id = await self.enqueue(**named)
+        self.assertEqual(await self.redis.get(f"{self.prefix}name:refused"), task_id)
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual(ids, [task_id, failed])
+        [(_, body)] = read_all(self.amqp_url, QUEUE)
+        self.assertEqual(json.loads(body)["id"], task_id)
+
+    # -- a finished task ------------------------------------------------------------------
+
+    async def test_delete_of_a_succeeded_task_is_a_conflict(self) -> None:
+        worker = WorkerProcess(self, self.amqp_url, REDIS_URL, self.prefix,
+                               tasks=("tests.guillotina_bridge_tasks",), queues=(QUEUE,))
+        worker.start()
+        await worker.ready()
+        task_id = await self.enqueue(kind="decorated", args=["/e"])
+
+        async def done() -> Any:
+            status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+            return record if record.get("state") == "succeeded" else None
+
+        before = await wait_for(done, 30, what="the task to succeed")
+        self.assertEqual(await worker.stop(), 0)
+        status, answer = await self.call("DELETE", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual(status, 409, answer)
+        self.assertEqual((answer["reason"], answer["state"]),
+                         ("Task already succeeded", "succeeded"))
+        self.assertEqual(answer["task"]["id"], task_id)
+        status, after = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
+        self.assertEqual(status, 200)
+        self.assertEqual(after, before)
+        self.assertNotIn("cancel_requested", await self.redis.hgetall(
+            f"{self.prefix}task:{task_id}"))
+
+
+async def close_connections(vhost: str) -> list:
+    """Have RabbitMQ close every connection to ``vhost`` (and only those); their pids."""
+    out = await rabbitmqctl("list_connections", "vhost", "pid")
+    pids = [line.split("\t", 1)[1] for line in out.splitlines()
+            if line.split("\t", 1)[0] == vhost]
+    for pid in pids:
+        await rabbitmqctl("close_connection", pid, "closed by quebert's tests")
+    return pids
+
+
+class BrokerOutageTests(_BridgeTestCase):
+    """The publisher when RabbitMQ closes its connection or refuses it."""
+
+    #: Low, so that a refused publish fails fast; the reconnection must fit in it.
+    quebert_settings = {"publish_timeout": 3.0}
+
+    async def enqueue_timed(self, body: dict) -> tuple:
+        started = time.monotonic()
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue", body)
+        return status, answer, time.monotonic() - started
+
+    async def test_next_publish_reconnects(self) -> None:
+        first = await self.enqueue(kind="add_task", args=[1])
+        self.assertTrue(await close_connections(self.vhost))
+        status, answer, took = await self.enqueue_timed({"kind": "add_task", "args": [2]})
+        self.assertEqual(status, 200, answer)
+        self.assertLess(took, 3.0 + 1.0)
+        # And again at once: a second close soon after the reconnection.
+        self.assertTrue(await close_connections(self.vhost))
+        status, third, took = await self.enqueue_timed({"kind": "add_task", "args": [3]})
+        self.assertEqual(status, 200, third)
+        self.assertLess(took, 3.0 + 1.0)
+        bodies = [json.loads(body) for _, body in read_all(self.amqp_url, QUEUE)]
+        self.assertEqual([b["args"] for b in bodies], [[1], [2], [3]])
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual(ids, [third["task_id"], answer["task_id"], first])
+
+    async def test_refused_broker_fails_within_publish_timeout(self) -> None:
+        """
+        While the vhost refuses the application, a publish fails with a
+        ``BrokerError`` within ``publish_timeout`` and leaves no task to
+        list: an unnamed task keeps only its (unlisted) index entry, a named
+        one is recorded ``failed`` and its name freed.  Once the broker
+        accepts it again, the next publish goes through.
+        """
+        first = await self.enqueue(kind="add_task", args=[1])
+        await rabbitmqctl("clear_permissions", "-p", self.vhost, "guest")
+        self.addCleanup(_rabbitmqctl_sync, "set_permissions", "-p", self.vhost, "guest",
+                        ".*", ".*", ".*")
+        self.assertTrue(await close_connections(self.vhost))
+
+        status, answer, took = await self.enqueue_timed({"kind": "add_task", "args": [2]})
+        self.assertEqual((status, answer.get("type")), (412, "BrokerError"), answer)
+        self.assertIn("failed within 3s", answer["reason"])
+        self.assertLess(took, 3.0 + 1.0)
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual((status, ids), (200, [first]))
+        index = await self.redis.zrange(f"{self.prefix}guillotina:container:db/c1", 0, -1)
+        [unpublished] = [task_id for task_id in index if task_id != first]
+        status, _ = await self.call("GET", f"/db/c1/@amqp-tasks/{unpublished}")
+        self.assertEqual(status, 404)
+
+        named = {"kind": "add_task", "args": [3], "kwargs": {"_name": "during-outage"}}
+        status, answer, took = await self.enqueue_timed(named)
+        self.assertEqual((status, answer.get("type")), (412, "BrokerError"), answer)
+        self.assertLess(took, 3.0 + 1.0)
+        self.assertIsNone(await self.redis.get(f"{self.prefix}name:during-outage"))
+
+        await rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        status, answer, took = await self.enqueue_timed(named)
+        self.assertEqual(status, 200, answer)
+        self.assertLess(took, 3.0 + 1.0)
+        bodies = [json.loads(body) for _, body in read_all(self.amqp_url, QUEUE)]
+        self.assertEqual([b["args"] for b in bodies], [[1], [3]])
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual(ids[0], answer["task_id"])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisDownTests(_BridgeTestCase):
+    """The application's Redis is a closed port: the endpoints say so."""
+
+    def app_redis_url(self) -> str:
+        return f"redis://127.0.0.1:{closed_port()}/0"
+
+    async def test_endpoints_answer_503(self) -> None:
+        for method, path in (("GET", "/db/c1/@amqp-tasks"),
+                             ("GET", "/db/c1/@amqp-tasks/task:db-c1-x"),
+                             ("DELETE", "/db/c1/@amqp-tasks/task:db-c1-x")):
+            started = time.monotonic()
+            status, answer = await self.call(method, path)
+            self.assertEqual(status, 503, (method, path, answer))
+            self.assertIsInstance(answer, dict, answer)
+            self.assertIn("quebert is not reachable", answer["reason"])
+            self.assertNotIn("Traceback", json.dumps(answer))
+            self.assertLess(time.monotonic() - started, 10)
+        # Publishing from a container needs the index: refused, not half-done.
+        status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue",
+                                         {"kind": "add_task", "args": [1]})
+        self.assertEqual((status, answer.get("type")), (412, "StateError"), answer)
+        self.assertEqual(await queue_counts(self.amqp_url, QUEUE), (0, 0))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from quebert.amqp import control
 from quebert.amqp.topology import LEVELS, MAX_DELAY_MS, Topology
@@ -37,6 +38,13 @@ from quebert.errors import BrokerError, PublishError, UnroutableError
 
 #: Seconds between two attempts of a publish that met a closed connection.
 RETRY_INTERVAL = 0.5
+#: Seconds between two reconnection attempts of the robust connection (at
+#: most a third of the publish timeout).  aio-pika's default, 5 s, is also
+#: how long it waits after a successful connection before it may reconnect:
+#: longer than a short ``publish_timeout``, so a publish right after RabbitMQ
+#: closed the connection failed although the broker was up.  An
+#: ``amqp_url`` with ``?reconnect_interval=`` keeps its own.
+RECONNECT_INTERVAL = 1.0
 
 
 class Publisher:
@@ -52,6 +60,7 @@ class Publisher:
         self.amqp_url = amqp_url
         self.topology = topology
         self.timeout = timeout
+        self.reconnect_interval = min(RECONNECT_INTERVAL, timeout / 3)
         self._connection: Any = None
         self._channel: Any = None
         self._declared: set[str] = set()
@@ -78,7 +87,11 @@ class Publisher:
                 return
             import aio_pika
 
-            connection = await aio_pika.connect_robust(self.amqp_url, timeout=self.timeout)
+            options: dict = {}
+            if "reconnect_interval" not in urlsplit(self.amqp_url).query:
+                options["reconnect_interval"] = self.reconnect_interval
+            connection = await aio_pika.connect_robust(self.amqp_url, timeout=self.timeout,
+                                                       **options)
             try:
                 self._channel = await connection.channel(publisher_confirms=True,
                                                          on_return_raises=True)
