@@ -19,6 +19,8 @@ import redis
 from twisted.trial.unittest import SynchronousTestCase
 
 from quebert import protocol
+from quebert.bridge.guillotina.bridge import Bridge
+from quebert.bridge.guillotina.settings import BridgeSettings
 from quebert.bridge.guillotina.state import PRUNE_BATCH, BridgeState
 from quebert.errors import TaskAlreadyExists
 from tests._redis import REDIS_URL
@@ -29,7 +31,9 @@ CONTAINER = "db/c1"
 TTL = 60.0
 
 
-class BridgeStateIndexTests(SynchronousTestCase):
+class _RedisCase(SynchronousTestCase):
+    """A key prefix of the test Redis for this test only, deleted in cleanup."""
+
     def setUp(self) -> None:
         self.prefix = f"quebert-test-{uuid.uuid4().hex}:"
         self.sync = redis.Redis.from_url(REDIS_URL, decode_responses=True)
@@ -71,6 +75,8 @@ class BridgeStateIndexTests(SynchronousTestCase):
     def indexed(self) -> set:
         return set(self.sync.zrange(self.index_key, 0, -1))
 
+
+class BridgeStateIndexTests(_RedisCase):
     # -- pruning ---------------------------------------------------------------------
 
     def test_adding_drops_old_entries_whose_record_is_gone(self) -> None:
@@ -180,3 +186,42 @@ class BridgeStateIndexTests(SynchronousTestCase):
                          ("failed", "publishing the task failed: boom"))
         self.assertEqual(queued["state"], "queued")
         self.assertEqual(self.sync.get(f"{self.prefix}name:retry-me"), second.id)
+
+
+class _StuckPublisher:
+    """A publisher whose publish never gets its confirm (until cancelled)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def publish(self, *args, **kwargs) -> None:
+        self.started.set()
+        await asyncio.Event().wait()
+
+
+class BridgeSendTests(_RedisCase):
+    """``Bridge.send`` of a named task whose publish is cancelled (the real Redis)."""
+
+    def test_cancelled_publish_frees_the_name(self) -> None:
+        """
+        The request publishing a named task is cancelled while it waits for
+        the broker: the name must not stay held, with a ``queued`` record
+        of a task nobody may ever run, until someone deletes the key.
+        """
+        message = protocol.build("app.t", queue="q", name="cancelled")[0]
+
+        async def steps(state):
+            publisher = _StuckPublisher()
+            bridge = Bridge(BridgeSettings.from_mapping({"state_prefix": self.prefix}),
+                            publisher=publisher, state=state)
+            sending = asyncio.ensure_future(bridge.send(message, CONTAINER))
+            await publisher.started.wait()
+            sending.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await sending
+            return await state.get(message.id)
+
+        record = self.run_state(steps)
+        self.assertIsNone(self.sync.get(f"{self.prefix}name:cancelled"))
+        self.assertEqual(record["state"], "failed")
+        self.assertIn("cancelled", record["reason"])

@@ -16,6 +16,7 @@ the API and the services find it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Optional
@@ -89,7 +90,7 @@ class Bridge:
         ``container`` (``{db_id}/{container_id}``) when given.  Returns once
         the broker confirmed it.  A unique name is claimed first
         (:class:`~quebert.errors.TaskAlreadyExists`) and released if the
-        publish fails.
+        publish fails or is cancelled (the task is then recorded ``failed``).
         """
         body = protocol.dumps(message.to_body())
         now = time.time()
@@ -109,13 +110,13 @@ class Bridge:
             try:
                 await self.publisher.publish(message.queue, body, headers,
                                              message_id=message.id, delay=delay)
-            except Exception as e:
-                try:
-                    await self.state.unclaim(message, time.time(),
-                                             f"publishing the task failed: {e}")
-                except QuebertError as unclaim_error:
-                    log.warning("task %s was not published and its name %r could not be "
-                                "released: %s", message.id, message.name, unclaim_error)
+            except BaseException as e:
+                # Cancelled too (the request went away while the broker had
+                # not confirmed): the name must not stay held by a task
+                # that may never exist.
+                reason = ("publishing was cancelled" if isinstance(e, asyncio.CancelledError)
+                          else f"publishing the task failed: {e}")
+                await self._unclaim(message, reason)
                 raise
             return
         await self.publisher.publish(message.queue, body, headers, message_id=message.id,
@@ -126,6 +127,14 @@ class Bridge:
             # The task is safely queued; its record appears when it runs.
             log.warning("task %s is queued but its state record could not be written: %s",
                         message.id, e)
+
+    async def _unclaim(self, message: protocol.TaskMessage, reason: str) -> None:
+        """Free the name of a task whose publish failed; shielded from cancellation."""
+        try:
+            await asyncio.shield(self.state.unclaim(message, time.time(), reason))
+        except (QuebertError, asyncio.CancelledError) as e:
+            log.warning("task %s was not published and its name %r could not be released: "
+                        "%s", message.id, message.name, e or type(e).__name__)
 
     async def cancel(self, task_id: str, reason: str = "canceled") -> Optional[str]:
         """
