@@ -22,7 +22,16 @@ from typing import Optional
 
 from twisted.internet import defer
 
-from tests._worker import ROOT, sleep
+# The application process runs this module too: it must not import
+# tests._worker, whose module-level reactor import would install a Twisted
+# reactor in it (test_bridge_guillotina_live checks that none is).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    from tests._worker import sleep
+
+    return sleep(seconds)
 
 #: Guillotina's root user, as the settings below configure it.
 ROOT_USER = ("root", "admin")

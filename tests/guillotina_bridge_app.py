@@ -5,12 +5,15 @@ It uses the tasks of ``tests.guillotina_bridge_tasks``, and registers a containe
 ``POST @bridge-test-enqueue`` that publishes through ``add_task``, the
 decorated task or ``add_url_task`` as its JSON body says, a callback
 endpoint ``POST @bridge-test-callback`` that only ``quebert.RunTask`` may
-call, and an *operator*: a bearer token ``OPERATOR_TOKEN`` authenticated as
-a principal whose role has ``guillotina.ManageAMQP`` but not
-``guillotina.DebugAMQP``.
+call, ``GET @bridge-test-modules`` that says whether a Twisted reactor was
+imported (it never should be, in this asyncio process), and an
+*operator*: a bearer token ``OPERATOR_TOKEN`` authenticated as a principal
+whose role has ``guillotina.ManageAMQP`` but not ``guillotina.DebugAMQP``.
 """
 
 from __future__ import annotations
+
+import sys
 
 from guillotina import configure
 from guillotina.auth.users import GuillotinaUser
@@ -71,3 +74,9 @@ async def enqueue(context, request):
                    permission="quebert.RunTask")
 async def callback(context, request):
     return {"user": get_authenticated_user_id(), "body": await request.json()}
+
+
+@configure.service(context=IContainer, method="GET", name="@bridge-test-modules",
+                   permission="guillotina.AccessContent")
+async def modules(context, request):
+    return {"twisted.internet.reactor": "twisted.internet.reactor" in sys.modules}

@@ -2,10 +2,10 @@
 Tasks of the bridge's tests, decorated with the bridge's ``@task``.
 
 Importing this module needs neither Guillotina nor aio-pika: the worker
-of ``tests.test_bridge_guillotina_live`` loads it with ``--tasks``.
+of ``tests.test_bridge_guillotina_live`` loads it with ``--tasks``.  Nor
+does it import the reactor: the Guillotina application imports it too.
 """
 
-from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from quebert import current_task
@@ -27,5 +27,7 @@ def plain(value):
 @task(name="bridge_test.slow", queue="bridge-test")
 async def slow(seconds: float) -> dict:
     """Sleep on the reactor (to be cancelled), then say where it came from."""
+    from twisted.internet import reactor
+
     await deferLater(reactor, seconds, lambda: None)
     return dict(current_task().context)

@@ -258,6 +258,20 @@ class GuillotinaBridgeTests(_BridgeTestCase):
                          ("application/json", 1))
         self.assertEqual(channel.basic_get(control, auto_ack=True)[0], None)
 
+    async def test_no_twisted_reactor_in_the_application(self) -> None:
+        """Publishing, listing, reading and cancelling never import a Twisted reactor."""
+        first = await self.enqueue(kind="add_task", args=[1])
+        await self.enqueue(kind="decorated", args=["/e"])
+        await self.enqueue(kind="url", path="@bridge-test-callback", body={"a": 1})
+        status, ids = await self.call("GET", "/db/c1/@amqp-tasks")
+        self.assertEqual((status, len(ids)), (200, 3))
+        status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{first}")
+        self.assertEqual(status, 200)
+        status, record = await self.call("DELETE", f"/db/c1/@amqp-tasks/{first}")
+        self.assertEqual((status, record["state"]), (200, "canceled"))
+        status, answer = await self.call("GET", "/db/c1/@bridge-test-modules")
+        self.assertEqual((status, answer), (200, {"twisted.internet.reactor": False}))
+
     # -- a worker runs it -------------------------------------------------------------
 
     async def test_worker_runs_a_task_published_from_guillotina(self) -> None:

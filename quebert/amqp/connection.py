@@ -20,11 +20,10 @@ from a stuck one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 from urllib.parse import urlsplit
 
 import pika
-from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -37,6 +36,9 @@ from zope.interface import implementer
 
 from quebert._defer import mirror
 from quebert.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -95,6 +97,10 @@ class _PikaFactory(Factory):
         self.reactor = reactor
 
     def buildProtocol(self, addr):
+        # Imported here, once per connection: pika's Twisted adapter imports
+        # the global reactor, and importing quebert must not install one.
+        from pika.adapters.twisted_connection import TwistedProtocolConnection
+
         return TwistedProtocolConnection(self.parameters, custom_reactor=self.reactor)
 
 

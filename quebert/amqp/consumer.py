@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional
 
 import attrs
 import pika.exceptions
-from pika.adapters.twisted_connection import ClosableDeferredQueue
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -288,6 +287,12 @@ class QueueConsumer:
         self.prefetch = prefetch
         self.on_delivery = on_delivery
         self.clock = clock or connection.reactor
+        # pika's Twisted adapter imports the global reactor: imported here,
+        # at setup, rather than with this module (importing quebert must not
+        # install a reactor) or per message.
+        from pika.adapters.twisted_connection import ClosableDeferredQueue
+
+        self._queue_class = ClosableDeferredQueue
         self.consuming = False
         self.paused = False
         self._protocol = None
@@ -362,10 +367,11 @@ class QueueConsumer:
         The waiting ``get()`` still fails when the queue is closed (the
         consumer cancelled, the channel closed), which ends the consumer.
         """
-        if type(queue_object) is not ClosableDeferredQueue:
+        queue_class = self._queue_class
+        if type(queue_object) is not queue_class:
             return
         deliver = self._deliver
-        queue_put = ClosableDeferredQueue.put
+        queue_put = queue_class.put
 
         def put(message: Any) -> Any:
             if queue_object.closed or queue_object.pending or not queue_object.waiting:

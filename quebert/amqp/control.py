@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pika
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from quebert.amqp.connection import AMQPConnection
 from quebert.amqp.topology import Topology
+
+if TYPE_CHECKING:
+    # Only an annotation: the Guillotina bridge encodes control messages
+    # with this module in an asyncio process, where importing pika's Twisted
+    # adapter would install a reactor.
+    from quebert.amqp.connection import AMQPConnection
 
 log = Logger(namespace="quebert.control")
 

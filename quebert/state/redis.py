@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -46,7 +45,9 @@ from zope.interface import implementer
 
 from quebert._defer import bounded
 from quebert.errors import ConfigurationError, StateError, TaskAlreadyExists
-from quebert.state import _records
+from quebert.state import _records, _redis_ops
+from quebert.state._redis_ops import answers as _answers
+from quebert.state._redis_ops import parse_redis_url
 from quebert.state._redis_scripts import PRUNE_BATCH
 from quebert.state._redis_scripts import SCRIPTS as _SCRIPTS
 from quebert.state.interface import HISTORY_LIMIT, IStateManager
@@ -64,7 +65,7 @@ MAX_BATCH = 500
 #: cheaper per write) the batches.
 MAX_SENDING = 1
 
-_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_json = _redis_ops.json_encode
 _float_repr = float.__repr__
 
 
@@ -188,8 +189,7 @@ class RedisStateManager:
         (``None``: no record); only a failed task is changed.
         """
         try:
-            _records.check_task_id(task_id)
-            op = ["q", task_id, _float_repr(float(at))]
+            op = _redis_ops.op_requeued(task_id, at)
         except Exception:
             return fail()
         return self._submit(op).addCallback(lambda old: None if old == "missing" else old)
@@ -274,61 +274,15 @@ class RedisStateManager:
 
     # -- implementation -------------------------------------------------
 
-    # The writes as script operations (see _APPLY): checked, normalised and
-    # encoded once, immutable.  ResilientStateManager keeps these rather than
-    # the arguments, and hands them to _submit().
-
-    @staticmethod
-    def _op_enqueued(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
-        _records.check_enqueued(task_id, state, info, at)
-        return ["e", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
-
-    @staticmethod
-    def _op_claim(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
-        _records.check_enqueued(task_id, state, info, at)
-        _records.check_name(info.get("name"))
-        return ["n", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
-
-    @staticmethod
-    def _op_release(task_id: str, name: str, at: float) -> list:
-        _records.check_task_id(task_id)
-        _records.check_name(name)
-        return ["r", task_id, _float_repr(float(at)), name]
-
-    @staticmethod
-    def _op_cancel(task_id: str, at: float, reason: Optional[str]) -> list:
-        _records.check_task_id(task_id)
-        return ["c", task_id, _float_repr(float(at)), _records.text(reason, _records.MESSAGE_LIMIT)]
-
-    @staticmethod
-    def _op_started(
-        task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
-    ) -> list:
-        _records.check_started(task_id, attempt, worker, info, at)
-        return ["s", task_id, _float_repr(float(at)), *_records.info_strings(info), str(attempt),
-                _records.text(worker, _records.MESSAGE_LIMIT)]
-
-    @staticmethod
-    def _op_finished(
-        task_id: str,
-        state: str,
-        attempt: int,
-        info: Mapping[str, Any],
-        at: float,
-        result: Any = None,
-        error: Optional[Mapping[str, Any]] = None,
-        reason: Optional[str] = None,
-        retry_at: Optional[float] = None,
-    ) -> list:
-        _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
-        return [
-            "f", task_id, _float_repr(float(at)), *_records.info_strings(info), str(attempt),
-            state,
-            None if result is None else _records.to_json(result),
-            None if error is None else _json(_records.normalize_error(error)),
-            _records.text(reason, _records.MESSAGE_LIMIT),
-            None if retry_at is None else _float_repr(float(retry_at)),
-        ]
+    # The writes as script operations (see quebert.state._redis_ops, which
+    # the Guillotina bridge uses too).  ResilientStateManager keeps these
+    # rather than the arguments, and hands them to _submit().
+    _op_enqueued = staticmethod(_redis_ops.op_enqueued)
+    _op_claim = staticmethod(_redis_ops.op_claim)
+    _op_release = staticmethod(_redis_ops.op_release)
+    _op_cancel = staticmethod(_redis_ops.op_cancel)
+    _op_started = staticmethod(_redis_ops.op_started)
+    _op_finished = staticmethod(_redis_ops.op_finished)
 
     def _submit(self, op: list, waiter: Any = None) -> Any:
         """
@@ -488,55 +442,6 @@ class RedisStateManager:
 
 
 # -- connecting --------------------------------------------------------------
-
-
-def _answers(reply: Any) -> Dict[int, str]:
-    """The writes' answers in an apply reply: {position: text} (see _APPLY)."""
-    if not isinstance(reply, list) or len(reply) < 3:
-        return {}
-    answers = {}
-    for i in range(1, len(reply) - 1, 2):
-        value = reply[i + 1]
-        answers[int(reply[i])] = value.decode() if isinstance(value, bytes) else str(value)
-    return answers
-
-
-def parse_redis_url(url: str) -> Dict[str, Any]:
-    """
-    ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS) as
-    keyword arguments; a ``ConfigurationError`` saying what is wrong otherwise.
-    """
-    example = "redis://[:password@]host[:port][/db], e.g. redis://127.0.0.1:6379/0"
-    if not isinstance(url, str):
-        raise ConfigurationError(f"The Redis URL must be a string like {example}, not {url!r}.")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise ConfigurationError(f"Redis URL {url!r} is not valid ({e}); expected {example}.")
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(
-            f"Redis URL {url!r} must start with redis:// or rediss://; expected {example}."
-        )
-    if not parts.hostname:
-        raise ConfigurationError(f"Redis URL {url!r} names no host; expected {example}.")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ConfigurationError(
-            f"Redis URL {url!r} has database {path!r}; it must be a number; expected {example}."
-        )
-    if parts.query and parse_qsl(parts.query, keep_blank_values=True):
-        raise ConfigurationError(
-            f"Redis URL {url!r} has options ({parts.query!r}) that quebert does not support."
-        )
-    return {
-        "host": parts.hostname,
-        "port": port if port is not None else 6379,
-        "db": int(path) if path else 0,
-        "username": unquote(parts.username) if parts.username else None,
-        "password": unquote(parts.password) if parts.password else None,
-        "tls": parts.scheme == "rediss",
-    }
 
 
 class _TLSEndpoint:

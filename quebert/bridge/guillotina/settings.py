@@ -20,7 +20,7 @@ import attrs
 from quebert.amqp.topology import QUEUE_TYPES
 from quebert.errors import ConfigurationError
 from quebert.protocol import QUEUE_RE
-from quebert.state.redis import parse_redis_url
+from quebert.state._redis_ops import parse_redis_url
 
 #: Id of the principal a request carrying the service token is authenticated as.
 SERVICE_PRINCIPAL = "quebert-service"

@@ -4,7 +4,8 @@ quebert's Redis state store, from asyncio (redis-py's ``redis.asyncio``).
 
 Records are read and written with the state store's own Lua scripts
 (:mod:`quebert.state._redis_scripts`), fed with the operations
-:class:`~quebert.state.redis.RedisStateManager` builds, so the bridge
+:class:`~quebert.state.redis.RedisStateManager` builds
+(:mod:`quebert.state._redis_ops`, which needs no txredisapi), so the bridge
 cannot drift from the layout the workers use: ``enqueued`` records a task
 ``queued``/``scheduled`` as quebert's ``Client`` does, ``claim`` takes a
 unique name, ``cancel`` is the same atomic write as ``Client.cancel``'s.
@@ -34,10 +35,9 @@ from typing import Any, Optional
 
 from quebert.errors import StateError, TaskAlreadyExists
 from quebert.protocol import TaskMessage
-from quebert.state import _records
+from quebert.state import _records, _redis_ops
 from quebert.state._redis_scripts import SCRIPTS
 from quebert.state.interface import FAILED, HISTORY_LIMIT
-from quebert.state.redis import RedisStateManager, _answers
 
 #: Ids a container's listing returns at most (newest first).
 LIST_LIMIT = 1000
@@ -153,17 +153,17 @@ class BridgeState:
             self.prefix, self._ttl_ms, str(HISTORY_LIMIT),
             json.dumps(ops, separators=(",", ":"), allow_nan=False), "0", self._tombstone_ms,
         ], what)
-        return _answers(reply)
+        return _redis_ops.answers(reply)
 
     async def enqueued(self, message: TaskMessage, state: str, at: float) -> None:
         """Record a task just published as ``state`` (queued or scheduled), unless it exists."""
-        await self._write([RedisStateManager._op_enqueued(message.id, state, message.info(),
-                                                          at)], "enqueued")
+        await self._write([_redis_ops.op_enqueued(message.id, state, message.info(), at)],
+                          "enqueued")
 
     async def claim(self, message: TaskMessage, state: str, at: float) -> None:
         """``enqueued`` for a named task: :class:`TaskAlreadyExists` when the name is taken."""
-        answers = await self._write([RedisStateManager._op_claim(message.id, state,
-                                                                 message.info(), at)], "claim")
+        answers = await self._write([_redis_ops.op_claim(message.id, state, message.info(),
+                                                         at)], "claim")
         answer = answers.get(1)
         if answer and answer.startswith("held:"):
             raise TaskAlreadyExists(message.name, answer[5:])
@@ -171,9 +171,8 @@ class BridgeState:
     async def unclaim(self, message: TaskMessage, at: float, reason: str) -> None:
         """The publish of a named task failed: record it ``failed`` and free its name."""
         await self._write([
-            RedisStateManager._op_finished(message.id, FAILED, 0, message.info(), at,
-                                           reason=reason),
-            RedisStateManager._op_release(message.id, message.name, at),
+            _redis_ops.op_finished(message.id, FAILED, 0, message.info(), at, reason=reason),
+            _redis_ops.op_release(message.id, message.name, at),
         ], "unclaim")
 
     async def cancel(self, task_id: str, at: float, reason: str) -> Optional[str]:
@@ -182,8 +181,7 @@ class BridgeState:
         record); a queued or scheduled task becomes ``canceled``, a running
         one is marked for its worker.
         """
-        answers = await self._write([RedisStateManager._op_cancel(task_id, at, reason)],
-                                    "cancel")
+        answers = await self._write([_redis_ops.op_cancel(task_id, at, reason)], "cancel")
         old = answers.get(1)
         return None if old in (None, "missing") else old
 
