@@ -101,6 +101,31 @@ class WorkerConfig:
         return result
 
 
+#: Where task state can be kept.
+STATE_BACKENDS = ("redis", "memory")
+
+
+def check_state_backend(value: Any, where: str) -> str:
+    """``value`` if it names a state backend; ConfigurationError otherwise."""
+    if value not in STATE_BACKENDS:
+        raise ConfigurationError(
+            f"state backend must be 'redis' or 'memory', not {value!r} ({where})")
+    return value
+
+
+def check_log_level(value: Any, where: str) -> str:
+    """``value`` if it names a ``twisted.logger`` level; ConfigurationError otherwise."""
+    from twisted.logger import LogLevel
+
+    try:
+        LogLevel.levelWithName(value)
+    except Exception:
+        raise ConfigurationError(
+            f"unknown log level {value!r} ({where}; one of debug, info, warn, error, "
+            "critical)") from None
+    return value
+
+
 #: The shortest reactor stall the watchdog may be set to kill for.
 MIN_AUTO_KILL_TIMEOUT = 1.0
 
@@ -234,7 +259,7 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     state = data.get("state") or {}
     if not isinstance(state, dict):
         raise ConfigurationError("'state' must be a JSON object")
-    config.state = state.get("backend", config.state)
+    config.state = check_state_backend(state.get("backend", config.state), "state.backend")
     config.redis_url = state.get("url", config.redis_url)
     config.state_prefix = state.get("prefix", config.state_prefix)
     if "ttl" in state:
@@ -259,7 +284,7 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
             raise ConfigurationError("'tasks' must be a list of module names")
         config.tasks = list(tasks)
     if "log_level" in data:
-        config.log_level = str(data["log_level"])
+        config.log_level = check_log_level(data["log_level"], "log_level")
     for key in ("beacon_interval", "stuck_consumer_timeout"):
         if key in data:
             setattr(config, key, _non_negative(data[key], key))

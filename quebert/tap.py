@@ -17,6 +17,8 @@ from twisted.python import usage
 from quebert.config import (
     WorkerConfig,
     check_auto_kill_timeout,
+    check_log_level,
+    check_state_backend,
     from_mapping,
     load_file,
     parse_queue_option,
@@ -124,9 +126,7 @@ def build_config(options: Any) -> WorkerConfig:
         if not options["state"]:
             config.state = "redis"
     if options["state"]:
-        if options["state"] not in ("redis", "memory"):
-            raise ConfigurationError(f"--state must be redis or memory, not {options['state']!r}")
-        config.state = options["state"]
+        config.state = check_state_backend(options["state"], "--state")
     if options["state-prefix"]:
         config.state_prefix = options["state-prefix"]
     if options["max-running-tasks"]:
@@ -147,7 +147,7 @@ def build_config(options: Any) -> WorkerConfig:
     if options["max-message-size"]:
         config.max_message_size = _int(options["max-message-size"], "max-message-size")
     if options["log-level"]:
-        config.log_level = options["log-level"]
+        config.log_level = check_log_level(options["log-level"], "--log-level")
     if options["name-tombstone"]:
         config.name_tombstone = _float(options["name-tombstone"], "name-tombstone")
     if options["beacon-interval"] is not None:

@@ -109,6 +109,14 @@ class AMQPBlockTests(SynchronousTestCase):
         self.assertEqual((config.state, config.redis_url, config.state_prefix),
                          ("memory", "redis://r:6379/2", "q:"))
 
+    def test_bad_state_backend_and_log_level_are_refused_when_loaded(self):
+        e = self.assertRaises(ConfigurationError, from_mapping, {"state": {"backend": "sql"}})
+        self.assertIn("state backend must be 'redis' or 'memory', not 'sql' (state.backend)",
+                      str(e))
+        e = self.assertRaises(ConfigurationError, from_mapping, {"log_level": "loud"})
+        self.assertIn("unknown log level 'loud' (log_level", str(e))
+        self.assertEqual(from_mapping({"log_level": "warn"}).log_level, "warn")
+
     def test_guillotina_queue(self):
         config = from_mapping({"amqp": {"queue": "guillotina-tasks"}})
         self.assertEqual([q.name for q in config.queue_settings()], ["guillotina-tasks"])

@@ -391,12 +391,24 @@ class PluginTests(TestCase):
             (["--max-running-tasks", "zero"], "--max-running-tasks must be an integer"),
             (["--mediator", "quebert.client.Client"], "is not a subclass of quebert.Mediator"),
             (["--amqp-url", "http://nope"], "AMQP URL must look like"),
+            (["--log-level", "loud"], "unknown log level 'loud'"),
+            (["--config", self._config_file({"state": {"backend": "sqlite"}})],
+             "state backend must be 'redis' or 'memory', not 'sqlite'"),
+            (["--config", self._config_file({"log_level": "loud"})], "unknown log level"),
         ]:
             out = subprocess.run([TWISTD, "--pidfile=", "-n", "amqp-worker", *args],
                                  capture_output=True, text=True, cwd=ROOT, timeout=60,
                                  env=dict(os.environ, PYTHONPATH=ROOT))
             self.assertNotEqual(out.returncode, 0, args)
             self.assertIn(fragment, out.stdout + out.stderr, args)
+            # a usage message, not a traceback
+            self.assertNotIn("Traceback", out.stdout + out.stderr, args)
+
+    def _config_file(self, data: dict) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        return path
 
     def test_plugin_is_found_from_a_plain_install_outside_the_source_tree(self):
         # The plugin must ship in the wheel (twisted.plugins namespace
