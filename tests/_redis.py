@@ -60,3 +60,33 @@ def delete_prefixed(connection: Any, prefix: str) -> Deferred:
             yield connection.delete(keys)
         if int(cursor) == 0:
             break
+
+
+@inlineCallbacks
+def dump_prefixed(connection: Any, prefix: str) -> Deferred:
+    """
+    Fire with every key starting with ``prefix`` and its whole value, one
+    line each, as text: what tests search for leaked secrets.
+    """
+    lines = []
+    cursor = 0
+    while True:
+        cursor, keys = yield connection.scan(cursor, pattern=prefix + "*", count=500)
+        for key in keys:
+            kind = yield connection.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            if kind == "hash":
+                value = yield connection.hgetall(key)
+            elif kind == "zset":
+                value = yield connection.zrange(key, 0, -1, withscores=True)
+            elif kind == "set":
+                value = yield connection.smembers(key)
+            elif kind == "list":
+                value = yield connection.lrange(key, 0, -1)
+            elif kind == "string":
+                value = yield connection.get(key)
+            else:
+                raise AssertionError(f"unexpected Redis type {kind!r} of {key!r}")
+            lines.append(f"{key} {kind} {value!r}")
+        if int(cursor) == 0:
+            return "\n".join(lines)

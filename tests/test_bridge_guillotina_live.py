@@ -32,7 +32,7 @@ from tests._rabbit import (
     read_all,
     vhost_of,
 )
-from tests._redis import REDIS_URL, isolated_redis
+from tests._redis import REDIS_URL, dump_prefixed, isolated_redis
 from tests._worker import WorkerProcess, wait_for
 from tests.guillotina_bridge_app import OPERATOR_TOKEN
 
@@ -94,26 +94,6 @@ class _BridgeTestCase(TestCase):
         self.assertTrue(answer["has_task_id"])
         return answer["task_id"]
 
-    async def redis_dump(self) -> str:
-        """Every key under the test's prefix with its value, as one text."""
-        parts = []
-        cursor = 0
-        while True:
-            cursor, keys = await self.redis.scan(cursor, pattern=self.prefix + "*", count=500)
-            for key in keys:
-                kind = await self.redis.type(key)
-                if kind == "hash":
-                    value = await self.redis.hgetall(key)
-                elif kind == "zset":
-                    value = await self.redis.zrange(key, 0, -1)
-                elif kind == "string":
-                    value = await self.redis.get(key)
-                else:
-                    value = kind
-                parts.append(f"{key} {value!r}")
-            if int(cursor) == 0:
-                return "\n".join(parts)
-
 
 class GuillotinaBridgeTests(_BridgeTestCase):
     """The bridge with a working RabbitMQ and Redis."""
@@ -126,7 +106,7 @@ class GuillotinaBridgeTests(_BridgeTestCase):
         status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{task_id}")
         self.assertEqual((status, record["state"], record["queue"], record["task"]),
                          (200, "queued", QUEUE, "bridge_test.touch"))
-        stored = await self.redis_dump()
+        stored = await dump_prefixed(self.redis, self.prefix)
         self.assertIn(task_id, stored)
         for secret in SECRETS:
             self.assertNotIn(secret, stored)
@@ -335,7 +315,7 @@ class GuillotinaBridgeTests(_BridgeTestCase):
         self.assertEqual(await worker.stop(), 0)
 
         secrets = SECRETS + (SERVICE_TOKEN,)
-        stored = await self.redis_dump()
+        stored = await dump_prefixed(self.redis, self.prefix)
         self.assertIn(slow, stored)
         left = [(queue, properties, body) for queue in await queue_counts(self.amqp_url)
                 for properties, body in read_all(self.amqp_url, queue)]

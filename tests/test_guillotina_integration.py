@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThread
 from quebert import Client, protocol
 from tests import test_integration as integration
 from tests._rabbit import queue_counts, read_all
+from tests._redis import dump_prefixed
 from tests._worker import WorkerProcess, wait_for
 
 EXCHANGE = "guillotina"
@@ -161,7 +162,7 @@ class GuillotinaWorkerTests(integration.IntegrationTestCase):
                          "guillotina_app.tasks.nobody_registered_this")
 
         # Every key of this test's state, and the worker's log.
-        keys = await self.state_dump()
+        keys = await dump_prefixed(self.redis, self.prefix)
         self.assertIn(delayed, keys)
         self.assert_no_secret(keys, "the state store")
         log = worker.log()
@@ -210,25 +211,3 @@ class GuillotinaWorkerTests(integration.IntegrationTestCase):
         self.assertEqual(worker.process.returncode, 3)
         self.assertIn("PRECONDITION_FAILED", worker.log())
         self.assertIn('"existing": true', worker.log())
-
-    async def state_dump(self) -> str:
-        """Every key under this test's Redis prefix and its value, as text."""
-        redis, dump, cursor = self.redis, [], 0
-        while True:
-            cursor, keys = await redis.scan(cursor, self.prefix + "*", 500)
-            for key in keys:
-                kind = await redis.type(key)
-                kind = kind.decode() if isinstance(kind, bytes) else kind
-                if kind == "hash":
-                    value = await redis.hgetall(key)
-                elif kind == "zset":
-                    value = await redis.zrange(key, 0, -1, withscores=True)
-                elif kind == "list":
-                    value = await redis.lrange(key, 0, -1)
-                elif kind == "set":
-                    value = await redis.smembers(key)
-                else:
-                    value = await redis.get(key)
-                dump.append(f"{key} {kind} {value!r}")
-            if int(cursor) == 0:
-                return "\n".join(dump)

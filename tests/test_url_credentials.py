@@ -25,7 +25,7 @@ from quebert import Client
 from quebert.dispatch.credentials import REDACTED
 from quebert.state import RedisStateManager
 from tests._rabbit import make_vhost, queue_counts, read_all
-from tests._redis import REDIS_URL, isolated_redis
+from tests._redis import REDIS_URL, dump_prefixed, isolated_redis
 from tests._worker import ROOT, TWISTD, WorkerProcess, wait_for
 
 TOKEN = "svc-it-" + uuid.uuid4().hex
@@ -97,30 +97,6 @@ class ServiceTokenTests(TestCase):
 
         return await wait_for(finished, 60, interval=0.2, what=f"task {task_id} to finish")
 
-    async def redis_dump(self) -> str:
-        """Every value of every key under the test's prefix, as text."""
-        values = []
-        cursor = 0
-        while True:
-            cursor, keys = await self.redis.scan(cursor, pattern=self.prefix + "*", count=500)
-            for key in keys:
-                kind = await self.redis.type(key)
-                if kind == "hash":
-                    value = await self.redis.hgetall(key)
-                elif kind == "zset":
-                    value = await self.redis.zrange(key, 0, -1, withscores=True)
-                elif kind == "set":
-                    value = await self.redis.smembers(key)
-                elif kind == "list":
-                    value = await self.redis.lrange(key, 0, -1)
-                elif kind == "string":
-                    value = await self.redis.get(key)
-                else:
-                    raise AssertionError(f"unexpected Redis type {kind!r} of {key!r}")
-                values.append(f"{key} {kind} {value!r}")
-            if int(cursor) == 0:
-                return "\n".join(values)
-
     async def rabbit_dump(self) -> str:
         """Every message left in every queue of the test's vhost (read and acked)."""
         counts = await queue_counts(self.amqp_url)
@@ -178,7 +154,7 @@ class ServiceTokenTests(TestCase):
         self.assertEqual(await worker.stop(), 0)
         log = worker.log()
         self.assertIn("header(s) dropped", log)
-        redis_text = await self.redis_dump()
+        redis_text = await dump_prefixed(self.redis, self.prefix)
         self.assertIn(ok.id, redis_text)
         rabbit_text = await self.rabbit_dump()
         self.assertIn(deny.id, rabbit_text)  # the errored copies are there...

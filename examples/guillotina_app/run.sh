@@ -39,14 +39,13 @@ GUILLOTINA_PORT="${GUILLOTINA_PORT:-8790}"
 QUEUE="guillotina-example"
 APP="http://127.0.0.1:$GUILLOTINA_PORT"
 
-say() { printf '\n== %s\n' "$*"; }
-die() { printf 'run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=examples/lib.sh
+. "$root/examples/lib.sh"
 
 command -v curl >/dev/null 2>&1 || die "curl is needed (apt-get install curl)"
 [ -x "$twistd" ] && [ -x "$guillotina" ] \
     || die "no quebert virtualenv with Guillotina at $venv: run 'bash scripts/bootstrap.sh'"
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port_busy "$GUILLOTINA_PORT" && die "port $GUILLOTINA_PORT is in use: set GUILLOTINA_PORT"
 
 ROOT_PASSWORD="$("$py" -c 'import secrets; print(secrets.token_urlsafe(18))')"
@@ -56,22 +55,6 @@ worker_log="$workdir/worker.log"
 app_log="$workdir/guillotina.log"
 worker_pid=""
 app_pid=""
-failures=0
-
-stop_pid() {  # stop_pid PID SECONDS: SIGTERM, then SIGKILL after SECONDS
-    local pid=$1 wait_s=$2 i
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 1 $((wait_s * 5))); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "run.sh: pid $pid still running after ${wait_s}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 
 # shellcheck disable=SC2317  # invoked by the traps
 cleanup() {
@@ -94,21 +77,6 @@ trap 'echo; echo "run.sh: interrupted"; exit 130' INT
 trap 'exit 143' TERM
 
 # -- helpers ------------------------------------------------------------------
-
-# json EXPR: evaluate a Python expression on the JSON in $body (as `d`).
-json() {
-    "$py" -c 'import json, sys; d = json.loads(sys.argv[1]); print(eval(sys.argv[2]))' \
-        "$body" "$1"
-}
-
-show() {
-    "$py" -c '
-import json, sys
-try:
-    print(json.dumps(json.loads(sys.argv[1]), indent=2, sort_keys=True))
-except ValueError:
-    print(sys.argv[1])' "$body" | sed 's/^/    /'
-}
 
 # call METHOD PATH [JSON]: call the application as root (AUTH=none: anonymous);
 # sets $code and $body.  QUIET=1 call ... prints nothing.
@@ -151,14 +119,6 @@ wait_state() {
     done
 }
 
-check() {  # check LABEL TEXT ACTUAL EXPECTED: one RESULT line
-    if [ "$3" = "$4" ]; then
-        echo "RESULT $1: $2 (ok)"
-    else
-        echo "RESULT $1: $2 (FAILED: got $3, expected $4)"
-        failures=$((failures + 1))
-    fi
-}
 
 # -- configuration: the application's and the worker's --------------------------
 

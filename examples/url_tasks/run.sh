@@ -38,8 +38,8 @@ TARGET_PORT="${TARGET_PORT:-8765}"
 API_PORT="${API_PORT:-8780}"
 QUEUE="url-example"
 
-say() { printf '\n== %s\n' "$*"; }
-die() { printf 'run.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=examples/lib.sh
+. "$root/examples/lib.sh"
 
 for tool in curl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is needed (apt-get install $tool)"
@@ -52,7 +52,6 @@ RUN_ID="$("$py" -c 'import uuid; print(uuid.uuid4().hex[:8])')"
 API="http://127.0.0.1:$API_PORT"
 TARGET="http://127.0.0.1:$TARGET_PORT"
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port_busy "$TARGET_PORT" && die "port $TARGET_PORT is in use: set TARGET_PORT to a free port"
 port_busy "$API_PORT" && die "port $API_PORT is in use: set API_PORT to a free port"
 
@@ -60,22 +59,6 @@ workdir="$(mktemp -d "${TMPDIR:-/tmp}/quebert-url-example.XXXXXX")"
 worker_log="$workdir/worker.log"
 worker_pid=""
 target_pid=""
-failures=0
-
-stop_pid() {  # stop_pid PID SECONDS: SIGTERM, then SIGKILL after SECONDS
-    local pid=$1 wait_s=$2 i
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 1 $((wait_s * 5))); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "run.sh: pid $pid still running after ${wait_s}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 
 # shellcheck disable=SC2317  # invoked by the traps
 cleanup() {
@@ -98,22 +81,6 @@ trap 'echo; echo "run.sh: interrupted"; exit 130' INT
 trap 'exit 143' TERM
 
 # -- helpers ------------------------------------------------------------------
-
-# json EXPR: evaluate a Python expression on the JSON in $body (as `d`).
-json() {
-    "$py" -c 'import json, sys; d = json.loads(sys.argv[1]); print(eval(sys.argv[2]))' \
-        "$body" "$1"
-}
-
-# show: print $body, indented JSON.
-show() {
-    "$py" -c '
-import json, sys
-try:
-    print(json.dumps(json.loads(sys.argv[1]), indent=2, sort_keys=True))
-except ValueError:
-    print(sys.argv[1])' "$body" | sed 's/^/    /'
-}
 
 # api METHOD PATH [JSON]: call the API with the token; sets $code and $body.
 # QUIET=1 api ... prints nothing.
@@ -159,15 +126,6 @@ wait_state() {
     done
 }
 
-# check LABEL CONDITION-TEXT ACTUAL EXPECTED: print one RESULT line.
-check() {
-    if [ "$3" = "$4" ]; then
-        echo "RESULT $1: $2 (ok)"
-    else
-        echo "RESULT $1: $2 (FAILED: expected $4)"
-        failures=$((failures + 1))
-    fi
-}
 
 # -- start the target and the worker --------------------------------------------
 
