@@ -9,6 +9,7 @@ no sockets), so it measures code changes far more steadily than
 Run from the repository root::
 
     .venv/bin/python bench/bench_hotpath.py            # 5 runs, us per task
+                                                       # (and 5 without a state store)
     .venv/bin/python bench/bench_hotpath.py out.prof   # one cProfile'd run
 """
 
@@ -75,7 +76,19 @@ class FakeBroker:
         pass
 
 
-def run(tasks: int = 20000, profile: str = "") -> float:
+class NullState:
+    """Records nothing, at once: the path without its state store."""
+
+    finished_ttl = 0.0
+
+    def started(self, *args, **kwargs):
+        return defer.succeed(None)
+
+    def finished(self, *args, **kwargs):
+        return defer.succeed(None)
+
+
+def run(tasks: int = 20000, profile: str = "", null_state: bool = False) -> float:
     """us of CPU per task, delivery to ack."""
     registry = Registry()
     registry.register(noop, name="bench.noop")
@@ -83,6 +96,8 @@ def run(tasks: int = 20000, profile: str = "") -> float:
     redis = FakeRedis()
     state = ResilientStateManager(RedisStateManager(redis, prefix="x:", clock=clock),
                                   clock=clock)
+    if null_state:
+        state = NullState()
     mediator = DelayOnErrorMediator(
         broker=FakeBroker(), state=state, executor=Executor(clock), clock=clock,
         queues=[QueueSettings("bench", PREFETCH)], registry=registry,
@@ -134,8 +149,15 @@ def main() -> None:
         print(f"{run(profile=sys.argv[1]):.1f} us/task (profiled)")
         pstats.Stats(sys.argv[1]).sort_stats("tottime").print_stats(30)
         return
-    runs = sorted(run() for _ in range(5))
+    runs, null = [], []
+    for _ in range(5):  # interleaved, so that both see the same machine
+        runs.append(run())
+        null.append(run(null_state=True))
+    runs.sort()
+    null.sort()
     print(f"us/task, 5 runs: {', '.join(f'{r:.1f}' for r in runs)}; median {runs[2]:.1f}")
+    print(f"without a state store: {', '.join(f'{r:.1f}' for r in null)}; median {null[2]:.1f}")
+    print(f"the Redis state path: {runs[2] - null[2]:.1f} us/task")
 
 
 if __name__ == "__main__":

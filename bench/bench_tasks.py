@@ -45,11 +45,13 @@ class Recorder:
         self.created: list = []
         self.ends: list = []
         self.cpu = 0.0
+        self.times = (0.0, 0.0)
 
     def started(self, created_at: Any) -> None:
         """A task (message) starts; ``created_at`` is its enqueue time."""
         if not self.starts:
             self.cpu = time.process_time()
+            self.times = os.times()[:2]
         self.starts.append(time.time())
         self.created.append(created_at)
 
@@ -72,6 +74,7 @@ class Recorder:
 
     def _dump(self) -> None:
         cpu = time.process_time() - self.cpu
+        user, system = (now - then for now, then in zip(os.times()[:2], self.times))
         starts, created, ends = self.starts, self.created, self.ends
         self.starts, self.created, self.ends = [], [], []
         data = {
@@ -80,6 +83,8 @@ class Recorder:
             "first_start": min(starts) if starts else None,
             "last_end": max(ends),
             "cpu_s": cpu,
+            "user_s": user,
+            "system_s": system,
             "latencies": [s - c for s, c in zip(starts, created, strict=True) if c is not None],
         }
         path = f"{self.out}.{self.phase}.json"

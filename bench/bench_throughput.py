@@ -455,6 +455,8 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         drain = data["last_end"] - data["first_start"]
         result["tasks_per_s"] = data["count"] / drain if drain > 0 else float("inf")
         result["cpu_us_per_task"] = 1e6 * data["cpu_s"] / data["count"]
+        result["user_us_per_task"] = 1e6 * data["user_s"] / data["count"]
+        result["system_us_per_task"] = 1e6 * data["system_s"] / data["count"]
         for server, seconds in server_cpu().items():
             result[f"{server}_us_per_task"] = 1e6 * (seconds - servers[server]) / data["count"]
         result["drain_s"] = drain
@@ -554,6 +556,10 @@ def summarise(throughput: list, latency: list) -> dict:
             "startup_s": statistics.median(r["startup_s"] for r in tp) if tp else None,
             "cpu_us_per_task": (statistics.median(r["cpu_us_per_task"] for r in tp)
                                 if tp else None),
+            "user_us_per_task": (statistics.median(r["user_us_per_task"] for r in tp)
+                                 if tp else None),
+            "system_us_per_task": (statistics.median(r["system_us_per_task"] for r in tp)
+                                   if tp else None),
             "rabbitmq_us_per_task": (statistics.median(r["rabbitmq_us_per_task"] for r in tp)
                                      if tp else None),
             "redis_us_per_task": (statistics.median(r["redis_us_per_task"] for r in tp)
@@ -610,8 +616,10 @@ def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> st
     for name in CONFIGS:
         s = summary.get(name)
         if s is not None:
-            lines.append(f"  {name}: tasks/s per repeat {s['all_tasks_per_s']}; server CPU us/task"
-                         f": RabbitMQ {_fmt(s['rabbitmq_us_per_task'], '.0f')}, Redis "
+            lines.append(f"  {name}: tasks/s per repeat {s['all_tasks_per_s']}; CPU us/task: "
+                         f"consumer user {_fmt(s['user_us_per_task'], '.0f')} + system "
+                         f"{_fmt(s['system_us_per_task'], '.0f')}, RabbitMQ "
+                         f"{_fmt(s['rabbitmq_us_per_task'], '.0f')}, Redis "
                          f"{_fmt(s['redis_us_per_task'], '.0f')}; start-up "
                          f"{_fmt(s['startup_s'], '.2f')} s")
     target = summary.get(TARGET_CONFIG) or {}
@@ -668,6 +676,8 @@ def parse_args(argv: list) -> argparse.Namespace:
                         help="run the throughput runs under 'py-spy record' (pip install "
                              "py-spy into the venv), write the profiles to DIR, print the "
                              "hotspots and skip the latency runs; figures are perturbed")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the paced latency runs (quicker A/B comparisons)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the working directory (worker logs)")
     args = parser.parse_args(argv)
@@ -755,7 +765,7 @@ def main(argv: Optional[list] = None) -> int:
                                             if r["config"] == c and "tasks_per_s" in r)
                           for c in {r["config"] for r in throughput if "tasks_per_s" in r})
             rate = slowest * args.paced_fraction
-        if rate and not args.profile:
+        if rate and not args.profile and not args.no_latency:
             for repeat in range(args.repeat):
                 for name in args.configs:
                     r = attempt(latency, "latency", latency_run, name, repeat, rate)

@@ -1,0 +1,55 @@
+"""
+Smoke tests of the benchmarks in ``bench/``: they still run and report.
+
+Nothing here asserts a speed (figures on a shared machine drift, and a
+timing assertion in a test would fail at random); the benchmarks only
+have to work, so that their figures can be trusted when they are run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import bench_hotpath  # noqa: E402
+
+
+class HotPathTests(SynchronousTestCase):
+    def test_runs_every_task_to_its_ack_with_and_without_a_state_store(self):
+        # run() asserts that every task succeeded; it returns us of CPU per task
+        self.assertGreater(bench_hotpath.run(tasks=400), 0)
+        self.assertGreater(bench_hotpath.run(tasks=400, null_state=True), 0)
+
+
+class ThroughputTests(TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_a_small_run_reports_both_consumers_and_the_target(self):
+        results = os.path.abspath(self.mktemp())
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(ROOT, "bench", "bench_throughput.py"), "--tasks", "300",
+             "--repeat", "1", "--configs", "redis-async", "--no-latency",
+             "--json", results],
+            env=dict(os.environ), path=ROOT, reactor=reactor)
+        text = out.decode() + err.decode()
+        self.assertEqual(code, 0, text)
+        self.assertIn("baseline: bare pika consumer", text)
+        self.assertIn("quebert, redis state, async def", text)
+        self.assertIn("TARGET quebert, redis state, async def >= 0.5x baseline:", text)
+        self.assertIn("consumer user", text)
+        with open(results, encoding="utf-8") as f:
+            data = json.load(f)
+        measured = {r["config"] for r in data["throughput"] if "tasks_per_s" in r}
+        self.assertEqual(measured, {"baseline", "redis-async"}, text)
+        self.assertEqual(data["latency"], [], "--no-latency skips the paced runs")
