@@ -12,6 +12,10 @@
 # running beside it.  Its summary table is printed and, when it passed,
 # written into docs/reliability.rst.
 #
+# QUEBERT_VENV=DIR runs the tools of another virtualenv (tox sets its own)
+# and QUEBERT_SKIP_BOOTSTRAP=1 skips scripts/bootstrap.sh (the caller has set
+# up the environment and started RabbitMQ and Redis).
+#
 # Exits non-zero when a trial run or ruff fails.  The tests run in one
 # process per run (no `trial --jobs`): the integration tests share the
 # local servers.
@@ -20,7 +24,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-bash scripts/bootstrap.sh
+venv="${QUEBERT_VENV:-$root/.venv}"
+if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
+    bash scripts/bootstrap.sh
+fi
 
 logs=()
 cleanup() { rm -f "${logs[@]}"; }
@@ -35,9 +42,9 @@ run_trial() {
     shift
     log="$(mktemp "${TMPDIR:-/tmp}/quebert-trial.XXXXXX")"
     logs+=("$log")
-    echo "run-tests: .venv/bin/python -m twisted.trial $*"
+    echo "run-tests: $venv/bin/python -m twisted.trial $*"
     local started=$SECONDS
-    .venv/bin/python -m twisted.trial "$@" 2>&1 | tee "$log" || status=$?
+    "$venv/bin/python" -m twisted.trial "$@" 2>&1 | tee "$log" || status=$?
     summary="$(grep -E '^(PASSED|FAILED)( |$)' "$log" | tail -n 1 || true)"
     if [ -z "$summary" ]; then
         summary="no trial summary line (trial exited with status $status)"
@@ -74,9 +81,9 @@ lint_paths=()
 for path in quebert tests twisted examples bench; do
     [ -e "$path" ] && lint_paths+=("$path")
 done
-echo "run-tests: .venv/bin/ruff check ${lint_paths[*]}"
+echo "run-tests: $venv/bin/ruff check ${lint_paths[*]}"
 ruff_status=0
-.venv/bin/ruff check "${lint_paths[@]}" || ruff_status=$?
+"$venv/bin/ruff" check "${lint_paths[@]}" || ruff_status=$?
 
 count() {  # count NAME: the sum of the numbers after NAME= in every trial summary
     local total=0 n summary
@@ -96,7 +103,7 @@ if [ "$faults_status" != skipped ]; then
     if [ "$faults_status" -eq 0 ]; then
         report_args+=(--write-docs docs/reliability.rst)
     fi
-    .venv/bin/python -m tests.faults.report "${report_args[@]}" || true
+    "$venv/bin/python" -m tests.faults.report "${report_args[@]}" || true
 fi
 
 echo
