@@ -749,9 +749,67 @@ class RedisStateTests(StateContractMixin, TestCase):
         fields = await self.redis.hgetall(self.key("task:a"))
         self.assertEqual(fields["attempts"], "1")
         self.assertEqual(float(fields["started_at"]), T0)
-        self.assertEqual(json.loads(fields["history"])[0]["started_at"], T0)
+        # one attempt: its history entry is what the record's fields say
+        self.assertEqual(fields["history"], "=")
         for index in ("idx:all", "idx:queue:q", "idx:state:running"):
             self.assertEqual(await self.score(index, "a"), T0)
+
+    async def test_a_one_attempt_record_stays_compact(self) -> None:
+        """A task run once is stored as a listpack hash, with no history text."""
+        await self.manager.started("a", 1, "host:1234:abcdef", info("q"), T0)
+        await self.manager.finished("a", SUCCEEDED, 1, info("q"), T0 + 1, result={"n": 1})
+        key = self.key("task:a")
+        fields = await self.redis.hgetall(key)
+        self.assertEqual(fields["history"], "=")
+        self.assertEqual(await self.redis.execute_command("OBJECT", "ENCODING", key), "listpack")
+        record = await self.manager.get("a")
+        self.assertEqual(record["history"], [{
+            "attempt": 1, "state": SUCCEEDED, "worker": "host:1234:abcdef", "started_at": T0,
+            "finished_at": T0 + 1, "error": None, "retry_at": None}])
+
+    async def test_a_second_attempt_writes_the_first_out(self) -> None:
+        """The entry the fields described becomes JSON before they change."""
+        await self.manager.started("a", 1, "w1", info("q"), T0)
+        await self.manager.finished("a", SCHEDULED, 1, info("q"), T0 + 1, error=ERROR,
+                                    retry_at=T0 + 11)
+        self.assertEqual(await self.redis.hget(self.key("task:a"), "history"), "=")
+        await self.manager.started("a", 2, "w2", info("q"), T0 + 11)
+        history = json.loads(await self.redis.hget(self.key("task:a"), "history"))
+        self.assertEqual([(e["attempt"], e["state"], e["worker"]) for e in history],
+                         [(1, SCHEDULED, "w1"), (2, RUNNING, "w2")])
+        self.assertEqual(history[0]["finished_at"], T0 + 1)
+        self.assertEqual(history[0]["retry_at"], T0 + 11)
+        self.assertEqual(history[0]["error"]["message"], ERROR["message"])
+
+    async def test_records_with_a_written_out_history_still_work(self) -> None:
+        """A record stored with its one entry as JSON (earlier versions) is updated as such."""
+        entry = {"attempt": 1, "state": "running", "worker": "w", "started_at": T0,
+                 "finished_at": None, "error": None, "retry_at": None}
+        await self.redis.hmset(self.key("task:a"), {
+            "id": "a", "state": RUNNING, "attempts": "1", "queue": "q", "worker": "w",
+            "started_at": repr(T0), "updated_at": repr(T0), "history": json.dumps([entry])})
+        await self.manager.finished("a", SUCCEEDED, 1, info("q"), T0 + 1)
+        history = json.loads(await self.redis.hget(self.key("task:a"), "history"))
+        self.assertEqual(history, [{**entry, "state": SUCCEEDED, "finished_at": T0 + 1}])
+        self.assertEqual((await self.manager.get("a"))["history"], history)
+
+    async def test_cancel_and_requeue_keep_the_entry_of_the_attempt(self) -> None:
+        """A cancel or a requeue changes the state, not the attempt's history entry."""
+        await self.manager.started("a", 1, "w", info("q"), T0)
+        await self.manager.finished("a", SCHEDULED, 1, info("q"), T0 + 1, error=ERROR,
+                                    retry_at=T0 + 30)
+        await self.manager.cancel("a", T0 + 2, "stop")
+        record = await self.manager.get("a")
+        self.assertEqual(record["state"], CANCELED)
+        self.assertEqual([(e["attempt"], e["state"], e["finished_at"], e["retry_at"])
+                          for e in record["history"]], [(1, SCHEDULED, T0 + 1, T0 + 30)])
+        await self.manager.started("b", 1, "w", info("q"), T0)
+        await self.manager.finished("b", FAILED, 1, info("q"), T0 + 1, error=ERROR)
+        await self.manager.requeued("b", T0 + 5)
+        record = await self.manager.get("b")
+        self.assertEqual(record["state"], QUEUED)
+        self.assertEqual([(e["attempt"], e["state"], e["finished_at"])
+                          for e in record["history"]], [(1, FAILED, T0 + 1)])
 
     async def test_later_writes_prune_indexes_of_expired_records(self) -> None:
         """Writes drop index entries of records expired since (bounded work per write)."""

@@ -51,7 +51,11 @@ def random_write(rng: random.Random, task_ids: List[str], at: float) -> tuple:
     task_id = rng.choice(task_ids)
     info = random_info(rng)
     kind = rng.random()
-    if kind < 0.15:
+    if kind < 0.06:
+        return ("cancel", task_id, at, rng.choice([None, "stop"]))
+    if kind < 0.1:
+        return ("requeued", task_id, at)
+    if kind < 0.2:
         return ("enqueued", task_id, rng.choice([QUEUED, SCHEDULED]), info, at)
     if kind < 0.55:
         worker = rng.choice(["host:1", "h\u00f4te:2", None])
@@ -74,12 +78,11 @@ class ParityTests(TestCase):
     async def setUp(self) -> None:
         self.redis, self.prefix = await isolated_redis(self)
 
-    async def apply(self, store: Any, write: tuple) -> None:
+    async def apply(self, store: Any, write: tuple) -> Any:
         if write[0] == "finished":
             _, task_id, state, attempt, info, at, kwargs = write
-            await store.finished(task_id, state, attempt, info, at, **kwargs)
-        else:
-            await getattr(store, write[0])(*write[1:])
+            return await store.finished(task_id, state, attempt, info, at, **kwargs)
+        return await getattr(store, write[0])(*write[1:])
 
     async def check_same(self, redis: Any, memory: Any, task_ids: List[str], note: str) -> None:
         for task_id in task_ids:
@@ -102,10 +105,10 @@ class ParityTests(TestCase):
             at += rng.choice([0.001, 1.0, 7.25])
             write = random_write(rng, task_ids, at)
             writes.append(write)
-            await self.apply(memory, write)
+            answer = await self.apply(memory, write)
             if batched:
                 continue
-            await self.apply(redis, write)
+            self.assertEqual(await self.apply(redis, write), answer, (seed, step, write))
             await self.check_same(redis, memory, task_ids, f"seed {seed} step {step}: {write}")
         if batched:
             # every write in one script call

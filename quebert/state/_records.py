@@ -481,12 +481,32 @@ def _decode_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
     return decoded
 
 
+#: The ``history`` of a record whose one entry its own fields describe (see
+#: ``DERIVED`` in :mod:`quebert.state._redis_scripts`).
+DERIVED_HISTORY = "="
+
+
+def _derived_entry(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The one history entry of a record whose ``history`` is ``DERIVED_HISTORY``."""
+    scheduled = record["state"] == SCHEDULED
+    return {
+        "attempt": record["attempts"],
+        "state": record["state"],
+        "worker": record["worker"],
+        "started_at": record["started_at"],
+        "finished_at": record["updated_at"] if scheduled else record["finished_at"],
+        "error": record["error"],
+        "retry_at": record["eta"] if scheduled else None,
+    }
+
+
 def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """A record (module docstring of the interface) from the fields of its hash."""
     record: Dict[str, Any] = {}
+    derived = fields.get("history") == DERIVED_HISTORY
     for name in RECORD_FIELDS:
         value = fields.get(name)
-        if value is None:
+        if value is None or (derived and name == "history"):
             record[name] = None
         elif name in FLOAT_FIELDS:
             record[name] = float(value)
@@ -497,8 +517,11 @@ def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
         else:
             record[name] = str(value)
     record["attempts"] = record["attempts"] or 0
-    # cjson writes an empty Lua table as an object
-    record["history"] = [_decode_entry(entry) for entry in record["history"] or ()]
+    if derived:
+        record["history"] = [_derived_entry(record)]
+    else:
+        # cjson writes an empty Lua table as an object
+        record["history"] = [_decode_entry(entry) for entry in record["history"] or ()]
     stalled = decode_stalled(fields)
     if stalled is not None:
         record["stalled"] = stalled

@@ -125,6 +125,35 @@ local function encode_entry(e)
     json_number(e.retry_at))
 end
 
+-- A history of DERIVED ('=') holds one entry, the latest attempt's, which
+-- the record's own fields describe: attempts, state, worker, started_at,
+-- finished_at (updated_at while scheduled), error and retry_at (eta while
+-- scheduled).  The common record (one attempt) then keeps every value
+-- short, so Redis stores its hash as a listpack, at under half the memory
+-- of a hash table, and no write builds or rewrites history text.  A write
+-- after which those fields would no longer describe the entry (another
+-- attempt, a cancel, a requeue) first writes the entry out as JSON.
+local DERIVED = '='
+
+local function derived_text()
+  local r = call('HMGET', key, 'attempts', 'state', 'worker', 'started_at', 'finished_at',
+                 'error', 'eta', 'updated_at')
+  local state = r[2] or 'queued'
+  local finished_at, retry_at = r[5], nil
+  if state == 'scheduled' then finished_at, retry_at = r[8], r[7] end
+  local worker = 'null'
+  if r[3] then worker = cjson.encode(r[3]) end
+  return entry_text(r[1] or '0', '"' .. state .. '"', worker, r[4] or 'null',
+    finished_at or 'null', r[6] or 'null', retry_at or 'null')
+end
+
+-- the history of the record as JSON text ('[]' when it has none)
+local function written_history(raw)
+  if raw == DERIVED then return '[' .. derived_text() .. ']' end
+  if not raw or raw == '{}' then return '[]' end
+  return raw
+end
+
 -- The history (JSON text, or false) with the entry of attempt replaced by
 -- the text fresh (replace), or merged with the outcome (state, finished_at,
 -- err, retry_at: JSON texts), keeping the latest history_limit entries.
@@ -253,6 +282,8 @@ end
 
 -- a record that is not finished becomes canceled
 local function cancel_record(old_state, old_queue, name, reason)
+  local raw = call('HGET', key, 'history')
+  if raw == DERIVED then call('HSET', key, 'history', written_history(raw)) end
   call('HSET', key, 'state', 'canceled', 'updated_at', at, 'finished_at', at, 'reason', reason)
   reindex(old_state, old_queue, 'canceled', old_queue)
   tombstone(name)
@@ -282,19 +313,21 @@ local function started(op, position)
   end
   local f = {'state', 'running', 'attempts', attempt_s, 'started_at', at, 'updated_at', at}
   local n, queue = add_info(f, 8, op, not old_state, true)
-  local worker_json = 'null'
   if worker ~= null then
     f[n + 1] = 'worker'; f[n + 2] = worker; n = n + 2
-    worker_json = cjson.encode(worker)
   end
-  local fresh = '{"attempt":' .. attempt_s .. ',"state":"running","worker":' .. worker_json
-    .. ',"started_at":' .. at .. ',"finished_at":null,"error":null,"retry_at":null}'
   local raw = old[4]
-  f[n + 1] = 'history'
   if not raw or raw == '[]' or raw == '{}' then
-    f[n + 2] = '[' .. fresh .. ']'
-  else
-    f[n + 2] = upsert_history(raw, attempt, fresh, true)
+    f[n + 1] = 'history'; f[n + 2] = DERIVED; n = n + 2
+  elseif raw ~= DERIVED or (tonumber(old[3]) or 0) ~= attempt then
+    -- (from DERIVED: another attempt, so the entry the fields describe is
+    -- written out first; a replayed start of the same attempt keeps it)
+    local worker_json = 'null'
+    if worker ~= null then worker_json = cjson.encode(worker) end
+    local fresh = '{"attempt":' .. attempt_s .. ',"state":"running","worker":' .. worker_json
+      .. ',"started_at":' .. at .. ',"finished_at":null,"error":null,"retry_at":null}'
+    f[n + 1] = 'history'; f[n + 2] = upsert_history(written_history(raw), attempt, fresh, true)
+    n = n + 2
   end
   call('HSET', key, unpack(f))
   if old_state then
@@ -381,16 +414,25 @@ local function finish(op)
   if not old_state or attempt > (tonumber(old[3]) or 0) then
     f[n + 1] = 'attempts'; f[n + 2] = attempt_s; n = n + 2
   end
-  local state_json = '"' .. state .. '"'
-  local fresh = '{"attempt":' .. attempt_s .. ',"state":' .. state_json
-    .. ',"worker":null,"started_at":null,"finished_at":' .. at .. ',"error":' .. err
-    .. ',"retry_at":' .. retry_at .. '}'
   local raw = old[4]
-  f[n + 1] = 'history'
-  if not raw or raw == '[]' or raw == '{}' then
-    f[n + 2] = '[' .. fresh .. ']'
+  -- the fields describe the entry, unless a retry time outlives its state
+  local derivable = state == 'scheduled' or retry_at == 'null'
+  local empty = not raw or raw == '[]' or raw == '{}'
+  if derivable and (empty or (raw == DERIVED and (tonumber(old[3]) or 0) == attempt)) then
+    if empty then f[n + 1] = 'history'; f[n + 2] = DERIVED; n = n + 2 end
   else
-    f[n + 2] = merge_outcome(raw, attempt, attempt_s, fresh, state_json, at, err, retry_at)
+    local state_json = '"' .. state .. '"'
+    local fresh = '{"attempt":' .. attempt_s .. ',"state":' .. state_json
+      .. ',"worker":null,"started_at":null,"finished_at":' .. at .. ',"error":' .. err
+      .. ',"retry_at":' .. retry_at .. '}'
+    f[n + 1] = 'history'
+    if empty then
+      f[n + 2] = '[' .. fresh .. ']'
+    else
+      f[n + 2] = merge_outcome(written_history(raw), attempt, attempt_s, fresh, state_json, at,
+                               err, retry_at)
+    end
+    n = n + 2
   end
   call('HSET', key, unpack(f))
   if c > 0 then call('HDEL', key, unpack(clear)) end
@@ -439,6 +481,8 @@ local function requeued(op, position)
   end
   answer(position, old_state)
   if old_state ~= 'failed' then return 0 end
+  local raw = call('HGET', key, 'history')
+  if raw == DERIVED then call('HSET', key, 'history', written_history(raw)) end
   call('HSET', key, 'state', 'queued', 'updated_at', at)
   call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'cancel_requested', 'eta')
   call('PERSIST', key)

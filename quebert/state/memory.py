@@ -358,7 +358,8 @@ class MemoryStateManager:
         record, old_state, old_queue = self._load(task_id, info, at)
         if record["cancel_requested"] is not None and state == SCHEDULED:
             state = CANCELED
-            reason = reason or f"canceled while attempt {attempt} ran"
+            if reason is None:
+                reason = f"canceled while attempt {attempt} ran"
         record.update(_records.info_updates(info))
         record.update(_records.finished_changes(state, at, result, error, reason, retry_at))
         record["attempts"] = max(record["attempts"], attempt)
