@@ -355,3 +355,39 @@ class QueueConsumerTests(SynchronousTestCase):
         self.assertEqual(self.channel.frames, [("ack", 1, False), ("ack", 3, False)])
         self.assertEqual(self.channel.closes, 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReadSizeTests(SynchronousTestCase):
+    """The broker connection reads READ_SIZE bytes at a time (pika re-slices its buffer)."""
+
+    def make_protocol(self):
+        import pika
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from quebert.amqp.connection import _PikaFactory
+
+        factory = _PikaFactory(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/"),
+                               MemoryReactorClock())
+        return factory.buildProtocol(None), StringTransport()
+
+    def test_a_larger_read_size_is_lowered(self):
+        from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+        from quebert.amqp.connection import READ_SIZE
+
+        protocol, transport = self.make_protocol()
+        self.assertIsInstance(protocol, TwistedProtocolConnection)
+        transport.bufferSize = 65536
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, READ_SIZE)
+        # the handshake goes on as before: pika sent the protocol header
+        self.assertTrue(transport.value().startswith(b"AMQP"))
+
+    def test_a_smaller_read_size_or_none_is_left_alone(self):
+        protocol, transport = self.make_protocol()
+        transport.bufferSize = 4096
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 4096)
+        protocol, transport = self.make_protocol()
+        protocol.makeConnection(transport)  # (a TLS wrapper has no bufferSize)
+        self.assertFalse(hasattr(transport, "bufferSize"))

@@ -89,6 +89,34 @@ def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
     return url
 
 
+#: Bytes read from the broker's socket at a time (Twisted's default: 64 KiB).
+#: pika appends each read to its frame buffer and, after every frame it
+#: decodes, slices off that frame, copying what is left: a 64 KiB read of
+#: small deliveries copies about 14 MB (2.4 us per delivery, measured),
+#: 16 KiB reads under 1 MB.
+READ_SIZE = 16384
+
+_connection_class: Any = None
+
+
+def _pika_connection_class() -> Any:
+    """``TwistedProtocolConnection`` reading ``READ_SIZE`` bytes at a time."""
+    global _connection_class
+    if _connection_class is None:
+        # Imported here: pika's Twisted adapter imports the global reactor,
+        # and importing quebert must not install one.
+        from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+        class _Connection(TwistedProtocolConnection):
+            def connectionMade(self) -> None:
+                if getattr(self.transport, "bufferSize", 0) > READ_SIZE:
+                    self.transport.bufferSize = READ_SIZE
+                super().connectionMade()
+
+        _connection_class = _Connection
+    return _connection_class
+
+
 class _PikaFactory(Factory):
     noisy = False
 
@@ -97,11 +125,7 @@ class _PikaFactory(Factory):
         self.reactor = reactor
 
     def buildProtocol(self, addr):
-        # Imported here, once per connection: pika's Twisted adapter imports
-        # the global reactor, and importing quebert must not install one.
-        from pika.adapters.twisted_connection import TwistedProtocolConnection
-
-        return TwistedProtocolConnection(self.parameters, custom_reactor=self.reactor)
+        return _pika_connection_class()(self.parameters, custom_reactor=self.reactor)
 
 
 @implementer(IStreamClientEndpoint)
