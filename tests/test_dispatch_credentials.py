@@ -192,6 +192,38 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("http://127.0.0.1:8080/db/", repr(credentials))
 
 
+class ClearTextTests(SynchronousTestCase):
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def warnings(self):
+        return [formatEvent(e) for e in self.events
+                if "plain http://" in (e.get("log_format") or "")]
+
+    def test_plain_http_to_another_host_is_flagged_once_without_the_token(self):
+        loaded(rule("http://app.internal:8080/db/"), rule("https://secure.test/db/"))
+        shown = self.warnings()
+        self.assertEqual(len(shown), 1, shown)
+        self.assertIn("http://app.internal:8080/db/", shown[0])
+        self.assertIn("https://", shown[0])
+        self.assertNotIn(TOKEN, " ".join(shown))
+
+    def test_https_and_this_machine_are_not_flagged(self):
+        for prefix in ("https://app.test/db/", "http://127.0.0.1:8080/db/",
+                       "http://127.3.2.1/db/", "http://localhost:8080/db/",
+                       "http://api.localhost/db/", "http://[::1]:8080/db/"):
+            self.assertFalse(rule(prefix).in_clear, prefix)
+        loaded(rule("http://localhost:8080/"), rule("https://app.test/"))
+        self.assertEqual(self.warnings(), [])
+
+    def test_other_addresses_are_in_clear(self):
+        for prefix in ("http://10.0.0.5/db/", "http://[2001:db8::1]/db/",
+                       "http://localhost.example.com/db/"):
+            self.assertTrue(rule(prefix).in_clear, prefix)
+
+
 class MatchTests(SynchronousTestCase):
     def test_prefix_on_a_segment_boundary(self):
         credentials = ServiceCredentials.load(

@@ -35,6 +35,11 @@ Rules, and why:
 - **The worker's header wins**: a matching rule replaces any header of the
   same name the task set, and the task's own ``Authorization`` is dropped
   too, so a task can neither choose nor see the credential.
+- **Clear text is flagged**: a rule whose prefix is ``http://`` to a host
+  other than this machine (``localhost``, a loopback address) is loaded,
+  with a warning that its token crosses the network unencrypted: a
+  sidecar or a private network may make that acceptable; use ``https://``
+  otherwise.
 - **The token is scrubbed** (:meth:`ServiceCredentials.redact`) from
   everything the dispatcher records or logs about an answer (body prefix,
   kept headers, error messages), in case a target echoes it back.
@@ -42,12 +47,14 @@ Rules, and why:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import urllib.parse
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
+from twisted.logger import Logger
 
 from quebert.dispatch.policy import (
     _HEADER_NAME,
@@ -67,6 +74,8 @@ MIN_TOKEN_LENGTH = 8
 #: A recorded text ending in at least this many first characters of a token
 #: (a body prefix cut inside an echoed token) has that fragment redacted too.
 MIN_FRAGMENT = 4
+
+log = Logger(namespace="quebert.dispatch")
 
 # Canonical form only: the real policy still judges every task's URL.
 _PARSER = URLPolicy(deny_hosts=(), deny_networks=())
@@ -162,6 +171,19 @@ class CredentialRule:
         return cls(url_prefix=target.url, scheme=target.scheme, host=target.host,
                    port=target.port, path=target.path, header=header,
                    auth_scheme=auth_scheme, **{source: value})
+
+    @property
+    def in_clear(self) -> bool:
+        """Whether the token would cross the network unencrypted (``http://``, not loopback)."""
+        if self.scheme != "http":
+            return False
+        host = self.host.strip("[]").rstrip(".")
+        if host == "localhost" or host.endswith(".localhost"):
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
 
     @property
     def source(self) -> str:
@@ -262,7 +284,15 @@ class ServiceCredentials:
     def load(cls, rules: Iterable[CredentialRule],
              environ: Optional[Mapping[str, str]] = None) -> ServiceCredentials:
         """Read every rule's token (see :meth:`CredentialRule.load`)."""
-        return cls(tuple(rule.load(environ) for rule in rules))
+        rules = tuple(rules)
+        loaded = cls(tuple(rule.load(environ) for rule in rules))
+        for rule in rules:
+            if rule.in_clear:
+                log.warn("dispatch.credentials: the token for {url_prefix} is sent over "
+                         "plain http:// to {host}, not this machine: anyone on the network "
+                         "path can read it; use https:// unless that path is private",
+                         url_prefix=rule.url_prefix, host=rule.host)
+        return loaded
 
     def __bool__(self) -> bool:
         return bool(self.credentials)
