@@ -270,8 +270,78 @@ class _ApiServer(Service):
             yield self.port.stopListening()
 
 
-class ApiService(MultiService):
-    """``twistd quebert-api``: the HTTP task API alone, without running tasks."""
+class _StopSignals:
+    """
+    SIGTERM/SIGINT handling shared by the worker and ``quebert-api``: the
+    first signal goes to the reactor's own handler (a graceful stop), the
+    second calls :meth:`_second_stop_signal` (by default: exit at once),
+    a third exits on the spot with status ``128 + signum``.  Subclasses set
+    ``reactor``, ``_stopping`` (a stop under way for another reason) and
+    call :meth:`_install_stop_signals` from ``startService``.
+    """
+
+    _what = "quebert"
+    _stopping = False
+    _stop_signaled = False
+    _hard_stop_requested = False
+
+    def _install_stop_signals(self) -> None:
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is not None:
+            # The reactor installs its signal handlers as it starts running.
+            when_running(self._wrap_signal_handlers)
+
+    def _wrap_signal_handlers(self) -> None:
+        """
+        Put a handler in front of the reactor's SIGTERM and SIGINT handlers.
+        Left alone when the reactor installed no handlers
+        (``installSignalHandlers=False``, not the main thread).
+        """
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous) or previous is signal.default_int_handler:
+                continue
+            signal.signal(signum, lambda n, frame, previous=previous:
+                          self._on_stop_signal(previous, n, frame))
+
+    def _on_stop_signal(self, previous: Any, signum: int, frame: Any) -> None:
+        # Runs in the main thread wherever it was interrupted, possibly in the
+        # middle of a log write: only hand work over to the reactor (the
+        # reactor's own handler logs, and a log write from here can collide
+        # with the one it interrupted).
+        if not (self._stopping or self._stop_signaled):
+            self._stop_signaled = True
+            self.reactor.callFromThread(previous, signum, None)
+        elif not self._hard_stop_requested:
+            self._hard_stop_requested = True
+            self.reactor.callFromThread(self._second_stop_signal, signum)
+        else:
+            self._exit_now(signum)
+
+    def _second_stop_signal(self, signum: int) -> None:
+        """A second stop signal while stopping: nothing to cut short, exit now."""
+        self._exit_now(signum)
+
+    def _exit_now(self, signum: int) -> None:
+        code = EXIT_SIGNAL_BASE + signum
+        try:
+            os.write(2, f"{self._what}: signal {signum} again; exiting at once with "
+                        f"status {code}\n".encode())
+        finally:
+            os._exit(code)
+
+
+class ApiService(_StopSignals, MultiService):
+    """
+    ``twistd quebert-api``: the HTTP task API alone, without running tasks.
+    A second SIGTERM/SIGINT while it stops exits at once (status 128 + N).
+    """
+
+    _what = "quebert-api"
 
     def __init__(self, config: WorkerConfig, *, reactor: Any = None) -> None:
         super().__init__()
@@ -302,8 +372,13 @@ class ApiService(MultiService):
             self, config, reactor=reactor, state=state, redis=self._redis,
             registry=default_registry, queues=queues)
 
+    def startService(self) -> None:
+        super().startService()
+        self._install_stop_signals()
+
     @defer.inlineCallbacks
     def stopService(self):
+        self._stopping = True
         yield super().stopService()
         if self._redis is not None:
             try:
@@ -315,8 +390,10 @@ class ApiService(MultiService):
             self.reactor._exitSignal = None
 
 
-class WorkerService(MultiService):
+class WorkerService(_StopSignals, MultiService):
     """A complete worker, ready to be run by ``twistd`` or embedded."""
+
+    _what = "quebert worker"
 
     def __init__(self, config: WorkerConfig, *, reactor: Any = None,
                  registry: Optional[Registry] = None, state: Any = None) -> None:
@@ -475,50 +552,10 @@ class WorkerService(MultiService):
         )
         self.executor.start()
         super().startService()
-        when_running = getattr(self.reactor, "callWhenRunning", None)
-        if when_running is not None:
-            # The reactor installs its signal handlers as it starts running.
-            when_running(self._wrap_signal_handlers)
+        self._install_stop_signals()
 
-    # -- signals: the first stops gracefully, the second at once -------------
-
-    def _wrap_signal_handlers(self) -> None:
-        """
-        Put a handler in front of the reactor's SIGTERM and SIGINT handlers:
-        the first signal goes to the reactor (graceful stop, the drain), a
-        second one during the stop ends the drain at once (:meth:`_hard_stop`),
-        a third exits on the spot.  Left alone when the reactor installed no
-        handlers (``installSignalHandlers=False``, not the main thread).
-        """
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(signum)
-            if not callable(previous) or previous is signal.default_int_handler:
-                continue
-            signal.signal(signum, lambda n, frame, previous=previous:
-                          self._on_stop_signal(previous, n, frame))
-
-    def _on_stop_signal(self, previous: Any, signum: int, frame: Any) -> None:
-        # Runs in the main thread wherever it was interrupted, possibly in the
-        # middle of a log write: only hand work over to the reactor (the
-        # reactor's own handler logs, and a log write from here can collide
-        # with the one it interrupted).
-        if not (self._stopping or self._stop_signaled):
-            self._stop_signaled = True
-            self.reactor.callFromThread(previous, signum, None)
-        elif not self._hard_stop_requested:
-            self._hard_stop_requested = True
-            self.reactor.callFromThread(self._hard_stop, signum)
-        else:
-            code = EXIT_SIGNAL_BASE + signum
-            try:
-                os.write(2, f"quebert worker: signal {signum} again; exiting at once with "
-                            f"status {code}\n".encode())
-            finally:
-                os._exit(code)
+    def _second_stop_signal(self, signum: int) -> None:
+        self._hard_stop(signum)
 
     def _hard_stop(self, signum: int) -> None:
         """

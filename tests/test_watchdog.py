@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert import ReactorStalled
+from quebert import worker as worker_module
 from quebert.config import from_mapping
 from quebert.mediator import DelayOnErrorMediator, QueueSettings
 from quebert.protocol import H_ATTEMPTS, H_ERROR_MESSAGE, H_ERROR_TYPE, H_REASON
@@ -688,3 +689,47 @@ class StopSignalTests(SynchronousTestCase):
         self.assertEqual((service.watchdog.timeout, service.watchdog.exit_code),
                          (30.0, EXIT_REACTOR_STALLED))
         self.assertIsNone(service.watchdog.marker, "no Redis to mark records in")
+
+
+class ApiStopSignalTests(SynchronousTestCase):
+    """quebert-api: the first SIGTERM/SIGINT stops gracefully, the second exits at once."""
+
+    def service(self):
+        from quebert.config import WorkerConfig
+        from quebert.worker import ApiService
+
+        clock = Clock()
+        clock.callFromThread = lambda f, *a, **kw: f(*a, **kw)
+        self.patch(worker_module, "connect_redis", lambda *a, **kw: None)
+        self.patch(worker_module, "serve_api", lambda *a, **kw: (None, None))
+        return ApiService(WorkerConfig(state="redis", http_port=0), reactor=clock), clock
+
+    def test_first_signal_to_the_reactor_second_exits_at_once(self):
+        service, clock = self.service()
+        handled, exits, written = [], [], []
+        self.patch(os, "_exit", exits.append)
+        self.patch(os, "write", lambda fd, data: written.append(data) or len(data))
+        previous = lambda n, frame: handled.append(n)  # noqa: E731 - the reactor's handler
+        service._on_stop_signal(previous, signal.SIGTERM, None)
+        self.assertEqual((handled, exits), ([signal.SIGTERM], []))
+        service._on_stop_signal(previous, signal.SIGTERM, None)
+        self.assertEqual(handled, [signal.SIGTERM])
+        self.assertEqual(exits, [128 + signal.SIGTERM])
+        self.assertIn(b"quebert-api: signal", b"".join(written))
+
+    def test_a_signal_during_a_stop_exits_at_once(self):
+        service, clock = self.service()
+        exits = []
+        self.patch(os, "_exit", exits.append)
+        self.patch(os, "write", lambda fd, data: len(data))
+        service._stopping = True
+        service._on_stop_signal(lambda n, frame: None, signal.SIGINT, None)
+        self.assertEqual(exits, [128 + signal.SIGINT])
+
+    def test_handlers_are_installed_when_the_reactor_runs(self):
+        service, clock = self.service()
+        calls = []
+        clock.callWhenRunning = lambda f, *a: calls.append(f)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(calls, [service._wrap_signal_handlers])
