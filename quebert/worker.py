@@ -183,6 +183,7 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
     site = make_site(service, api, reactor=reactor)
     endpoint = TCP4ServerEndpoint(reactor, config.http_port, interface=config.http_interface)
     server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}")
+    server.task_service = service
     server.setServiceParent(parent)
     return client, server
 
@@ -499,7 +500,8 @@ class WorkerService(_StopSignals, MultiService):
             self, config, reactor=self.reactor, state=self.state, redis=self._redis,
             registry=registry, queues=queues,
             readiness=[lambda: consuming.current is not None and consuming.current.is_open,
-                       lambda: not any(b.gave_up for b in self.broker.beacons)])
+                       lambda: not any(b.gave_up for b in self.broker.beacons),
+                       lambda: self.stuck_check is None or self.stuck_check.healthy()])
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:

@@ -692,6 +692,32 @@ class StuckConsumerCheckTests(SynchronousTestCase):
         self.run_for(self.timeout - 1)
         self.assertEqual(self.consumer.resubscribed, 1)
 
+    def test_a_stuck_consumer_is_unhealthy_until_it_receives_again(self):
+        self.assertTrue(self.check.healthy())
+        self.run_for(self.timeout + 2 * self.check.period + 1)
+        self.assertEqual(self.consumer.resubscribed, 1)
+        self.assertFalse(self.check.healthy())
+        self.assertEqual(list(self.check.stuck), ["q"])
+        self.run_for(self.timeout / 2)  # still nothing received
+        self.assertFalse(self.check.healthy())
+        self.consumer.deliver()
+        self.clock.advance(self.check.period)
+        self.assertTrue(self.check.healthy())
+
+    def test_a_stuck_consumer_with_nothing_left_to_receive_is_healthy(self):
+        self.run_for(self.timeout + 2 * self.check.period + 1)
+        self.assertFalse(self.check.healthy())
+        self.ready = 0
+        self.run_for(self.timeout + self.check.period)
+        self.assertTrue(self.check.healthy())
+
+    def test_a_stuck_consumer_that_stops_consuming_is_healthy(self):
+        self.run_for(self.timeout + 2 * self.check.period + 1)
+        self.assertFalse(self.check.healthy())
+        self.consumer.paused = True
+        self.clock.advance(self.check.period)
+        self.assertTrue(self.check.healthy())
+
     def test_not_stuck_without_ready_messages(self):
         self.ready = 0
         self.run_for(10 * self.timeout)
@@ -1038,6 +1064,14 @@ class LivenessConfigTests(SynchronousTestCase):
         self.assertEqual(theirs.ttl_ms, 2000)
         self.assertIsNotNone(worker.stuck_check)
         self.assertEqual(worker.stuck_check.timeout, 60.0)
+        # a stuck consumer makes /health say "not ready"
+        served = WorkerService(WorkerConfig(state="memory", http_port=0,
+                                            api_tokens=("t" * 32,)))
+        readiness = served.api_service.task_service.readiness
+        before = [check() for check in readiness]
+        served.stuck_check.stuck["default"] = 0
+        after = [check() for check in readiness]
+        self.assertEqual(after.count(False), before.count(False) + 1, (before, after))
         quiet = WorkerService(WorkerConfig(state="memory", beacon_interval=0,
                                            stuck_consumer_timeout=0))
         self.assertEqual(quiet.broker.beacons, [])

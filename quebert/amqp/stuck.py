@@ -19,6 +19,9 @@ that
 
 Such a consumer is logged with the figures and re-subscribed: cancelled,
 and consumed again on a fresh channel (:meth:`QueueConsumer.resubscribe`).
+Until it receives something again (or its queue has nothing ready, or it
+stops consuming), it counts as stuck: :meth:`StuckConsumerCheck.healthy`
+is false, and the worker's ``/health`` says it is not ready.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class StuckConsumerCheck(Service):
         self.period = period if period is not None else default_period(self.timeout)
         self.clock = clock
         self.resubscribes = 0
+        #: queues re-subscribed because stuck -> their delivery count then;
+        #: a queue leaves once it received something (or is no longer stuck)
+        self.stuck: dict[str, int] = {}
         #: queue -> (first time seen stuck-looking, deliveries count then)
         self._suspect: dict[str, tuple] = {}
         self._busy = False
@@ -93,7 +99,13 @@ class StuckConsumerCheck(Service):
 
         d.addBoth(done)
 
+    def healthy(self) -> bool:
+        """False while a consumer re-subscribed as stuck has received nothing since."""
+        return not self.stuck
+
     async def _check_all(self) -> None:
+        for queue in [q for q in self.stuck if q not in self.consumers]:
+            del self.stuck[queue]
         for queue, consumer in sorted(self.consumers.items()):
             try:
                 await self._check_one(queue, consumer)
@@ -119,6 +131,10 @@ class StuckConsumerCheck(Service):
             reap()
         now = self.clock.seconds()
         deliveries = consumer.deliveries
+        if queue in self.stuck and (deliveries != self.stuck[queue] or consumer.paused
+                                    or not consumer.consuming):
+            del self.stuck[queue]
+            log.info("consumer of {queue} receives again", queue=queue)
         if self._idle(consumer, now) is None:
             self._suspect.pop(queue, None)
             return
@@ -132,6 +148,8 @@ class StuckConsumerCheck(Service):
             return
         now = self.clock.seconds()
         idle = self._idle(consumer, now)
+        if depth and depth[0] <= 0:
+            self.stuck.pop(queue, None)  # nothing to receive: not stuck
         if idle is None or consumer.deliveries != deliveries or not depth or depth[0] <= 0:
             self._suspect.pop(queue, None)
             return
@@ -150,4 +168,5 @@ class StuckConsumerCheck(Service):
             "queue; re-subscribing on a fresh channel",
             queue=queue, idle=idle, timeout=self.timeout, ready=ready, seen=now - first[0],
             unacked=consumer.unacked, prefetch=consumer.prefetch, consumers=consumer_count)
+        self.stuck[queue] = consumer.deliveries
         await consumer.resubscribe()
