@@ -750,7 +750,7 @@ class RedisStateTests(StateContractMixin, TestCase):
         self.assertEqual(fields["attempts"], "1")
         self.assertEqual(float(fields["started_at"]), T0)
         # one attempt: its history entry is what the record's fields say
-        self.assertEqual(fields["history"], "=")
+        self.assertEqual(fields["history"], "{}")
         for index in ("idx:all", "idx:queue:q", "idx:state:running"):
             self.assertEqual(await self.score(index, "a"), T0)
 
@@ -760,7 +760,7 @@ class RedisStateTests(StateContractMixin, TestCase):
         await self.manager.finished("a", SUCCEEDED, 1, info("q"), T0 + 1, result={"n": 1})
         key = self.key("task:a")
         fields = await self.redis.hgetall(key)
-        self.assertEqual(fields["history"], "=")
+        self.assertEqual(fields["history"], "{}")
         self.assertEqual(await self.redis.execute_command("OBJECT", "ENCODING", key), "listpack")
         record = await self.manager.get("a")
         self.assertEqual(record["history"], [{
@@ -772,7 +772,7 @@ class RedisStateTests(StateContractMixin, TestCase):
         await self.manager.started("a", 1, "w1", info("q"), T0)
         await self.manager.finished("a", SCHEDULED, 1, info("q"), T0 + 1, error=ERROR,
                                     retry_at=T0 + 11)
-        self.assertEqual(await self.redis.hget(self.key("task:a"), "history"), "=")
+        self.assertEqual(await self.redis.hget(self.key("task:a"), "history"), "{}")
         await self.manager.started("a", 2, "w2", info("q"), T0 + 11)
         history = json.loads(await self.redis.hget(self.key("task:a"), "history"))
         self.assertEqual([(e["attempt"], e["state"], e["worker"]) for e in history],
@@ -780,6 +780,10 @@ class RedisStateTests(StateContractMixin, TestCase):
         self.assertEqual(history[0]["finished_at"], T0 + 1)
         self.assertEqual(history[0]["retry_at"], T0 + 11)
         self.assertEqual(history[0]["error"]["message"], ERROR["message"])
+
+    def test_the_derived_history_mark_reads_as_empty_json(self) -> None:
+        """Earlier versions parse the mark as JSON and read a falsy value as no history."""
+        self.assertEqual(json.loads(_records.DERIVED_HISTORY), {})
 
     async def test_records_with_a_written_out_history_still_work(self) -> None:
         """A record stored with its one entry as JSON (earlier versions) is updated as such."""

@@ -483,7 +483,7 @@ def _decode_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
 
 #: The ``history`` of a record whose one entry its own fields describe (see
 #: ``DERIVED`` in :mod:`quebert.state._redis_scripts`).
-DERIVED_HISTORY = "="
+DERIVED_HISTORY = "{}"
 
 
 def _derived_entry(record: Mapping[str, Any]) -> Dict[str, Any]:

@@ -125,7 +125,7 @@ local function encode_entry(e)
     json_number(e.retry_at))
 end
 
--- A history of DERIVED ('=') holds one entry, the latest attempt's, which
+-- A history of DERIVED ('{}') holds one entry, the latest attempt's, which
 -- the record's own fields describe: attempts, state, worker, started_at,
 -- finished_at (updated_at while scheduled), error and retry_at (eta while
 -- scheduled).  The common record (one attempt) then keeps every value
@@ -133,7 +133,10 @@ end
 -- of a hash table, and no write builds or rewrites history text.  A write
 -- after which those fields would no longer describe the entry (another
 -- attempt, a cancel, a requeue) first writes the entry out as JSON.
-local DERIVED = '='
+-- '{}' because earlier versions read it as an empty history: during a
+-- rolling upgrade their readers show no entry, and their writers start a
+-- fresh history, rather than failing.
+local DERIVED = '{}'
 
 local function derived_text()
   local r = call('HMGET', key, 'attempts', 'state', 'worker', 'started_at', 'finished_at',
@@ -150,7 +153,7 @@ end
 -- the history of the record as JSON text ('[]' when it has none)
 local function written_history(raw)
   if raw == DERIVED then return '[' .. derived_text() .. ']' end
-  if not raw or raw == '{}' then return '[]' end
+  if not raw then return '[]' end
   return raw
 end
 
@@ -159,7 +162,7 @@ end
 -- err, retry_at: JSON texts), keeping the latest history_limit entries.
 -- Same rule as quebert.state._records.upsert_history.
 local function upsert_history(raw, attempt, fresh, replace, state, finished_at, err, retry_at)
-  if not raw or raw == '[]' or raw == '{}' then return '[' .. fresh .. ']' end
+  if not raw or raw == '[]' then return '[' .. fresh .. ']' end
   local history = cjson.decode(raw)
   local parts = {}
   local done = false
@@ -317,7 +320,7 @@ local function started(op, position)
     f[n + 1] = 'worker'; f[n + 2] = worker; n = n + 2
   end
   local raw = old[4]
-  if not raw or raw == '[]' or raw == '{}' then
+  if not raw or raw == '[]' then
     f[n + 1] = 'history'; f[n + 2] = DERIVED; n = n + 2
   elseif raw ~= DERIVED or (tonumber(old[3]) or 0) ~= attempt then
     -- (from DERIVED: another attempt, so the entry the fields describe is
@@ -417,7 +420,7 @@ local function finish(op)
   local raw = old[4]
   -- the fields describe the entry, unless a retry time outlives its state
   local derivable = state == 'scheduled' or retry_at == 'null'
-  local empty = not raw or raw == '[]' or raw == '{}'
+  local empty = not raw or raw == '[]'
   if derivable and (empty or (raw == DERIVED and (tonumber(old[3]) or 0) == attempt)) then
     if empty then f[n + 1] = 'history'; f[n + 2] = DERIVED; n = n + 2 end
   else

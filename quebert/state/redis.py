@@ -7,8 +7,9 @@ Layout (``{prefix}`` defaults to ``quebert:``):
 ``{prefix}task:{id}``
     a hash per task: the record's scalar fields as strings (numbers written
     with full precision), ``result``/``error``/``history`` as JSON, except
-    that while the task has run one attempt, ``history`` is ``=``: its one
-    entry is what the record's fields say.  The hash of a task run once
+    that while the task has run one attempt, ``history`` is ``{}``: its one
+    entry is what the record's fields say (earlier versions read ``{}`` as
+    an empty history, so a rolling upgrade degrades, never fails).  The hash of a task run once
     then holds only short values, which Redis keeps as a listpack (about
     500 bytes instead of 1000 for a small result).  Records written with a
     JSON history are read and updated as they are.
