@@ -30,6 +30,7 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.logger import LogLevel  # noqa: E402
 
+from bench.bench_tasks import NullState  # noqa: E402
 from quebert import protocol  # noqa: E402
 from quebert.amqp.consumer import _Acker, delivery_from  # noqa: E402
 from quebert.executor import Executor  # noqa: E402
@@ -76,28 +77,17 @@ class FakeBroker:
         pass
 
 
-class NullState:
-    """Records nothing, at once: the path without its state store."""
-
-    finished_ttl = 0.0
-
-    def started(self, *args, **kwargs):
-        return defer.succeed(None)
-
-    def finished(self, *args, **kwargs):
-        return defer.succeed(None)
-
-
 def run(tasks: int = 20000, profile: str = "", null_state: bool = False) -> float:
     """us of CPU per task, delivery to ack."""
     registry = Registry()
     registry.register(noop, name="bench.noop")
     clock = Clock()
     redis = FakeRedis()
-    state = ResilientStateManager(RedisStateManager(redis, prefix="x:", clock=clock),
-                                  clock=clock)
     if null_state:
         state = NullState()
+    else:
+        state = ResilientStateManager(RedisStateManager(redis, prefix="x:", clock=clock),
+                                      clock=clock)
     mediator = DelayOnErrorMediator(
         broker=FakeBroker(), state=state, executor=Executor(clock), clock=clock,
         queues=[QueueSettings("bench", PREFETCH)], registry=registry,

@@ -182,8 +182,8 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
                  port=config.http_port, access=api.anonymous)
     site = make_site(service, api, reactor=reactor)
     endpoint = TCP4ServerEndpoint(reactor, config.http_port, interface=config.http_interface)
-    server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}")
-    server.task_service = service
+    server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}",
+                        service)
     server.setServiceParent(parent)
     return client, server
 
@@ -237,8 +237,10 @@ class _ApiServer(Service):
     allowed) is one clear error line and exit code 1, not a traceback.
     """
 
-    def __init__(self, endpoint: Any, factory: Any, reactor: Any, where: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any, where: str,
+                 task_service: Any = None) -> None:
         self.endpoint = endpoint
+        self.task_service = task_service
         self.factory = factory
         self.reactor = reactor
         self.where = where
@@ -465,9 +467,6 @@ class WorkerService(_StopSignals, MultiService):
         self.watchdog = None
         if config.auto_kill_timeout:
             self._setup_watchdog(config)
-        self._stopping = False
-        self._stop_signaled = False
-        self._hard_stop_requested = False
         self.stuck_check: Optional[StuckConsumerCheck] = None
         if config.stuck_consumer_timeout > 0:
             admin = BrokerAdmin(self.broker.consuming, topology)

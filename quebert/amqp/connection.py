@@ -20,6 +20,7 @@ from a stuck one.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 from urllib.parse import urlsplit
 
@@ -96,25 +97,20 @@ def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
 #: 16 KiB reads under 1 MB.
 READ_SIZE = 16384
 
-_connection_class: Any = None
-
-
+@functools.cache
 def _pika_connection_class() -> Any:
     """``TwistedProtocolConnection`` reading ``READ_SIZE`` bytes at a time."""
-    global _connection_class
-    if _connection_class is None:
-        # Imported here: pika's Twisted adapter imports the global reactor,
-        # and importing quebert must not install one.
-        from pika.adapters.twisted_connection import TwistedProtocolConnection
+    # Imported here: pika's Twisted adapter imports the global reactor, and
+    # importing quebert must not install one.
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
 
-        class _Connection(TwistedProtocolConnection):
-            def connectionMade(self) -> None:
-                if getattr(self.transport, "bufferSize", 0) > READ_SIZE:
-                    self.transport.bufferSize = READ_SIZE
-                super().connectionMade()
+    class _Connection(TwistedProtocolConnection):
+        def connectionMade(self) -> None:
+            if getattr(self.transport, "bufferSize", 0) > READ_SIZE:
+                self.transport.bufferSize = READ_SIZE
+            super().connectionMade()
 
-        _connection_class = _Connection
-    return _connection_class
+    return _Connection
 
 
 class _PikaFactory(Factory):

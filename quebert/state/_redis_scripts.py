@@ -157,6 +157,12 @@ local function written_history(raw)
   return raw
 end
 
+-- before a write that changes the fields a DERIVED history is read from
+local function write_out_history()
+  local raw = call('HGET', key, 'history')
+  if raw == DERIVED then call('HSET', key, 'history', written_history(raw)) end
+end
+
 -- The history (JSON text, or false) with the entry of attempt replaced by
 -- the text fresh (replace), or merged with the outcome (state, finished_at,
 -- err, retry_at: JSON texts), keeping the latest history_limit entries.
@@ -285,8 +291,7 @@ end
 
 -- a record that is not finished becomes canceled
 local function cancel_record(old_state, old_queue, name, reason)
-  local raw = call('HGET', key, 'history')
-  if raw == DERIVED then call('HSET', key, 'history', written_history(raw)) end
+  write_out_history()
   call('HSET', key, 'state', 'canceled', 'updated_at', at, 'finished_at', at, 'reason', reason)
   reindex(old_state, old_queue, 'canceled', old_queue)
   tombstone(name)
@@ -484,8 +489,7 @@ local function requeued(op, position)
   end
   answer(position, old_state)
   if old_state ~= 'failed' then return 0 end
-  local raw = call('HGET', key, 'history')
-  if raw == DERIVED then call('HSET', key, 'history', written_history(raw)) end
+  write_out_history()
   call('HSET', key, 'state', 'queued', 'updated_at', at)
   call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'cancel_requested', 'eta')
   call('PERSIST', key)

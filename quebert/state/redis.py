@@ -9,10 +9,11 @@ Layout (``{prefix}`` defaults to ``quebert:``):
     with full precision), ``result``/``error``/``history`` as JSON, except
     that while the task has run one attempt, ``history`` is ``{}``: its one
     entry is what the record's fields say (earlier versions read ``{}`` as
-    an empty history, so a rolling upgrade degrades, never fails).  The hash of a task run once
-    then holds only short values, which Redis keeps as a listpack (about
-    500 bytes instead of 1000 for a small result).  Records written with a
-    JSON history are read and updated as they are.
+    an empty history, so a rolling upgrade degrades, never fails).  The
+    hash of a task run once then holds only short values, which Redis
+    keeps as a listpack (about 500 bytes instead of 1000 for a small
+    result).  Records written with a JSON history are read and updated as
+    they are.
 ``{prefix}idx:state:{state}``, ``{prefix}idx:queue:{queue}``, ``{prefix}idx:all``
     sorted sets of task ids scored by ``updated_at``, for listing.
 ``{prefix}idx:expiry``
