@@ -44,6 +44,7 @@ PREFETCH = 200
 #: name -> (kind, registered task, state backend)
 CONFIGS = {
     "baseline": ("baseline", "bench.noop", None),
+    "baseline-fast": ("baseline", "bench.noop", "fast"),
     "null-async": ("worker", "bench.noop", "null"),
     "memory-async": ("worker", "bench.noop", "memory"),
     "memory-thread": ("worker", "bench.noop_thread", "memory"),
@@ -52,6 +53,7 @@ CONFIGS = {
 }
 LABELS = {
     "baseline": "baseline: bare pika consumer",
+    "baseline-fast": "bare, quebert's decoding (diag.)",
     "null-async": "quebert, no state (diag.), async",
     "memory-async": "quebert, memory state, async def",
     "memory-thread": "quebert, memory state, thread",
@@ -70,14 +72,24 @@ def log(message: str) -> None:
 # -- the baseline consumer (run in its own process) ---------------------------
 
 
-def baseline_consumer(url: str, queue: str, prefetch: int, out: str) -> None:
+def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
+                      fast: bool = False) -> None:
     """
     The least a consumer can do on pika's TwistedProtocolConnection: QoS
     ``prefetch``, read the enqueue time from the body, ``basic_ack`` each
     message.  Records with the same :class:`~bench.bench_tasks.Recorder`
     as the worker.  Runs until killed.
+
+    ``fast``: on the connection class quebert uses instead, which decodes
+    whole deliveries itself (``quebert.amqp._frames``); a diagnostic, to
+    show what that decoding is worth to a bare consumer too.
     """
     from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+    if fast:
+        from quebert.amqp.connection import _pika_connection_class
+
+        TwistedProtocolConnection = _pika_connection_class()  # noqa: N806
     from twisted.internet import defer, reactor
     from twisted.internet import protocol as tprotocol
     from twisted.python.failure import Failure
@@ -297,6 +309,8 @@ class Run:
         if self.kind == "baseline":
             args = [sys.executable, os.path.abspath(__file__), "_consume", "--url", url,
                     "--queue", QUEUE, "--prefetch", str(PREFETCH), "--out", self.out]
+            if self.state == "fast":
+                args.append("--fast")
         else:
             if self.state == "null":
                 env["QUEBERT_BENCH_NULL_STATE"] = "1"
@@ -702,9 +716,10 @@ def consume_main(argv: list) -> None:
     parser.add_argument("--queue", required=True)
     parser.add_argument("--prefetch", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--fast", action="store_true")
     a = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    baseline_consumer(a.url, a.queue, a.prefetch, a.out)
+    baseline_consumer(a.url, a.queue, a.prefetch, a.out, a.fast)
 
 
 def _terminate(signum: int, frame: Any) -> None:

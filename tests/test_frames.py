@@ -17,6 +17,7 @@ from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from quebert.amqp import _frames
 from quebert.amqp._frames import INCOMPLETE, MAX_FAST_BODY, decode_delivery
 from quebert.amqp.connection import _pika_connection_class
 
@@ -335,3 +336,28 @@ class DataReceivedTests(SynchronousTestCase):
             self.assertRaises(exceptions.BodyTooLongError, peer.feed_bytes, data)
         self.assertEqual(fast.received, [])
         self.assertSame(plain, fast)
+
+
+class SupportTests(SynchronousTestCase):
+    """A pika whose internals differ keeps its own path."""
+
+    def test_this_pika_is_supported(self):
+        _, fast = DataReceivedTests.peers(None)
+        self.assertTrue(fast.protocol._whole_deliveries)
+
+    def test_a_pika_without_the_internals_is_not_supported(self):
+        _, fast = DataReceivedTests.peers(None)
+        self.assertTrue(_frames.supported(fast.impl))
+        del fast.impl._frame_buffer
+        self.assertFalse(_frames.supported(fast.impl))
+        self.assertFalse(_frames.supported(object()))
+
+    def test_a_pika_without_the_internals_keeps_its_own_path(self):
+        self.patch(_frames, "supported", lambda connection: False)
+        plain, fast = DataReceivedTests.peers(None)
+        self.assertFalse(fast.protocol._whole_deliveries)
+        self.patch(_frames, "data_received", None)  # (never called)
+        for peer in (plain, fast):
+            peer.feed_bytes(_delivery(1, 1, b"x", spec.BasicProperties(), peer.tags[1]))
+        self.assertEqual(fast.received, plain.received)
+        self.assertEqual(len(fast.received), 1)

@@ -242,6 +242,24 @@ def decode_delivery(buf: bytes, pos: int) -> Any:
     return offset, channel, frames, deliver, properties, body
 
 
+def supported(connection: Any) -> bool:
+    """
+    Whether ``connection`` (a pika ``Connection``) has the internals that
+    :func:`data_received` uses, as pika 1.3 and 1.4 do; a pika that changed
+    them keeps its own path.
+    """
+    from pika.channel import Channel, ContentFrameAssembler
+
+    return (
+        all(callable(getattr(connection, name, None))
+            for name in ("_read_frame", "_trim_frame_buffer", "_process_frame"))
+        and all(hasattr(connection, name)
+                for name in ("_frame_buffer", "_channels", "frames_received", "bytes_received"))
+        and callable(getattr(Channel, "_on_deliver", None))
+        and hasattr(ContentFrameAssembler(), "_method_frame")
+    )
+
+
 def _mid_content(channels: Any, buf: bytes, pos: int) -> bool:
     """Whether the frame at ``pos`` is for a channel whose assembler holds part of a message."""
     if len(buf) - pos < 3:

@@ -98,6 +98,8 @@ def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
 #: 16 KiB also keep reactor turns short.
 READ_SIZE = 16384
 
+_log = Logger()
+
 
 @functools.cache
 def _pika_connection_class() -> Any:
@@ -109,16 +111,25 @@ def _pika_connection_class() -> Any:
     # importing quebert must not install one.
     from pika.adapters.twisted_connection import TwistedProtocolConnection
 
-    from quebert.amqp._frames import data_received
+    from quebert.amqp import _frames
 
     class _Connection(TwistedProtocolConnection):
+        _whole_deliveries = False
+
         def connectionMade(self) -> None:
             if getattr(self.transport, "bufferSize", 0) > READ_SIZE:
                 self.transport.bufferSize = READ_SIZE
+            self._whole_deliveries = _frames.supported(self._impl)
+            if not self._whole_deliveries:
+                _log.warn("this pika's internals differ from 1.3/1.4: deliveries are "
+                         "decoded by pika, frame by frame (slower, still correct)")
             super().connectionMade()
 
         def dataReceived(self, data: bytes) -> None:
-            data_received(self._impl, data)
+            if self._whole_deliveries:
+                _frames.data_received(self._impl, data)
+            else:
+                self._impl.data_received(data)
 
     return _Connection
 
