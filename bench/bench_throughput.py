@@ -334,7 +334,8 @@ class Run:
         args = self.args
         self.profile = profile
         if profile:
-            args = [PY_SPY, "record", "--nonblocking", "--rate", os.environ.get("QUEBERT_BENCH_PY_SPY_RATE", "200"), "--format", "raw",
+            rate = os.environ.get("QUEBERT_BENCH_PY_SPY_RATE", "200")
+            args = [PY_SPY, "record", "--nonblocking", "--rate", rate, "--format", "raw",
                     "-o", profile, "--", *args]
         self.process = subprocess.Popen(args, cwd=ROOT, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=self.log_file,

@@ -39,17 +39,18 @@ class ThroughputTests(TestCase):
         out, err, code = yield getProcessOutputAndValue(
             sys.executable,
             [os.path.join(ROOT, "bench", "bench_throughput.py"), "--tasks", "300",
-             "--repeat", "1", "--configs", "redis-async", "--no-latency",
+             "--repeat", "1", "--configs", "baseline-fast,redis-async", "--no-latency",
              "--json", results],
             env=dict(os.environ), path=ROOT, reactor=reactor)
         text = out.decode() + err.decode()
         self.assertEqual(code, 0, text)
         self.assertIn("baseline: bare pika consumer", text)
         self.assertIn("quebert, redis state, async def", text)
+        self.assertIn("bare, quebert's decoding (diag.)", text)
         self.assertIn("TARGET quebert, redis state, async def >= 0.5x baseline:", text)
         self.assertIn("consumer user", text)
         with open(results, encoding="utf-8") as f:
             data = json.load(f)
         measured = {r["config"] for r in data["throughput"] if "tasks_per_s" in r}
-        self.assertEqual(measured, {"baseline", "redis-async"}, text)
+        self.assertEqual(measured, {"baseline", "baseline-fast", "redis-async"}, text)
         self.assertEqual(data["latency"], [], "--no-latency skips the paced runs")
