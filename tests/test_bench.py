@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench import bench_hotpath  # noqa: E402
+from bench import bench_hotpath, bench_memory_state  # noqa: E402
 
 
 class HotPathTests(SynchronousTestCase):
@@ -28,6 +28,11 @@ class HotPathTests(SynchronousTestCase):
         # run() asserts that every task succeeded; it returns us of CPU per task
         self.assertGreater(bench_hotpath.run(tasks=400), 0)
         self.assertGreater(bench_hotpath.run(tasks=400, null_state=True), 0)
+
+
+class MemoryStateBenchTests(SynchronousTestCase):
+    def test_measures_a_store_of_each_size(self):
+        self.assertGreater(bench_memory_state.per_task_us(300, measured=100), 0)
 
 
 class ThroughputTests(TestCase):

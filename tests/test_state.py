@@ -11,6 +11,8 @@ import json
 from typing import Any, Dict, List, Optional
 
 import txredisapi
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -702,6 +704,44 @@ class MemoryStateTests(StateContractMixin, TestCase):
     def test_negative_ttl_is_a_configuration_error(self) -> None:
         """A negative finished_ttl is refused when the store is built."""
         self.assertRaises(ConfigurationError, MemoryStateManager, finished_ttl=-1)
+
+    @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 5) | st.none()),
+                    max_size=60), st.integers(0, 10))
+    def test_an_index_orders_ids_as_a_sorted_list_of_scores_would(self, steps, start) -> None:
+        """Adds, moves and drops in any order: newest first, ties by id (Redis's order)."""
+        from quebert.state.memory import _Index
+
+        index, model = _Index(), {}
+        for task_id, score in steps:
+            if score is None:
+                index.discard(task_id)
+                model.pop(task_id, None)
+            else:
+                index.add(task_id, float(score))
+                model[task_id] = float(score)
+        expected = [t for _, t in sorted(((s, t) for t, s in model.items()), reverse=True)]
+        self.assertEqual(len(index), len(model))
+        self.assertEqual(list(index.newest()), expected)
+        self.assertEqual(list(index.newest(start)), expected[start:])
+
+    def test_expiring_the_oldest_of_many_records_moves_no_list(self) -> None:
+        """
+        Expiry drops the oldest ids of every index, at the front: with a
+        plain sorted list each drop moved every other id (a day of records
+        made each write cost milliseconds); a SortedList touches one
+        sublist.
+        """
+        from sortedcontainers import SortedList
+
+        manager = self.make_manager(finished_ttl=60)
+        for n in range(3000):
+            manager.finished(f"t{n}", SUCCEEDED, 1, info(queue="q"), T0 + n)
+        for index in (manager._all, manager._states[SUCCEEDED], manager._queues["q"]):
+            self.assertIsInstance(index._keys, SortedList)
+        self.clock.advance(61)
+        manager.enqueued("new", QUEUED, info(queue="q"), T0 + 5000)
+        self.assertEqual(list(manager._all.newest()), ["new"])
+        self.assertEqual(list(manager._queues["q"].newest()), ["new"])
 
 
 class RedisStateTests(StateContractMixin, TestCase):

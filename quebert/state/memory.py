@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import copy
 import heapq
-from bisect import bisect_left, insort
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -39,29 +39,41 @@ from quebert.state.interface import (
 
 
 class _Index:
-    """Task ids ordered by ``(updated_at, id)``, walked newest first."""
+    """
+    Task ids ordered by ``(updated_at, id)``, walked newest first.
+
+    A ``SortedList``: adding, moving and dropping an id cost O(log n) wherever
+    it sits, so expiring the oldest records of a large store is as cheap
+    as recording new ones.
+    """
 
     def __init__(self) -> None:
-        self._keys: List[Tuple[float, str]] = []
+        self._keys: SortedList = SortedList()
         self._scores: Dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def add(self, task_id: str, score: float) -> None:
-        self.discard(task_id)
-        insort(self._keys, (score, task_id))
+        old = self._scores.get(task_id)
+        if old is not None:
+            if old == score:
+                return
+            self._keys.remove((old, task_id))
+        self._keys.add((score, task_id))
         self._scores[task_id] = score
 
     def discard(self, task_id: str) -> None:
         score = self._scores.pop(task_id, None)
         if score is not None:
-            del self._keys[bisect_left(self._keys, (score, task_id))]
+            self._keys.remove((score, task_id))
 
     def newest(self, start: int = 0) -> Iterator[str]:
         """Ids from the ``start``-th newest on (same order as Redis ``ZREVRANGE``)."""
-        for index in range(len(self._keys) - 1 - start, -1, -1):
-            yield self._keys[index][1]
+        stop = len(self._keys) - start
+        if stop > 0:
+            for _, task_id in self._keys.islice(0, stop, reverse=True):
+                yield task_id
 
 
 @implementer(IStateManager)
