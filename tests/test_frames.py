@@ -303,6 +303,25 @@ class DataReceivedTests(SynchronousTestCase):
         self.assertEqual(len(plain.received), 1)
         self.assertEqual(fast.impl._frame_buffer, b"")
 
+    def test_a_consumer_that_raises_leaves_the_rest_for_later_as_on_pikas_path(self):
+        plain, fast = self.peers()
+        for peer in (plain, fast):
+            peer._consumed_before = peer._consumed
+
+            def fussy(channel, method, properties, body, peer=peer):
+                peer._consumed_before(channel, method, properties, body)
+                if body == b"1":
+                    raise ZeroDivisionError("a consumer bug")
+
+            peer.channels[1]._channel._consumers[peer.tags[1]] = fussy
+            data = b"".join(_delivery(1, n, str(n).encode(), spec.BasicProperties(),
+                                      peer.tags[1]) for n in (1, 2, 3))
+            self.assertRaises(ZeroDivisionError, peer.feed_bytes, data)
+            self.assertEqual(len(peer.received), 1)
+            peer.feed_bytes(_delivery(1, 4, b"4", spec.BasicProperties(), peer.tags[1]))
+        self.assertSame(plain, fast)
+        self.assertEqual([r[4] for r in fast.received], [b"1", b"2", b"3", b"4"])
+
     def test_a_delivery_while_a_channel_is_mid_content_goes_through_pika(self):
         # a delivery too large to be decoded whole went frame by frame through
         # pika, and the broker (wrongly) starts another before its body is

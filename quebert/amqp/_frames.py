@@ -286,36 +286,38 @@ def data_received(connection: Any, data_in: bytes) -> None:
     pos = 0
     channels = connection._channels
     size = len(buf)
-    while pos < size:
-        decoded = decode_delivery(buf, pos)
-        if decoded is INCOMPLETE:
-            if not _mid_content(channels, buf, pos):
-                break
-            decoded = None
-        if decoded is not None:
-            end, number, frames, deliver, properties, body = decoded
-            channel = channels.get(number)
-            if channel is not None and channel._content_assembler._method_frame is None:
-                connection.frames_received += frames
-                connection.bytes_received += end - pos
-                pos = end
-                channel._on_deliver(_Method(number, deliver),
-                                    _Header(number, len(body), properties), body)
-                if connection._frame_buffer is not buf:
-                    return  # the connection was reset meanwhile: drop the rest
-                continue
-        # one frame through pika's own path
-        if pos:
-            buf = connection._frame_buffer = buf[pos:]
-            pos = 0
-        consumed, value = connection._read_frame()
-        if not value:
-            return  # a partial frame: wait for the rest
-        connection._trim_frame_buffer(consumed)
-        connection._process_frame(value)
-        buf = connection._frame_buffer
-        if not buf:
-            return
-        size = len(buf)
-    if pos:
-        connection._frame_buffer = buf[pos:]
+    try:
+        while pos < size:
+            decoded = decode_delivery(buf, pos)
+            if decoded is INCOMPLETE:
+                if not _mid_content(channels, buf, pos):
+                    return
+                decoded = None
+            if decoded is not None:
+                end, number, frames, deliver, properties, body = decoded
+                channel = channels.get(number)
+                if channel is not None and channel._content_assembler._method_frame is None:
+                    connection.frames_received += frames
+                    connection.bytes_received += end - pos
+                    pos = end
+                    channel._on_deliver(_Method(number, deliver),
+                                        _Header(number, len(body), properties), body)
+                    if connection._frame_buffer is not buf:
+                        return  # the connection was reset meanwhile: drop the rest
+                    continue
+            # one frame through pika's own path
+            if pos:
+                buf = connection._frame_buffer = buf[pos:]
+                pos = 0
+            consumed, value = connection._read_frame()
+            if not value:
+                return  # a partial frame: wait for the rest
+            connection._trim_frame_buffer(consumed)
+            connection._process_frame(value)
+            buf = connection._frame_buffer
+            size = len(buf)
+    finally:
+        # what was decoded here is consumed, as on pika's path, even when a
+        # consumer raised (unless the connection was reset meanwhile)
+        if pos and connection._frame_buffer is buf:
+            connection._frame_buffer = buf[pos:]
