@@ -28,7 +28,8 @@ from pika import frame, spec
 from pika.data import decode_table
 
 #: Bodies up to this size are decoded whole; larger ones go frame by frame
-#: through pika, which never buffers more than one frame.
+#: through pika, so that a large message is never waited for whole in the
+#: buffer (each read would copy all of it again).
 MAX_FAST_BODY = 65536
 
 _HEADER = struct.Struct(">BHL")  # frame type, channel, size
@@ -68,9 +69,6 @@ _F_APP_ID = _Properties.FLAG_APP_ID
 _F_CLUSTER_ID = _Properties.FLAG_CLUSTER_ID
 _RARE = (_F_CONTENT_ENCODING | _F_PRIORITY | _F_CORRELATION_ID | _F_REPLY_TO | _F_EXPIRATION
          | _F_TIMESTAMP | _F_TYPE | _F_USER_ID | _F_APP_ID | _F_CLUSTER_ID)
-
-_Decoded = Tuple[int, int, int, Any, Any, bytes]
-
 
 def _shortstr(buf: bytes, offset: int) -> Tuple[Any, int]:
     """pika's ``decode_short_string``: UTF-8 text, or the bytes if not UTF-8."""
