@@ -303,6 +303,24 @@ class DataReceivedTests(SynchronousTestCase):
         self.assertEqual(len(plain.received), 1)
         self.assertEqual(fast.impl._frame_buffer, b"")
 
+    def test_frames_of_other_channels_between_a_deliverys_frames(self):
+        # the spec lets the broker interleave frames of other channels (and
+        # heartbeats) with a delivery's: each channel is assembled on its own
+        plain, fast = self.peers()
+        for peer in (plain, fast):
+            first = _delivery(1, 1, b"first", spec.BasicProperties(message_id="1"),
+                              peer.tags[1])
+            end_of_method = first.index(b"\xce") + 1
+            end_of_header = first.index(b"\xce", end_of_method) + 1
+            second = _delivery(2, 1, b"second", spec.BasicProperties(message_id="2"),
+                               peer.tags[2])
+            data = (first[:end_of_method] + frame.Heartbeat().marshal()
+                    + first[end_of_method:end_of_header] + second + first[end_of_header:]
+                    + _delivery(1, 2, b"third", spec.BasicProperties(), peer.tags[1]))
+            peer.feed_bytes(data)
+        self.assertSame(plain, fast)
+        self.assertEqual([r[4] for r in fast.received], [b"second", b"first", b"third"])
+
     def test_a_consumer_that_raises_leaves_the_rest_for_later_as_on_pikas_path(self):
         plain, fast = self.peers()
         for peer in (plain, fast):
