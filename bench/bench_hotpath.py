@@ -135,6 +135,9 @@ def run(tasks: int = 20000, profile: str = "", null_state: bool = False) -> floa
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
     if len(sys.argv) > 1:
         print(f"{run(profile=sys.argv[1]):.1f} us/task (profiled)")
         pstats.Stats(sys.argv[1]).sort_stats("tottime").print_stats(30)

@@ -84,12 +84,14 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
     whole deliveries itself (``quebert.amqp._frames``); a diagnostic, to
     show what that decoding is worth to a bare consumer too.
     """
-    from pika.adapters.twisted_connection import TwistedProtocolConnection
-
     if fast:
         from quebert.amqp.connection import _pika_connection_class
 
-        TwistedProtocolConnection = _pika_connection_class()  # noqa: N806
+        connection_class = _pika_connection_class()
+    else:
+        from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+        connection_class = TwistedProtocolConnection
     from twisted.internet import defer, reactor
     from twisted.internet import protocol as tprotocol
     from twisted.python.failure import Failure
@@ -127,7 +129,7 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
 
     @defer.inlineCallbacks
     def start():
-        creator = tprotocol.ClientCreator(reactor, TwistedProtocolConnection, parameters)
+        creator = tprotocol.ClientCreator(reactor, connection_class, parameters)
         connection = yield creator.connectTCP(parameters.host, parameters.port)
         yield connection.ready
         channel = yield connection.channel()

@@ -70,6 +70,7 @@ _F_CLUSTER_ID = _Properties.FLAG_CLUSTER_ID
 _RARE = (_F_CONTENT_ENCODING | _F_PRIORITY | _F_CORRELATION_ID | _F_REPLY_TO | _F_EXPIRATION
          | _F_TIMESTAMP | _F_TYPE | _F_USER_ID | _F_APP_ID | _F_CLUSTER_ID)
 
+
 def _shortstr(buf: bytes, offset: int) -> Tuple[Any, int]:
     """pika's ``decode_short_string``: UTF-8 text, or the bytes if not UTF-8."""
     end = offset + 1 + buf[offset]
