@@ -73,7 +73,14 @@ from quebert.protocol import (
 )
 from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
 from quebert.retry import RetryPolicy
-from quebert.state.interface import CANCELED, FAILED, RUNNING, SCHEDULED, SUCCEEDED
+from quebert.state.interface import (
+    CANCELED,
+    DUPLICATE,
+    FAILED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+)
 
 #: Outcomes recorded only after they were made durable on the broker.
 _SETTLED = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
@@ -319,6 +326,8 @@ class Mediator:
         #: Tasks currently in the executor, by id.
         self.running: dict[str, Task] = {}
         self._inflight: dict[Any, defer.Deferred] = {}
+        #: Tasks on their way to starting here, with the copies waiting behind.
+        self._preparing: dict[str, Optional[list]] = {}
         self._waiting: collections.deque = collections.deque()
         self.stopping = False
         #: Seconds before a message whose handling failed unexpectedly is returned.
@@ -476,46 +485,58 @@ class Mediator:
             await self._delay(delivery, message, not_before - now, {})
             return
 
-        running = self.running.get(message.id)
-        if running is not None and running.delivery is not delivery:
-            # Another copy while the attempt runs here: a redelivery after the
-            # connection dropped (the first delivery died with its channel)
-            # or a copy another worker parked meanwhile (both are live).  The
-            # running attempt's outcome settles every copy.
-            log.info("task {task_id}: another copy arrived while its attempt {attempt} "
-                     "runs here; that attempt will settle it", task_id=message.id,
-                     attempt=running.attempt)
-            if running.copies is None:
-                running.copies = [delivery]
+        while True:
+            running = self.running.get(message.id)
+            if running is not None and running.delivery is not delivery:
+                # Another copy while the attempt runs here: a redelivery after
+                # the connection dropped (the first delivery died with its
+                # channel), a copy another worker parked meanwhile (both are
+                # live), or a duplicate the broker made.  The running
+                # attempt's outcome settles every copy.
+                log.info("task {task_id}: another copy arrived while its attempt {attempt} "
+                         "runs here; that attempt will settle it", task_id=message.id,
+                         attempt=running.attempt)
+                if running.copies is None:
+                    running.copies = [delivery]
+                else:
+                    running.copies.append(delivery)
+                return
+            behind = self._preparing.get(message.id, _NOTHING)
+            if behind is _NOTHING:
+                break
+            # Another copy of this task is on its way to starting here (its
+            # state store round trips): look again once it runs or gave up,
+            # so that two copies arriving together cannot both start.
+            waiter: defer.Deferred = defer.Deferred()
+            if behind is None:
+                self._preparing[message.id] = [waiter]
             else:
-                running.copies.append(delivery)
-            return
+                behind.append(waiter)
+            await waiter
+        self._preparing[message.id] = None
+        try:
+            await self._handle_claimed(delivery, message, definition, headers, previous,
+                                       first_attempt_at, policy, now)
+        finally:
+            self._release_copies(message.id)
 
+    def _release_copies(self, task_id: str) -> None:
+        """Let the copies waiting behind ``task_id``'s claim look again."""
+        behind = self._preparing.pop(task_id, None)
+        if behind:
+            for waiter in behind:
+                waiter.callback(None)
+
+    async def _handle_claimed(self, delivery: Any, message: TaskMessage,
+                              definition: TaskDefinition, headers: Mapping[str, Any],
+                              previous: int, first_attempt_at: Optional[float],
+                              policy: RetryPolicy, now: float) -> None:
+        """``handle()``, once this delivery is the only copy of its task here."""
         parks = protocol.int_header(headers, H_PARKED)
-        if delivery.redelivered or delivery.delivery_count or parks:
-            lost, settled, first_started, stalled, holder = await self._lost_attempts(
-                message, delivery, previous)
-            if settled is not None:
-                # The attempt's outcome was made durable before its worker
-                # died, only the ack was lost: do not run it again.
-                log.info("task {task_id} redelivered after its attempt {attempt} already "
-                         "ended {state}; acking the copy", task_id=message.id,
-                         attempt=lost, state=settled)
-                delivery.ack()
-                self.counts["redelivered_settled"] += 1
-                return
-            if lost > previous:
-                alive = await self._still_running(holder) if holder is not None else 0.0
-                if alive:
-                    # Its worker is alive and still runs the attempt: only
-                    # its broker connection dropped.  Counting the attempt
-                    # lost would fork the task; wait for its outcome.
-                    await self._park(delivery, message, holder, parks, alive)
-                    return
-                await self._worker_lost(delivery, message, definition, policy, lost,
-                                        first_attempt_at or first_started or now,
-                                        stalled=stalled)
-                return
+        if (delivery.redelivered or delivery.delivery_count or parks) and \
+                await self._settled_elsewhere(delivery, message, definition, policy,
+                                              previous, first_attempt_at, parks, now):
+            return
 
         if self._canceled and message.id in self._canceled:
             await self._canceled_before_start(delivery, message, previous)
@@ -543,15 +564,21 @@ class Mediator:
 
         if H_ATTEMPT_BASE in headers:
             task.attempt_base = protocol.int_header(headers, H_ATTEMPT_BASE)
-        if await self.state.started(task.id, attempt, self.worker_id, task.info,
-                                    now) == CANCELED:
-            delivery.ack()
-            self.counts["canceled"] += 1
-            self._log(task, "task {task_id} ({task}) was canceled; not running it")
-            return
+        started = await self.state.started(task.id, attempt, self.worker_id, task.info, now)
+        if started is not None:
+            if started == CANCELED:
+                delivery.ack()
+                self.counts["canceled"] += 1
+                self._log(task, "task {task_id} ({task}) was canceled; not running it")
+                return
+            if started == DUPLICATE:
+                await self._duplicate(delivery, message, definition, policy, previous,
+                                      first_attempt_at, headers, now)
+                return
         if self._info_logged:
             self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.running[task.id] = task
+        self._release_copies(task.id)
         try:
             await self._run(task)
         except BaseException:
@@ -794,6 +821,67 @@ class Mediator:
         await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
                                   content_type=content_type, delay=delay)
         delivery.ack()
+
+    async def _duplicate(self, delivery: Any, message: TaskMessage, definition: TaskDefinition,
+                         policy: RetryPolicy, previous: int, first_attempt_at: Optional[float],
+                         headers: Mapping[str, Any], now: float) -> None:
+        """
+        The state store says attempt ``previous + 1`` already started: this
+        delivery is a second copy of the task, not flagged redelivered (a
+        retry the broker dead-lettered twice across a node stop, a message
+        published twice).  It is settled like a redelivery, from the
+        record; running it would make the task two (a fork).
+        """
+        self.counts["duplicates"] += 1
+        log.info("task {task_id}: a copy of attempt {attempt}, which already started; "
+                 "settling it from the state store", task_id=message.id, attempt=previous + 1)
+        if await self._settled_elsewhere(delivery, message, definition, policy, previous,
+                                         first_attempt_at,
+                                         protocol.int_header(headers, H_PARKED), now):
+            return
+        # The record moved back meanwhile (expired or deleted): neither copy
+        # can be told apart, so this one goes back to its queue for later.
+        log.warn("task {task_id}: attempt {attempt} was reported started but its record "
+                 "no longer says so; returning the copy in {delay}s", task_id=message.id,
+                 attempt=previous + 1, delay=self.unexpected_error_delay)
+        self.clock.callLater(self.unexpected_error_delay, delivery.nack, True)
+
+    async def _settled_elsewhere(self, delivery: Any, message: TaskMessage,
+                                 definition: TaskDefinition, policy: RetryPolicy,
+                                 previous: int, first_attempt_at: Optional[float],
+                                 parks: int, now: float) -> bool:
+        """
+        For a copy that may not be the only one (redelivered, parked, or
+        met as a duplicate by the state store): settle it from the task's
+        record when its attempt already ran elsewhere.  ``False`` when this
+        copy is the one to run.
+        """
+        lost, settled, first_started, stalled, holder = await self._lost_attempts(
+            message, delivery, previous)
+        if settled is not None:
+            # The attempt's outcome was made durable before its worker
+            # died, only the ack was lost (or this is a duplicate of a copy
+            # that ran): do not run it again.
+            log.info("task {task_id} redelivered after its attempt {attempt} already "
+                     "ended {state}; acking the copy", task_id=message.id,
+                     attempt=lost, state=settled)
+            delivery.ack()
+            self.counts["redelivered_settled"] += 1
+            return True
+        if lost > previous:
+            alive = await self._still_running(holder) if holder is not None else 0.0
+            if alive:
+                # Its worker is alive and still runs the attempt: only
+                # its broker connection dropped (or the broker made a
+                # duplicate).  Counting the attempt lost would fork the
+                # task; wait for its outcome.
+                await self._park(delivery, message, holder, parks, alive)
+                return True
+            await self._worker_lost(delivery, message, definition, policy, lost,
+                                    first_attempt_at or first_started or now,
+                                    stalled=stalled)
+            return True
+        return False
 
     async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
                              ) -> tuple[int, Optional[str], Optional[float], Optional[dict],

@@ -27,6 +27,7 @@ from quebert.protocol import (
 )
 from quebert.registry import REACTOR, Registry
 from quebert.retry import RetryPolicy
+from quebert.state.memory import MemoryStateManager
 from quebert.testing import InlineExecutor, StubMessage, StubWorker
 
 #: A realistic epoch, so that no timestamp is ever 0.
@@ -903,6 +904,143 @@ class CrashTests(MediatorTestCase):
         worker.broker.resume_consuming()
         self.assertEqual(runs, [1])
         self.assertEqual(worker.state_of("fresh-1")["attempts"], 1)
+
+
+class _LateStarts:
+    """
+    A memory state store whose ``started`` answers one reactor turn late,
+    as Redis does (its writes go out in a batch at the end of the turn).
+    """
+
+    def __init__(self, clock):
+        self.inner = MemoryStateManager(clock=clock)
+        self.clock = clock
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def started(self, *args):
+        d = defer.Deferred()
+        answer = self.inner.started(*args)
+        self.clock.callLater(0, answer.chainDeferred, d)
+        return d
+
+
+class DuplicateTests(MediatorTestCase):
+    """
+    Two copies of one task, neither flagged redelivered: a retry that the
+    broker dead-lettered twice across a node stop (quorum delay queues
+    dead-letter at least once), or a message published twice.  The attempt
+    runs once; the other copy is settled with it or from the record.
+    """
+
+    def copy(self, worker, body, task_id, attempts=1):
+        worker.broker.queues["default"].append(StubMessage(
+            body=body, headers={H_ATTEMPTS: attempts}, message_id=task_id))
+
+    def test_two_copies_arriving_together_run_the_attempt_once(self):
+        """
+        Regression (broker-restart fault scenario): both copies reached one
+        worker 2 ms apart and both ran attempt 2, since the second passed the
+        "already running here?" check while the first waited for its
+        ``started`` write.
+        """
+        for outcome in ("ok", "fail"):
+            pending = []
+
+            def controlled(pending=pending):
+                d = defer.Deferred()
+                pending.append(d)
+                return d
+
+            name = self.register(controlled, f"app.twice_{outcome}", executor=REACTOR,
+                                 max_attempts=5, min_backoff=1)
+            worker = self.worker(state=_LateStarts(self.clock))
+            _, body = protocol.build(name, queue="default", task_id=f"twice-{outcome}")
+            self.copy(worker, body, f"twice-{outcome}")
+            self.copy(worker, body, f"twice-{outcome}")
+            worker.broker.resume_consuming()
+            self.clock.advance(0)
+            self.assertEqual(len(pending), 1, "the second copy must not run the task again")
+            self.assertEqual(len(worker.broker.unacked["default"]), 2)
+            if outcome == "ok":
+                pending[0].callback("done")
+                expected = "succeeded"
+            else:
+                pending[0].errback(Failure(Boom()))
+                expected = "scheduled"
+            self.clock.advance(0)
+            record = worker.state_of(f"twice-{outcome}")
+            self.assertEqual((record["state"], record["attempts"]), (expected, 2), outcome)
+            self.assertEqual(worker.broker.unacked["default"], [], outcome)
+            self.assertEqual(len(pending), 1, outcome)
+
+    def test_copies_behind_a_copy_that_does_not_run_are_looked_at_again(self):
+        """
+        The first copy is settled without running (its attempt had already
+        ended): the copies that waited behind it are settled the same way,
+        not left waiting.
+        """
+        runs = []
+        name = self.register(lambda: runs.append(1), "app.t")
+        state = _LateStarts(self.clock)
+        worker = self.worker(state=state)
+        message, body = protocol.build(name, queue="default", task_id="ended-1")
+        self.successResultOf(state.inner.started("ended-1", 2, "other:1", message.info(), T0))
+        self.successResultOf(state.inner.finished("ended-1", "succeeded", 2, message.info(),
+                                                  T0 + 1, result=None))
+        for _ in range(3):
+            self.copy(worker, body, "ended-1")
+        worker.broker.resume_consuming()
+        for _ in range(5):
+            self.clock.advance(0)
+        self.assertEqual(runs, [])
+        self.assertTrue(worker.broker.idle())
+        self.assertEqual(worker.mediator.counts["duplicates"], 3)
+        self.assertEqual(worker.mediator.counts["redelivered_settled"], 3)
+        self.assertEqual(worker.mediator._preparing, {})
+
+    def test_copy_of_an_attempt_another_worker_runs_is_put_aside(self):
+        """
+        The copy reached another worker than the one running the attempt:
+        the state store says the attempt started, the holder beats, so the
+        copy is parked until the attempt's outcome, then acked.
+        """
+        runs = []
+        name = self.register(lambda: runs.append(1), "app.t")
+        worker = self.worker()
+        message, body = protocol.build(name, queue="default", task_id="elsewhere-1")
+        self.successResultOf(worker.state.worker_beat("other:1", 10))
+        self.successResultOf(worker.state.started("elsewhere-1", 2, "other:1",
+                                                  message.info(), T0))
+        self.copy(worker, body, "elsewhere-1")
+        worker.broker.resume_consuming()
+        self.assertEqual(runs, [])
+        self.assertEqual(worker.mediator.counts["duplicates"], 1)
+        self.assertEqual(worker.broker.unacked["default"], [])
+        # the other worker's attempt ends: the parked copy comes back and is acked
+        self.successResultOf(worker.state.finished("elsewhere-1", "succeeded", 2,
+                                                   message.info(), self.clock.seconds()))
+        self.advance_by(60)
+        self.assertEqual(runs, [])
+        self.assertTrue(worker.broker.idle())
+        record = worker.state_of("elsewhere-1")
+        self.assertEqual((record["state"], record["attempts"]), ("succeeded", 2))
+
+    def test_copy_of_an_attempt_whose_worker_is_gone_counts_it_lost(self):
+        """The holder stopped beating: its attempt is lost, the copy carries on."""
+        runs = []
+        name = self.register(lambda: runs.append(1), "app.t", max_attempts=5, min_backoff=1)
+        worker = self.worker()
+        message, body = protocol.build(name, queue="default", task_id="gone-1")
+        self.successResultOf(worker.state.started("gone-1", 2, "dead:1", message.info(), T0))
+        self.copy(worker, body, "gone-1")
+        worker.broker.resume_consuming()
+        self.advance_by(30)
+        self.assertEqual(runs, [1])
+        record = worker.state_of("gone-1")
+        self.assertEqual((record["state"], record["attempts"]), ("succeeded", 3))
+        self.assertTrue(worker.broker.idle())
 
 
 class ConcurrencyTests(MediatorTestCase):

@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 from quebert.errors import ConfigurationError, StateError
 from quebert.state import (
     CANCELED,
+    DUPLICATE,
     FAILED,
     HISTORY_LIMIT,
     QUEUED,
@@ -324,7 +325,7 @@ class StateContractMixin:
         # attempt) was recorded is ignored: the record stays settled.
         await self.manager.started("a", 1, "w", info(), T0)
         await self.manager.finished("a", SUCCEEDED, 1, info(), T0 + 1, result=7)
-        await self.manager.started("a", 1, "w", info(), T0 + 2)
+        self.assertEqual(await self.manager.started("a", 1, "w", info(), T0 + 2), DUPLICATE)
         record = await self.manager.get("a")
         self.assertEqual((record["state"], record["attempts"], record["result"]),
                          (SUCCEEDED, 1, 7))
@@ -349,12 +350,29 @@ class StateContractMixin:
         )
         self.assertTrue(all(e["state"] == SCHEDULED for e in record["history"]))
 
-    async def test_restarted_attempt_replaces_its_history_entry(self) -> None:
-        """Starting the same attempt again (redelivery) keeps one entry for it."""
-        await self.manager.started("a", 1, "w1", info(), T0)
-        await self.manager.started("a", 1, "w2", info(), T0 + 1)
-        history = (await self.manager.get("a"))["history"]
-        self.assertEqual([(e["attempt"], e["worker"]) for e in history], [(1, "w2")])
+    async def test_second_start_of_a_running_attempt_is_a_duplicate(self) -> None:
+        """
+        A second copy of the task starting the attempt that already runs
+        (on another worker) is told so and changes nothing: running it
+        would fork the task.
+        """
+        self.assertIsNone(await self.manager.started("a", 1, "w1", info(), T0))
+        self.assertEqual(await self.manager.started("a", 1, "w2", info(), T0 + 1), DUPLICATE)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["attempts"], record["worker"],
+                          record["started_at"]), (RUNNING, 1, "w1", T0))
+        self.assertEqual([(e["attempt"], e["worker"]) for e in record["history"]], [(1, "w1")])
+
+    async def test_start_of_an_attempt_already_settled_or_passed_is_a_duplicate(self) -> None:
+        await self.manager.started("a", 1, "w", info(), T0)
+        await self.manager.finished("a", SCHEDULED, 1, info(), T0 + 1, error=ERROR,
+                                    retry_at=T0 + 2)
+        self.assertEqual(await self.manager.started("a", 1, "w", info(), T0 + 3), DUPLICATE)
+        self.assertIsNone(await self.manager.started("a", 2, "w", info(), T0 + 4))
+        self.assertEqual(await self.manager.started("a", 1, "w", info(), T0 + 5), DUPLICATE)
+        record = await self.manager.get("a")
+        self.assertEqual((record["state"], record["attempts"], record["started_at"]),
+                         (RUNNING, 2, T0 + 4))
 
     async def test_info_updates_task_fields_but_not_creation_or_eta(self) -> None:
         """Later writes fill in queue/kind/task/name, never created_at or eta."""

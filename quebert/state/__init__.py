@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, List
 
 from quebert.state.interface import (
     CANCELED,
+    DUPLICATE,
     FAILED,
     FINISHED_STATES,
     HISTORY_LIMIT,
@@ -46,6 +47,7 @@ _EXPORTS = {
 
 __all__ = [
     "CANCELED",
+    "DUPLICATE",
     "FAILED",
     "FINISHED_STATES",
     "HISTORY_LIMIT",

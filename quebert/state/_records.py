@@ -362,12 +362,14 @@ def enqueued_changes(state: str, at: float) -> Dict[str, Any]:
 
 def started_is_stale(record: Mapping[str, Any], attempt: int) -> bool:
     """
-    Whether a ``started`` write comes too late to apply: a later attempt
-    started, or this attempt's outcome is already recorded.  (A replayed or
-    timed-out write must never rewind a record to ``running``.)
+    Whether a ``started`` write must not apply: a later attempt started,
+    or this one did (running, or its outcome recorded).  A replayed or
+    timed-out write must never rewind a record, and a second copy of the
+    task must not start the same attempt again (``DUPLICATE``).
     """
     attempts = record.get("attempts") or 0
-    return attempts > attempt or (attempts == attempt and record.get("state") in OUTCOME_STATES)
+    return attempts > attempt or (attempts == attempt and (
+        record.get("state") in OUTCOME_STATES or record.get("state") == RUNNING))
 
 
 def started_changes(attempt: int, worker: Optional[str], at: float) -> Dict[str, Any]:

@@ -35,6 +35,7 @@ PRUNE_BATCH = 50
 # when a write has something to say, an array: that number followed by
 # pairs of (write's position, answer):
 #   's' refused because the task was canceled: 'canceled'
+#   's' refused because this attempt or a later one already started: 'duplicate'
 #   'n' refused: 'held:' .. id of the task holding the name
 #   'c', 'q': the state the task was in ('missing' when there is no record)
 _APPLY = """
@@ -313,9 +314,12 @@ local function started(op, position)
     return 0
   end
   if old_state then
-    -- A late or replayed 'started' never rewinds a record past this attempt.
+    -- A late or replayed 'started' never rewinds a record past this attempt,
+    -- and a second copy of the task does not start the same attempt again.
     local old_attempts = tonumber(old[3]) or 0
-    if old_attempts > attempt or (old_attempts == attempt and outcome[old_state]) then
+    if old_attempts > attempt or (old_attempts == attempt
+                                  and (outcome[old_state] or old_state == 'running')) then
+      answer(position, 'duplicate')
       return 0
     end
   end

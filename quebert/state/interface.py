@@ -45,6 +45,11 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELED = "canceled"
 
+#: What ``started`` fires with for an attempt that had already started
+#: (or a later one): not a state, the answer that the caller holds a
+#: second copy of the task.
+DUPLICATE = "duplicate"
+
 STATES = (QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 #: States after which a record expires (after the finished TTL).
 FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
@@ -81,7 +86,13 @@ class IStateManager(Interface):
         Fires with ``None``, or with ``CANCELED`` when the task was
         canceled (or its cancellation asked for while a previous attempt
         ran): then nothing starts, the record ends ``canceled`` and the
-        caller must not run the task.
+        caller must not run the task; or with ``DUPLICATE`` when the record
+        shows this attempt (or a later one) started already: nothing is
+        written, and the caller holds a second copy of the task, which it
+        must settle from the record rather than run.  (A store that cannot
+        answer at once, such as a Redis store in an outage, fires with
+        ``None`` and writes later; a late ``started`` never rewinds a
+        record.)
         """
 
     def claim(task_id: str, state: str, info: Mapping[str, Any], at: float):

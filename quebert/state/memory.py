@@ -28,6 +28,7 @@ from quebert.errors import ConfigurationError, TaskAlreadyExists
 from quebert.state import _records
 from quebert.state.interface import (
     CANCELED,
+    DUPLICATE,
     FAILED,
     FINISHED_STATES,
     QUEUED,
@@ -346,7 +347,7 @@ class MemoryStateManager:
                                     f"canceled before attempt {attempt} started")
             return CANCELED
         if _records.started_is_stale(record, attempt):
-            return
+            return DUPLICATE
         record.update(_records.info_updates(info))
         record.update(_records.started_changes(attempt, worker, at))
         record["history"] = _records.upsert_history(
