@@ -1000,6 +1000,30 @@ class DuplicateTests(MediatorTestCase):
         self.assertEqual(worker.mediator.counts["redelivered_settled"], 3)
         self.assertEqual(worker.mediator._preparing, {})
 
+    def test_a_waiting_copy_whose_handling_is_cancelled_is_returned(self):
+        """
+        A copy waiting behind another whose handling is cancelled goes back
+        to its queue; the one it waited for still runs and settles.
+        """
+        runs = []
+        name = self.register(lambda: runs.append(1), "app.t")
+        worker = self.worker(state=_LateStarts(self.clock))
+        _, body = protocol.build(name, queue="default", task_id="cancel-1")
+        self.copy(worker, body, "cancel-1")
+        self.copy(worker, body, "cancel-1")
+        worker.broker.resume_consuming()
+        first, second = list(worker.mediator._inflight)
+        worker.mediator._inflight[second].cancel()
+        self.clock.advance(0)
+        self.assertEqual(runs, [1])
+        self.assertEqual(worker.state_of("cancel-1")["state"], "succeeded")
+        self.advance_by(worker.mediator.unexpected_error_delay + 1)
+        # the cancelled copy came back, and was settled from the record
+        self.assertEqual(runs, [1])
+        self.assertTrue(worker.broker.idle())
+        self.assertEqual(worker.mediator._preparing, {})
+        self.flushLoggedErrors(defer.CancelledError)
+
     def test_copy_of_an_attempt_another_worker_runs_is_put_aside(self):
         """
         The copy reached another worker than the one running the attempt:
