@@ -7,7 +7,7 @@ hooks log every task, and a flaky task that succeeds after a few failures.
 
 Run a worker on it::
 
-    twistd -n amqp-worker --config examples/config.json
+    twistd -n --pidfile= amqp-worker --config examples/config.json
 
 and enqueue the example tasks with ``python -m examples.produce``.
 """

@@ -10,6 +10,7 @@ and fail, and ``quebert status ID`` to read their state.
 from __future__ import annotations
 
 import argparse
+import os
 
 from twisted.internet import defer, task
 
@@ -40,9 +41,14 @@ async def produce(reactor, amqp_url: str, redis_url: str, prefix: str = "quebert
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--prefix", default="quebert:", help="state key prefix")
+    env = os.environ.get
+    parser.add_argument("--amqp-url",
+                        default=env("QUEBERT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+                        help="RabbitMQ URL [env QUEBERT_AMQP_URL]")
+    parser.add_argument("--redis-url", default=env("QUEBERT_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                        help="Redis URL of the task state [env QUEBERT_REDIS_URL]")
+    parser.add_argument("--prefix", default=env("QUEBERT_PREFIX", "quebert:"),
+                        help="state key prefix [env QUEBERT_PREFIX]")
     args = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(
         produce(reactor, args.amqp_url, args.redis_url, args.prefix)))

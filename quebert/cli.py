@@ -9,7 +9,7 @@ The ``quebert`` command: enqueue a task, read its state, list tasks.
     quebert list [--state S] [--queue Q] [--limit N]
 
 Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
-(``$QUEBERT_REDIS_URL``), ``--prefix``, ``--exchange`` and
+(``$QUEBERT_REDIS_URL``), ``--prefix`` (``$QUEBERT_PREFIX``), ``--exchange`` and
 ``--connect-timeout``, before or after the command name.
 
 Output is for scripts: ``enqueue`` prints the task id alone, ``status`` a
@@ -178,8 +178,10 @@ def _add_connection_options(parser: argparse.ArgumentParser, suppress: bool) -> 
         "--redis-url", metavar="URL",
         default=default(os.environ.get("QUEBERT_REDIS_URL", DEFAULT_REDIS_URL)),
         help=f"Redis URL of the task state [env QUEBERT_REDIS_URL, default {DEFAULT_REDIS_URL}]")
-    group.add_argument("--prefix", metavar="PREFIX", default=default(DEFAULT_PREFIX),
-                       help=f"key prefix of the task state in Redis [default {DEFAULT_PREFIX}]")
+    group.add_argument("--prefix", metavar="PREFIX",
+                       default=default(os.environ.get("QUEBERT_PREFIX", DEFAULT_PREFIX)),
+                       help="key prefix of the task state in Redis "
+                            f"[env QUEBERT_PREFIX, default {DEFAULT_PREFIX}]")
     group.add_argument("--exchange", metavar="NAME", default=default(DEFAULT_EXCHANGE),
                        help=f"main exchange [default {DEFAULT_EXCHANGE}]")
     group.add_argument("--connect-timeout", metavar="S", type=positive,

@@ -326,9 +326,7 @@ def decode(
     data = _scan_object(body)
     if data is None:
         try:
-            data = json.loads(body)
-        except UnicodeDecodeError:
-            raise InvalidMessage("message body is not UTF-8 text", field="body")
+            data = json.loads(_text(body))
         except ValueError as e:
             raise InvalidMessage(f"message body is not JSON: {e}", field="body")
         except RecursionError:
@@ -343,6 +341,26 @@ def decode(
 
 
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())
+
+
+def _text(body: Any) -> str:
+    """
+    The body as text: UTF-8 only (``json.loads`` would also take UTF-16
+    and UTF-32, which the protocol does not allow); a leading byte order
+    mark is ignored, as RFC 8259 lets a reader do.
+    """
+    if isinstance(body, str):
+        return body
+    body = bytes(body)
+    if b"\x00" in body:  # (never in JSON text: a NUL must be written \u0000)
+        raise InvalidMessage("message body has NUL bytes: not UTF-8 JSON (UTF-16 or UTF-32?)",
+                             field="body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidMessage(f"message body is not UTF-8 text ({e.reason} at byte {e.start})",
+                             field="body") from None
+    return text[1:] if text[:1] == "\ufeff" else text
 
 
 def _scan_object(body: Any) -> Optional[dict]:
@@ -429,12 +447,17 @@ def _validate_fully(data: Mapping[str, Any], default_queue: str = "default") -> 
     version = data.get("version")
     if version is None:
         raise InvalidMessage("missing field 'version'", field="version", task_id=task_id)
-    if not isinstance(version, (int, float)) or isinstance(version, bool) or (
-        version not in SUPPORTED_VERSIONS
-    ):
+    supported = ", ".join(map(str, sorted(SUPPORTED_VERSIONS)))
+    if not isinstance(version, (int, float)) or isinstance(version, bool):
         raise InvalidMessage(
-            f"protocol version {version!r} is not supported (supported: "
-            f"{', '.join(map(str, sorted(SUPPORTED_VERSIONS)))})",
+            f"'version' must be an integer (supported: {supported}), not "
+            f"{type(version).__name__} {version!r}",
+            field="version",
+            task_id=task_id,
+        )
+    if version not in SUPPORTED_VERSIONS:
+        raise InvalidMessage(
+            f"protocol version {version!r} is not supported (supported: {supported})",
             field="version",
             task_id=task_id,
         )

@@ -6,8 +6,16 @@
 #     bash scripts/run-example.sh
 #     DEMO_SECONDS=60 bash scripts/run-example.sh   # watch longer [25]
 #
-# Sets up what is missing first (scripts/bootstrap.sh).  Ctrl-C stops the
-# worker too.
+# By default it uses RabbitMQ's vhost / and Redis database 0 on this
+# machine (examples/config.json).  On a shared machine, point it elsewhere:
+#
+#     QUEBERT_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/demo \
+#     QUEBERT_REDIS_URL=redis://127.0.0.1:6379/5 QUEBERT_PREFIX=demo: \
+#         bash scripts/run-example.sh
+#
+# (the vhost must exist; the quebert commands it suggests at the end read
+# the same variables).  Sets up what is missing first (scripts/bootstrap.sh;
+# QUEBERT_SKIP_BOOTSTRAP=1 skips that).  Ctrl-C stops the worker too.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +28,16 @@ case "$demo_seconds" in
     '' | *[!0-9]*) echo "run-example: DEMO_SECONDS must be a whole number of seconds, not '$demo_seconds'" >&2; exit 2 ;;
 esac
 
-bash scripts/bootstrap.sh
+if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
+    bash scripts/bootstrap.sh
+fi
+
+# The same place for the worker, the producer and the suggested commands.
+targets=()
+if [ -n "${QUEBERT_AMQP_URL:-}" ]; then targets+=(--amqp-url "$QUEBERT_AMQP_URL"); fi
+if [ -n "${QUEBERT_REDIS_URL:-}" ]; then targets+=(--redis-url "$QUEBERT_REDIS_URL"); fi
+prefix_option=()
+if [ -n "${QUEBERT_PREFIX:-}" ]; then prefix_option=(--prefix "$QUEBERT_PREFIX"); fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -90,7 +107,8 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 print(len(data.get("queues") or [None]))' "$config")"
 
-cmd=(.venv/bin/twistd --pidfile= -n amqp-worker --config "$config")
+cmd=(.venv/bin/twistd --pidfile= -n amqp-worker --config "$config" ${targets[@]+"${targets[@]}"})
+if [ -n "${QUEBERT_PREFIX:-}" ]; then cmd+=(--state-prefix "$QUEBERT_PREFIX"); fi
 echo "run-example: starting the worker: ${cmd[*]}"
 : >"$worker_log"  # exists before tail opens it
 "${cmd[@]}" >"$worker_log" 2>&1 </dev/null &
@@ -122,7 +140,8 @@ while :; do
 done
 echo "run-example: the worker consumes its $queues queue(s); enqueueing the example tasks"
 
-if ! .venv/bin/python -m examples.produce | sed -u 's/^/  produce | /' | tee "$produced"; then
+if ! .venv/bin/python -m examples.produce ${targets[@]+"${targets[@]}"} \
+        ${prefix_option[@]+"${prefix_option[@]}"} | sed -u 's/^/  produce | /' | tee "$produced"; then
     echo "run-example: enqueueing failed" >&2
     exit 1
 fi

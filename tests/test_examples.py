@@ -1,7 +1,9 @@
 """
 The examples run as documented: ``examples/med.py`` served by a real
 ``twistd amqp-worker --config examples/config.json`` and fed by
-``python -m examples.produce``, in an isolated vhost and Redis prefix.
+``python -m examples.produce``, in an isolated vhost and Redis prefix; and
+the README's first quick-start command, ``scripts/run-example.sh``, pointed
+at the same isolation with its environment variables.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest
 
 from tests._worker import ROOT, WorkerProcess
 from tests.test_integration import REDIS_URL, IntegrationTestCase
@@ -53,5 +56,38 @@ class MedExampleTests(IntegrationTestCase):
                 self.assertIn(hook, log)
             self.assertIn("consuming high (prefetch 15)", log)
             self.assertEqual(await worker.stop(), 0)
+
+        return defer.ensureDeferred(run())
+
+
+class RunExampleScriptTests(IntegrationTestCase):
+    timeout = 240
+
+    def test_quick_start_script_shows_tasks_succeed_retry_and_fail(self):
+        if not os.path.exists(os.path.join(ROOT, ".venv", "bin", "twistd")):
+            raise SkipTest("scripts/run-example.sh runs .venv's twistd, and there is no .venv "
+                           "(bash scripts/bootstrap.sh makes it)")
+
+        async def run():
+            env = dict(os.environ, QUEBERT_AMQP_URL=self.url, QUEBERT_REDIS_URL=REDIS_URL,
+                       QUEBERT_PREFIX=self.prefix, QUEBERT_SKIP_BOOTSTRAP="1",
+                       DEMO_SECONDS="10")
+            out, err, code = await getProcessOutputAndValue(
+                "/bin/bash", ("scripts/run-example.sh",), env=env, path=ROOT)
+            output = out.decode(errors="replace")
+            self.assertEqual(code, 0, output[-4000:] + err.decode(errors="replace")[-2000:])
+            for expected in ("succeeded on attempt 3", "retry in 1.000s", "retry in 2.000s",
+                             "failed for good after attempt 3",
+                             "the worker has stopped cleanly", f"--state-prefix {self.prefix}",
+                             f"--amqp-url {self.url}"):
+                self.assertIn(expected, output)
+            ids = [line.split()[2] for line in output.splitlines()
+                   if line.startswith("  produce | ")]
+            self.assertEqual(len(ids), 6, output[-4000:])  # add twice (one with a countdown)
+            # the tasks' records are under the given prefix, in the given database
+            records = {r["task"]: r for r in await self.wait_states(ids, timeout=10)}
+            self.assertEqual((records["examples.med.flaky"]["state"],
+                              records["examples.med.always_fails"]["state"]),
+                             ("succeeded", "failed"))
 
         return defer.ensureDeferred(run())

@@ -674,8 +674,35 @@ class FastPathTests(SynchronousTestCase):
 
     def test_odd_bodies_take_the_full_checks(self):
         _, body = protocol.build("app.add", (1,), queue="q1", now=5.0)
-        for text in (b" " + body, body + b"\n", body.decode().encode("utf-16")):
+        for text in (b" " + body, body + b"\n", b"\xef\xbb\xbf" + body):
             self.assertEqual(protocol.decode(text), protocol.decode(body))
+
+    def test_bodies_in_other_encodings_than_utf8_are_refused_saying_so(self):
+        # json.loads alone would read UTF-16 and UTF-32; the protocol is UTF-8
+        _, body = protocol.build("app.add", (1,), queue="q1", now=5.0)
+        for encoding in ("utf-16", "utf-16-le", "utf-32"):
+            with self.assertRaises(InvalidMessage) as caught:
+                protocol.decode(body.decode().encode(encoding))
+            self.assertEqual(caught.exception.field, "body")
+            self.assertIn("not UTF-8", caught.exception.reason)
+        with self.assertRaises(InvalidMessage) as caught:
+            protocol.decode(b'{"version": 1, "task": "caf\xe9"}')  # Latin-1
+        self.assertEqual(caught.exception.reason,
+                         "message body is not UTF-8 text (invalid continuation byte at byte 27)")
+
+    def test_a_version_of_the_wrong_type_is_refused_saying_so(self):
+        _, body = protocol.build("app.add", (1,), queue="q1", now=5.0)
+        data = json.loads(body)
+        for value, reason in (("1", "'version' must be an integer (supported: 1), not str '1'"),
+                              (True, "'version' must be an integer (supported: 1), not bool True"),
+                              (2, "protocol version 2 is not supported (supported: 1)")):
+            with self.assertRaises(InvalidMessage) as caught:
+                protocol.decode(json.dumps(dict(data, version=value)).encode())
+            self.assertEqual((caught.exception.reason, caught.exception.field),
+                             (reason, "version"))
+
+    def test_odd_fields_take_the_full_checks(self):
+        _, body = protocol.build("app.add", (1,), queue="q1", now=5.0)
         data = json.loads(body)
         for key, value in (("version", True), ("version", 1.0), ("created_at", 5),
                            ("queue", None), ("kind", "call")):
