@@ -17,7 +17,7 @@ import importlib
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -150,11 +150,13 @@ def queue_description(settings: QueueSettings) -> dict:
 
 
 def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state: Any,
-              redis: Any, registry: Registry, queues: list, readiness: list = ()) -> tuple:
+              redis: Any, registry: Registry, queues: list, readiness: list = (),
+              metrics: Optional[Callable[[], bytes]] = None) -> tuple:
     """
     Add the HTTP task API to ``parent``: a :class:`~quebert.Client` of its
-    own (publishing and control messages) and the web server.  Returns
-    ``(client, endpoint service)``.
+    own (publishing and control messages) and the web server, which serves
+    ``metrics()`` at ``/metrics`` when given.  Returns ``(client, endpoint
+    service)``.
     """
     from quebert.api.resource import make_site
     from quebert.client import Client
@@ -180,7 +182,7 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
         log.warn("the HTTP task API on {interface}:{port} accepts requests without a token "
                  "({access}); keep it on a trusted network", interface=config.http_interface,
                  port=config.http_port, access=api.anonymous)
-    site = make_site(service, api, reactor=reactor)
+    site = make_site(service, api, reactor=reactor, metrics=metrics)
     endpoint = TCP4ServerEndpoint(reactor, config.http_port, interface=config.http_interface)
     server = _ApiServer(endpoint, site, reactor, f"{config.http_interface}:{config.http_port}",
                         service)
@@ -476,6 +478,8 @@ class WorkerService(_StopSignals, MultiService):
             self.stuck_check.setServiceParent(self)
         self.client = None
         self.api_port = None
+        #: Prometheus metrics (:class:`quebert.metrics.WorkerMetrics`), served with the API.
+        self.metrics = None
         if config.http_port is not None:
             self._setup_api(config, queues, registry, topology)
 
@@ -494,13 +498,17 @@ class WorkerService(_StopSignals, MultiService):
     def _setup_api(self, config: WorkerConfig, queues: list, registry: Registry,
                    topology: Topology) -> None:
         """The HTTP task API, on a Client of its own (publishing and control)."""
+        from quebert.metrics import WorkerMetrics
+
         consuming = self.broker.consuming
+        self.metrics = WorkerMetrics(self.mediator, self.state, self.broker.connections)
         self.client, self.api_service = serve_api(
             self, config, reactor=self.reactor, state=self.state, redis=self._redis,
             registry=registry, queues=queues,
             readiness=[lambda: consuming.current is not None and consuming.current.is_open,
                        lambda: not any(b.gave_up for b in self.broker.beacons),
-                       lambda: self.stuck_check is None or self.stuck_check.healthy()])
+                       lambda: self.stuck_check is None or self.stuck_check.healthy()],
+            metrics=self.metrics.exposition)
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:

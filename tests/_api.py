@@ -76,14 +76,15 @@ class LiveAPI:
     base: str
 
     async def start_api(self, service: Any = None, config: Optional[ApiConfig] = None,
-                        **config_options: Any) -> None:
+                        metrics: Any = None, **config_options: Any) -> None:
         self.service = service if service is not None else MemoryTaskService(tasks=TASKS)
         if config is None:
             options: Dict[str, Any] = {"read_write_tokens": (RW,), "read_only_tokens": (RO,)}
             options.update(config_options)
             config = ApiConfig(**options)
         self.config = config
-        self.factory = _Tracked(make_site(self.service, config, reactor=reactor))
+        self.factory = _Tracked(make_site(self.service, config, reactor=reactor,
+                                          metrics=metrics))
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -333,6 +333,29 @@ class URLAndAPITests(TestCase):
 
     # -- the API itself --------------------------------------------------------
 
+    async def test_metrics_say_what_the_worker_did(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, created = await self.call("POST", "/tasks", {
+            "kind": "url", "url": f"{self.target_base}/ok"})
+        self.assertEqual(code, 201, created)
+        await self.until_state(created["id"], "succeeded")
+        code, text = await self.call("GET", "/metrics")
+        self.assertEqual(code, 200)
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for family in text_string_to_metric_families(text.decode("utf-8"))
+                 for s in family.samples}
+        self.assertGreaterEqual(found[("quebert_deliveries_total",
+                                       (("outcome", "succeeded"),))], 1)
+        self.assertEqual(found[("quebert_state_store_healthy", ())], 1)
+        ready = {labels: value for (name, labels), value in found.items()
+                 if name == "quebert_amqp_connection_ready"}
+        self.assertEqual(len(ready), 2, found)
+        self.assertEqual(set(ready.values()), {1.0})
+        self.assertGreater(found[("process_resident_memory_bytes", ())], 0)
+        code, _ = await self.call("GET", "/metrics", headers={})
+        self.assertEqual(code, 401)
+
     async def test_health_and_auth(self) -> None:
         code, health = await self.call("GET", "/health", headers={})
         self.assertEqual((code, health["ready"], health["amqp"], health["redis"]),

@@ -433,6 +433,21 @@ _PATHS: Dict[str, Any] = {
             },
         },
     },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics of the worker (text exposition format)",
+            "description": "Served by a worker's API (twistd amqp-worker --http-port): "
+                           "deliveries by outcome, attempts running, state store health "
+                           "and backlog, AMQP connections, process figures. quebert-api "
+                           "alone answers 404.",
+            "responses": _responses({"200": {
+                "description": "The metrics.",
+                "content": {"text/plain; version=0.0.4; charset=utf-8": {
+                    "schema": {"type": "string"}}},
+            }}, "NotFound", *_READ),
+        },
+    },
     "/openapi.json": {
         "get": {
             "operationId": "openapi",

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import io
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -98,6 +98,7 @@ ROUTES = (
     Route("POST", "/queues/{queue}/pause", "pause_queue", write=True),
     Route("POST", "/queues/{queue}/resume", "resume_queue", write=True),
     Route("GET", "/health", "health", public=True),
+    Route("GET", "/metrics", "metrics"),
     Route("GET", "/openapi.json", "openapi", public=True),
 )
 
@@ -114,18 +115,29 @@ def _encode(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
+@attrs.frozen
+class _Text:
+    """An answer that is not JSON: ``payload`` sent as it is."""
+
+    payload: bytes
+    content_type: str
+
+
 def _write(request: server.Request, status: int, body: Any,
            headers: Mapping[str, str] = {}) -> None:  # noqa: B006 - never mutated
     """Finish ``request`` with a JSON answer (unless the client has gone)."""
     if getattr(request, "_quebert_gone", False) or request.finished:
         return
-    payload = _encode(body)
+    if isinstance(body, _Text):
+        payload, content_type = body.payload, body.content_type
+    else:
+        payload, content_type = _encode(body), JSON
     request.setResponseCode(status)
     for name, value in _COMMON_HEADERS.items():
         request.setHeader(name, value)
     for name, value in headers.items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    request.setHeader(b"Content-Type", JSON.encode("ascii"))
+    request.setHeader(b"Content-Type", content_type.encode("ascii"))
     request.setHeader(b"Content-Length", b"%d" % (len(payload),))
     request.write(payload)
     request.finish()
@@ -179,11 +191,14 @@ class ApiResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, service: Any, config: ApiConfig) -> None:
+    def __init__(self, service: Any, config: ApiConfig,
+                 metrics: Optional[Callable[[], bytes]] = None) -> None:
         super().__init__()
         verifyObject(ITaskService, service)
         self.service = service
         self.config = config
+        #: Renders the Prometheus metrics ``GET /metrics`` serves (a worker's).
+        self.metrics_exposition = metrics
         self._read_write = tuple(_digest(t.encode("ascii")) for t in config.read_write_tokens)
         self._read_only = tuple(_digest(t.encode("ascii")) for t in config.read_only_tokens)
 
@@ -429,6 +444,13 @@ class ApiResource(Resource):
         ready = isinstance(status, dict) and status.get("ready") is True
         return (200 if ready else 503), status, {}
 
+    async def metrics(self, request: server.Request) -> _Answer:
+        if self.metrics_exposition is None:
+            raise ApiError("not_found", "this server has no metrics (a worker's API has)")
+        from quebert.metrics import CONTENT_TYPE_LATEST
+
+        return 200, _Text(self.metrics_exposition(), CONTENT_TYPE_LATEST), {}
+
     async def openapi(self, request: server.Request) -> _Answer:
         return 200, openapi.document(self.config, base_path=self._base(request)), {}
 
@@ -527,7 +549,8 @@ def _client(request: server.Request) -> str:
     return host if host is not None else str(address)
 
 
-def make_site(service: Any, config: ApiConfig, reactor: Any = None) -> server.Site:
+def make_site(service: Any, config: ApiConfig, reactor: Any = None,
+              metrics: Optional[Callable[[], bytes]] = None) -> server.Site:
     """
     A :class:`~twisted.web.server.Site` serving the HTTP task API of
     ``service`` (an :class:`~quebert.api.interfaces.ITaskService`) at its
@@ -539,4 +562,4 @@ def make_site(service: Any, config: ApiConfig, reactor: Any = None) -> server.Si
         reactor = global_reactor
     if not isinstance(config, ApiConfig):
         raise TypeError(f"config must be an ApiConfig, not {type(config).__name__}")
-    return _ApiSite(ApiResource(service, config), config, reactor)
+    return _ApiSite(ApiResource(service, config, metrics), config, reactor)

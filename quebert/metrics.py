@@ -1,0 +1,114 @@
+"""
+Prometheus metrics of a worker, served by its HTTP API at ``GET /metrics``.
+
+Everything is read from the worker's parts when Prometheus scrapes (a
+custom collector): the mediator's outcome counters, what it holds, the
+state store's health and backlog, the AMQP connections.  Nothing is
+added to the path of a task, so the metrics cost the worker nothing
+between scrapes.  The process collectors of ``prometheus_client`` (CPU,
+memory, file descriptors, garbage collections) are in the same registry.
+Each worker has a registry of its own, never the global one, so that
+several workers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE_LATEST", "WorkerMetrics"]
+
+#: What happened to deliveries, the mediator's counters (``Mediator.counts``).
+OUTCOMES = {
+    "succeeded": "the attempt succeeded",
+    "retried": "the attempt failed and a retry was scheduled",
+    "failed": "the attempt failed and the task went to the errored queue",
+    "rejected": "the message could never run (malformed, unknown task...)",
+    "canceled": "the task was canceled before or while it ran",
+    "skipped": "a before-hook skipped the task",
+    "redelivered_settled": "a copy acked because its attempt had already ended",
+    "parked": "a copy put aside while another live worker ran its attempt",
+    "duplicates": "a copy whose attempt the state store said had started already",
+    "unexpected": "the mediator failed on a delivery and returned it to its queue",
+}
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, mediator: Any, state: Any,
+                 connections: Callable[[], Iterable[Any]]) -> None:
+        self.mediator = mediator
+        self.state = state
+        self.connections = connections
+
+    def collect(self) -> Iterator[Any]:
+        mediator = self.mediator
+        outcomes = CounterMetricFamily(
+            "quebert_deliveries", "Deliveries handled by this worker, by outcome: "
+            + "; ".join(f"{name}: {what}" for name, what in OUTCOMES.items()),
+            labels=["outcome"])
+        counts = mediator.counts
+        for name in OUTCOMES:
+            outcomes.add_metric([name], counts.get(name, 0))
+        yield outcomes
+        yield GaugeMetricFamily("quebert_tasks_running", "Attempts running now.",
+                                value=len(mediator.running))
+        yield GaugeMetricFamily(
+            "quebert_deliveries_in_progress",
+            "Deliveries this worker is handling (running, or on their way to an outcome).",
+            value=len(mediator._inflight))
+        yield GaugeMetricFamily(
+            "quebert_deliveries_waiting",
+            "Deliveries received and waiting for a free slot (max_running_tasks).",
+            value=len(mediator._waiting))
+        yield GaugeMetricFamily("quebert_max_running_tasks",
+                                "Attempts this worker runs at once at most.",
+                                value=mediator.max_running_tasks)
+        healthy = getattr(self.state, "healthy", None)
+        if healthy is not None:
+            yield GaugeMetricFamily(
+                "quebert_state_store_healthy",
+                "1 while the state store answers; 0 while its writes are queued.",
+                value=1 if healthy else 0)
+            yield GaugeMetricFamily(
+                "quebert_state_writes_pending",
+                "State writes queued until the state store is back.",
+                value=self.state.pending)
+        ready = GaugeMetricFamily(
+            "quebert_amqp_connection_ready",
+            "1 while the AMQP connection is open and set up.", labels=["connection"])
+        made = CounterMetricFamily(
+            "quebert_amqp_connections",
+            "AMQP connections set up since the worker started (more than 1: reconnects).",
+            labels=["connection"])
+        for connection in self.connections():
+            name = connection.connection_name
+            current = connection.current
+            ready.add_metric([name], 1 if current is not None and current.is_open else 0)
+            made.add_metric([name], connection.connected_count)
+        yield ready
+        yield made
+
+
+class WorkerMetrics:
+    """
+    The metrics registry of one worker.  ``exposition()`` renders it in
+    Prometheus's text format (served with :data:`CONTENT_TYPE_LATEST`).
+    """
+
+    def __init__(self, mediator: Any, state: Any = None,
+                 connections: Optional[Callable[[], Iterable[Any]]] = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_WorkerCollector(mediator, state, connections or (lambda: ())))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The current figures, in Prometheus's text exposition format."""
+        return generate_latest(self.registry)
