@@ -64,6 +64,11 @@ log = Logger(namespace="quebert.state.redis")
 #: Seconds of write time between two prunings, unless one left work undone.
 PRUNE_INTERVAL = 1.0
 
+#: Seconds between two attempts to reconnect to Redis, at most (txredisapi's
+#: default, 10, could leave a worker's state writes queued for 10 s after
+#: Redis was back).
+RECONNECT_MAX_DELAY = 2.0
+
 #: Writes sent in one script call at most; more are split into several.
 MAX_BATCH = 500
 
@@ -518,6 +523,7 @@ def connect_redis(
         username=options["username"],
     )
     factory.reconnect = True
+    factory.maxDelay = RECONNECT_MAX_DELAY
 
     def refused(failure: Failure) -> None:
         # a lazy handle has nobody waiting on the factory: say it here
