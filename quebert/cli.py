@@ -5,8 +5,8 @@ The ``quebert`` command: enqueue a task, read its state, list tasks.
 ::
 
     quebert enqueue NAME [--args JSON] [--kwargs JSON] [--queue Q] ...
-    quebert status TASK_ID
-    quebert list [--state S] [--queue Q] [--limit N]
+    quebert status TASK_ID [--no-tracebacks]
+    quebert list [--state S] [--queue Q] [--limit N] [--no-tracebacks]
 
 Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
 (``$QUEBERT_REDIS_URL``), ``--prefix`` (``$QUEBERT_PREFIX``), ``--exchange`` and
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="print the state record of a task",
         description="Print the state record of TASK_ID as JSON.")
     status.add_argument("task_id", metavar="TASK_ID")
+    status.add_argument("--no-tracebacks", action="store_true",
+                        help="leave the errors' tracebacks out (type and message stay)")
     _add_connection_options(status, suppress=True)
     status.set_defaults(run=cmd_status)
 
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--queue", metavar="Q", help="only tasks of this queue")
     listing.add_argument("--limit", type=positive_int, default=100, metavar="N",
                          help="at most N records [default %(default)s]")
+    listing.add_argument("--no-tracebacks", action="store_true",
+                         help="leave the errors' tracebacks out (type and message stay)")
     _add_connection_options(listing, suppress=True)
     listing.set_defaults(run=cmd_list)
     return parser
@@ -621,8 +625,25 @@ async def cmd_status(reactor: Any, options: argparse.Namespace) -> int:
     if record is None:
         _error(f"no such task: {options.task_id}")
         return 1
+    if options.no_tracebacks:
+        record = _without_tracebacks(record)
     _print(json.dumps(record, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def _without_tracebacks(record: dict) -> dict:
+    """``record`` with no ``traceback`` in its error or its history's errors."""
+    def bare(error: Any) -> Any:
+        if isinstance(error, dict) and "traceback" in error:
+            return {k: v for k, v in error.items() if k != "traceback"}
+        return error
+
+    record = dict(record, error=bare(record.get("error")))
+    if record.get("history"):
+        record["history"] = [dict(entry, error=bare(entry.get("error")))
+                             if isinstance(entry, dict) else entry
+                             for entry in record["history"]]
+    return record
 
 
 async def cmd_list(reactor: Any, options: argparse.Namespace) -> int:
@@ -630,6 +651,8 @@ async def cmd_list(reactor: Any, options: argparse.Namespace) -> int:
     records = await _ask_state(reactor, options, lambda state: state.list(
         state=options.state, queue=options.queue, limit=options.limit))
     for record in records:
+        if options.no_tracebacks:
+            record = _without_tracebacks(record)
         _print(json.dumps(record, separators=(",", ":"), sort_keys=True, default=str))
     return 0
 

@@ -334,6 +334,35 @@ class BrokerTests(BrokerHarness):
         self.assertEqual(counts["default"], (1, 0))
 
     @defer.inlineCallbacks
+    def test_no_tracebacks_leaves_them_out_of_status_and_list(self):
+        from quebert.state import RedisStateManager, connect_redis
+
+        redis = connect_redis(REDIS_URL)
+        self.addCleanup(redis.disconnect)
+        state = RedisStateManager(redis, prefix=self.prefix)
+        info = {"queue": "default", "kind": "call", "task": "app.add"}
+        error = {"type": "builtins.ValueError", "message": "bad",
+                 "traceback": "Traceback (most recent call last):\n  ...\nValueError: bad\n"}
+        yield state.started("tb-1", 1, "w", info, 1.0)
+        yield state.finished("tb-1", "scheduled", 1, info, 2.0, error=error, retry_at=3.0)
+        yield state.started("tb-1", 2, "w", info, 3.0)
+        yield state.finished("tb-1", "failed", 2, info, 4.0, error=error, reason="spent")
+        full = yield self.status("tb-1")
+        self.assertEqual([e["error"]["traceback"] for e in full["history"]],
+                         [error["traceback"]] * 2)
+        result = yield self.quebert("status", "tb-1", "--no-tracebacks")
+        self.assertEqual(result.code, 0, result)
+        self.assertNotIn("Traceback", result.out)
+        brief = json.loads(result.out)
+        self.assertEqual(brief["error"], {"type": "builtins.ValueError", "message": "bad"})
+        self.assertEqual([(e["attempt"], e["error"]["message"]) for e in brief["history"]],
+                         [(1, "bad"), (2, "bad")])
+        self.assertEqual({k: v for k, v in brief.items() if k not in ("error", "history")},
+                         {k: v for k, v in full.items() if k not in ("error", "history")})
+        listed = yield self.listing("--no-tracebacks")
+        self.assertEqual(listed, [brief])
+
+    @defer.inlineCallbacks
     def test_list_filters(self):
         first = yield self.enqueue("app.one", "--queue", "q1")
         second = yield self.enqueue("app.two", "--queue", "q1")
