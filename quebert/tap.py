@@ -56,7 +56,8 @@ class Options(usage.Options):
         ["stuck-consumer-timeout", None, None, "Seconds a consumer with spare capacity may "
          "receive nothing while its queue has ready messages before it is re-subscribed; "
          "0 disables [default: 60]."],
-        ["http-port", None, None, "Serve the HTTP task API on this port (0: any free port)."],
+        ["http-port", None, None, "Serve the HTTP task API, and Prometheus metrics at "
+         "/metrics, on this port (0: any free port)."],
         ["http-interface", None, None, "Address the HTTP API listens on [default: 127.0.0.1]."],
         ["api-token", None, None, "Read-write bearer token of the HTTP API "
          "[env QUEBERT_API_TOKEN]."],
