@@ -11,7 +11,7 @@ from __future__ import annotations
 import pika.exceptions
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.amqp.consumer import ACK_HOLD, Delivery, QueueConsumer, _Acker
 
@@ -391,3 +391,40 @@ class ReadSizeTests(SynchronousTestCase):
         protocol, transport = self.make_protocol()
         protocol.makeConnection(transport)  # (a TLS wrapper has no bufferSize)
         self.assertFalse(hasattr(transport, "bufferSize"))
+
+
+class RetryLogTests(TestCase):
+    """Reconnect log lines count the attempts that failed the AMQP set-up too."""
+
+    timeout = 60
+
+    async def _test(self) -> None:
+        import uuid
+
+        from twisted.logger import globalLogPublisher
+
+        from quebert.amqp.connection import AMQPConnection
+        from tests._worker import wait_for
+
+        retries: list = []
+
+        def observe(event: dict) -> None:
+            if str(event.get("log_format", "")).startswith("Scheduling retry") \
+                    and event.get("log_source") is connection:
+                retries.append(event["attempt"])
+
+        # RabbitMQ takes the TCP connection, then refuses the vhost: before,
+        # each retry was logged "retry 1" while the delays grew.
+        connection = AMQPConnection(
+            f"amqp://guest:guest@127.0.0.1:5672/quebert-no-such-vhost-{uuid.uuid4().hex[:8]}",
+            name="test", retry_policy=lambda failures: 0.05)
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        connection.startService()
+        self.addCleanup(connection.stopService)
+        await wait_for(lambda: len(retries) >= 3, 30, what="three retries")
+        self.assertEqual(retries[:3], [1, 2, 3])
+        self.assertGreaterEqual(connection.failed_preparations, 3)
+
+    def test_retries_after_a_refused_set_up_are_numbered(self):
+        return defer.ensureDeferred(self._test())

@@ -161,6 +161,26 @@ class _NotifyingEndpoint:
         return repr(self._endpoint)
 
 
+class _RetryLog(Logger):
+    """
+    ``ClientService``'s log, saying the attempt number this connection
+    counts.  ``ClientService`` starts counting again at every TCP connection
+    made, so a broker that accepts the TCP connection and then refuses the
+    AMQP set-up (an unknown vhost, say) had every retry logged as "retry
+    1", while the delay, from this connection's own count, kept growing.
+    """
+
+    def __init__(self, connection: AMQPConnection) -> None:
+        super().__init__(namespace=f"{__name__}.AMQPConnection", source=connection)
+        self._connection = connection
+
+    def emit(self, level: Any, format: Optional[str] = None, **kwargs: Any) -> None:
+        attempt = kwargs.get("attempt")
+        if isinstance(attempt, int) and format and format.startswith("Scheduling retry"):
+            kwargs["attempt"] = max(attempt, self._connection.failed_preparations)
+        super().emit(level, format, **kwargs)
+
+
 class AMQPConnection(ClientService):
     """
     A reconnecting, prepared AMQP connection.
@@ -210,6 +230,7 @@ class AMQPConnection(ClientService):
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
         endpoint = _NotifyingEndpoint(endpoint, self._attempting)
         policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self._log = _RetryLog(self)  # (ClientService's, read by its __init__)
         super().__init__(
             endpoint,
             _PikaFactory(self.parameters, self.reactor),
