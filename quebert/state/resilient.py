@@ -54,6 +54,11 @@ from quebert.state.interface import IStateManager
 
 log = Logger(namespace="quebert.state.resilient")
 
+#: Seconds between two retries of the oldest queued write, at most: once
+#: Redis is back, the replay starts within this long (with 30 s, a worker
+#: could wait up to 30 s after a long outage to bring its records up to date).
+RETRY_MAX_DELAY = 5.0
+
 #: Failures that mean "this write is wrong", not "the store is down".
 _BUGS = (ValueError, TypeError)
 
@@ -121,7 +126,7 @@ class ResilientStateManager:
     :param start_wait: seconds a healthy ``started`` may delay its caller.
     :param retry_policy: ``attempt -> seconds`` before retrying the oldest
         queued write (``attempt`` counts failed retries, from 0); by default
-        1 s doubling up to 30 s.
+        1 s doubling up to ``RETRY_MAX_DELAY`` (5 s).
 
     ``healthy`` says whether writes go straight to the store, ``pending``
     how many are queued, ``dropped`` how many were given up for good.
@@ -146,7 +151,7 @@ class ResilientStateManager:
         self.dropped = 0
         self._clock = clock
         self._retry_policy = retry_policy or backoffPolicy(
-            initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=_no_jitter
+            initialDelay=1.0, maxDelay=RETRY_MAX_DELAY, factor=2.0, jitter=_no_jitter
         )
         self._seq = 0
         self._queue: Deque[_Write] = deque()  # ordered by seq
