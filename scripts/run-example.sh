@@ -32,12 +32,12 @@ if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
     bash scripts/bootstrap.sh
 fi
 
-# The same place for the worker, the producer and the suggested commands.
+# The producer and the suggested quebert commands read QUEBERT_* themselves;
+# twistd does not, so the worker gets them as options.
 targets=()
 if [ -n "${QUEBERT_AMQP_URL:-}" ]; then targets+=(--amqp-url "$QUEBERT_AMQP_URL"); fi
 if [ -n "${QUEBERT_REDIS_URL:-}" ]; then targets+=(--redis-url "$QUEBERT_REDIS_URL"); fi
-prefix_option=()
-if [ -n "${QUEBERT_PREFIX:-}" ]; then prefix_option=(--prefix "$QUEBERT_PREFIX"); fi
+if [ -n "${QUEBERT_PREFIX:-}" ]; then targets+=(--state-prefix "$QUEBERT_PREFIX"); fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -108,7 +108,6 @@ data = json.load(open(sys.argv[1]))
 print(len(data.get("queues") or [None]))' "$config")"
 
 cmd=(.venv/bin/twistd --pidfile= -n amqp-worker --config "$config" ${targets[@]+"${targets[@]}"})
-if [ -n "${QUEBERT_PREFIX:-}" ]; then cmd+=(--state-prefix "$QUEBERT_PREFIX"); fi
 echo "run-example: starting the worker: ${cmd[*]}"
 : >"$worker_log"  # exists before tail opens it
 "${cmd[@]}" >"$worker_log" 2>&1 </dev/null &
@@ -140,8 +139,7 @@ while :; do
 done
 echo "run-example: the worker consumes its $queues queue(s); enqueueing the example tasks"
 
-if ! .venv/bin/python -m examples.produce ${targets[@]+"${targets[@]}"} \
-        ${prefix_option[@]+"${prefix_option[@]}"} | sed -u 's/^/  produce | /' | tee "$produced"; then
+if ! .venv/bin/python -m examples.produce | sed -u 's/^/  produce | /' | tee "$produced"; then
     echo "run-example: enqueueing failed" >&2
     exit 1
 fi

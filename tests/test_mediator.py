@@ -55,6 +55,30 @@ class MediatorTestCase(SynchronousTestCase):
     def queue(self, name="default", **retry):
         return QueueSettings(name=name, retry=RetryPolicy(**retry))
 
+    def register_controlled(self, name, **options):
+        """
+        A reactor task whose runs wait on Deferreds the test fires; returns
+        the list those Deferreds are appended to.
+        """
+        pending = []
+
+        def controlled():
+            d = defer.Deferred()
+            pending.append(d)
+            return d
+
+        self.register(controlled, name, executor=REACTOR, **options)
+        return pending
+
+    @staticmethod
+    def end_attempt(d, outcome):
+        """Fire a controlled run's Deferred; return the state it leads to."""
+        if outcome == "ok":
+            d.callback("done")
+            return "succeeded"
+        d.errback(Failure(Boom()))
+        return "scheduled"
+
     def advance_by(self, seconds, step=0.5):
         """Advance the clock in steps (bounded, even if something loops)."""
         end = self.clock.seconds() + seconds
@@ -811,15 +835,8 @@ class CrashTests(MediatorTestCase):
         which then stayed unacked on its live channel for ever.
         """
         for outcome in ("ok", "fail"):
-            pending = []
-
-            def controlled(pending=pending):
-                d = defer.Deferred()
-                pending.append(d)
-                return d
-
-            name = self.register(controlled, f"app.copy_{outcome}", executor=REACTOR,
-                                 max_attempts=5, min_backoff=1)
+            name = f"app.copy_{outcome}"
+            pending = self.register_controlled(name, max_attempts=5, min_backoff=1)
             worker = self.worker()
             task_id = worker.enqueue(name)
             self.assertEqual(len(pending), 1)
@@ -830,12 +847,7 @@ class CrashTests(MediatorTestCase):
             worker.broker.resume_consuming()
             self.assertEqual(len(pending), 1, "the copy must not run the task again")
             self.assertEqual(len(worker.broker.unacked["default"]), 2)
-            if outcome == "ok":
-                pending[0].callback("done")
-                expected = "succeeded"
-            else:
-                pending[0].errback(Failure(Boom()))
-                expected = "scheduled"
+            expected = self.end_attempt(pending[0], outcome)
             self.assertEqual(worker.state_of(task_id)["state"], expected, outcome)
             self.assertEqual(worker.broker.unacked["default"], [], outcome)
 
@@ -946,15 +958,8 @@ class DuplicateTests(MediatorTestCase):
         ``started`` write.
         """
         for outcome in ("ok", "fail"):
-            pending = []
-
-            def controlled(pending=pending):
-                d = defer.Deferred()
-                pending.append(d)
-                return d
-
-            name = self.register(controlled, f"app.twice_{outcome}", executor=REACTOR,
-                                 max_attempts=5, min_backoff=1)
+            name = f"app.twice_{outcome}"
+            pending = self.register_controlled(name, max_attempts=5, min_backoff=1)
             worker = self.worker(state=_LateStarts(self.clock))
             _, body = protocol.build(name, queue="default", task_id=f"twice-{outcome}")
             self.copy(worker, body, f"twice-{outcome}")
@@ -963,12 +968,7 @@ class DuplicateTests(MediatorTestCase):
             self.clock.advance(0)
             self.assertEqual(len(pending), 1, "the second copy must not run the task again")
             self.assertEqual(len(worker.broker.unacked["default"]), 2)
-            if outcome == "ok":
-                pending[0].callback("done")
-                expected = "succeeded"
-            else:
-                pending[0].errback(Failure(Boom()))
-                expected = "scheduled"
+            expected = self.end_attempt(pending[0], outcome)
             self.clock.advance(0)
             record = worker.state_of(f"twice-{outcome}")
             self.assertEqual((record["state"], record["attempts"]), (expected, 2), outcome)

@@ -48,9 +48,11 @@ class WorkerMetricsTests(SynchronousTestCase):
             pending.append(d)
             return d
 
+        def bad():
+            raise Boom()
+
         self.registry.register(lambda: 1, "app.ok")
-        self.registry.register(lambda: (_ for _ in ()).throw(Boom()), "app.bad",
-                               max_attempts=2, min_backoff=1)
+        self.registry.register(bad, "app.bad", max_attempts=2, min_backoff=1)
         self.registry.register(slow, "app.slow", executor=REACTOR)
         worker = StubWorker(self.clock, registry=self.registry, max_running_tasks=7)
         state = SimpleNamespace(healthy=False, pending=12)
