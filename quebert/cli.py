@@ -39,6 +39,7 @@ from quebert.amqp.connection import DEFAULT_AMQP_URL
 from quebert.client import Client
 from quebert.config import DEFAULT_REDIS_URL
 from quebert.errors import QuebertError
+from quebert.state._redis_ops import describe_redis_url
 from quebert.state.interface import STATES
 
 PROG = "quebert"
@@ -441,7 +442,7 @@ class _BackgroundRecorder:
 async def _ask_state(reactor: Any, options: argparse.Namespace,
                      query: Callable[[Any], Any]) -> Any:
     """Run ``query(state_manager)`` against Redis, bounded in time."""
-    where = _where(options.redis_url)
+    where = describe_redis_url(options.redis_url)
     redis, state = _open_state(reactor, options)
     try:
         return await _bounded(
@@ -522,7 +523,7 @@ async def _publish(reactor: Any, options: argparse.Namespace,
     if not options.no_state:
         redis, state = _open_state(reactor, options)
         recorder = _BackgroundRecorder(state, reactor, options.connect_timeout,
-                                       _where(options.redis_url))
+                                       describe_redis_url(options.redis_url))
     try:
         client = Client(options.amqp_url, reactor=reactor, state=recorder,
                         exchange=options.exchange)
