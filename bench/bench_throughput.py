@@ -754,8 +754,13 @@ def main(argv: Optional[list] = None) -> int:
     try:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         if any(CONFIGS[c][2] == "redis" for c in args.configs):
-            redis = MiniRedis(redis_options["host"], redis_options["port"], redis_options["db"],
-                              redis_options["password"])
+            if redis_options.get("sentinels"):  # redis+sentinel://: the primary, now
+                from quebert.watchdog import RedisStallMarker
+
+                host, port = RedisStallMarker(args.redis_url, prefix)._primary(lambda: 5.0)
+            else:
+                host, port = redis_options["host"], redis_options["port"]
+            redis = MiniRedis(host, port, redis_options["db"], redis_options["password"])
         broker = Broker(url)
 
         def attempt(results: list, what: str, fn: Any, name: str, repeat: int,

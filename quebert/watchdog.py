@@ -168,7 +168,9 @@ def _read_reply(stream: Any) -> Any:
 class RedisStallMarker:
     """
     Marks task records as stalled with a blocking, one-shot Redis client
-    (``redis://`` and ``rediss://`` URLs as for the state store).
+    (``redis://``, ``rediss://`` and ``redis+sentinel://`` URLs as for the
+    state store: through Sentinel, the sentinels are asked for the primary
+    one after the other, within the same time budget).
     """
 
     def __init__(self, redis_url: str, prefix: str) -> None:
@@ -192,13 +194,17 @@ class RedisStallMarker:
             return remaining
 
         options = self.options
-        sock = socket.create_connection((options["host"], options["port"]), timeout=left())
+        if options.get("sentinels"):
+            host, port = self._primary(left)
+        else:
+            host, port = options["host"], options["port"]
+        sock = socket.create_connection((host, port), timeout=left())
         try:
             if options["tls"]:
                 import ssl
 
                 sock = ssl.create_default_context().wrap_socket(
-                    sock, server_hostname=options["host"])
+                    sock, server_hostname=host)
             stream = sock.makefile("rb")
             commands = []
             if options["password"] is not None:
@@ -221,6 +227,41 @@ class RedisStallMarker:
             return int(reply)
         finally:
             sock.close()
+
+    def _primary(self, left: Callable[[], float]) -> tuple:
+        """
+        ``(host, port)`` of the primary, from the first sentinel that names
+        one (``SENTINEL get-master-addr-by-name``); ``left()`` bounds each step.
+        """
+        options = self.options
+        errors = []
+        for host, port in options["sentinels"]:
+            try:
+                sock = socket.create_connection((host, port), timeout=left())
+            except OSError as e:
+                errors.append(f"{host}:{port}: {e}")
+                continue
+            try:
+                stream = sock.makefile("rb")
+                commands: list = []
+                if options["sentinel_password"] is not None:
+                    commands.append(("AUTH", options["sentinel_password"]))
+                commands.append(("SENTINEL", "get-master-addr-by-name", options["service"]))
+                reply: Any = None
+                for command in commands:
+                    sock.settimeout(left())
+                    sock.sendall(_resp(*command))
+                    reply = _read_reply(stream)
+                if isinstance(reply, list) and len(reply) == 2:
+                    return reply[0].decode(), int(reply[1])
+                errors.append(f"{host}:{port}: no primary for {options['service']!r}")
+            except TimeoutError:
+                raise
+            except (OSError, RuntimeError, ValueError) as e:
+                errors.append(f"{host}:{port}: {e}")
+            finally:
+                sock.close()
+        raise ConnectionError("no sentinel named the primary: " + "; ".join(errors))
 
 
 # -- the watchdog --------------------------------------------------------------

@@ -69,6 +69,18 @@ PRUNE_INTERVAL = 1.0
 #: Redis was back).
 RECONNECT_MAX_DELAY = 2.0
 
+#: Seconds a Sentinel URL's connection waits for the sentinels to name the
+#: primary before it tries again (txredisapi's 10 s would leave a worker
+#: without Redis for 10 s after a failover that took 2).
+SENTINEL_DISCOVERY_TIMEOUT = 1.0
+
+#: While WAIT times out (no replica in step), batches skip it, and one
+#: batch per this many seconds probes again.
+WAIT_PROBE_INTERVAL = 5.0
+
+#: The probe's WAIT timeout, in seconds, at most.
+WAIT_PROBE_TIMEOUT = 0.05
+
 #: Writes sent in one script call at most; more are split into several.
 MAX_BATCH = 500
 
@@ -101,6 +113,24 @@ class RedisStateManager:
         :class:`StateError` (``None``: wait forever).
     :param clock: ``IReactorTime`` for the timeout; the global reactor when
         ``None``.
+    :param wait_replicas: replicas that must acknowledge a batch of writes
+        that settle tasks (every write but ``started``) before its callers
+        are answered: ``WAIT wait_replicas wait_timeout`` on the same
+        connection, one per batch.  ``None``: what the connection says
+        (:func:`connect_redis` with a ``redis+sentinel://`` URL: its
+        ``wait`` option, 1 by default; otherwise 0, no ``WAIT``).
+    :param wait_timeout: seconds ``WAIT`` may take (``None``: the
+        connection's, or 0.5).
+
+    A ``WAIT`` that times out does not fail the writes (they are on the
+    primary; failing them would stop the state store whenever the replica
+    is down): it is logged, counted in ``wait_timeouts``, and later batches
+    skip ``WAIT`` except for a short probe every ``WAIT_PROBE_INTERVAL``
+    seconds, until one is acknowledged again.  When the connection was
+    re-established between a batch and its ``WAIT`` (a failover: the batch
+    may have been on the lost primary only), the batch fails with
+    :class:`StateError`, so that :class:`ResilientStateManager` writes it
+    again to the new primary.
     """
 
     def __init__(
@@ -112,6 +142,8 @@ class RedisStateManager:
         timeout: Optional[float] = 5.0,
         clock: Optional[IReactorTime] = None,
         name_tombstone: float = 3600,
+        wait_replicas: Optional[int] = None,
+        wait_timeout: Optional[float] = None,
     ) -> None:
         if finished_ttl < 0:
             raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
@@ -135,6 +167,21 @@ class RedisStateManager:
         self._held_since: Optional[float] = None  # first write held behind them
         self._pruned_at: Optional[float] = None  # write time of the last pruning
         self._prune_more = False  # it left expired entries
+        if wait_replicas is None:
+            wait_replicas = redis.wait_replicas if isinstance(redis, SentinelHandler) else 0
+        if wait_timeout is None:
+            wait_timeout = (redis.wait_timeout if isinstance(redis, SentinelHandler)
+                            else _redis_ops.DEFAULT_WAIT_TIMEOUT)
+        if wait_replicas < 0:
+            raise ConfigurationError(f"wait_replicas must be >= 0, not {wait_replicas!r}")
+        if not wait_timeout > 0:
+            raise ConfigurationError(f"wait_timeout must be > 0 seconds, not {wait_timeout!r}")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        #: WAITs that got fewer acknowledgements than ``wait_replicas``.
+        self.wait_timeouts = 0
+        self._wait_degraded = False  # the last WAIT timed out
+        self._wait_probed_at = 0.0  # when a degraded store last tried WAIT
 
     # -- IStateManager --------------------------------------------------
 
@@ -353,9 +400,79 @@ class RedisStateManager:
         self._sending += 1
         d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload,
                                 "1" if prune else "0", self._tombstone_ms], timeout)
+        if self.wait_replicas:
+            wait_ms = self._wait_ms(ops)
+            if wait_ms:
+                d.addCallback(self._replicate, wait_ms)
         d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters, prune),
                        errbackArgs=(waiters,))
         d.addBoth(self._sent)
+
+    def _generation(self) -> Optional[int]:
+        """Connections the Sentinel handler has made so far (``None``: not known)."""
+        if isinstance(self.redis, SentinelHandler):
+            return self.redis.generation
+        return None
+
+    def _wait_ms(self, ops: List[list]) -> int:
+        """
+        The ``WAIT`` timeout for a batch, in ms; 0 for no ``WAIT``: the
+        batch holds only ``started`` writes (nothing settles on them), or
+        ``WAIT`` keeps timing out and the next probe is not due.
+        """
+        for op in ops:
+            if op[0] != "s":
+                break
+        else:
+            return 0
+        timeout = self.wait_timeout
+        if self._wait_degraded:
+            now = self._get_clock().seconds()
+            if now - self._wait_probed_at < WAIT_PROBE_INTERVAL:
+                return 0
+            self._wait_probed_at = now
+            timeout = min(timeout, WAIT_PROBE_TIMEOUT)
+        return max(1, round(timeout * 1000))
+
+    def _replicate(self, reply: Any, wait_ms: int) -> Deferred:
+        """
+        ``WAIT`` for the batch just applied (answered ``reply``, which is
+        then the batch's result), unless the connection that answered was
+        replaced before ``WAIT`` was answered: ``WAIT`` counts the writes of
+        its own connection only, so it would vouch for nothing.
+        """
+        generation = self._generation()  # the connection that answered apply
+        try:
+            d = self.redis.execute_command("WAIT", str(self.wait_replicas), str(wait_ms))
+        except Exception:
+            d = fail()
+        timeout = (self.timeout + wait_ms / 1000) if self.timeout is not None else None
+        d = self._bounded(d, "WAIT", timeout).addErrback(self._translate, "WAIT")
+
+        def waited(acknowledged: Any) -> Any:
+            if generation is not None and self._generation() != generation:
+                raise StateError(
+                    "the Redis connection was re-established between a write and its WAIT"
+                    " (a failover?): the write may be lost with the old primary")
+            if int(acknowledged) >= self.wait_replicas:
+                if self._wait_degraded:
+                    self._wait_degraded = False
+                    log.info("Redis replicas acknowledge state writes again")
+                return reply
+            self.wait_timeouts += 1
+            if not self._wait_degraded:
+                self._wait_degraded = True
+                self._wait_probed_at = self._get_clock().seconds()
+                log.warn(
+                    "Redis WAIT: {acknowledged} of {wanted} replicas acknowledged state writes"
+                    " within {ms} ms; they are on the primary only, and would be lost if it"
+                    " failed now.  Writes no longer wait for replicas until one answers a"
+                    " probe (every {interval:g} s)",
+                    acknowledged=int(acknowledged), wanted=self.wait_replicas, ms=wait_ms,
+                    interval=WAIT_PROBE_INTERVAL)
+            return reply
+
+        return d.addCallback(waited)
 
     def _sent(self, _: Any) -> None:
         """A batch is answered (or timed out): send the writes held meanwhile."""
@@ -492,9 +609,16 @@ def connect_redis(
 
     :param reactor: reactor to connect with (the global one when ``None``;
         txredisapi still uses the global reactor for its own timers).
+    With a ``redis+sentinel://`` URL the connection is made to the primary
+    the sentinels name, asked again on every reconnection, so that it
+    follows a failover (see :func:`_connect_sentinel`).
+
     :raises ConfigurationError: the URL is not a Redis URL.
     """
     options = parse_redis_url(url)
+    if options.get("sentinels"):
+        return _connect_sentinel(options, poolsize=poolsize, connect_timeout=connect_timeout,
+                                 reply_timeout=reply_timeout)
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     factory_class = txredisapi.RedisFactory
@@ -542,3 +666,72 @@ def connect_redis(
         endpoint = _TLSEndpoint(endpoint, options["host"])
     factory.startConnecting(endpoint)
     return factory.handler
+
+
+class _SentinelFactory(txredisapi.SentinelConnectionFactory):
+    """
+    txredisapi's Sentinel connection factory, reconnecting within
+    ``RECONNECT_MAX_DELAY`` and counting the connections it made, so that a
+    write can tell whether it was answered on the connection its ``WAIT``
+    went to.
+    """
+
+    maxDelay = RECONNECT_MAX_DELAY
+    generation = 0
+
+    def addConnection(self, conn: Any) -> None:
+        self.generation += 1
+        super().addConnection(conn)
+
+
+class SentinelHandler(txredisapi.ConnectionHandler):
+    """
+    The handle :func:`connect_redis` returns for a ``redis+sentinel://``
+    URL: the txredisapi connection to the primary, whose ``disconnect()``
+    also closes the connections to the sentinels.  ``wait_replicas`` and
+    ``wait_timeout`` are the URL's (:class:`RedisStateManager` reads them).
+    """
+
+    wait_replicas = _redis_ops.DEFAULT_WAIT_REPLICAS
+    wait_timeout = _redis_ops.DEFAULT_WAIT_TIMEOUT
+
+    @property
+    def generation(self) -> int:
+        """Connections made so far: a new one means the old one was lost."""
+        return self._factory.generation
+
+    def disconnect(self) -> Deferred:
+        """Close the connection to the primary and those to the sentinels."""
+        from twisted.internet import reactor
+        from twisted.internet.defer import gatherResults
+        from twisted.internet.task import deferLater
+
+        d = gatherResults([self._factory.disconnect(),
+                           self._factory.sentinel_manager.disconnect()], consumeErrors=True)
+        # one more turn: txredisapi finishes parsing a reply read just before
+        # (a sentinel's late answer) with callLater(0)
+        return d.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
+
+
+def _connect_sentinel(options: Mapping[str, Any], *, poolsize: int, connect_timeout: float,
+                      reply_timeout: Optional[float]) -> SentinelHandler:
+    """
+    ``connect_redis`` for a Sentinel URL's ``options``: txredisapi's
+    ``Sentinel(...).master_for(service)``, lazy and reconnecting like the
+    plain connection.  Before each connection attempt the sentinels are
+    asked for the primary (the first healthy answer wins; none within
+    ``SENTINEL_DISCOVERY_TIMEOUT``: the attempt fails and is retried), and a
+    server that answers ``ROLE`` with anything but ``master`` is dropped.
+    """
+    sentinel = txredisapi.Sentinel(
+        list(options["sentinels"]), password=options["sentinel_password"],
+        connectTimeout=connect_timeout, replyTimeout=reply_timeout)
+    sentinel.discovery_timeout = SENTINEL_DISCOVERY_TIMEOUT
+    handler = sentinel.master_for(
+        options["service"], factory_class=_SentinelFactory, dbid=options["db"],
+        poolsize=poolsize, isLazy=True, handler=SentinelHandler,
+        password=options["password"], username=options["username"],
+        replyTimeout=reply_timeout, convertNumbers=False)
+    handler.wait_replicas = options["wait_replicas"]
+    handler.wait_timeout = options["wait_timeout"]
+    return handler

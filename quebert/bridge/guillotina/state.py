@@ -128,16 +128,43 @@ class BridgeState:
         self._get = redis.register_script(SCRIPTS["get"].source)
         self._index_add = redis.register_script(_INDEX_ADD)
         self._index_list = redis.register_script(_INDEX_LIST)
+        self._sentinel: Any = None  # from_url with a Sentinel URL: closed with the store
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> BridgeState:
-        """A store on a new ``redis.asyncio`` client for ``url``."""
+        """
+        A store on a new ``redis.asyncio`` client for ``url``: a Redis URL as
+        the workers take it, ``redis+sentinel://`` included (redis-py's
+        ``Sentinel(...).master_for(service)``, which asks the sentinels for
+        the primary on every new connection).  The bridge does not ``WAIT``
+        for replicas: what it writes (a task's first record) the worker that
+        runs the task writes again.
+        """
         import redis.asyncio
 
-        return cls(redis.asyncio.from_url(url, decode_responses=True), **options)
+        parsed = _redis_ops.parse_redis_url(url)
+        if not parsed.get("sentinels"):
+            return cls(redis.asyncio.from_url(url, decode_responses=True), **options)
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(
+            parsed["sentinels"],
+            sentinel_kwargs={"password": parsed["sentinel_password"], "socket_timeout": 5.0},
+            socket_timeout=30.0, socket_connect_timeout=5.0)
+        client = sentinel.master_for(
+            parsed["service"], db=parsed["db"], username=parsed["username"],
+            password=parsed["password"], decode_responses=True)
+        state = cls(client, **options)
+        state._sentinel = sentinel
+        return state
 
     async def close(self) -> None:
+        """Close the client (and, through Sentinel, the sentinels' clients)."""
         await self.redis.aclose()
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None:
+            for client in sentinel.sentinels:
+                await client.aclose()
 
     # -- quebert's records --------------------------------------------------
 
