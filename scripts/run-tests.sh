@@ -30,7 +30,13 @@ if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
 fi
 
 logs=()
-cleanup() { rm -f "${logs[@]}"; }
+# The 3-node test cluster (scripts/rabbitmq-cluster.sh, tests/_cluster.py)
+# is stopped by the trial process that started it; this also stops it when
+# trial died first (unless QUEBERT_CLUSTER_KEEP=1 or another run uses it).
+cleanup() {
+    rm -f "${logs[@]}"
+    bash scripts/rabbitmq-cluster.sh stop-unused </dev/null || true
+}
 trap cleanup EXIT
 
 summaries=()
