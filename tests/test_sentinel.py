@@ -352,6 +352,33 @@ class SentinelStoreTests(_LiveCase):
         return self.assertFailure(d, ConnectionError)
 
 
+class BridgeSentinelTests(SynchronousTestCase):
+    """The Guillotina bridge's store (redis-py, asyncio) through Sentinel."""
+
+    def test_writes_and_reads(self) -> None:
+        import asyncio
+
+        from quebert import protocol
+        from quebert.bridge.guillotina.state import BridgeState
+
+        url = _sentinel.sentinel_set()
+        prefix = f"quebert-test-{uuid.uuid4().hex}:"
+        message, _ = protocol.build("app.t", queue="q", task_id="bridge-1")
+
+        async def main() -> Any:
+            state = BridgeState.from_url(url, prefix=prefix)
+            try:
+                await state.enqueued(message, "queued", time.time())
+                record = await state.get("bridge-1")
+                await state.redis.delete(*await state.redis.keys(prefix + "*"))
+                return record
+            finally:
+                await state.close()
+
+        record = asyncio.run(main())
+        self.assertEqual(record["state"], "queued")
+
+
 class SentinelFailoverTests(_LiveCase):
     """``kill -9`` of the primary under a worker's store."""
 

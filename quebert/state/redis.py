@@ -706,11 +706,22 @@ class SentinelHandler(txredisapi.ConnectionHandler):
         from twisted.internet.defer import gatherResults
         from twisted.internet.task import deferLater
 
-        d = gatherResults([self._factory.disconnect(),
-                           self._factory.sentinel_manager.disconnect()], consumeErrors=True)
-        # one more turn: txredisapi finishes parsing a reply read just before
-        # (a sentinel's late answer) with callLater(0)
-        return d.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
+        sentinels = self._factory.sentinel_manager
+        protocols = list(self._factory.pool)
+        for handler in sentinels.sentinels:
+            protocols += handler._factory.pool
+        d = gatherResults([self._factory.disconnect(), sentinels.disconnect()],
+                          consumeErrors=True)
+
+        def parsed(_: Any, turns: int = 0) -> Any:
+            # txredisapi parses a reply read before the disconnection (a
+            # sentinel's late answer) one bulk string per reactor turn
+            # (callLater(0)); let it finish, so that nothing is left behind
+            if turns < 1000 and any(getattr(p, "paused", False) for p in protocols):
+                return deferLater(reactor, 0, parsed, None, turns + 1)
+            return None
+
+        return d.addCallback(lambda _: deferLater(reactor, 0, parsed, None))
 
 
 def _connect_sentinel(options: Mapping[str, Any], *, poolsize: int, connect_timeout: float,
