@@ -7,6 +7,8 @@ The ``quebert`` command: enqueue a task, read its state, list tasks.
     quebert enqueue NAME [--args JSON] [--kwargs JSON] [--queue Q] ...
     quebert status TASK_ID [--no-tracebacks]
     quebert list [--state S] [--queue Q] [--limit N] [--no-tracebacks]
+    quebert migrate-queue QUEUE... [--queue-type T] [--delivery-limit N]
+    quebert drop-old-delays [--queue-type T]
 
 Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
 (``$QUEBERT_REDIS_URL``), ``--prefix`` (``$QUEBERT_PREFIX``), ``--exchange`` and
@@ -15,8 +17,9 @@ Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
 Output is for scripts: ``enqueue`` prints the task id alone, ``status`` a
 record as indented JSON, ``list`` one compact JSON record per line.  Exit
 codes: 0 done, 1 error (one ``quebert: error: ...`` line on stderr), 2 bad
-command line.  Every wait on the network is bounded by
-``--connect-timeout``.
+command line, 3 ``drop-old-delays`` found delay queues still holding tasks.
+Every wait on the network is bounded by ``--connect-timeout`` (but a
+migration's moves, which take as long as the queue is long).
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ from pika.exceptions import AMQPConnectionError
 from twisted.internet import defer, task
 
 from quebert.amqp.connection import DEFAULT_AMQP_URL
+from quebert.amqp.migrate import QueueMigration
+from quebert.amqp.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_TYPE, QUEUE_TYPES
 from quebert.client import Client
 from quebert.config import DEFAULT_REDIS_URL
 from quebert.errors import QuebertError
+from quebert.protocol import QUEUE_RE
 from quebert.state._redis_ops import describe_redis_url
 from quebert.state.interface import STATES
 
@@ -174,7 +180,8 @@ def _add_connection_options(parser: argparse.ArgumentParser, suppress: bool) -> 
     group.add_argument(
         "--amqp-url", metavar="URL",
         default=default(os.environ.get("QUEBERT_AMQP_URL", DEFAULT_AMQP_URL)),
-        help=f"RabbitMQ URL [env QUEBERT_AMQP_URL, default {DEFAULT_AMQP_URL}]")
+        help="RabbitMQ URL, or the URLs of a cluster's nodes separated by commas "
+             f"[env QUEBERT_AMQP_URL, default {DEFAULT_AMQP_URL}]")
     group.add_argument(
         "--redis-url", metavar="URL",
         default=default(os.environ.get("QUEBERT_REDIS_URL", DEFAULT_REDIS_URL)),
@@ -293,7 +300,39 @@ def build_parser() -> argparse.ArgumentParser:
                          help="leave the errors' tracebacks out (type and message stay)")
     _add_connection_options(listing, suppress=True)
     listing.set_defaults(run=cmd_list)
+
+    migrate = commands.add_parser(
+        "migrate-queue", help="change existing work queues to another queue type, in place",
+        description="Move work queue QUEUE (and QUEUE.errored) to --queue-type with the "
+                    "arguments workers declare, keeping every message: it is emptied into "
+                    "QUEUE.migrating (where new tasks land meanwhile), deleted, declared "
+                    "anew and filled back. Stop the workers consuming QUEUE first. Run it "
+                    "again to finish an interrupted migration (docs/topology.rst).")
+    migrate.add_argument("queues", metavar="QUEUE", nargs="+")
+    _add_queue_type_options(migrate)
+    _add_connection_options(migrate, suppress=True)
+    migrate.set_defaults(run=cmd_migrate_queue)
+
+    drop = commands.add_parser(
+        "drop-old-delays", help="delete the other queue type's delay queues once empty",
+        description="Delete the delay queues and exchanges of the queue type the workers "
+                    "no longer use (quebert 0.1 declared classic ones, quebert.delay.NN), "
+                    "once every one of them is empty. Nothing is deleted while one holds "
+                    "a task: exits 3 and lists them. Run it after every producer and "
+                    "worker was upgraded.")
+    _add_queue_type_options(drop)
+    _add_connection_options(drop, suppress=True)
+    drop.set_defaults(run=cmd_drop_old_delays)
     return parser
+
+
+def _add_queue_type_options(parser: argparse.ArgumentParser) -> None:
+    """The workers' --queue-type and --delivery-limit, for the commands that declare."""
+    parser.add_argument("--queue-type", choices=QUEUE_TYPES, default=DEFAULT_QUEUE_TYPE,
+                        help="the workers' --queue-type [default %(default)s]")
+    parser.add_argument("--delivery-limit", type=int, default=DEFAULT_DELIVERY_LIMIT,
+                        metavar="N", help="the workers' --delivery-limit, 0 for none "
+                        "[default %(default)s]")
 
 
 def _check(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
@@ -363,8 +402,10 @@ async def _quietly(reactor: Any, closing: Callable[[], Any], seconds: float) -> 
 
 
 def _where(url: str) -> str:
-    """``host:port/vhost`` of a URL, without its credentials."""
-    parts = urlsplit(url)
+    """``host:port/vhost`` of a URL (or of each of several), without credentials."""
+    if "," in url:
+        return ", ".join(_where(u) for u in url.split(",") if u.strip())
+    parts = urlsplit(url.strip())
     try:
         port = parts.port
     except ValueError:
@@ -629,6 +670,51 @@ async def cmd_status(reactor: Any, options: argparse.Namespace) -> int:
     if options.no_tracebacks:
         record = _without_tracebacks(record)
     _print(json.dumps(record, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+async def _with_migration(reactor: Any, options: argparse.Namespace,
+                          action: Callable[[QueueMigration], Any]) -> Any:
+    """Run ``action(migration)`` over a client's connection, without a time bound."""
+    if options.delivery_limit < 0:
+        raise CommandError(f"--delivery-limit must be 0 or more, not {options.delivery_limit}")
+    client = Client(options.amqp_url, reactor=reactor, exchange=options.exchange,
+                    queue_type=options.queue_type,
+                    delivery_limit=options.delivery_limit or None)
+    try:
+        await _wait_connected(reactor, client, options)
+        publisher = client.broker.publisher
+        migration = QueueMigration(client.broker.publishing, client.topology,
+                                   lambda *a: publisher.publish(*a, mandatory=True),
+                                   progress=_print)
+        return await action(migration)
+    finally:
+        await _quietly(reactor, client.close, 5.0)
+
+
+async def cmd_migrate_queue(reactor: Any, options: argparse.Namespace) -> int:
+    """Migrate each named queue; print what was done."""
+    for queue in options.queues:
+        if not QUEUE_RE.fullmatch(queue):
+            raise CommandError(f"{queue!r} is not a valid queue name")
+
+    async def run(migration: QueueMigration) -> None:
+        for queue in options.queues:
+            await migration.migrate(queue)
+
+    await _with_migration(reactor, options, run)
+    return 0
+
+
+async def cmd_drop_old_delays(reactor: Any, options: argparse.Namespace) -> int:
+    """Delete the other type's delay levels, or list those still holding tasks (exit 2)."""
+    waiting = await _with_migration(reactor, options, lambda m: m.drop_other_delays())
+    if waiting:
+        for name, count in sorted(waiting.items()):
+            _print(f"{name}: {count} task(s) still waiting")
+        _error("nothing deleted: delay queues still hold tasks; run it again once they "
+               "drained (at most their longest delay)")
+        return 3
     return 0
 
 

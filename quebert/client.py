@@ -23,7 +23,7 @@ from quebert.amqp import control
 from quebert.amqp.admin import BrokerAdmin, ErroredMessage
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.connection import DEFAULT_AMQP_URL
-from quebert.amqp.topology import Topology
+from quebert.amqp.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_TYPE, Topology
 from quebert.errors import (
     ConfigurationError,
     QuebertError,
@@ -75,6 +75,10 @@ class Client:
     :param amqp_url: where RabbitMQ is.
     :param state: an optional :class:`~quebert.state.IStateManager`; when
         given, tasks are recorded ``queued``/``scheduled`` as they are sent.
+    :param queue_type: ``quorum`` (the default) or ``classic``: the type of
+        the queues it declares, as the workers' ``--queue-type``; queues that
+        exist with another type are used as they are.
+    :param delivery_limit: the workers' ``--delivery-limit``.
     :param default_queue: queue for tasks that name none.
     :param url_policy: a :class:`~quebert.dispatch.URLPolicy` URL tasks are
         checked against when they are added (the worker checks again,
@@ -87,10 +91,13 @@ class Client:
     """
 
     def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, *, reactor: Any = None,
-                 state: Any = None, exchange: str = "quebert", queue_type: str = "classic",
+                 state: Any = None, exchange: str = "quebert",
+                 queue_type: str = DEFAULT_QUEUE_TYPE,
                  default_queue: str = "default", registry: Optional[Registry] = None,
-                 url_policy: Any = None) -> None:
-        self.topology = Topology(exchange=exchange, queue_type=queue_type)
+                 url_policy: Any = None,
+                 delivery_limit: Optional[int] = DEFAULT_DELIVERY_LIMIT) -> None:
+        self.topology = Topology(exchange=exchange, queue_type=queue_type,
+                                 delivery_limit=delivery_limit)
         _check_queue(default_queue)
         self.broker = AMQPBroker(amqp_url, self.topology, reactor=reactor, consume=False,
                                  name="client")

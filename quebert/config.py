@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
-from quebert.amqp.connection import DEFAULT_AMQP_URL, amqp_url
+from quebert.amqp.connection import DEFAULT_AMQP_URL, amqp_url, split_amqp_urls
+from quebert.amqp.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_TYPE
 from quebert.errors import ConfigurationError
 from quebert.mediator import QueueSettings
 from quebert.protocol import _NAME_RE, QUEUE_RE
@@ -35,7 +36,10 @@ class WorkerConfig:
 
     amqp_url: str = DEFAULT_AMQP_URL
     exchange: str = "quebert"
-    queue_type: str = "classic"
+    queue_type: str = DEFAULT_QUEUE_TYPE
+    #: Quorum work queues: deliveries of one message before RabbitMQ moves
+    #: it to the errored queue (``None``: no limit).
+    delivery_limit: Optional[int] = DEFAULT_DELIVERY_LIMIT
     queues: list = attrs.field(factory=list)
     max_running_tasks: int = 100
     threads: Optional[int] = None
@@ -210,7 +214,8 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     if not isinstance(amqp, dict):
         raise ConfigurationError("'amqp' must be a JSON object")
     if "url" in amqp:
-        config.amqp_url = str(amqp["url"])
+        # one URL, several separated by commas, or a list of them (cluster nodes)
+        config.amqp_url = ",".join(split_amqp_urls(amqp["url"]))
     elif any(k in amqp for k in ("host", "port", "login", "password", "vhost", "heartbeat")):
         config.amqp_url = amqp_url(
             host=amqp.get("host", "127.0.0.1"), port=amqp.get("port", 5672),
@@ -220,6 +225,9 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
         )
     config.exchange = amqp.get("exchange", config.exchange)
     config.queue_type = amqp.get("queue_type", config.queue_type)
+    if "delivery_limit" in amqp:
+        config.delivery_limit = _non_negative(amqp["delivery_limit"], "amqp.delivery_limit",
+                                              integer=True) or None
     if "max_running_tasks" in amqp:
         config.max_running_tasks = _positive(amqp["max_running_tasks"], "max_running_tasks",
                                              integer=True)

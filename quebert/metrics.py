@@ -86,13 +86,21 @@ class _WorkerCollector(Collector):
             "quebert_amqp_connections",
             "AMQP connections set up since the worker started (more than 1: reconnects).",
             labels=["connection"])
+        node = GaugeMetricFamily(
+            "quebert_amqp_connection_node",
+            "1 for the RabbitMQ node (host:port/vhost) each open AMQP connection is on.",
+            labels=["connection", "node"])
         for connection in self.connections():
             name = connection.connection_name
             current = connection.current
             ready.add_metric([name], 1 if current is not None and current.is_open else 0)
             made.add_metric([name], connection.connected_count)
+            address = getattr(connection, "connected_node", None)
+            if address is not None:
+                node.add_metric([name, address], 1)
         yield ready
         yield made
+        yield node
 
 
 class WorkerMetrics:

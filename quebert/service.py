@@ -43,10 +43,13 @@ class TaskService:
     :param registry: when it holds tasks, call tasks must name one of them.
     :param readiness: extra ``() -> bool`` checks (e.g. the worker's own
         AMQP consumer connection) for ``/health``.
+    :param connections: ``() -> AMQP connections`` whose broker node
+        ``/health`` names (the client's own are always named).
     """
 
     def __init__(self, client: Client, *, queues: dict, registry: Optional[Registry] = None,
-                 redis_ping: Any = None, readiness: Iterable[Any] = ()) -> None:
+                 redis_ping: Any = None, readiness: Iterable[Any] = (),
+                 connections: Any = None) -> None:
         if client.state is None:
             raise ValueError("the task service needs a Client with a state store")
         self.client = client
@@ -55,6 +58,7 @@ class TaskService:
         self.registry = registry
         self.redis_ping = redis_ping
         self.readiness = list(readiness)
+        self.connections = connections or (lambda: ())
 
     # -- tasks ------------------------------------------------------------------
 
@@ -205,4 +209,7 @@ class TaskService:
                 redis = True
             except Exception:
                 redis = False
-        return {"live": True, "ready": amqp and redis, "amqp": amqp, "redis": redis}
+        nodes = {c.connection_name: c.connected_node
+                 for c in [*self.connections(), *self.client.broker.connections()]}
+        return {"live": True, "ready": amqp and redis, "amqp": amqp, "redis": redis,
+                "nodes": nodes}

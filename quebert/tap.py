@@ -34,7 +34,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "JSON config file (guillotina_amqp-style 'amqp' block)."],
-        ["amqp-url", None, None, "AMQP URL [default: amqp://guest:guest@127.0.0.1:5672/]."],
+        ["amqp-url", None, None, "AMQP URL, or the URLs of a cluster's nodes separated by "
+         "commas [default: amqp://guest:guest@127.0.0.1:5672/]."],
         ["redis-url", None, None, "Redis URL for task state [default: redis://127.0.0.1:6379/0]."],
         ["state", None, None, "State backend: redis or memory [default: redis]."],
         ["state-prefix", None, None, "Key prefix of task state in Redis [default: quebert:]."],
@@ -45,7 +46,9 @@ class Options(usage.Options):
         ["auto-kill-timeout", None, None, "Exit (status 4) when the reactor has not run for "
          "this many seconds: a task blocks it [default: 0, off]."],
         ["exchange", None, None, "Main exchange name [default: quebert]."],
-        ["queue-type", None, None, "classic or quorum queues [default: classic]."],
+        ["queue-type", None, None, "quorum or classic queues [default: quorum]."],
+        ["delivery-limit", None, None, "Quorum work queues: deliveries of one message "
+         "before RabbitMQ moves it to the errored queue; 0 disables [default: 20]."],
         ["max-message-size", None, None, "Largest message body accepted, in bytes "
          "[default: 1048576]."],
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
@@ -145,6 +148,11 @@ def build_config(options: Any) -> WorkerConfig:
         config.exchange = options["exchange"]
     if options["queue-type"]:
         config.queue_type = options["queue-type"]
+    if options["delivery-limit"] is not None:
+        limit = _int(options["delivery-limit"], "delivery-limit")
+        if limit < 0:
+            raise usage.UsageError(f"--delivery-limit must be 0 or more, not {limit}")
+        config.delivery_limit = limit or None
     if options["max-message-size"]:
         config.max_message_size = _int(options["max-message-size"], "max-message-size")
     if options["log-level"]:
@@ -179,12 +187,13 @@ def build_config(options: Any) -> WorkerConfig:
     if options["queues"]:
         config.queues = list(options["queues"])
     # Validate everything that can be validated before the reactor runs.
-    from quebert.amqp.connection import parse_amqp_url
+    from quebert.amqp.connection import split_amqp_urls
     from quebert.amqp.topology import Topology
     from quebert.worker import import_tasks, load_mediator_class
 
-    parse_amqp_url(config.amqp_url)
-    Topology(exchange=config.exchange, queue_type=config.queue_type)
+    split_amqp_urls(config.amqp_url)
+    Topology(exchange=config.exchange, queue_type=config.queue_type,
+             delivery_limit=config.delivery_limit)
     if config.state == "redis":
         from quebert.state.redis import parse_redis_url
 

@@ -151,7 +151,8 @@ def queue_description(settings: QueueSettings) -> dict:
 
 def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state: Any,
               redis: Any, registry: Registry, queues: list, readiness: list = (),
-              metrics: Optional[Callable[[], bytes]] = None) -> tuple:
+              metrics: Optional[Callable[[], bytes]] = None,
+              connections: Any = None) -> tuple:
     """
     Add the HTTP task API to ``parent``: a :class:`~quebert.Client` of its
     own (publishing and control messages) and the web server, which serves
@@ -165,7 +166,8 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
 
     client = Client(config.amqp_url, reactor=reactor, state=state,
                     exchange=config.exchange, queue_type=config.queue_type,
-                    default_queue=queues[0].name, registry=registry,
+                    delivery_limit=config.delivery_limit, default_queue=queues[0].name,
+                    registry=registry,
                     url_policy=config.dispatch_settings().policy)
     client.broker.setServiceParent(parent)
     settings = {q.name: queue_description(q) for q in queues}
@@ -176,7 +178,8 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
         def redis_ping() -> defer.Deferred:
             return defer.succeed(True)  # the memory store is always there
     service = TaskService(client, queues=settings, registry=registry,
-                          redis_ping=redis_ping, readiness=list(readiness))
+                          redis_ping=redis_ping, readiness=list(readiness),
+                          connections=connections)
     api = api_config(config)
     if api.open:
         log.warn("the HTTP task API on {interface}:{port} accepts requests without a token "
@@ -422,7 +425,8 @@ class WorkerService(_StopSignals, MultiService):
 
         topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
                             errored_ttl_ms=config.errored_ttl_ms,
-                            existing_queues=config.existing_queues())
+                            existing_queues=config.existing_queues(),
+                            delivery_limit=config.delivery_limit)
         self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor,
                                  beacon_interval=config.beacon_interval,
                                  on_stuck=self._stuck_connection)
@@ -508,7 +512,7 @@ class WorkerService(_StopSignals, MultiService):
             readiness=[lambda: consuming.current is not None and consuming.current.is_open,
                        lambda: not any(b.gave_up for b in self.broker.beacons),
                        lambda: self.stuck_check is None or self.stuck_check.healthy()],
-            metrics=self.metrics.exposition)
+            metrics=self.metrics.exposition, connections=self.broker.connections)
 
     def _broker_refused(self, failure) -> None:
         if self.exit_code != EXIT_OK:
@@ -562,6 +566,27 @@ class WorkerService(_StopSignals, MultiService):
         self.executor.start()
         super().startService()
         self._install_stop_signals()
+        ready = self.broker.publishing.whenReady()
+        ready.addCallback(lambda protocol: defer.ensureDeferred(
+            self._report_other_delays(protocol)))
+        ready.addErrback(lambda _: None)  # stopped before it connected
+
+    async def _report_other_delays(self, protocol: Any) -> None:
+        """Say once whether tasks still wait in the other queue type's delay levels."""
+        topology = self.broker.topology
+        try:
+            waiting = await topology.waiting_in_other_delays(protocol)
+        except Exception as e:
+            log.warn("could not look into the delay queues of the other queue type: {error}",
+                     error=e)
+            return
+        if waiting:
+            log.warn(
+                "{count} task(s) still wait in {levels} {kind} delay queue(s) of an earlier "
+                "deployment; they reach their work queues by themselves (at most their "
+                "longest delay); 'quebert drop-old-delays' deletes those queues once empty",
+                count=sum(waiting.values()), levels=len(waiting),
+                kind="quorum" if topology.queue_type == "classic" else "classic")
 
     def _second_stop_signal(self, signum: int) -> None:
         self._hard_stop(signum)

@@ -8,6 +8,7 @@ vhost that is deleted in cleanup.
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from typing import Optional
 
@@ -68,6 +69,44 @@ def queue_counts(url: str, queue: Optional[str] = None):
         if len(parts) == 3 and parts[1].isdigit():
             counts[parts[0]] = (int(parts[1]), int(parts[2]))
     return counts if queue is None else counts.get(queue, (0, 0))
+
+
+async def wait_counts(url: str, queue: str, expected: tuple, timeout: float = 20.0) -> None:
+    """
+    Wait until ``queue_counts(url, queue)`` is ``expected``: RabbitMQ
+    reports a quorum queue's counts to ``list_queues`` every few seconds,
+    so they lag behind what the queue holds.
+    """
+    from tests._worker import sleep
+
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = await queue_counts(url, queue)
+        if counts == expected:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue {queue}: counts {counts} after {timeout}s, "
+                                 f"expected {expected}")
+        await sleep(0.25)
+
+
+async def wait_empty(url: str, timeout: float = 20.0) -> None:
+    """
+    Wait until every queue of ``url``'s vhost but the server-named ones
+    (a worker's beacon is always in flight) holds nothing, ready or
+    unacked; quorum queues' counts lag (see :func:`wait_counts`).
+    """
+    from tests._worker import sleep
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {q: c for q, c in (await queue_counts(url)).items()
+                if c != (0, 0) and not q.startswith("amq.gen-")}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queues not empty after {timeout}s: {left}")
+        await sleep(0.25)
 
 
 def read_all(url: str, queue: str) -> list:

@@ -107,7 +107,7 @@ class FakeConnection:
 
 
 class FakeTopology:
-    def declare_queue(self, channel, queue):
+    def declare_queue(self, protocol, queue):
         return defer.succeed(None)
 
 
@@ -306,8 +306,8 @@ class QueueConsumerTests(SynchronousTestCase):
         self.consumer = QueueConsumer(self.connection, FakeTopology(), "q", 10,
                                       self.deliveries.append)
         self.successResultOf(self.consumer._prepare(self.protocol))
-        # [0] declared the queue, [1] consumes.
-        self.channel = self.protocol.channels[1]
+        # (the declarations open channels of their own: FakeTopology opens none)
+        self.channel = self.protocol.channels[0]
 
     def put(self, channel, *tags):
         for tag in tags:
@@ -336,8 +336,8 @@ class QueueConsumerTests(SynchronousTestCase):
         self.assertEqual(self.channel.frames, [])
 
         self.clock.advance(1)
-        self.assertEqual(len(self.protocol.channels), 4)
-        new_channel = self.protocol.channels[3]
+        self.assertEqual(len(self.protocol.channels), 2)
+        new_channel = self.protocol.channels[1]
         self.assertTrue(self.consumer.consuming)
         self.put(new_channel, 1)
         self.assertFalse(old[1].ack())

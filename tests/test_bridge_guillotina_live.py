@@ -355,18 +355,20 @@ class GuillotinaBridgeTests(_BridgeTestCase):
 
     async def test_a_refused_publish_frees_the_name(self) -> None:
         """
-        RabbitMQ refuses the work queue (declared as a quorum queue by
-        someone else, the application says classic): the name is released
-        and the task recorded ``failed`` with the reason; once the queue is
-        fixed, the same call takes the name.
+        RabbitMQ refuses the message (the work queue was declared by
+        someone else, full at once and rejecting publishes; the bridge uses
+        a queue that exists with other arguments as it is): the name is
+        released and the task recorded ``failed`` with the reason; once the
+        queue is fixed, the same call takes the name.
         """
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
-        channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_declare(QUEUE, durable=True, arguments={
+            "x-max-length": 0, "x-overflow": "reject-publish"})
         named = {"kind": "add_task", "args": [1], "kwargs": {"_name": "refused"}}
         status, answer = await self.call("POST", "/db/c1/@bridge-test-enqueue", named)
-        self.assertEqual((status, answer["type"]), (412, "BrokerError"), answer)
-        self.assertIn("queue_type", answer["reason"])
+        self.assertEqual((status, answer["type"]), (412, "PublishError"), answer)
+        self.assertIn("refused the message", answer["reason"])
         self.assertIsNone(await self.redis.get(f"{self.prefix}name:refused"))
         status, [failed] = await self.call("GET", "/db/c1/@amqp-tasks")
         status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{failed}")

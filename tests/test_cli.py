@@ -24,7 +24,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from quebert import protocol as wire
-from tests._rabbit import make_vhost, queue_counts
+from tests._rabbit import make_vhost, queue_counts, wait_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = "redis://127.0.0.1:6379/9"
@@ -255,8 +255,7 @@ class BrokerTests(BrokerHarness):
             "--queue", "cli-q", "--timeout", "30", "--max-attempts", "3",
             "--min-backoff", "2", "--max-backoff", "60", "--name", "unique-1")
         self.assertRegex(task_id, ID_RE)
-        counts = yield queue_counts(self.amqp_url)
-        self.assertEqual(counts["cli-q"], (1, 0))
+        yield defer.ensureDeferred(wait_counts(self.amqp_url, "cli-q", (1, 0)))
         got = yield threads.deferToThread(basic_get, self.amqp_url, "cli-q")
         self.assertIsNotNone(got)
         properties, body = got
@@ -277,9 +276,9 @@ class BrokerTests(BrokerHarness):
     def test_task_id_and_exchange(self):
         task_id = yield self.enqueue("app.add", "--task-id", "my-task.1", "--exchange", "clix")
         self.assertEqual(task_id, "my-task.1")
+        yield defer.ensureDeferred(wait_counts(self.amqp_url, "default", (1, 0)))
         counts = yield queue_counts(self.amqp_url)
-        self.assertEqual(counts["default"], (1, 0))
-        self.assertIn("clix.delay.00", counts)
+        self.assertIn("clix.qdelay.00", counts)
 
     @defer.inlineCallbacks
     def test_status_of_queued_task(self):
@@ -330,8 +329,7 @@ class BrokerTests(BrokerHarness):
         result = yield self.quebert("status", task_id)
         self.assertEqual(result.code, 1, result)
         self.assertIn("no such task", result.err)
-        counts = yield queue_counts(self.amqp_url)
-        self.assertEqual(counts["default"], (1, 0))
+        yield defer.ensureDeferred(wait_counts(self.amqp_url, "default", (1, 0)))
 
     @defer.inlineCallbacks
     def test_no_tracebacks_leaves_them_out_of_status_and_list(self):
@@ -398,8 +396,7 @@ class BrokerTests(BrokerHarness):
         self.assertTrue(lines[0].startswith("quebert: warning: "), result)
         self.assertIn(task_id, lines[0])
         self.assertLess(result.seconds, 15)
-        counts = yield queue_counts(self.amqp_url)
-        self.assertEqual(counts["default"], (1, 0))
+        yield defer.ensureDeferred(wait_counts(self.amqp_url, "default", (1, 0)))
 
 
 class TaskManagementTests(BrokerHarness):

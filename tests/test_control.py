@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from quebert.amqp import control
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.topology import Topology
-from tests._rabbit import make_vhost, queue_counts
+from tests._rabbit import make_vhost, wait_counts
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.02) -> None:
@@ -138,14 +138,14 @@ class PauseResumeTests(TestCase):
             await broker.publish("jobs", b"{}", {}, message_id=f"m{n}")
         await deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(len(received), 3)
-        self.assertEqual(await queue_counts(self.url, "jobs"), (3, 3))
+        await wait_counts(self.url, "jobs", (3, 3))
         # deliveries from before the pause are still ackable after the resume
         await broker.resume("jobs")
         await wait_for(lambda: len(received) == 6)
         for delivery in received:
             self.assertTrue(delivery.ack())
         await deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(await queue_counts(self.url, "jobs"), (0, 0))
+        await wait_counts(self.url, "jobs", (0, 0))
         # one channel: the resume reused the paused one
         self.assertIs(received[0]._channel, received[-1]._channel)
 

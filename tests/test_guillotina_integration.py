@@ -26,7 +26,7 @@ from quebert import Client, protocol
 from tests import test_integration as integration
 from tests._rabbit import queue_counts, read_all
 from tests._redis import dump_prefixed
-from tests._worker import WorkerProcess, wait_for
+from tests._worker import WorkerProcess
 
 EXCHANGE = "guillotina"
 QUEUE = "legacy"
@@ -151,7 +151,7 @@ class GuillotinaWorkerTests(integration.IntegrationTestCase):
         by_id = {p.message_id: (queue, p, body) for queue, items in messages.items()
                  for p, body in items}
         queue, properties, body = by_id[delayed]
-        self.assertTrue(queue.startswith(f"{EXCHANGE}.delay."), queue)
+        self.assertTrue(queue.startswith((f"{EXCHANGE}.delay.", f"{EXCHANGE}.qdelay.")), queue)
         copy = protocol.decode(body, properties.content_type)
         self.assertEqual((copy.origin, copy.task, copy.context["user_id"]),
                          ("quebert", "it.fail_slowly", "alice"))
@@ -203,11 +203,19 @@ class GuillotinaWorkerTests(integration.IntegrationTestCase):
                          record.get("error"))
         self.assertEqual(await worker.stop(), 0)
 
-    async def test_queue_declared_by_guillotina_amqp_is_refused_without_existing(self):
-        """Without ``"existing"`` the worker stops (exit 3) and says how to use the queue."""
+    async def test_queue_declared_by_guillotina_amqp_is_used_without_existing_too(self):
+        """
+        Without ``"existing"`` the worker meets ``406 PRECONDITION_FAILED``
+        declaring the queue, uses it as it is all the same and says so.
+        """
         await deferToThread(self.declare_like_guillotina_amqp)
-        worker = self.worker("--exchange", EXCHANGE, queues=(QUEUE,), name="refused").start()
-        await wait_for(lambda: not worker.alive, 60, what="the worker to give up")
-        self.assertEqual(worker.process.returncode, 3)
-        self.assertIn("PRECONDITION_FAILED", worker.log())
-        self.assertIn('"existing": true', worker.log())
+        worker = self.worker("--exchange", EXCHANGE, queues=(QUEUE,), name="mismatch").start()
+        await worker.ready()
+        task_id, body = self.legacy_body("it.add", args=[2, 3])
+        await deferToThread(publish_like_guillotina, self.url, [body])
+        [record] = await self.wait_states([task_id], worker=worker)
+        self.assertEqual(record["state"], "succeeded", record.get("error"))
+        log = worker.log()
+        self.assertIn(f"queue {QUEUE} exists with other arguments", log)
+        self.assertIn("PRECONDITION_FAILED", log)
+        self.assertEqual(await worker.stop(), 0)

@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests._rabbit import make_vhost, queue_counts
+from tests._rabbit import make_vhost, wait_counts
 from tests._worker import WorkerProcess, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
@@ -196,14 +196,13 @@ class URLAndAPITests(TestCase):
             "retry": {"max_attempts": 2, "min_backoff": 0.2}})
         record = await self.until_state(created["id"], "failed")
         self.assertEqual(record["attempts"], 2)
-        await wait_for(lambda: queue_counts(self.amqp_url, "default.errored"), 10)
-        self.assertEqual(await queue_counts(self.amqp_url, "default.errored"), (1, 0))
+        await wait_counts(self.amqp_url, "default.errored", (1, 0))
         self.target.fixed = True
         code, requeued = await self.call("POST", f"/tasks/{created['id']}/requeue")
         self.assertEqual(code, 200, requeued)
         record = await self.until_state(created["id"], "succeeded")
         self.assertEqual(record["attempts"], 3)
-        self.assertEqual(await queue_counts(self.amqp_url, "default.errored"), (0, 0))
+        await wait_counts(self.amqp_url, "default.errored", (0, 0))
         # a second requeue of a succeeded task is a conflict
         code, error = await self.call("POST", f"/tasks/{created['id']}/requeue")
         self.assertEqual((code, error["error"]["code"]), (409, "task_state_conflict"))
@@ -258,7 +257,7 @@ class URLAndAPITests(TestCase):
         await self.call("DELETE", f"/tasks/{created['id']}")
         record = await self.until_state(created["id"], "canceled", timeout=5)
         self.assertLess(record["finished_at"] - asked, 1.0)
-        self.assertEqual(await queue_counts(self.amqp_url, "default"), (0, 0))
+        await wait_counts(self.amqp_url, "default", (0, 0))
 
     async def test_running_thread_task_canceled_and_its_result_discarded(self) -> None:
         path = os.path.abspath(self.mktemp())
@@ -276,7 +275,7 @@ class URLAndAPITests(TestCase):
         # ...and its result is thrown away
         record = await self.record(created["id"])
         self.assertEqual((record["state"], record["result"]), ("canceled", None))
-        self.assertEqual(await queue_counts(self.amqp_url, "default"), (0, 0))
+        await wait_counts(self.amqp_url, "default", (0, 0))
 
     async def test_scheduled_task_canceled_never_runs(self) -> None:
         code, created = await self.call("POST", "/tasks", {

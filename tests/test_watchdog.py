@@ -41,7 +41,7 @@ from quebert.worker import (
     EXIT_USAGE,
 )
 from tests import test_integration as integration
-from tests._rabbit import queue_counts
+from tests._rabbit import wait_counts
 from tests._worker import WorkerProcess, sleep, wait_for
 
 T0 = 1_700_000_000.0
@@ -609,8 +609,8 @@ class WorkerProcessTests(integration.IntegrationTestCase):
             self.assertLess(time.monotonic() - stopped, 5)
             self.assertEqual(code, -signal.SIGTERM)
             self.assertIn("stopping now", worker.log())
-            self.assertEqual(await queue_counts(self.url, "default"), (2, 0),
-                             "both slow tasks are back in the queue, ready")
+            # both slow tasks are back in the queue, ready
+            await wait_counts(self.url, "default", (2, 0))
             lines = integration._read_lines(path)
             self.assertEqual(sorted(line["i"] for line in lines if "event" not in line),
                              list(range(5)), "each finished task ran once")

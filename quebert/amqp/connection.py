@@ -76,6 +76,26 @@ def parse_amqp_url(url: str) -> pika.URLParameters:
         raise ConfigurationError(f"bad AMQP URL {redact(url)!r}: {e}") from e
 
 
+def split_amqp_urls(value: Any) -> list[str]:
+    """
+    The node URLs in ``value``: one URL, several separated by commas or
+    white space (a comma inside a password must be written ``%2C``), or
+    a list of them; each checked (:class:`ConfigurationError` otherwise).
+    """
+    if isinstance(value, str):
+        urls = [u for u in value.replace(",", " ").split() if u]
+    elif isinstance(value, (list, tuple)) and all(isinstance(u, str) for u in value):
+        urls = [u.strip() for u in value if u.strip()]
+    else:
+        raise ConfigurationError(
+            f"AMQP URL must be a string or a list of strings, not {type(value).__name__}")
+    if not urls:
+        raise ConfigurationError("no AMQP URL given")
+    for url in urls:
+        parse_amqp_url(url)
+    return urls
+
+
 def amqp_url(host: str = "127.0.0.1", port: int = 5672, login: str = "guest",
              password: str = "guest", vhost: str = "/", heartbeat: Optional[int] = None,
              ssl: bool = False) -> str:
@@ -138,6 +158,7 @@ class _PikaFactory(Factory):
     noisy = False
 
     def __init__(self, parameters: pika.URLParameters, reactor: Any) -> None:
+        #: The parameters of the node being connected to (set per attempt).
         self.parameters = parameters
         self.reactor = reactor
 
@@ -145,20 +166,67 @@ class _PikaFactory(Factory):
         return _pika_connection_class()(self.parameters, custom_reactor=self.reactor)
 
 
-@implementer(IStreamClientEndpoint)
-class _NotifyingEndpoint:
-    """An endpoint that calls ``notify()`` before each connection attempt."""
+class Node:
+    """One broker node: its URL, pika parameters and TCP (or TLS) endpoint."""
 
-    def __init__(self, endpoint: Any, notify: Callable[[], None]) -> None:
-        self._endpoint = endpoint
-        self._notify = notify
-
-    def connect(self, factory):
-        self._notify()
-        return self._endpoint.connect(factory)
+    def __init__(self, url: str, reactor: Any) -> None:
+        self.url = url
+        self.parameters = parse_amqp_url(url)
+        parts = urlsplit(url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        #: ``host:port/vhost``: how logs, ``/health`` and metrics name it.
+        self.address = f"{parts.hostname}:{port}/{self.parameters.virtual_host}"
+        endpoint: Any = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
+        if parts.scheme == "amqps":
+            endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
+        self.endpoint = endpoint
 
     def __repr__(self) -> str:
-        return repr(self._endpoint)
+        return f"<Node {self.address}>"
+
+
+@implementer(IStreamClientEndpoint)
+class _FailoverEndpoint:
+    """
+    Connects to the first of ``nodes`` that accepts the TCP connection,
+    starting after the node used last (the first node at the start), so
+    that a node that went away is not tried first again: nothing waits for
+    it to come back while another node answers.  Fails only when every
+    node refused or timed out, and ``ClientService`` then backs off.
+    ``notify()`` is called before each attempt, ``chosen(node)`` on success.
+    """
+
+    def __init__(self, nodes: List[Node], notify: Callable[[], None],
+                 chosen: Callable[[Node], None]) -> None:
+        self.nodes = nodes
+        self._notify = notify
+        self._chosen = chosen
+        self._next = 0
+
+    @defer.inlineCallbacks
+    def connect(self, factory):
+        self._notify()
+        failure = None
+        start = self._next
+        for i in range(len(self.nodes)):
+            index = (start + i) % len(self.nodes)
+            node = self.nodes[index]
+            factory.parameters = node.parameters
+            try:
+                protocol = yield node.endpoint.connect(factory)
+            except Exception as e:
+                failure = Failure(e)
+                if len(self.nodes) > 1:
+                    _log.info("AMQP node {address} did not answer ({error})",
+                              address=node.address, error=e)
+                continue
+            self._next = (index + 1) % len(self.nodes)
+            self._chosen(node)
+            return protocol
+        failure.raiseException()
+
+    def __repr__(self) -> str:
+        return " | ".join(node.address for node in self.nodes)
 
 
 class _RetryLog(Logger):
@@ -185,8 +253,11 @@ class AMQPConnection(ClientService):
     """
     A reconnecting, prepared AMQP connection.
 
-    :param url: ``amqp://`` or ``amqps://`` URL.  pika ignores host, port and
-        TLS under Twisted, so they configure the endpoint here.
+    :param url: ``amqp://`` or ``amqps://`` URL, or the URLs of several nodes
+        of one cluster (a list, or separated by commas): the connection
+        goes to the first that answers and, when it is lost, to the next
+        (:class:`_FailoverEndpoint`).  pika ignores host, port and TLS under
+        Twisted, so they configure the endpoints here.
     :param name: used in log events (``publisher``, ``consumer``...).
 
     Use :meth:`whenReady` rather than ``whenConnected``: the latter may hand
@@ -198,12 +269,15 @@ class AMQPConnection(ClientService):
 
     log = Logger()
 
-    def __init__(self, url: str, *, name: str = "amqp", reactor: Any = None,
+    def __init__(self, url: Any, *, name: str = "amqp", reactor: Any = None,
                  retry_policy: Optional[Callable[[int], float]] = None) -> None:
-        self.url = url
-        self.connection_name = name
-        self.parameters = parse_amqp_url(url)
         self.reactor = _reactor(reactor)
+        self.nodes = [Node(u, self.reactor) for u in split_amqp_urls(url)]
+        #: The node connected to, or last tried.
+        self.node = self.nodes[0]
+        self.url = self.node.url
+        self.connection_name = name
+        self.parameters = self.node.parameters
         self._preparers: List[Preparer] = []
         self._ready_waiters: list = []
         self.connected_count = 0
@@ -222,13 +296,7 @@ class AMQPConnection(ClientService):
         #: Called with a Failure when the broker refuses our setup for good
         #: (access refused, conflicting queue arguments).
         self.on_fatal: Optional[Callable[[Failure], Any]] = None
-        parts = urlsplit(url)
-        self.address = f"{parts.hostname}:{parts.port or 5672}/{self.parameters.virtual_host}"
-        endpoint = HostnameEndpoint(self.reactor, parts.hostname, parts.port or (
-            5671 if parts.scheme == "amqps" else 5672), timeout=10)
-        if parts.scheme == "amqps":
-            endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
-        endpoint = _NotifyingEndpoint(endpoint, self._attempting)
+        endpoint = _FailoverEndpoint(self.nodes, self._attempting, self._chose)
         policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         self._log = _RetryLog(self)  # (ClientService's, read by its __init__)
         super().__init__(
@@ -242,6 +310,25 @@ class AMQPConnection(ClientService):
     def startService(self) -> None:
         self._stopping = False
         super().startService()
+
+    @property
+    def address(self) -> str:
+        """``host:port/vhost`` of the node connected to (or being tried)."""
+        return self.node.address
+
+    @property
+    def connected_node(self) -> Optional[str]:
+        """The address of the node of the open, prepared connection; ``None`` without one."""
+        current = self.current
+        return self.node.address if current is not None and current.is_open else None
+
+    def _chose(self, node: Node) -> None:
+        if node is not self.node and len(self.nodes) > 1:
+            self.log.info("AMQP {name} connection: connecting to node {address}",
+                          name=self.connection_name, address=node.address)
+        self.node = node
+        self.url = node.url
+        self.parameters = node.parameters
 
     def add_preparer(self, preparer: Preparer) -> None:
         """
@@ -423,8 +510,8 @@ class AMQPConnection(ClientService):
         if self._latest is protocol and self.blocked:
             self._set_blocked(protocol, False)
         if self.running and not self._stopping:
-            self.log.warn("AMQP {name} connection lost: {reason}; reconnecting",
-                          name=self.connection_name, reason=reason)
+            self.log.warn("AMQP {name} connection to {address} lost: {reason}; reconnecting",
+                          name=self.connection_name, address=self.address, reason=reason)
 
     @defer.inlineCallbacks
     def stopService(self):

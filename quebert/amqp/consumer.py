@@ -311,12 +311,7 @@ class QueueConsumer:
 
     @defer.inlineCallbacks
     def _prepare(self, protocol):
-        channel = yield protocol.channel()
-        try:
-            yield self.topology.declare_queue(channel, self.queue)
-        finally:
-            if channel.is_open:
-                channel.close()
+        yield self.topology.declare_queue(protocol, self.queue)
         self._protocol = protocol
         if not self.paused:
             yield self._consume(protocol)
@@ -420,12 +415,7 @@ class QueueConsumer:
                 # The connection's preparer re-consumes on reconnect.
                 return
             try:
-                channel = yield protocol.channel()
-                try:
-                    yield self.topology.declare_queue(channel, self.queue)
-                finally:
-                    if channel.is_open:
-                        channel.close()
+                yield self.topology.declare_queue(protocol, self.queue)
                 yield self._consume(protocol)
                 return
             except Exception as e:

@@ -76,12 +76,7 @@ class Publisher:
 
     @defer.inlineCallbacks
     def _prepare(self, protocol):
-        channel = yield protocol.channel()
-        try:
-            yield self.topology.declare_delays(channel)
-        finally:
-            if channel.is_open:
-                channel.close()
+        yield self.topology.declare_delays(protocol)
         self._protocol = protocol
         self._declared = set()
         self._channel = None
@@ -159,20 +154,15 @@ class Publisher:
     def _declare_queue(self, protocol, queue: str):
         if queue in self._declared:
             return
-        # A failed declare closes its channel: use one we can lose.
-        channel = yield protocol.channel()
+        # (on channels of its own: a failed declare closes its channel)
         try:
-            yield self.topology.declare_queue(channel, queue, errored=self.declare_errored)
+            yield self.topology.declare_queue(protocol, queue, errored=self.declare_errored)
         except pika.exceptions.ChannelClosedByBroker as e:
             if is_permanent(e):
                 raise BrokerError(
                     f"RabbitMQ refused to declare queue {queue!r}: {e.reply_code} "
-                    f"{e.reply_text} (producers and workers must agree on exchange, "
-                    "queue type and queue arguments)") from e
+                    f"{e.reply_text}") from e
             raise
-        finally:
-            if channel.is_open:
-                channel.close()
         if protocol is self._protocol:
             self._declared.add(queue)
 
@@ -187,6 +177,7 @@ class Publisher:
         (unless ``mandatory`` is false: then such a message is dropped).
         """
         failures = 0
+        redeclared = False
         while True:
             if self.connection.blocked:
                 yield self._wait_unblocked(exchange, routing_key)
@@ -200,6 +191,12 @@ class Publisher:
             except BrokerError:
                 raise
             except pika.exceptions.UnroutableError:
+                if declare is not None and not redeclared:
+                    # The queue was deleted since it was declared (no queue got
+                    # the message, so sending it again duplicates nothing).
+                    self._declared.discard(declare)
+                    redeclared = True
+                    continue
                 raise UnroutableError(
                     f"no queue is bound to exchange {exchange!r} with routing key "
                     f"{routing_key!r}"

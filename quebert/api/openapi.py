@@ -238,6 +238,10 @@ _HEALTH: Dict[str, Any] = {
                   "description": "The service can take tasks (200), or not (503)."},
         "amqp": {"type": "boolean", "description": "The broker connection is up."},
         "redis": {"type": "boolean", "description": "The state store is reachable."},
+        "nodes": {"type": "object",
+                  "description": ("The RabbitMQ node (host:port/vhost) each AMQP connection "
+                                  "is on, by connection name; null while one is down."),
+                  "additionalProperties": _nullable("string")},
     },
 }
 

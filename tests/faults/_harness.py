@@ -162,8 +162,9 @@ class FaultCase(TestCase):
     scenario = "unnamed"
     #: One line saying what the fault is.
     fault = ""
-    #: ``--queue-type`` of the scenario's workers and client.
-    queue_type = "classic"
+    #: ``--queue-type`` of the scenario's workers and client; ``None``: the
+    #: default (quorum), with no flag.
+    queue_type: Optional[str] = None
 
     def setUp(self) -> None:
         self._began = time.monotonic()
@@ -180,9 +181,14 @@ class FaultCase(TestCase):
         self.prefix = f"quebert-fault-{uuid.uuid4().hex[:12]}:"
         self.redis = connect_redis(REDIS_URL)
         self.state = RedisStateManager(self.redis, prefix=self.prefix)
-        self.client = Client(self.url, state=self.state, queue_type=self.queue_type)
+        self.client = self.make_client(self.state)
         self.addCleanup(lambda: defer.ensureDeferred(self._cleanup()))
         self.runs = Runs(os.path.abspath(self.mktemp()))
+
+    def make_client(self, state: Any) -> Client:
+        """A client of the scenario's vhost, queue type and ``state`` store."""
+        return Client(self.url, state=state,
+                      **({"queue_type": self.queue_type} if self.queue_type else {}))
 
     async def _cleanup(self) -> None:
         await self.client.close()
@@ -212,7 +218,8 @@ class FaultCase(TestCase):
         """A worker process (not started) on the fault tasks; killed in cleanup."""
         return WorkerProcess(self, amqp_url or self.url, redis_url, self.prefix,
                              tasks=(TASKS_MODULE,), queues=queues,
-                             extra=("--queue-type", self.queue_type, *extra), name=name)
+                             extra=(*(("--queue-type", self.queue_type) if self.queue_type
+                                      else ()), *extra), name=name)
 
     async def publish(self, count: int, task: str = "faults.mark", *, start: int = 0,
                       options: Callable[[int], Mapping[str, Any]] = lambda i: {}
@@ -363,8 +370,8 @@ class FaultCase(TestCase):
     async def assert_queues(self, expected: Optional[Mapping[str, tuple]] = None,
                             timeout: float = 20.0) -> Dict[str, tuple]:
         """
-        Wait until every queue of the vhost (work, ``quebert.delay.NN``,
-        errored) is empty but ``expected`` (``{queue: (ready, unacked)}``);
+        Wait until every queue of the vhost (work, delay levels, errored)
+        is empty but ``expected`` (``{queue: (ready, unacked)}``);
         fail with the counts otherwise.  The workers' own server-named
         queues (``amq.gen-*``: control and liveness beacons, one beacon
         always in flight) are not tasks and are left out.

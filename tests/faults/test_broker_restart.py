@@ -4,14 +4,14 @@ Scenario: RabbitMQ stopped and started again mid-batch
 
 The whole node goes away, not one connection: durable queues and
 persistent messages (the work queue, the retries waiting in the
-``quebert.delay.NN`` queues) must survive it, and the workers must
+``quebert.qdelay.NN`` queues) must survive it, and the workers must
 reconnect on their own (``ClientService``), re-declare, re-consume and
 finish the batch.  One task in ten fails its first run, so the delay
 queues hold messages when the node stops.
 
-The queues are quorum queues (``--queue-type quorum``): that is the
-configuration in which quebert promises that no task is lost when the
-broker node stops.  With classic queues, RabbitMQ dead-letters an expired
+The workers and the client run on the default configuration, no flag:
+quorum queues, the configuration in which quebert promises that no task
+is lost when the broker node stops.  With classic queues, RabbitMQ dead-letters an expired
 message *at most once* (``topology.rst``), so a retry moving between two
 delay levels at the moment the node stops can be dropped by the broker:
 CI saw two of 200 first-run failures lost that way (their retries,
@@ -67,8 +67,8 @@ async def broker_up() -> None:
 
 class BrokerRestartTests(FaultCase):
     scenario = "broker-restart"
-    fault = f"rabbitmqctl stop_app for {DOWN:.0f} s mid-batch, then start_app (quorum queues)"
-    queue_type = "quorum"
+    fault = (f"rabbitmqctl stop_app for {DOWN:.0f} s mid-batch, then start_app (default "
+             "configuration: quorum queues)")
     timeout = 420
 
     def test_broker_stopped_and_started_mid_batch(self):

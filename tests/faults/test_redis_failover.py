@@ -25,7 +25,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
 from quebert._defer import bounded
-from quebert.client import Client
 from quebert.state.redis import RedisStateManager, connect_redis
 from tests import _sentinel
 from tests.faults._harness import FaultCase, until
@@ -55,7 +54,7 @@ class RedisFailoverTests(FaultCase):
         self.addCleanup(plain_client.close)
         self.redis = connect_redis(self.sentinel_url)
         self.state = RedisStateManager(self.redis, prefix=self.prefix)
-        self.client = Client(self.url, state=self.state, queue_type=self.queue_type)
+        self.client = self.make_client(self.state)
 
     def test_primary_killed_mid_batch(self):
         return defer.ensureDeferred(self._test())

@@ -17,6 +17,7 @@ import time
 from twisted.internet import defer
 
 from tests._rabbit import queue_counts
+from tests._worker import wait_for
 from tests.faults._harness import FaultCase, until
 
 TASKS = 400
@@ -60,6 +61,10 @@ class SigtermTests(FaultCase):
         at_exit = await self.records(ids)
         finished = {i for i, r in at_exit.items() if r is not None and r["state"] == "succeeded"}
         runs_at_exit = self.runs.counts()
+        # (a quorum queue's counts reach list_queues every few seconds)
+        unfinished = TASKS - len(finished)
+        await wait_for(lambda: queue_counts(self.url, "default").addCallback(
+            lambda c: c[0] >= unfinished and c[1] == 0), 15, what="the counts to settle")
         ready, unacked = await queue_counts(self.url, "default")
         self.assertEqual(unacked, 0, "deliveries left unacked after the worker exited")
         # Every unfinished task is back in the queue; a task that finished

@@ -58,7 +58,8 @@ class Bridge:
     def __init__(self, settings: BridgeSettings, *, publisher: Optional[Publisher] = None,
                  state: Optional[BridgeState] = None) -> None:
         self.settings = settings
-        self.topology = Topology(exchange=settings.exchange, queue_type=settings.queue_type)
+        self.topology = Topology(exchange=settings.exchange, queue_type=settings.queue_type,
+                                 delivery_limit=settings.delivery_limit)
         self.publisher = publisher or Publisher(settings.amqp_url, self.topology,
                                                 timeout=settings.publish_timeout)
         self.state = state or BridgeState.from_url(

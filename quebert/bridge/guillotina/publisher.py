@@ -19,7 +19,9 @@ and ``docs/protocol.rst`` "Where to publish", in asyncio:
   declared and bound before the first publish to it, so a task sent before
   any worker ever ran is kept, and a countdown works;
 * declarations run on a channel of their own, because RabbitMQ closes the
-  channel of a declaration it refuses (``406 PRECONDITION_FAILED``).
+  channel of a declaration it refuses (``406 PRECONDITION_FAILED``); a
+  queue that exists with other arguments (an earlier release's classic
+  queue, say) is then used as it is, as the workers do.
 
 Errors are translated at this boundary into quebert's own
 (:class:`~quebert.errors.BrokerError` and subclasses).
@@ -28,13 +30,17 @@ Errors are translated at this boundary into quebert's own
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from quebert.amqp import control
+from quebert.amqp.connection import split_amqp_urls
 from quebert.amqp.topology import LEVELS, MAX_DELAY_MS, Topology
 from quebert.errors import BrokerError, PublishError, UnroutableError
+
+logger = logging.getLogger(__name__)
 
 #: Seconds between two attempts of a publish that met a closed connection.
 RETRY_INTERVAL = 0.5
@@ -51,13 +57,20 @@ class Publisher:
     """
     Publishes task and control messages to RabbitMQ from an asyncio loop.
 
-    :param amqp_url: the broker (``amqp://user:password@host:port/vhost``).
+    :param amqp_url: the broker (``amqp://user:password@host:port/vhost``), or
+        the URLs of a cluster's nodes (separated by commas, or a list): it
+        connects to the first that answers and, when a publish meets a lost
+        connection, moves to the next node instead of waiting for that one.
     :param topology: exchange name and queue type shared with the workers.
     :param timeout: seconds one publish may take, reconnection included.
     """
 
-    def __init__(self, amqp_url: str, topology: Topology, *, timeout: float = 10.0) -> None:
-        self.amqp_url = amqp_url
+    def __init__(self, amqp_url: Any, topology: Topology, *, timeout: float = 10.0) -> None:
+        self.urls = split_amqp_urls(amqp_url)
+        self.amqp_url = self.urls[0]
+        #: ``host:port/vhost`` of the node connected to, ``None`` while not connected.
+        self.node: Optional[str] = None
+        self._next = 0
         self.topology = topology
         self.timeout = timeout
         self.reconnect_interval = min(RECONNECT_INTERVAL, timeout / 3)
@@ -87,11 +100,25 @@ class Publisher:
                 return
             import aio_pika
 
-            options: dict = {}
-            if "reconnect_interval" not in urlsplit(self.amqp_url).query:
-                options["reconnect_interval"] = self.reconnect_interval
-            connection = await aio_pika.connect_robust(self.amqp_url, timeout=self.timeout,
-                                                       **options)
+            connection = None
+            for i in range(len(self.urls)):
+                index = (self._next + i) % len(self.urls)
+                url = self.urls[index]
+                options: dict = {}
+                if "reconnect_interval" not in urlsplit(url).query:
+                    options["reconnect_interval"] = self.reconnect_interval
+                try:
+                    connection = await aio_pika.connect_robust(url, timeout=self.timeout,
+                                                               **options)
+                except Exception:
+                    if i == len(self.urls) - 1:
+                        raise
+                    logger.info("RabbitMQ node %s did not answer; trying the next one",
+                                _address(url))
+                    continue
+                self._next = (index + 1) % len(self.urls)
+                self.amqp_url = url
+                break
             try:
                 self._channel = await connection.channel(publisher_confirms=True,
                                                          on_return_raises=True)
@@ -101,6 +128,19 @@ class Publisher:
                 raise
             connection.reconnect_callbacks.add(self._reconnected)
             self._connection = connection
+            self.node = _address(self.amqp_url)
+            logger.info("quebert bridge connected to RabbitMQ at %s", self.node)
+
+    async def _drop(self) -> None:
+        """Close the connection, so that the next publish connects to the next node."""
+        connection, self._connection, self._channel = self._connection, None, None
+        self.node = None
+        self._reconnected()
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), 1.0)
+            except Exception:
+                pass  # the node is gone: nothing to close politely
 
     def _reconnected(self, *_: Any) -> None:
         # A new connection may reach a broker that lost non-durable state
@@ -136,9 +176,8 @@ class Publisher:
                          for level in range(LEVELS)]
             for level in range(LEVELS):
                 prefix = "*." * (LEVELS - 1 - level)
-                queue = await channel.declare_queue(
-                    topology.delay_queue(level), durable=True,
-                    arguments=topology.delay_queue_arguments(level))
+                queue = await self._declare(channel, topology.delay_queue(level),
+                                            topology.delay_queue_arguments(level))
                 await queue.bind(exchanges[level], routing_key=prefix + "1.#")
                 lower = exchanges[level - 1] if level else topology.deliver_exchange
                 await _bind_exchange(channel, lower, exchanges[level], prefix + "0.#")
@@ -152,20 +191,30 @@ class Publisher:
         if not self._topology_declared:
             await self._declare_topology(connection)
         async with connection.channel(publisher_confirms=False) as channel:
-            try:
-                declared = await channel.declare_queue(
-                    queue, durable=True, arguments=self.topology.work_queue_arguments())
-            except Exception as e:
-                if type(e).__name__ == "ChannelPreconditionFailed":
-                    raise BrokerError(
-                        f"RabbitMQ refused to declare queue {queue!r}: {e} (producers and "
-                        "workers must agree on exchange, queue type and queue arguments: "
-                        'app_settings["quebert"]["queue_type"])') from e
-                raise
+            declared = await self._declare(channel, queue,
+                                           self.topology.work_queue_arguments(queue))
             await declared.bind(self.topology.exchange, routing_key=queue)
             await declared.bind(self.topology.deliver_exchange,
                                 routing_key="*." * LEVELS + queue)
         self._declared.add(queue)
+
+    async def _declare(self, channel: Any, name: str, arguments: dict) -> Any:
+        """
+        Declare durable queue ``name`` on ``channel``; when it exists with
+        other arguments (the broker closes ``channel``), reopen ``channel``,
+        check that the queue exists and use it as it is.
+        """
+        try:
+            return await channel.declare_queue(name, durable=True, arguments=arguments)
+        except Exception as e:
+            if type(e).__name__ != "ChannelPreconditionFailed":
+                raise
+            if name not in self.topology.mismatched:
+                self.topology.mismatched[name] = str(e)
+                logger.warning("queue %s exists with other arguments than quebert declares "
+                               "(%s); using it as it is", name, e)
+        await channel.reopen()
+        return await channel.declare_queue(name, passive=True)
 
     # -- publishing ------------------------------------------------------
 
@@ -215,6 +264,7 @@ class Publisher:
         from aio_pika.exceptions import PublishError as Returned
 
         deadline = time.monotonic() + self.timeout
+        redeclared = False
         while True:
             left = deadline - time.monotonic()
             try:
@@ -226,6 +276,12 @@ class Publisher:
                                        timeout=max(deadline - time.monotonic(), 0.001))
                 return
             except Returned as e:
+                if declare is not None and not redeclared:
+                    # The queue was deleted since it was declared (no queue got
+                    # the message, so sending it again duplicates nothing).
+                    self._declared.discard(declare)
+                    redeclared = True
+                    continue
                 raise UnroutableError(
                     f"no queue is bound to exchange {exchange_name!r} with routing key "
                     f"{routing_key!r}") from e
@@ -239,7 +295,19 @@ class Publisher:
                     raise BrokerError(
                         f"publish to {exchange_name}/{routing_key} failed within "
                         f"{self.timeout:g}s: {type(e).__name__}: {e}") from e
+                if len(self.urls) > 1 and not isinstance(e, ChannelClosed):
+                    # the node may be gone for good: the next attempt goes to the next
+                    logger.warning("publish through RabbitMQ node %s failed (%s: %s); "
+                                   "moving to the next node", self.node, type(e).__name__, e)
+                    await self._drop()
+                    continue
                 await asyncio.sleep(RETRY_INTERVAL)
+
+
+def _address(url: str) -> str:
+    """``host:port/vhost`` of ``url``, without its credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
 
 
 async def _bind_exchange(channel: Any, destination: Any, source: Any, routing_key: str) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from quebert.amqp.connection import split_amqp_urls
 from quebert.amqp.topology import QUEUE_TYPES
 from quebert.errors import ConfigurationError
 from quebert.protocol import QUEUE_RE
@@ -36,8 +37,11 @@ DEFAULTS: dict = {
     "exchange": "quebert",
     # Queue of tasks that name none and whose @task gives none.
     "queue": "default",
-    # The workers' --queue-type: queues are declared exactly as they declare them.
-    "queue_type": "classic",
+    # The workers' --queue-type and --delivery-limit: queues are declared as
+    # they declare them (queues that exist with other arguments are used as
+    # they are).
+    "queue_type": "quorum",
+    "delivery_limit": 20,
     # Redis of the workers' state store, and its key prefix (--state-prefix).
     "redis_url": "redis://127.0.0.1:6379/0",
     "state_prefix": "quebert:",
@@ -112,6 +116,7 @@ class BridgeSettings:
     exchange: str
     queue: str
     queue_type: str
+    delivery_limit: Optional[int]
     redis_url: str
     state_prefix: str
     state_ttl: float
@@ -130,14 +135,22 @@ class BridgeSettings:
                 f'unknown key(s) in app_settings["quebert"]: {", ".join(sorted(unknown))} '
                 f"(known: {', '.join(sorted(DEFAULTS))})")
         amqp_url = merged["amqp_url"]
-        if not isinstance(amqp_url, str) or urlsplit(amqp_url).scheme not in ("amqp", "amqps"):
+        try:
+            amqp_url = ",".join(split_amqp_urls(amqp_url))
+        except ConfigurationError as e:
             raise ConfigurationError(
                 'app_settings["quebert"]["amqp_url"] must be an amqp:// or amqps:// URL, '
-                f"e.g. amqp://guest:guest@127.0.0.1:5672/%2F, not {amqp_url!r}")
+                "or several (a cluster's nodes) separated by commas or in a list, e.g. "
+                f"amqp://guest:guest@127.0.0.1:5672/%2F, not {amqp_url!r} ({e})") from e
         if merged["queue_type"] not in QUEUE_TYPES:
             raise ConfigurationError(
                 f'app_settings["quebert"]["queue_type"] must be one of '
                 f"{', '.join(QUEUE_TYPES)}, not {merged['queue_type']!r}")
+        limit = merged["delivery_limit"]
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ConfigurationError(
+                'app_settings["quebert"]["delivery_limit"] must be a whole number >= 0 '
+                f"(the workers' --delivery-limit; 0 or None: none), not {limit!r}")
         try:
             parse_redis_url(merged["redis_url"])
         except ConfigurationError as e:
@@ -152,6 +165,7 @@ class BridgeSettings:
             exchange=_name(merged, "exchange"),
             queue=_name(merged, "queue"),
             queue_type=merged["queue_type"],
+            delivery_limit=limit or None,
             redis_url=merged["redis_url"],
             state_prefix=prefix,
             state_ttl=_seconds(merged, "state_ttl", positive=False),
