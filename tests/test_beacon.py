@@ -791,7 +791,7 @@ class ResubscribeTests(SynchronousTestCase):
                                  "q", 10, deliveries.append)
         protocol = CancellableProtocol()
         self.successResultOf(consumer._prepare(protocol))
-        old = protocol.channels[1]
+        old = protocol.channels[0]  # (FakeTopology declares on no channel)
         old.queue_object.put(test_amqp.Message(old, 1))
         self.assertEqual(consumer.unacked, 1)
 

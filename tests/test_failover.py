@@ -40,7 +40,7 @@ class FakeEndpoint:
 
 
 class Factory:
-    parameters = None
+    """Stands for ClientService's proxy factory: the endpoint must not rely on it."""
 
 
 def nodes(*states: bool) -> list:
@@ -55,13 +55,29 @@ def nodes(*states: bool) -> list:
 class FailoverEndpointTests(SynchronousTestCase):
     def setUp(self):
         self.attempts = 0
-        self.chosen: list = []
+        self.tried: list = []
+
+    @property
+    def chosen(self) -> list:
+        """The node tried last before each successful connection."""
+        return self.connected
 
     def endpoint(self, nodes):
+        self.connected: list = []
+
         def notify():
             self.attempts += 1
 
-        return _FailoverEndpoint(nodes, notify, self.chosen.append)
+        endpoint = _FailoverEndpoint(nodes, notify, self.tried.append)
+        connect = endpoint.connect
+
+        def connect_and_record(factory):
+            d = connect(factory)
+            d.addCallback(lambda p: (self.connected.append(self.tried[-1]), p)[1])
+            return d
+
+        endpoint.connect = connect_and_record
+        return endpoint
 
     def test_the_first_node_that_answers(self):
         ns = nodes(False, True, True)
@@ -69,7 +85,7 @@ class FailoverEndpointTests(SynchronousTestCase):
         protocol = self.successResultOf(self.endpoint(ns).connect(factory))
         self.assertEqual(protocol, "protocol of node1")
         self.assertEqual(self.chosen, [ns[1]])
-        self.assertIs(factory.parameters, ns[1].parameters)
+        self.assertEqual(self.tried, [ns[0], ns[1]])
         self.assertEqual([n.endpoint.attempts for n in ns], [1, 1, 0])
         self.assertEqual(self.attempts, 1)
 
@@ -122,6 +138,15 @@ class SplitURLTests(SynchronousTestCase):
         self.assertEqual([n.address for n in connection.nodes], ["a:5672/v", "b:5671/w"])
         self.assertEqual(connection.address, "a:5672/v")
         self.assertIsNone(connection.connected_node)
+
+    def test_each_node_is_connected_to_with_its_own_credentials_and_vhost(self):
+        """The protocol is built with the parameters of the node being tried."""
+        connection = AMQPConnection("amqp://u1:p1@a:5672/v1,amqp://u2:p2@b:5672/v2")
+        connection._trying(connection.nodes[1])
+        factory = connection._factory_for_nodes
+        self.assertEqual(factory.parameters.virtual_host, "v2")
+        self.assertEqual(factory.parameters.credentials.username, "u2")
+        self.assertEqual(connection.address, "b:5672/v2")
 
 
 def _dead_port() -> int:

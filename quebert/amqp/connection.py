@@ -193,14 +193,16 @@ class _FailoverEndpoint:
     that a node that went away is not tried first again: nothing waits for
     it to come back while another node answers.  Fails only when every
     node refused or timed out, and ``ClientService`` then backs off.
-    ``notify()`` is called before each attempt, ``chosen(node)`` on success.
+    ``notify()`` is called before each attempt, ``trying(node)`` before
+    each node is tried (the protocol factory must use its parameters: the
+    factory ``connect`` is given is ``ClientService``'s proxy).
     """
 
     def __init__(self, nodes: List[Node], notify: Callable[[], None],
-                 chosen: Callable[[Node], None]) -> None:
+                 trying: Callable[[Node], None]) -> None:
         self.nodes = nodes
         self._notify = notify
-        self._chosen = chosen
+        self._trying = trying
         self._next = 0
 
     @defer.inlineCallbacks
@@ -211,7 +213,7 @@ class _FailoverEndpoint:
         for i in range(len(self.nodes)):
             index = (start + i) % len(self.nodes)
             node = self.nodes[index]
-            factory.parameters = node.parameters
+            self._trying(node)
             try:
                 protocol = yield node.endpoint.connect(factory)
             except Exception as e:
@@ -221,7 +223,6 @@ class _FailoverEndpoint:
                               address=node.address, error=e)
                 continue
             self._next = (index + 1) % len(self.nodes)
-            self._chosen(node)
             return protocol
         failure.raiseException()
 
@@ -296,12 +297,13 @@ class AMQPConnection(ClientService):
         #: Called with a Failure when the broker refuses our setup for good
         #: (access refused, conflicting queue arguments).
         self.on_fatal: Optional[Callable[[Failure], Any]] = None
-        endpoint = _FailoverEndpoint(self.nodes, self._attempting, self._chose)
+        endpoint = _FailoverEndpoint(self.nodes, self._attempting, self._trying)
         policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
         self._log = _RetryLog(self)  # (ClientService's, read by its __init__)
+        self._factory_for_nodes = _PikaFactory(self.parameters, self.reactor)
         super().__init__(
             endpoint,
-            _PikaFactory(self.parameters, self.reactor),
+            self._factory_for_nodes,
             retryPolicy=lambda failures: policy(max(failures, self.failed_preparations)),
             clock=self.reactor,
             prepareConnection=self._prepare,
@@ -322,13 +324,14 @@ class AMQPConnection(ClientService):
         current = self.current
         return self.node.address if current is not None and current.is_open else None
 
-    def _chose(self, node: Node) -> None:
+    def _trying(self, node: Node) -> None:
         if node is not self.node and len(self.nodes) > 1:
-            self.log.info("AMQP {name} connection: connecting to node {address}",
+            self.log.info("AMQP {name} connection: trying node {address}",
                           name=self.connection_name, address=node.address)
         self.node = node
         self.url = node.url
         self.parameters = node.parameters
+        self._factory_for_nodes.parameters = node.parameters
 
     def add_preparer(self, preparer: Preparer) -> None:
         """
