@@ -29,7 +29,8 @@ interrupted migration is finished by running it again.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, AsyncIterator, Callable, Optional
 
 import attrs
 import pika
@@ -40,6 +41,7 @@ from twisted.logger import Logger
 
 from quebert import protocol as wire
 from quebert._defer import mirror
+from quebert.amqp.admin import BrokerAdmin
 from quebert.amqp.topology import LEVELS, Topology
 from quebert.errors import BrokerError
 
@@ -68,7 +70,7 @@ class MigrationRefused(BrokerError):
     """The queue cannot be migrated now (it has consumers, say)."""
 
 
-class QueueMigration:
+class QueueMigration(BrokerAdmin):
     """
     Migrates queues to ``topology``'s type and arguments over a prepared
     AMQP connection (``connection.whenReady()``), publishing with
@@ -79,75 +81,56 @@ class QueueMigration:
     def __init__(self, connection: Any, topology: Topology,
                  publish: Callable[..., defer.Deferred],
                  progress: Optional[Callable[[str], Any]] = None) -> None:
-        self.connection = connection
-        self.topology = topology
+        super().__init__(connection, topology)
         self.publish = publish
         self.progress = progress or (lambda line: None)
 
-    async def _channel(self) -> Any:
-        protocol = await self.connection.whenReady()
-        return await mirror(protocol.channel())
-
-    async def _exists(self, name: str) -> Optional[tuple[int, int]]:
-        """``(ready, consumers)`` of ``name``, or ``None`` if there is no such queue."""
+    @contextlib.asynccontextmanager
+    async def _opened(self) -> AsyncIterator[Any]:
+        """A channel of its own, closed afterwards (a refusal closes it anyway)."""
         channel = await self._channel()
         try:
-            frame = await mirror(channel.queue_declare(queue=name, passive=True))
-        except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code == 404:
-                return None
-            raise
+            yield channel
         finally:
             if channel.is_open:
                 channel.close()
-        return frame.method.message_count, frame.method.consumer_count
 
     async def _has_arguments(self, name: str, arguments: dict) -> bool:
         """Whether queue ``name`` exists with exactly ``arguments`` (declares it otherwise)."""
-        channel = await self._channel()
-        try:
-            await mirror(channel.queue_declare(queue=name, durable=True, arguments=arguments))
-            return True
-        except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code == 406:
-                return False
-            raise
-        finally:
-            if channel.is_open:
-                channel.close()
+        async with self._opened() as channel:
+            try:
+                await mirror(channel.queue_declare(queue=name, durable=True,
+                                                   arguments=arguments))
+                return True
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code == 406:
+                    return False
+                raise
 
-    def _bindings(self, queue: str) -> list[tuple[str, str]]:
-        """``(exchange, routing_key)`` of a work queue's two bindings."""
-        return [(self.topology.exchange, queue),
-                (self.topology.deliver_exchange, "*." * LEVELS + queue)]
+    async def _declare_fresh(self, name: str, arguments: dict) -> None:
+        async with self._opened() as channel:
+            await mirror(channel.queue_declare(queue=name, durable=True, arguments=arguments))
+
+    async def _route(self, channel: Any, name: str, queue: str, bind: bool) -> None:
+        """Bind (or unbind) queue ``name`` where work queue ``queue`` is bound."""
+        for exchange, key in [(self.topology.exchange, queue),
+                              (self.topology.deliver_exchange, "*." * LEVELS + queue)]:
+            if bind:
+                await mirror(channel.queue_bind(queue=name, exchange=exchange,
+                                                routing_key=key))
+            else:
+                await mirror(channel.queue_unbind(queue=name, exchange=exchange,
+                                                  routing_key=key))
 
     async def _bind(self, name: str, queue: str, bind: bool) -> None:
-        channel = await self._channel()
-        try:
-            for exchange, key in self._bindings(queue):
-                if bind:
-                    await mirror(channel.queue_bind(queue=name, exchange=exchange,
-                                                    routing_key=key))
-                else:
-                    await mirror(channel.queue_unbind(queue=name, exchange=exchange,
-                                                      routing_key=key))
-        finally:
-            if channel.is_open:
-                channel.close()
+        async with self._opened() as channel:
+            await self._route(channel, name, queue, bind)
 
     async def _swap(self, temporary: str, queue: str) -> None:
         """Bind ``queue`` where it belongs and unbind ``temporary``, back to back."""
-        channel = await self._channel()
-        try:
-            for exchange, key in self._bindings(queue):
-                await mirror(channel.queue_bind(queue=queue, exchange=exchange,
-                                                routing_key=key))
-            for exchange, key in self._bindings(queue):
-                await mirror(channel.queue_unbind(queue=temporary, exchange=exchange,
-                                                  routing_key=key))
-        finally:
-            if channel.is_open:
-                channel.close()
+        async with self._opened() as channel:
+            await self._route(channel, queue, queue, bind=True)
+            await self._route(channel, temporary, queue, bind=False)
 
     async def _move(self, source: str, destination: str) -> int:
         """
@@ -157,8 +140,7 @@ class QueueMigration:
         message in one of the two queues (or, at worst, in both).
         """
         moved = 0
-        channel = await self._channel()
-        try:
+        async with self._opened() as channel:
             while True:
                 batch = []
                 for _ in range(BATCH):
@@ -168,17 +150,14 @@ class QueueMigration:
                     batch.append(got)
                 if not batch:
                     return moved
-                await defer.gatherResults(
-                    [defer.ensureDeferred(self._copy(destination, got)) for got in batch],
-                    consumeErrors=True)
+                copies = [defer.ensureDeferred(self._copy(destination, got)) for got in batch]
+                try:
+                    await defer.gatherResults(copies, consumeErrors=True)
+                except defer.FirstError as e:
+                    raise e.subFailure.value from None
                 channel.basic_ack(batch[-1].method.delivery_tag, multiple=True)
                 moved += len(batch)
                 self.progress(f"{source}: {moved} message(s) moved to {destination}")
-        except defer.FirstError as e:
-            raise e.subFailure.value from None
-        finally:
-            if channel.is_open:
-                channel.close()
 
     def _copy(self, destination: str, got: Any) -> defer.Deferred:
         p = got.properties
@@ -200,7 +179,7 @@ class QueueMigration:
         """
         flags = {"if_unused": True, "if_empty": True}
         if quorum:
-            found = await self._exists(name)
+            found = await self.depth(name)
             if found is None:
                 return
             if found != (0, 0):
@@ -208,26 +187,15 @@ class QueueMigration:
                     f"queue {name!r} is not empty or has consumers ({found[0]} ready, "
                     f"{found[1]} consumer(s)): run the migration again")
             flags = {}
-        channel = await self._channel()
-        try:
-            await mirror(channel.queue_delete(queue=name, **flags))
-        except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code != 404:
-                raise MigrationRefused(
-                    f"RabbitMQ refused to delete queue {name!r} ({e.reply_code} "
-                    f"{e.reply_text}): a consumer or a message arrived meanwhile; run the "
-                    "migration again") from e
-        finally:
-            if channel.is_open:
-                channel.close()
-
-    async def _declare_fresh(self, name: str, arguments: dict) -> None:
-        channel = await self._channel()
-        try:
-            await mirror(channel.queue_declare(queue=name, durable=True, arguments=arguments))
-        finally:
-            if channel.is_open:
-                channel.close()
+        async with self._opened() as channel:
+            try:
+                await mirror(channel.queue_delete(queue=name, **flags))
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != 404:
+                    raise MigrationRefused(
+                        f"RabbitMQ refused to delete queue {name!r} ({e.reply_code} "
+                        f"{e.reply_text}): a consumer or a message arrived meanwhile; run "
+                        "the migration again") from e
 
     async def migrate(self, queue: str) -> list[MigrationReport]:
         """Migrate work queue ``queue`` and its errored queue; one report each."""
@@ -239,8 +207,8 @@ class QueueMigration:
 
     async def _migrate(self, name: str, arguments: dict, bound: bool) -> MigrationReport:
         temporary = name + TEMPORARY
-        current = await self._exists(name)
-        resuming = await self._exists(temporary) is not None
+        current = await self.depth(name)
+        resuming = await self.depth(temporary) is not None
         if current is None and not resuming:
             self.progress(f"{name}: no such queue, nothing to migrate")
             return MigrationReport(name, "absent")
@@ -296,7 +264,7 @@ class QueueMigration:
                              if self.topology.queue_type == "classic" else "classic")
         waiting, present = {}, []
         for name in other.delay_queues():
-            found = await self._exists(name)
+            found = await self.depth(name)
             if found is None:
                 continue
             present.append(name)
@@ -307,12 +275,8 @@ class QueueMigration:
         for name in reversed(present):
             await self._delete(name, quorum=other.queue_type == "quorum")
             self.progress(f"{name}: deleted")
-        channel = await self._channel()
-        try:
+        async with self._opened() as channel:
             for level in reversed(range(LEVELS)):
                 await mirror(channel.exchange_delete(exchange=other.delay_exchange(level)))
-        finally:
-            if channel.is_open:
-                channel.close()
         self.progress(f"the {other.queue_type} delay levels are deleted")
         return {}
