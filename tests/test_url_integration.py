@@ -351,6 +351,11 @@ class URLAndAPITests(TestCase):
                  if name == "quebert_amqp_connection_ready"}
         self.assertEqual(len(ready), 2, found)
         self.assertEqual(set(ready.values()), {1.0})
+        node = f"127.0.0.1:5672/{self.amqp_url.rsplit('/', 1)[1]}"
+        nodes = {labels: value for (name, labels), value in found.items()
+                 if name == "quebert_amqp_connection_node"}
+        self.assertEqual(nodes, {(("connection", "quebert-consumer"), ("node", node)): 1.0,
+                                 (("connection", "quebert-publisher"), ("node", node)): 1.0})
         self.assertGreater(found[("process_resident_memory_bytes", ())], 0)
         code, _ = await self.call("GET", "/metrics", headers={})
         self.assertEqual(code, 401)
@@ -359,6 +364,11 @@ class URLAndAPITests(TestCase):
         code, health = await self.call("GET", "/health", headers={})
         self.assertEqual((code, health["ready"], health["amqp"], health["redis"]),
                          (200, True, True, True))
+        # the node each AMQP connection is on: the worker's two and the API's own
+        node = f"127.0.0.1:5672/{self.amqp_url.rsplit('/', 1)[1]}"
+        self.assertEqual(health["nodes"], {"quebert-consumer": node,
+                                           "quebert-publisher": node,
+                                           "client-publisher": node})
         code, error = await self.call("GET", "/tasks", headers={})
         self.assertEqual(code, 401)
         code, error = await self.call("GET", "/tasks",
