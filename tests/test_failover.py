@@ -8,11 +8,14 @@ a client to a list whose first node does not answer.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import subprocess
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.amqp.connection import (
     AMQPConnection,
@@ -22,7 +25,7 @@ from quebert.amqp.connection import (
 )
 from quebert.config import from_mapping
 from quebert.errors import ConfigurationError
-from tests._rabbit import vhost_of
+from tests._rabbit import make_vhost, read_all, vhost_of
 from tests.test_integration import IntegrationTestCase
 
 
@@ -149,6 +152,17 @@ class SplitURLTests(SynchronousTestCase):
         self.assertEqual(connection.address, "b:5672/v2")
 
 
+def _close_connections(vhost: str) -> None:
+    """Have RabbitMQ close every connection to ``vhost`` (blocking)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "vhost", "pid"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name, _, pid = line.partition("\t")
+        if name == vhost:
+            subprocess.run(["rabbitmqctl", "close_connection", pid, "closed by the tests"],
+                           capture_output=True, check=False)
+
+
 def _dead_port() -> int:
     """A local port nothing listens on (bound, then closed)."""
     with socket.socket() as s:
@@ -177,3 +191,48 @@ class RealFailoverTests(IntegrationTestCase):
                          f"127.0.0.1:5672/{vhost_of(self.url)}")
         self.assertIn("did not answer", worker.log())
         self.assertEqual(await worker.stop(), 0)
+
+
+class BridgePublisherFailoverTests(TestCase):
+    """The Guillotina bridge's asyncio publisher, given several nodes."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.url = make_vhost(self)
+        self.vhost = vhost_of(self.url)
+
+    def run_asyncio(self, coroutine_function):
+        """Run ``coroutine_function()`` in an asyncio loop of its own, in a thread."""
+        return deferToThread(lambda: asyncio.run(coroutine_function()))
+
+    async def test_a_node_that_does_not_answer_is_skipped_and_a_lost_one_left(self):
+        from quebert.amqp.topology import Topology
+        from quebert.bridge.guillotina.publisher import Publisher
+
+        dead = f"amqp://guest:guest@127.0.0.1:{_dead_port()}/{self.vhost}"
+        other = self.url.replace("127.0.0.1", "localhost")
+        publisher = Publisher([dead, self.url, other], Topology(), timeout=5.0)
+        nodes: list = []
+
+        async def first():
+            await publisher.publish("q", b'{"n": 1}', {}, message_id="m1")
+            nodes.append(publisher.node)
+
+        async def second():
+            await publisher.publish("q", b'{"n": 2}', {}, message_id="m2")
+            nodes.append(publisher.node)
+            await publisher.close()
+
+        async def both():
+            await first()
+            # RabbitMQ closes the connection: the next publish moves to the next node
+            await asyncio.get_running_loop().run_in_executor(
+                None, _close_connections, self.vhost)
+            await second()
+
+        await self.run_asyncio(both)
+        self.assertEqual(nodes[0], f"127.0.0.1:5672/{self.vhost}")
+        self.assertEqual(nodes[1], f"localhost:5672/{self.vhost}")
+        messages = await deferToThread(read_all, self.url, "q")
+        self.assertEqual([p.message_id for p, _ in messages], ["m1", "m2"])

@@ -97,19 +97,27 @@ class Publisher:
     async def _open(self) -> None:
         async with self._lock:
             if self._connection is not None:
-                return
+                if not self._connection.is_closed:
+                    return
+                # several nodes: a lost connection is not reconnected to its node
+                self._forget()
             import aio_pika
 
             connection = None
             for i in range(len(self.urls)):
                 index = (self._next + i) % len(self.urls)
                 url = self.urls[index]
-                options: dict = {}
-                if "reconnect_interval" not in urlsplit(url).query:
-                    options["reconnect_interval"] = self.reconnect_interval
                 try:
-                    connection = await aio_pika.connect_robust(url, timeout=self.timeout,
-                                                               **options)
+                    if len(self.urls) == 1:
+                        # one node: aio-pika reconnects to it by itself
+                        options: dict = {}
+                        if "reconnect_interval" not in urlsplit(url).query:
+                            options["reconnect_interval"] = self.reconnect_interval
+                        connection = await aio_pika.connect_robust(url, timeout=self.timeout,
+                                                                   **options)
+                    else:
+                        # several: each loss moves to the next node (see _publish)
+                        connection = await aio_pika.connect(url, timeout=self.timeout)
                 except Exception:
                     if i == len(self.urls) - 1:
                         raise
@@ -126,16 +134,22 @@ class Publisher:
             except BaseException:
                 await connection.close()
                 raise
-            connection.reconnect_callbacks.add(self._reconnected)
+            if len(self.urls) == 1:
+                connection.reconnect_callbacks.add(self._reconnected)
             self._connection = connection
             self.node = _address(self.amqp_url)
             logger.info("quebert bridge connected to RabbitMQ at %s", self.node)
 
-    async def _drop(self) -> None:
-        """Close the connection, so that the next publish connects to the next node."""
-        connection, self._connection, self._channel = self._connection, None, None
+    def _forget(self) -> None:
+        """Forget the connection and what was declared on it."""
+        self._connection = self._channel = None
         self.node = None
         self._reconnected()
+
+    async def _drop(self) -> None:
+        """Close the connection, so that the next publish connects to the next node."""
+        connection = self._connection
+        self._forget()
         if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), 1.0)
