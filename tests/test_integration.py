@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from quebert import Client
+from quebert.amqp.topology import Topology
 from quebert.state import RedisStateManager, connect_redis
 from tests._rabbit import (
     make_vhost,
@@ -465,3 +466,43 @@ class BrokerRefusalTests(IntegrationTestCase):
         messages = await deferToThread(read_all, self.url, "default")
         self.assertEqual([p.message_id for p, _ in messages], [info.id])
         self.assertIn("default", self.client.topology.mismatched)
+
+
+class DeliveryLimitTests(IntegrationTestCase):
+    """The broker-side backstop of quorum work queues (``--delivery-limit``)."""
+
+    async def test_a_message_handed_out_too_often_ends_in_the_errored_queue(self):
+        """
+        Delivered and given back three times (as a message that kills every
+        worker before its attempt is recorded would be): RabbitMQ itself
+        moves it to ``default.errored``, saying why, instead of looping.
+        """
+        client = Client(self.url, delivery_limit=2)
+        self.addCleanup(client.close)
+        info = await client.add_task("it.noop", 1)
+
+        def hand_out_and_give_back():
+            connection = pika.BlockingConnection(pika.URLParameters(self.url))
+            try:
+                channel = connection.channel()
+                # as a worker declares it (producers leave errored queues to workers)
+                channel.queue_declare("default.errored", durable=True,
+                                      arguments=Topology().errored_queue_arguments())
+                counts = []
+                for _ in range(5):
+                    method, properties, _ = channel.basic_get("default")
+                    if method is None:
+                        break
+                    counts.append(properties.headers.get("x-delivery-count"))
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+                return counts
+            finally:
+                connection.close()
+
+        counts = await deferToThread(hand_out_and_give_back)
+        self.assertEqual(counts, [0, 1, 2])
+        await wait_for(lambda: queue_counts(self.url, "default.errored").addCallback(
+            lambda c: c[0] == 1), 20, what="the message in the errored queue")
+        [(properties, _)] = await deferToThread(read_all, self.url, "default.errored")
+        self.assertEqual(properties.message_id, info.id)
+        self.assertEqual(properties.headers["x-first-death-reason"], "delivery_limit")
