@@ -87,7 +87,7 @@ class Topology:
     #: dead-letters it into the errored queue; ``None`` or 0 for no limit.
     delivery_limit: Optional[int] = DEFAULT_DELIVERY_LIMIT
     #: ``{queue: the broker's reason}``: queues found with other arguments
-    #: and used as they are (shown by ``/health`` and the start-up log).
+    #: and used as they are (each logged once, when first met).
     mismatched: dict = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
