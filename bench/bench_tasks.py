@@ -11,6 +11,10 @@ sides pay for exactly the same measurement:
   (and ``time.process_time()`` for the first one of a phase);
 * when the message has been acked, one ``time.time()`` and one list append.
 
+``bench.fail_once`` fails its first attempt and succeeds on the retry,
+which the default mediator sends through the delay queues after
+``RETRY_BACKOFF`` seconds: its worker handles two deliveries per task.
+
 Nothing else is measured in-process.  When a phase has seen as many
 completions as the benchmark asked for (it writes the count in
 ``OUT.K.expect`` before publishing phase ``K``), the recorder writes
@@ -26,12 +30,17 @@ from typing import Any, Optional
 
 from twisted.internet.defer import succeed
 
-from quebert import DelayOnErrorMediator, task
+from quebert import DelayOnErrorMediator, current_task, task
 
 #: Environment variable naming the output prefix (unset: record nothing).
 ENV_OUT = "QUEBERT_BENCH_OUT"
 #: Environment variable: set to 1 to replace the state manager by :class:`NullState`.
 ENV_NULL_STATE = "QUEBERT_BENCH_NULL_STATE"
+#: Environment variable: ``bench.fail_once``'s backoff in seconds (default 0.1).
+ENV_RETRY_BACKOFF = "QUEBERT_BENCH_RETRY_BACKOFF"
+#: Seconds before the retry of ``bench.fail_once``: 100 ms is 1100100 in
+#: binary, so each retry waits in three delay levels (64, 32 and 4 ms).
+RETRY_BACKOFF = float(os.environ.get(ENV_RETRY_BACKOFF) or 0.1)
 
 
 class Recorder:
@@ -80,6 +89,7 @@ class Recorder:
         data = {
             "phase": self.phase,
             "count": len(ends),
+            "starts": len(starts),
             "first_start": min(starts) if starts else None,
             "last_end": max(ends),
             "cpu_s": cpu,
@@ -108,6 +118,21 @@ async def noop(created_at: Optional[float] = None) -> None:
 def noop_thread(created_at: Optional[float] = None) -> None:
     """A no-op that runs in the worker's thread pool."""
     RECORDER.started(created_at)
+
+
+class FailOnce(Exception):
+    """The planned failure of ``bench.fail_once``'s first attempt."""
+
+
+@task(name="bench.fail_once", min_backoff=RETRY_BACKOFF, max_backoff=max(RETRY_BACKOFF, 1.0))
+async def fail_once(created_at: Optional[float] = None) -> None:
+    """
+    Fails its first attempt, succeeds on the retry: every task passes
+    through the delay queues once.  Both attempts count as starts.
+    """
+    RECORDER.started(created_at)
+    if current_task().attempt == 1:
+        raise FailOnce("first attempt")
 
 
 class NullState:

@@ -16,6 +16,7 @@ what the figures mean and how they are measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,6 +36,7 @@ if ROOT not in sys.path:
 import pika  # noqa: E402
 
 from quebert import protocol  # noqa: E402
+from quebert.amqp.topology import QUEUE_TYPES, Topology  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -50,7 +52,13 @@ CONFIGS = {
     "memory-thread": ("worker", "bench.noop_thread", "memory"),
     "redis-async": ("worker", "bench.noop", "redis"),
     "redis-thread": ("worker", "bench.noop_thread", "redis"),
+    "redis-retry": ("worker", "bench.fail_once", "redis"),
 }
+#: Deliveries a worker handles per task (``bench.fail_once``: the failed
+#: first attempt, then its retry); 1 for the others.
+HANDLINGS = {"redis-retry": 2}
+#: What ``--configs`` runs when not given (``redis-retry`` is opt-in).
+DEFAULT_CONFIGS = [name for name in CONFIGS if name != "redis-retry"]
 LABELS = {
     "baseline": "baseline: bare pika consumer",
     "baseline-fast": "bare, quebert's decoding (diag.)",
@@ -59,6 +67,7 @@ LABELS = {
     "memory-thread": "quebert, memory state, thread",
     "redis-async": "quebert, redis state, async def",
     "redis-thread": "quebert, redis state, thread",
+    "redis-retry": "quebert, redis state, retry once",
 }
 #: The configuration the target is about.
 TARGET_CONFIG = "redis-async"
@@ -212,8 +221,65 @@ def peak_rss_kb(pid: int) -> Optional[int]:
     return None
 
 
+#: ``{"rabbitmq": pid, "redis": pid}``: the servers the benchmark uses, found
+#: by their listening port (:func:`find_servers`); empty: every beam.smp and
+#: redis-server process counts.
+SERVER_PIDS: dict = {}
+
+
+def listener_pid(port: int) -> Optional[int]:
+    """The pid of the local process listening on TCP ``port`` (Linux), or None."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in sockets:
+                    return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def find_servers(amqp_url: str, redis_host: str, redis_port: int) -> None:
+    """
+    Fill :data:`SERVER_PIDS` with the local RabbitMQ and Redis the benchmark
+    uses, so that other brokers and Redis servers on the machine (a test
+    cluster, Sentinel sets, ``rabbitmqctl``'s own beam.smp) do not count.
+    """
+    SERVER_PIDS.clear()
+    parameters = pika.URLParameters(amqp_url)
+    for server, host, port in (("rabbitmq", parameters.host, parameters.port),
+                               ("redis", redis_host, redis_port)):
+        if host in ("127.0.0.1", "localhost", "::1"):
+            pid = listener_pid(port)
+            if pid is not None:
+                SERVER_PIDS[server] = pid
+
+
 def server_cpu() -> dict:
-    """CPU seconds used so far by the local RabbitMQ (beam.smp) and Redis servers."""
+    """
+    CPU seconds used so far by the local RabbitMQ (beam.smp) and Redis
+    servers: those of :data:`SERVER_PIDS` when known, else every process of
+    those names.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     totals = {"rabbitmq": 0.0, "redis": 0.0}
     names = {"beam.smp": "rabbitmq", "redis-server": "redis"}
@@ -225,10 +291,11 @@ def server_cpu() -> dict:
                 stat = f.read()
         except OSError:
             continue
-        comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        if comm in names:
-            fields = stat[stat.rfind(")") + 2:].split()
-            totals[names[comm]] += (int(fields[11]) + int(fields[12])) / ticks
+        server = names.get(stat[stat.find("(") + 1:stat.rfind(")")])
+        if server is None or SERVER_PIDS.get(server, int(entry)) != int(entry):
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        totals[server] += (int(fields[11]) + int(fields[12])) / ticks
     return totals
 
 
@@ -241,23 +308,29 @@ def percentile(values: list, q: float) -> Optional[float]:
 
 
 class Broker:
-    """A blocking pika connection to the benchmark's vhost, for publishing."""
+    """
+    A blocking pika connection to the benchmark's vhost, for publishing to
+    work queue ``queue`` of type ``queue_type``, declared first with the
+    arguments quebert gives it (the workers get the same ``--queue-type``).
+    """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queue: str = QUEUE, queue_type: str = "classic") -> None:
+        self.queue = queue
+        self.queue_type = queue_type
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
-        # What quebert declares for a classic work queue (no arguments).
-        self.channel.queue_declare(QUEUE, durable=True)
+        arguments = Topology(queue_type=queue_type).work_queue_arguments(queue)
+        self.channel.queue_declare(queue, durable=True, arguments=arguments or None)
 
     def depth(self) -> tuple[int, int]:
-        ok = self.channel.queue_declare(QUEUE, passive=True).method
+        ok = self.channel.queue_declare(self.queue, passive=True).method
         return ok.message_count, ok.consumer_count
 
     def _publish(self, task_name: str) -> None:
         now = time.time()
-        message, body = protocol.build(task_name, (now,), queue=QUEUE, now=now)
+        message, body = protocol.build(task_name, (now,), queue=self.queue, now=now)
         self.channel.basic_publish(
-            "", QUEUE, body,
+            "", self.queue, body,
             pika.BasicProperties(content_type=protocol.CONTENT_TYPE, delivery_mode=2,
                                  message_id=message.id, headers={protocol.H_ATTEMPTS: 0}),
         )
@@ -286,7 +359,7 @@ class Broker:
         return count / elapsed if elapsed > 0 else float("inf")
 
     def purge(self) -> None:
-        self.channel.queue_purge(QUEUE)
+        self.channel.queue_purge(self.queue)
 
     def close(self) -> None:
         try:
@@ -299,10 +372,11 @@ class Run:
     """One process under test: a baseline consumer or a worker."""
 
     def __init__(self, name: str, url: str, redis_url: str, prefix: str, workdir: str,
-                 tag: str) -> None:
+                 tag: str, queue: str = QUEUE, queue_type: str = "classic") -> None:
         self.name = name
         self.kind, self.task, self.state = CONFIGS[name]
-        tag = f"{name}-{tag}"
+        self.handlings = HANDLINGS.get(name, 1)
+        tag = f"{name}-{queue}-{tag}"
         self.out = os.path.join(workdir, tag)
         self.log_path = os.path.join(workdir, tag + ".log")
         env = dict(os.environ)
@@ -310,7 +384,7 @@ class Run:
         env["QUEBERT_BENCH_OUT"] = self.out
         if self.kind == "baseline":
             args = [sys.executable, os.path.abspath(__file__), "_consume", "--url", url,
-                    "--queue", QUEUE, "--prefetch", str(PREFETCH), "--out", self.out]
+                    "--queue", queue, "--prefetch", str(PREFETCH), "--out", self.out]
             if self.state == "fast":
                 args.append("--fast")
         else:
@@ -320,8 +394,8 @@ class Run:
                     "--amqp-url", url, "--state", "redis" if self.state == "redis" else "memory",
                     "--tasks", "bench.bench_tasks",
                     "--mediator", "bench.bench_tasks.BenchMediator",
-                    "--queue", f"{QUEUE}:{PREFETCH}", "--max-running-tasks", str(PREFETCH),
-                    "--log-level", "warn"]
+                    "--queue", f"{queue}:{PREFETCH}", "--max-running-tasks", str(PREFETCH),
+                    "--queue-type", queue_type, "--log-level", "warn"]
             if self.state == "redis":
                 args += ["--redis-url", redis_url, "--state-prefix", prefix]
         self.args = args
@@ -390,6 +464,22 @@ class Run:
                 pass
         return text
 
+    def mismatched_queue(self) -> Optional[str]:
+        """
+        The worker's warning that a queue exists with other arguments than it
+        would declare (so the run would not measure the queue type asked
+        for), if it logged one at start-up.
+        """
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                head = f.read(100000)
+        except OSError:
+            return None
+        for line in head.splitlines():
+            if "exists with other arguments" in line:
+                return line.strip()
+        return None
+
     def stop(self) -> Optional[int]:
         """SIGTERM, wait; SIGKILL if it does not go.  Returns the exit code."""
         process = self.process
@@ -428,7 +518,7 @@ def _wait_consumer(broker: Broker, run: Run, timeout: float = 60.0) -> None:
 def _idle(broker: Broker, name: str) -> None:
     ready, consumers = broker.depth()
     if ready or consumers:
-        raise RuntimeError(f"queue {QUEUE} not idle before {name}: {ready} ready, "
+        raise RuntimeError(f"queue {broker.queue} not idle before {name}: {ready} ready, "
                            f"{consumers} consumers")
 
 
@@ -451,16 +541,35 @@ def _check_redis(result: dict, redis: Optional[MiniRedis], run: Run, prefix: str
                              "state writes were queued or lost")
 
 
+def _check_handlings(result: dict, run: Run, data: dict, tasks: int) -> None:
+    """Each task started as often as its configuration says (twice: retried once)."""
+    expected = tasks * run.handlings
+    if data.get("starts", expected) != expected:
+        result.setdefault("warning", f"{data['starts']} attempts started for {tasks} tasks, "
+                                     f"expected {expected}")
+
+
 def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
                    redis_url: str, prefix: str, workdir: str, repeat: int,
                    redis: Optional[MiniRedis]) -> dict:
-    """Drain a pre-filled queue of ``args.tasks`` tasks."""
+    """
+    Drain a pre-filled queue of ``args.tasks`` tasks (with ``redis-retry``,
+    each of them handled twice: its failed attempt, then its retry).
+    """
     _idle(broker, name)
-    run = Run(name, url, redis_url, prefix, workdir, f"tp{repeat}")
-    result: dict = {"config": name, "repeat": repeat}
+    run = Run(name, url, redis_url, prefix, workdir, f"tp{repeat}", broker.queue,
+              broker.queue_type)
+    result: dict = {"config": name, "repeat": repeat, "queue_type": broker.queue_type}
     try:
-        run.expect(0, args.tasks)
+        run.expect(0, args.tasks * run.handlings)
+        servers = server_cpu()
+        began = time.monotonic()
         broker.prefill(args.tasks, run.task)
+        # Not part of the drain: what filling the queue cost (publishes not
+        # confirmed, until the queue holds them all), per queue type.
+        result["prefill_per_s"] = args.tasks / (time.monotonic() - began)
+        result["prefill_rabbitmq_us_per_task"] = (
+            1e6 * (server_cpu()["rabbitmq"] - servers["rabbitmq"]) / args.tasks)
         profile = None
         if args.profile:
             profile = os.path.join(args.profile, f"{name}-{repeat}.txt")
@@ -468,19 +577,24 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         servers = server_cpu()
         run.start(profile)
         began = time.time()
-        data = run.wait_phase(0, timeout=60 + args.tasks / 50)
+        data = run.wait_phase(0, timeout=60 + args.tasks * run.handlings / 50)
+        tasks = data["count"] / run.handlings
         drain = data["last_end"] - data["first_start"]
-        result["tasks_per_s"] = data["count"] / drain if drain > 0 else float("inf")
-        result["cpu_us_per_task"] = 1e6 * data["cpu_s"] / data["count"]
-        result["user_us_per_task"] = 1e6 * data["user_s"] / data["count"]
-        result["system_us_per_task"] = 1e6 * data["system_s"] / data["count"]
+        result["tasks_per_s"] = tasks / drain if drain > 0 else float("inf")
+        result["cpu_us_per_task"] = 1e6 * data["cpu_s"] / tasks
+        result["user_us_per_task"] = 1e6 * data["user_s"] / tasks
+        result["system_us_per_task"] = 1e6 * data["system_s"] / tasks
         for server, seconds in server_cpu().items():
-            result[f"{server}_us_per_task"] = 1e6 * (seconds - servers[server]) / data["count"]
+            result[f"{server}_us_per_task"] = 1e6 * (seconds - servers[server]) / tasks
         result["drain_s"] = drain
         result["startup_s"] = data["first_start"] - began
         result["queued_p50_ms"] = 1000 * percentile(data["latencies"], 50)
         result["peak_rss_kb"] = peak_rss_kb(run.pid)
+        _check_handlings(result, run, data, args.tasks)
         _check_redis(result, redis, run, prefix, args.tasks)
+        mismatch = run.mismatched_queue()
+        if mismatch:
+            result.setdefault("warning", mismatch)
     finally:
         _finish(run, result, broker)
     return result
@@ -489,20 +603,25 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
 def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
                 redis_url: str, prefix: str, workdir: str, repeat: int, rate: float,
                 redis: Optional[MiniRedis]) -> dict:
-    """Publish at ``rate`` while the consumer runs; enqueue-to-start latency."""
+    """
+    Publish at ``rate`` while the consumer runs; enqueue-to-start latency
+    (with ``redis-retry``, of both attempts: a retry's includes its backoff).
+    """
     _idle(broker, name)
-    run = Run(name, url, redis_url, prefix, workdir, f"lat{repeat}")
-    result: dict = {"config": name, "repeat": repeat, "rate": rate}
+    run = Run(name, url, redis_url, prefix, workdir, f"lat{repeat}", broker.queue,
+              broker.queue_type)
+    result: dict = {"config": name, "repeat": repeat, "rate": rate,
+                    "queue_type": broker.queue_type}
     warmup = max(20, int(rate * 0.5))
     count = max(100, int(rate * args.paced_seconds))
     try:
-        run.expect(0, warmup)
+        run.expect(0, warmup * run.handlings)
         run.start()
         _wait_consumer(broker, run)
         # Warm up (connections, Redis script cache, thread pool), not measured.
         broker.paced(warmup, rate, run.task)
         run.wait_phase(0, timeout=60 + warmup / 50)
-        run.expect(1, count)
+        run.expect(1, count * run.handlings)
         result["paced_rate"] = broker.paced(count, rate, run.task)
         data = run.wait_phase(1, timeout=60 + count / 50)
         result["p50_ms"] = 1000 * percentile(data["latencies"], 50)
@@ -602,7 +721,7 @@ def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> st
     lines = [
         f"quebert throughput benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPUs: {args.tasks} pre-filled tasks, prefetch {PREFETCH}, "
-        f"{args.repeat} repeat(s), medians",
+        f"{args.queue_type} queues, {args.repeat} repeat(s), medians",
         "",
         f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'CPU us':>7} {'paced/s':>8} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}",
@@ -682,8 +801,13 @@ def parse_args(argv: list) -> argparse.Namespace:
                              "throughput [default: 0.5]")
     parser.add_argument("--paced-rate", type=float,
                         help="paced rate in messages/s (overrides --paced-fraction)")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)} "
+                             "[default: all but redis-retry]")
+    parser.add_argument("--queue-type", choices=QUEUE_TYPES, default="classic",
+                        help="type of the work queue, declared as quebert declares it, and "
+                             "the workers' --queue-type [default: classic, as the figures "
+                             "in bench/README.rst; bench_queue_types.py compares both]")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672",
                         help="RabbitMQ, without a vhost [default: %(default)s]")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9",
@@ -729,75 +853,53 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: Optional[list] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_consume"]:
-        consume_main(argv[1:])
-        return 0
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+class Environment:
+    """What a benchmark runs in: its vhost's URL, Redis prefix, files, Redis."""
 
+    def __init__(self, url: str, vhost: str, prefix: str, workdir: str,
+                 redis: Optional[MiniRedis]) -> None:
+        self.url = url
+        self.vhost = vhost
+        self.prefix = prefix
+        self.workdir = workdir
+        self.redis = redis
+
+
+@contextlib.contextmanager
+def environment(amqp: str, redis_url: str, use_redis: bool = True,
+                keep: bool = False) -> Iterator[Environment]:
+    """
+    A fresh vhost ``quebert-bench-<random>`` (guest may use it), a unique
+    Redis prefix (and a connection to that Redis if ``use_redis``) and a
+    working directory; at the end, whatever happens, the vhost is deleted,
+    the keys under the prefix (only those) too, and the directory unless
+    ``keep``.
+    """
     from quebert.state.redis import parse_redis_url
 
-    redis_options = parse_redis_url(args.redis_url)
+    redis_options = parse_redis_url(redis_url)
     vhost = f"quebert-bench-{uuid.uuid4().hex[:12]}"
     prefix = f"quebert-bench-{uuid.uuid4().hex[:12]}:"
-    url = f"{args.amqp.rstrip('/')}/{vhost}"
     workdir = tempfile.mkdtemp(prefix="quebert-bench-")
     redis = None
-    broker = None
     log(f"vhost {vhost}, Redis prefix {prefix} in db {redis_options['db']}, files in {workdir}")
     rabbitmqctl("add_vhost", vhost)
-    throughput: list = []
-    latency: list = []
-    rate: Optional[float] = args.paced_rate
     try:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        if any(CONFIGS[c][2] == "redis" for c in args.configs):
+        if use_redis:
             if redis_options.get("sentinels"):  # redis+sentinel://: the primary, now
                 from quebert.watchdog import RedisStallMarker
 
-                host, port = RedisStallMarker(args.redis_url, prefix)._primary(lambda: 5.0)
+                host, port = RedisStallMarker(redis_url, prefix)._primary(lambda: 5.0)
             else:
                 host, port = redis_options["host"], redis_options["port"]
             redis = MiniRedis(host, port, redis_options["db"], redis_options["password"])
-        broker = Broker(url)
-
-        def attempt(results: list, what: str, fn: Any, name: str, repeat: int,
-                    *extra: Any) -> Optional[dict]:
-            log(f"{what} {repeat + 1}/{args.repeat}: {name}")
-            try:
-                r = fn(name, broker, args, url, args.redis_url,
-                       f"{prefix}{what}-{name}-{repeat}:", workdir, repeat, *extra, redis)
-            except Exception as e:
-                log(f"  {name} failed: {e}")
-                results.append({"config": name, "repeat": repeat, "error": str(e)})
-                return None
-            results.append(r)
-            return r
-
-        for repeat in range(args.repeat):
-            for name in args.configs:
-                r = attempt(throughput, "throughput", throughput_run, name, repeat)
-                if r is not None:
-                    log(f"  {r['tasks_per_s']:.0f} tasks/s (start-up {r['startup_s']:.2f} s, "
-                        f"peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB)")
-        rates = [r["tasks_per_s"] for r in throughput if "tasks_per_s" in r]
-        if rate is None and rates:
-            slowest = min(statistics.median(r["tasks_per_s"] for r in throughput
-                                            if r["config"] == c and "tasks_per_s" in r)
-                          for c in {r["config"] for r in throughput if "tasks_per_s" in r})
-            rate = slowest * args.paced_fraction
-        if rate and not args.profile and not args.no_latency:
-            for repeat in range(args.repeat):
-                for name in args.configs:
-                    r = attempt(latency, "latency", latency_run, name, repeat, rate)
-                    if r is not None:
-                        log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
-                            f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+            find_servers(amqp, host, port)
+        else:
+            find_servers(amqp, "", 0)
+        log(f"CPU counted for the servers: {SERVER_PIDS or 'every beam.smp and redis-server'}")
+        yield Environment(f"{amqp.rstrip('/')}/{vhost}", vhost, prefix, workdir, redis)
     finally:
-        if broker is not None:
-            broker.close()
         try:
             rabbitmqctl("delete_vhost", vhost)
         except Exception as e:
@@ -809,10 +911,65 @@ def main(argv: Optional[list] = None) -> int:
             except Exception as e:
                 log(f"could not delete Redis keys under {prefix}: {e}")
             redis.close()
-        if not args.keep:
+        if not keep:
             for entry in os.listdir(workdir):
                 os.unlink(os.path.join(workdir, entry))
             os.rmdir(workdir)
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_consume"]:
+        consume_main(argv[1:])
+        return 0
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+
+    throughput: list = []
+    latency: list = []
+    rate: Optional[float] = args.paced_rate
+    use_redis = any(CONFIGS[c][2] == "redis" for c in args.configs)
+    with environment(args.amqp, args.redis_url, use_redis, args.keep) as env:
+        broker = None
+        try:
+            broker = Broker(env.url, QUEUE, args.queue_type)
+
+            def attempt(results: list, what: str, fn: Any, name: str, repeat: int,
+                        *extra: Any) -> Optional[dict]:
+                log(f"{what} {repeat + 1}/{args.repeat}: {name}")
+                try:
+                    r = fn(name, broker, args, env.url, args.redis_url,
+                           f"{env.prefix}{what}-{name}-{repeat}:", env.workdir, repeat,
+                           *extra, env.redis)
+                except Exception as e:
+                    log(f"  {name} failed: {e}")
+                    results.append({"config": name, "repeat": repeat, "error": str(e)})
+                    return None
+                results.append(r)
+                return r
+
+            for repeat in range(args.repeat):
+                for name in args.configs:
+                    r = attempt(throughput, "throughput", throughput_run, name, repeat)
+                    if r is not None:
+                        log(f"  {r['tasks_per_s']:.0f} tasks/s (start-up {r['startup_s']:.2f} "
+                            f"s, peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB)")
+            if rate is None and any("tasks_per_s" in r for r in throughput):
+                slowest = min(statistics.median(r["tasks_per_s"] for r in throughput
+                                                if r["config"] == c and "tasks_per_s" in r)
+                              for c in {r["config"] for r in throughput
+                                        if "tasks_per_s" in r})
+                rate = slowest * args.paced_fraction
+            if rate and not args.profile and not args.no_latency:
+                for repeat in range(args.repeat):
+                    for name in args.configs:
+                        r = attempt(latency, "latency", latency_run, name, repeat, rate)
+                        if r is not None:
+                            log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
+                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+        finally:
+            if broker is not None:
+                broker.close()
 
     summary = summarise(throughput, latency)
     text = report(summary, args, rate)

@@ -77,3 +77,34 @@ class ThroughputTests(TestCase):
         measured = {r["config"] for r in data["throughput"] if "tasks_per_s" in r}
         self.assertEqual(measured, {"baseline", "baseline-fast", "redis-async"}, text)
         self.assertEqual(data["latency"], [], "--no-latency skips the paced runs")
+
+
+class QueueTypesTests(TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_a_small_run_compares_classic_and_quorum_with_and_without_retries(self):
+        results = os.path.abspath(self.mktemp())
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(ROOT, "bench", "bench_queue_types.py"), "--tasks", "200",
+             "--repeat", "1", "--configs", "redis-async,redis-retry",
+             "--retry-backoff", "0.05", "--json", results],
+            env=dict(os.environ), path=ROOT, reactor=reactor)
+        text = out.decode() + err.decode()
+        self.assertEqual(code, 0, text)
+        self.assertIn("RATIO quorum/classic quebert, redis state, async def:", text)
+        self.assertIn("RATIO quorum/classic quebert, redis state, retry once:", text)
+        self.assertIn("quebert.qdelay.05, quebert.qdelay.04, quebert.qdelay.01", text)
+        self.assertNotIn("WARNING", text)
+        self.assertNotIn("ERROR", text)
+        with open(results, encoding="utf-8") as f:
+            data = json.load(f)
+        measured = {(r["config"], r["queue_type"]) for r in data["results"]
+                    if "tasks_per_s" in r}
+        self.assertEqual(measured, {("redis-async", "classic"), ("redis-async", "quorum"),
+                                    ("redis-retry", "classic"), ("redis-retry", "quorum")},
+                         text)
+        # every task of the retry runs started twice and succeeded once
+        for r in data["results"]:
+            self.assertEqual(r["redis_succeeded"], 200, r)
