@@ -15,6 +15,13 @@ subclass.  The base class gives it, per test:
   (every task ``succeeded`` in the state store, runs per task counted
   exactly, duplicates bounded by what was in flight, nothing left in a
   work, delay or errored queue but what is expected);
+* with ``on_cluster = True``, all that on the 3-node RabbitMQ test cluster
+  (:mod:`tests._cluster`) instead of the main node: ``self.cluster``,
+  ``self.vhost``, ``self.url`` the vhost's URLs on c1, c2, c3
+  (comma-separated, as ``--amqp-url`` takes them), :meth:`FaultCase.node_urls`
+  for another order, queue counts read from the cluster, and helpers to
+  follow quorum queue leaders, replicas and which node each worker's
+  connections use;
 * ``self.row``: the scenario's line of the summary table, written as JSON
   to ``$QUEBERT_FAULTS_SUMMARY_DIR`` (default ``faults-summary/`` in
   trial's temporary directory) when the test ends, passed or not.
@@ -26,19 +33,24 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 
 from quebert import Client
 from quebert.state import RedisStateManager, connect_redis
 from quebert.state.interface import SUCCEEDED
-from tests._rabbit import make_vhost, queue_counts
-from tests._worker import WorkerProcess, wait_for
+from tests import _cluster
+from tests._cluster import NODES, shared_cluster
+from tests._rabbit import make_vhost, rabbitmqctl, vhost_of
+from tests._worker import WorkerProcess, sleep, wait_for
 
 REDIS_URL = os.environ.get("QUEBERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 TASKS_MODULE = "tests.faults.tasks"
@@ -165,6 +177,19 @@ class FaultCase(TestCase):
     #: ``--queue-type`` of the scenario's workers and client; ``None``: the
     #: default (quorum), with no flag.
     queue_type: Optional[str] = None
+    #: Run on the 3-node test cluster (``tests/_cluster.py``, started in
+    #: ``setUp`` if it is not up; skipped where rabbitmq-server is not
+    #: installed) instead of the main RabbitMQ node.
+    on_cluster = False
+    #: ``rabbit`` application settings given to every node of the cluster
+    #: (in ``setUp``, and by :meth:`restart_node` to a restarted node).
+    #: RabbitMQ's at-least-once dead-lettering waits this long (default 2
+    #: minutes) before it sends again a message whose target queue did not
+    #: confirm it, e.g. because that queue's leader was lost meanwhile: a
+    #: retry moving between two delay levels at that moment was held that
+    #: long, or several times that long (docs/reliability.rst, "node-loss").
+    cluster_settings: Mapping[str, int] = {
+        "dead_letter_worker_publisher_confirm_timeout": 5000}
 
     def setUp(self) -> None:
         self._began = time.monotonic()
@@ -177,13 +202,41 @@ class FaultCase(TestCase):
             "finished_at": None,
         }
         self.addCleanup(self._write_row)  # first registered: runs last
-        self.url = make_vhost(self, prefix="quebert-fault")
+        #: The test cluster (``on_cluster``), else ``None``.
+        self.cluster: Optional[_cluster.RabbitCluster] = None
+        self.url = self._make_vhost()
+        self.vhost = vhost_of(self.url.split(",")[0])
         self.prefix = f"quebert-fault-{uuid.uuid4().hex[:12]}:"
         self.redis = connect_redis(REDIS_URL)
         self.state = RedisStateManager(self.redis, prefix=self.prefix)
         self.client = self.make_client(self.state)
         self.addCleanup(lambda: defer.ensureDeferred(self._cleanup()))
         self.runs = Runs(os.path.abspath(self.mktemp()))
+        #: Task number -> (sent, confirmed) times of its publish.
+        self.published: Dict[int, Tuple[float, float]] = {}
+
+    def _make_vhost(self) -> str:
+        """A fresh vhost (deleted in cleanup); its URL, or its URLs on c1, c2, c3."""
+        if not self.on_cluster:
+            return make_vhost(self, prefix="quebert-fault")
+        self.cluster = shared_cluster()
+        began = time.monotonic()
+        try:
+            self.cluster.start()
+        except SkipTest:
+            self.row.update(status="skipped", notes="rabbitmq-server is not installed")
+            raise
+        #: Seconds ``setUp`` waited for the cluster to start (0 if it was up).
+        self.cluster_start_s = time.monotonic() - began
+        for node in NODES:
+            self.cluster._ctl_sync(node, "eval", self._settings_expression())
+        vhost = self.cluster.make_vhost(self, prefix="quebert-fault")
+        return ",".join(self.cluster.url(node, vhost) for node in NODES)
+
+    def _settings_expression(self) -> str:
+        """Erlang that applies ``cluster_settings`` to a node."""
+        return " ".join(f"ok = application:set_env(rabbit, {key}, {int(value)})."
+                        for key, value in self.cluster_settings.items()) or "ok."
 
     def make_client(self, state: Any) -> Client:
         """A client of the scenario's vhost, queue type and ``state`` store."""
@@ -222,17 +275,33 @@ class FaultCase(TestCase):
                                       else ()), *extra), name=name)
 
     async def publish(self, count: int, task: str = "faults.mark", *, start: int = 0,
-                      options: Callable[[int], Mapping[str, Any]] = lambda i: {}
-                      ) -> Dict[int, str]:
+                      options: Callable[[int], Mapping[str, Any]] = lambda i: {},
+                      per_second: Optional[float] = None) -> Dict[int, str]:
         """
         Publish tasks ``start .. start+count-1`` as ``task(self.runs.path, i,
         **options(i))``, with confirms, concurrently; return ``{i: task id}``.
+        With ``per_second``, the publishes start at that pace (a producer
+        that keeps publishing through a fault) instead of all at once.
+        ``self.published[i]`` is ``(sent, confirmed)``, wall-clock times.
         """
         sem = defer.DeferredSemaphore(PUBLISH_CONCURRENCY)
         numbers = list(range(start, start + count))
-        infos = await defer.gatherResults(
-            [sem.run(self.client.add_task, task, self.runs.path, i, **options(i))
-             for i in numbers], consumeErrors=True)
+        began = time.monotonic()
+
+        async def one(i: int) -> Any:
+            sent = time.time()
+            info = await sem.run(self.client.add_task, task, self.runs.path, i, **options(i))
+            self.published[i] = (sent, time.time())
+            return info
+
+        calls = []
+        for n, i in enumerate(numbers):
+            if per_second:
+                ahead = began + n / per_second - time.monotonic()
+                if ahead > 0:
+                    await sleep(ahead)
+            calls.append(defer.ensureDeferred(one(i)))
+        infos = await defer.gatherResults(calls, consumeErrors=True)
         return {i: info.id for i, info in zip(numbers, infos)}
 
     async def until_failed(self, supervise: Supervisor, what: str,
@@ -277,6 +346,11 @@ class FaultCase(TestCase):
             records = await self.records(ids)
             behind = [i for i, r in records.items() if (r or {}).get("state") != state]
             print(f"[faults] {len(behind)} task(s) not {state}: {behind[:20]}")
+            try:
+                left = {q: c for q, c in (await self.queue_counts()).items() if any(c)}
+                print(f"[faults] queues (ready, unacked, held for dead-lettering): {left}")
+            except Exception as e:  # noqa: BLE001 - evidence only
+                print(f"[faults] queue counts unavailable: {e}")
             self._evidence(Tally(tasks=len(ids), succeeded=len(ids) - len(behind),
                                  lost=behind, duplicates={}, strays={}, extra_attempts=0,
                                  undercounted=[]), records)
@@ -371,26 +445,60 @@ class FaultCase(TestCase):
                             timeout: float = 20.0) -> Dict[str, tuple]:
         """
         Wait until every queue of the vhost (work, delay levels, errored)
-        is empty but ``expected`` (``{queue: (ready, unacked)}``);
-        fail with the counts otherwise.  The workers' own server-named
-        queues (``amq.gen-*``: control and liveness beacons, one beacon
-        always in flight) are not tasks and are left out.
+        is empty but ``expected`` (``{queue: (ready, unacked)}``), and no
+        quorum queue still holds a message for dead-lettering (see
+        :meth:`queue_counts`); fail with the counts otherwise.  The
+        workers' own server-named queues (``amq.gen-*``: control and
+        liveness beacons, one beacon always in flight) are not tasks and
+        are left out.
         """
         expected = dict(expected or {})
         seen: Dict[str, tuple] = {}
+        held: Dict[str, int] = {}
 
         async def settled() -> bool:
-            counts = await queue_counts(self.url)
+            counts = await self.queue_counts()
             seen.clear()
-            seen.update({q: c for q, c in counts.items()
-                         if c != (0, 0) and not q.startswith("amq.gen-")})
-            return seen == expected
+            seen.update({q: (r, u) for q, (r, u, _) in counts.items()
+                         if (r, u) != (0, 0) and not q.startswith("amq.gen-")})
+            held.clear()
+            held.update({q: h for q, (_, _, h) in counts.items() if h})
+            return seen == expected and not held
 
         try:
             await wait_for(settled, timeout, interval=0.5, what="queues to settle")
         except AssertionError:
-            self.fail(f"queues left with messages {seen}, expected {expected}")
+            self.fail(f"queues left with messages {seen}, expected {expected}"
+                      + (f"; held for dead-lettering: {held}" if held else ""))
         return seen
+
+    async def queue_counts(self) -> Dict[str, Tuple[int, int, int]]:
+        """
+        ``{queue: (ready, unacked, held)}`` of the vhost (from the cluster
+        when on it).  ``held``: messages a quorum queue keeps while it
+        dead-letters them *at least once* (an expired delay-level message on
+        its way to the next level), counted in ``messages`` but neither
+        ready nor unacked; RabbitMQ holds them until the target queue
+        confirms, which can take minutes when that queue lost its leader
+        (docs/reliability.rst, "node-loss").  Quorum counts lag a few seconds.
+        """
+        args = ("list_queues", "-p", self.vhost, "--no-table-headers", "name", "messages",
+                "messages_ready", "messages_unacknowledged")
+        if self.cluster is not None:
+            out = await self.cluster.rabbitmqctl(self.up_node(), *args)
+        else:
+            out = await rabbitmqctl(*args)
+        counts = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+                total, ready, unacked = (int(p) for p in parts[1:])
+                counts[parts[0]] = (ready, unacked, max(0, total - ready - unacked))
+        return counts
+
+    async def held(self) -> int:
+        """Messages the vhost's quorum queues hold for dead-lettering (see :meth:`queue_counts`)."""
+        return sum(h for _, _, h in (await self.queue_counts()).values())
 
     def recovered(self, seconds: Optional[float], bound: float, what: str) -> None:
         """Record (and check) a recovery time: seconds from fault end to ``what``."""
@@ -410,6 +518,153 @@ class FaultCase(TestCase):
         for w in workers:
             if w.alive:
                 self.assertEqual(await w.stop(), 0, w.log()[-3000:])
+
+    # -- on the cluster (``on_cluster``) -----------------------------------
+
+    def node_urls(self, *nodes: str) -> str:
+        """
+        The vhost's URLs on the cluster's ``nodes`` (``"c2", "c3", "c1"``),
+        comma-separated in that order: an ``--amqp-url`` that connects to
+        the first node that answers.
+        """
+        assert self.cluster is not None, "on_cluster scenarios only"
+        return ",".join(self.cluster.url(node, self.vhost) for node in nodes)
+
+    def worker_nodes(self, worker: WorkerProcess, connection: str = "consumer") -> List[str]:
+        """
+        The nodes (``"c2"``) on which ``worker``'s ``connection``
+        (``consumer`` or ``publisher``) was made ready, one per connection,
+        oldest first, read from its log.
+        """
+        assert self.cluster is not None, "on_cluster scenarios only"
+        ports = {urlsplit(self.cluster.url(node)).port: node for node in NODES}
+        found = re.findall(rf"AMQP quebert-{connection} connection ready "
+                           rf"\(127\.0\.0\.1:(\d+)/", worker.log())
+        return [ports.get(int(port), port) for port in found]
+
+    async def restart_node(self, node: str) -> float:
+        """
+        Start ``node`` (killed or stopped), wait until it is back in the
+        cluster and give it ``cluster_settings``; the seconds it took.
+        """
+        began = time.monotonic()
+        await self.cluster.restart(node)
+        await self.cluster.rabbitmqctl(node, "eval", self._settings_expression())
+        return time.monotonic() - began
+
+    def up_node(self) -> str:
+        """A node of the cluster that is not down (killed or stopped by the test)."""
+        assert self.cluster is not None, "on_cluster scenarios only"
+        return next(node for node in NODES if node not in self.cluster.down)
+
+    async def quorum_queues(self) -> Dict[str, Dict[str, Any]]:
+        """
+        The vhost's quorum queues: ``{name: {"leader": "c1" or None,
+        "members": [...], "online": [...]}}`` (nodes as ``"cN"``, sorted).
+        """
+        out = await self.cluster.rabbitmqctl(self.up_node(), "list_queues", "-p", self.vhost,
+                                             "--no-table-headers", "name", "type", "leader",
+                                             "members", "online")
+        queues = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 5 or parts[1] != "quorum":
+                continue
+            nodes = [sorted(re.findall(r"quebert-(c\d)@", field)) for field in parts[2:]]
+            queues[parts[0]] = {"leader": nodes[0][0] if nodes[0] else None,
+                                "members": nodes[1], "online": nodes[2]}
+        return queues
+
+    async def wait_leaders(self, not_on: str, timeout: float = 60.0) -> float:
+        """
+        Wait until every quorum queue of the vhost has a leader, none on
+        ``not_on`` (a node just lost); the seconds waited.
+        """
+        began = time.monotonic()
+        seen: Dict[str, Any] = {}
+
+        async def elected() -> bool:
+            try:
+                queues = await self.quorum_queues()
+            except RuntimeError:  # the queried node was busy electing
+                return False
+            seen.clear()
+            seen.update({q: i["leader"] for q, i in queues.items()
+                         if i["leader"] in (None, not_on)})
+            return bool(queues) and not seen
+
+        try:
+            await wait_for(elected, timeout, interval=0.2,
+                           what=f"new quorum queue leaders off {not_on}")
+        except AssertionError:
+            self.fail(f"quorum queues without a leader off {not_on} after {timeout}s: {seen}")
+        return time.monotonic() - began
+
+    async def quorum_status(self, queue: str) -> Dict[str, Dict[str, Any]]:
+        """
+        ``rabbitmq-queues quorum_status`` of ``queue``: ``{node: {"state":
+        "leader"/"follower"/..., "log": log index, "commit": commit index}}``.
+        """
+        out, err, code = await getProcessOutputAndValue(
+            "rabbitmq-queues", ("-q", "-n", _cluster.node_name(self.up_node()), "quorum_status",
+                                queue, "--vhost", self.vhost, "--formatter", "json"),
+            env=_cluster._ENV)
+        if code != 0:
+            raise RuntimeError(f"rabbitmq-queues quorum_status {queue} failed ({code}): "
+                               f"{err.decode(errors='replace').strip()}")
+        status = {}
+        for member in json.loads(out):
+            node = _cluster.short(member["Node Name"])
+            status[node] = {"state": member.get("Raft State"),
+                            "log": int(member.get("Log Index") or 0),
+                            "commit": int(member.get("Commit Index") or 0)}
+        return status
+
+    async def wait_in_sync(self, node: str, busy: Iterable[str] = ("default",),
+                           timeout: float = 60.0) -> float:
+        """
+        Wait until ``node`` (back after a restart) has an online replica of
+        every quorum queue of the vhost, and its replicas of the ``busy``
+        queues have caught up: their commit index reached the leader's at
+        the moment the replica was online.  The seconds waited.
+        """
+        began = time.monotonic()
+        seen: Dict[str, Any] = {}
+
+        async def online() -> bool:
+            try:
+                queues = await self.quorum_queues()
+            except RuntimeError:
+                return False
+            seen.clear()
+            seen.update({q: i for q, i in queues.items()
+                         if node not in i["online"] or i["leader"] is None})
+            return bool(queues) and not seen
+
+        try:
+            await wait_for(online, timeout, interval=0.5, what=f"{node}'s replicas online")
+        except AssertionError:
+            self.fail(f"{node}'s quorum replicas not online after {timeout}s: {seen}")
+        for queue in busy:
+            leaders: List[int] = []
+
+            async def led(queue: str = queue, leaders: List[int] = leaders) -> bool:
+                status = await self.quorum_status(queue)
+                leaders.extend(s["commit"] for s in status.values() if s["state"] == "leader")
+                return bool(leaders)
+
+            left = max(1.0, timeout - (time.monotonic() - began))
+            await wait_for(led, left, interval=0.5, what=f"a leader of {queue}")
+            target = leaders[0]
+
+            async def caught_up(queue: str = queue, target: int = target) -> bool:
+                mine = (await self.quorum_status(queue)).get(node)
+                return mine is not None and mine["commit"] >= target
+
+            left = max(1.0, timeout - (time.monotonic() - began))
+            await wait_for(caught_up, left, interval=0.5,
+                           what=f"{node}'s replica of {queue} to reach commit index {target}")
+        return time.monotonic() - began
 
 
 def format_row(row: Mapping[str, Any]) -> str:
