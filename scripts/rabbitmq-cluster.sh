@@ -163,7 +163,17 @@ listeners.tcp.local = 127.0.0.1:$(amqp_port "$1")
 loopback_users = none
 EOF
     echo '[].' >"$dir/enabled_plugins"
+    advanced "$1"
     chown -R rabbitmq:rabbitmq "$dir"
+}
+
+# advanced N: node N's advanced.config.  RabbitMQ 3.10's dead-letter worker
+# keeps sending to a quorum queue's dead leader until this timeout (2 min by
+# default) after the node is back: delayed tasks wait that long
+# (docs/scaling.rst, "Delayed tasks while a node is down").
+advanced() {
+    echo '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].' \
+        >"$(node_dir "$1")/advanced.config"
 }
 
 # launch N: start node N's VM detached (does not wait).
@@ -171,6 +181,10 @@ launch() {
     local i="$1" dir
     dir="$(node_dir "$i")"
     [ -f "$dir/rabbitmq.conf" ] || prepare "$i"
+    if [ ! -f "$dir/advanced.config" ]; then
+        advanced "$i"
+        chown rabbitmq:rabbitmq "$dir/advanced.config"
+    fi
     rm -f "$(pid_file "$i")"
     # rabbitmq-env.conf's NODENAME is overridden by RABBITMQ_NODENAME, and
     # /etc/rabbitmq/rabbitmq.conf (port 5672) by RABBITMQ_CONFIG_FILE.  The
@@ -179,6 +193,7 @@ launch() {
         RABBITMQ_NODE_PORT="$(amqp_port "$i")" \
         RABBITMQ_DIST_PORT="$(dist_port "$i")" \
         RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+        RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
         RABBITMQ_MNESIA_BASE="$dir/mnesia" \
         RABBITMQ_LOG_BASE="$dir/log" \
         RABBITMQ_PID_FILE="$(pid_file "$i")" \
