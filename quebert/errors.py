@@ -185,3 +185,75 @@ class URLRefused(Reject):
     A URL task's target is refused by the dispatch guardrails (scheme, host
     or network not allowed, request too large).  It is never requested.
     """
+
+
+class InvalidResult(Reject):
+    """
+    A task returned a value that cannot be kept as its result: not JSON
+    (an object, ``NaN``, a mapping with non-string keys...) or larger than
+    the worker's ``max_result_size``.  The attempt fails for good (running
+    the task again would return the same kind of value), with this message
+    as the reason.
+    """
+
+
+class ProcessLost(QuebertError):
+    """
+    The worker process running an attempt of a ``executor="process"`` task
+    died (a signal, ``os._exit``, out of memory) or was killed by the
+    worker (the task's timeout, a cancellation, its memory limit).  The
+    message says which; the pool replaces the process.
+    """
+
+    transient = True
+
+
+class TaskFailed(QuebertError):
+    """
+    What waiting for a task's result raises when the task failed for good:
+    the remote error's ``type``, ``message`` and ``traceback`` (strings or
+    ``None``), the ``reason`` it failed, the number of ``attempts`` made and
+    the whole ``record``.
+    """
+
+    def __init__(self, task_id: str, record: dict) -> None:
+        error = record.get("error") or {}
+        self.task_id = task_id
+        self.record = record
+        self.type = error.get("type")
+        self.message = error.get("message")
+        self.traceback = error.get("traceback")
+        self.reason = record.get("reason")
+        self.attempts = int(record.get("attempts") or 0)
+        what = f"{self.type}: {self.message}" if self.type else (self.reason or "failed")
+        super().__init__(f"task {task_id} failed after {self.attempts} attempt(s): {what}")
+
+
+class TaskCanceled(QuebertError):
+    """
+    What waiting for a task's result raises when the task was canceled;
+    ``reason`` says why, ``record`` is the whole record.
+    """
+
+    def __init__(self, task_id: str, record: dict) -> None:
+        self.task_id = task_id
+        self.record = record
+        self.reason = record.get("reason")
+        super().__init__(f"task {task_id} was canceled"
+                         + (f": {self.reason}" if self.reason else ""))
+
+
+class ResultTimeout(QuebertError, TimeoutError):
+    """
+    Waiting for a task's result took longer than the ``timeout`` given; the
+    task itself goes on.  ``state`` is the state it was last seen in.
+    """
+
+    transient = True
+
+    def __init__(self, task_id: str, timeout: float, state: Optional[str] = None) -> None:
+        super().__init__(f"task {task_id} did not finish within {timeout:g} s"
+                         + (f" (it is {state})" if state else ""))
+        self.task_id = task_id
+        self.timeout = timeout
+        self.state = state
