@@ -47,9 +47,21 @@ class TaskInfo:
     queue: str
     eta: Optional[float] = None
     name: Optional[str] = None
+    #: The client that published it, which :meth:`result` waits through.
+    _client: Any = attrs.field(default=None, eq=False, repr=False)
 
     def to_dict(self) -> dict:
-        return attrs.asdict(self)
+        return attrs.asdict(self, filter=lambda a, _: a.name != "_client")
+
+    def result(self, timeout: Optional[float] = None) -> defer.Deferred:
+        """
+        ``Client.result`` of this task, through the client that published
+        it: ``info = await client.add_task(add, 2, 3); await info.result()``.
+        """
+        if self._client is None:
+            raise ConfigurationError("this TaskInfo was not made by a Client; "
+                                     "use Client.result(task_id)")
+        return self._client.result(self.id, timeout)
 
 
 def _epoch(eta: Union[float, int, datetime.datetime]) -> float:
@@ -111,6 +123,7 @@ class Client:
         self.state = state
         self.default_queue = default_queue
         self.registry = registry if registry is not None else default_registry
+        self._waiter: Any = None
 
     def _ensure_started(self) -> None:
         if not self.broker.running:
@@ -239,7 +252,7 @@ class Client:
                     log.warn("task {task_id} is queued but its state record could not be "
                              "written: {error}", task_id=message.id, error=e)
         return TaskInfo(id=message.id, task=message.task, queue=message.queue,
-                        eta=message.eta, name=message.name)
+                        eta=message.eta, name=message.name, client=self)
 
     async def _unclaim(self, message: protocol.TaskMessage, error: Exception) -> None:
         """The publish of a named task failed: free its name, record why."""
@@ -251,6 +264,39 @@ class Client:
         except Exception as e:
             log.warn("task {task_id} was not published and its name {name!r} could not be "
                      "released: {error}", task_id=message.id, name=message.name, error=e)
+
+    # -- results -----------------------------------------------------------
+
+    def result(self, task_id: str, timeout: Optional[float] = None) -> defer.Deferred:
+        """
+        Wait for a task to finish: fires with its return value once it
+        succeeded; fails with :class:`~quebert.errors.TaskFailed` (the
+        remote error's type, message and traceback, the reason, the
+        attempts made), :class:`~quebert.errors.TaskCanceled`,
+        :class:`~quebert.errors.TaskNotFound` (no record: unknown, or
+        expired after the results' retention), or
+        :class:`~quebert.errors.ResultTimeout` when ``timeout`` seconds
+        pass first.  A task that finished before the call answers at once.
+
+        All waits of one client share one subscription to the state store
+        (Redis pub/sub), re-established after a reconnection or a Sentinel
+        failover; cancelling the Deferred stops waiting.
+        """
+        return self._results().result(task_id, timeout)
+
+    def wait(self, task_id: str, timeout: Optional[float] = None) -> defer.Deferred:
+        """
+        Like :meth:`result`, but fires with the task's whole record (its
+        state, result or error, attempts and history) whatever the outcome.
+        """
+        return self._results().wait(task_id, timeout)
+
+    def _results(self) -> Any:
+        if self._waiter is None:
+            from quebert.results import ResultWaiter
+
+            self._waiter = ResultWaiter(self._need_state("waiting for results"), self.reactor)
+        return self._waiter
 
     # -- managing tasks and queues --------------------------------------------
 
@@ -361,10 +407,22 @@ class Client:
         return self.broker.whenConnected(fail_after_failures)
 
     def close(self) -> defer.Deferred:
-        """Close the connection; fires when it is closed."""
-        if self.broker.running:
-            return defer.maybeDeferred(self.broker.stopService)
-        return defer.succeed(None)
+        """
+        Close the connection and the results subscription (pending waits
+        fail with ``CancelledError``); fires when both are closed.
+        """
+        d = defer.succeed(None)
+        if self._waiter is not None:
+            d = self._waiter.close().addErrback(
+                lambda f: log.failure("closing the results subscription failed", f))
+            self._waiter = None
+
+        def stop(_: Any) -> Any:
+            if self.broker.running:
+                return self.broker.stopService()
+            return None
+
+        return d.addCallback(stop)
 
 
 _default_client: Optional[Client] = None

@@ -56,6 +56,8 @@ class WorkerConfig:
     mediator: str = DEFAULT_MEDIATOR
     tasks: list = attrs.field(factory=list)
     max_message_size: int = 1024 * 1024
+    #: Largest task result kept, in bytes of JSON (0: no limit).
+    max_result_size: int = 1024 * 1024
     log_level: str = "info"
     #: Seconds a finished task's unique name stays taken.
     name_tombstone: float = 3600.0
@@ -282,6 +284,9 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     if "max_message_size" in data:
         config.max_message_size = _positive(data["max_message_size"], "max_message_size",
                                             integer=True)
+    if "max_result_size" in data:
+        config.max_result_size = _non_negative(data["max_result_size"], "max_result_size",
+                                               integer=True)
     if "threads" in data:
         config.threads = _positive(data["threads"], "threads", integer=True)
     if "mediator" in data:

@@ -50,6 +50,7 @@ from quebert.current import running_task
 from quebert.errors import (
     DispatchError,
     InvalidMessage,
+    InvalidResult,
     QuebertError,
     ReactorStalled,
     Reject,
@@ -72,6 +73,7 @@ from quebert.protocol import (
     TaskMessage,
 )
 from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
+from quebert.results import check_result
 from quebert.retry import RetryPolicy
 from quebert.state.interface import (
     CANCELED,
@@ -311,7 +313,8 @@ class Mediator:
                  queues: Iterable[QueueSettings], registry: Optional[Registry] = None,
                  max_running_tasks: int = 100, worker_id: Optional[str] = None,
                  hooks: Iterable[Hook] = (), max_message_size: int = 1024 * 1024,
-                 task_log_level: LogLevel = LogLevel.info, dispatcher: Any = None) -> None:
+                 task_log_level: LogLevel = LogLevel.info, dispatcher: Any = None,
+                 max_result_size: int = 1024 * 1024) -> None:
         self.broker = broker
         self.state = state
         self.executor = executor
@@ -322,6 +325,8 @@ class Mediator:
         self.worker_id = worker_id or default_worker_id()
         self.hooks = list(hooks)
         self.max_message_size = max_message_size
+        #: Largest result kept, in bytes of JSON (0: no limit); see :func:`check_result`.
+        self.max_result_size = max_result_size
         self.task_log_level = task_log_level  # (sets _info_logged)
         #: Tasks currently in the executor, by id.
         self.running: dict[str, Task] = {}
@@ -607,6 +612,11 @@ class Mediator:
         else:
             failure = None
         task.running = None
+        if failure is None and result is not None and task.message.kind != URL:
+            try:
+                check_result(result, self.max_result_size, task.name)
+            except InvalidResult:
+                failure = Failure()
 
         if task.canceled and failure is not None:
             await self._canceled_while_running(task)

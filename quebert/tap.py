@@ -51,6 +51,8 @@ class Options(usage.Options):
          "before RabbitMQ moves it to the errored queue; 0 disables [default: 20]."],
         ["max-message-size", None, None, "Largest message body accepted, in bytes "
          "[default: 1048576]."],
+        ["max-result-size", None, None, "Largest task result kept, in bytes of JSON; a "
+         "larger one fails its task; 0: no limit [default: 1048576]."],
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
         ["name-tombstone", None, None, "Seconds a finished task's unique name stays taken "
          "[default: 3600]."],
@@ -98,13 +100,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
 
 
-def _int(value: str, flag: str) -> int:
+def _int(value: str, flag: str, minimum: int = 1) -> int:
     try:
         number = int(value)
     except ValueError:
         raise ConfigurationError(f"--{flag} must be an integer, not {value!r}")
-    if number < 1:
-        raise ConfigurationError(f"--{flag} must be at least 1, not {value!r}")
+    if number < minimum:
+        raise ConfigurationError(f"--{flag} must be at least {minimum}, not {value!r}")
     return number
 
 
@@ -153,6 +155,9 @@ def build_config(options: Any) -> WorkerConfig:
         if limit < 0:
             raise usage.UsageError(f"--delivery-limit must be 0 or more, not {limit}")
         config.delivery_limit = limit or None
+    if options["max-result-size"] is not None:
+        config.max_result_size = _int(options["max-result-size"], "max-result-size",
+                                      minimum=0)
     if options["max-message-size"]:
         config.max_message_size = _int(options["max-message-size"], "max-message-size")
     if options["log-level"]:

@@ -465,6 +465,7 @@ class WorkerService(_StopSignals, MultiService):
             queues=queues, registry=registry,
             max_running_tasks=config.max_running_tasks,
             max_message_size=config.max_message_size, task_log_level=level,
+            max_result_size=config.max_result_size,
             dispatcher=self.dispatcher,
         )
         self.mediator.start()

@@ -145,12 +145,40 @@ class SuccessTests(MediatorTestCase):
         self.assertEqual(record["finished_at"], T0 + 2)
         self.assertTrue(worker.broker.idle())
 
-    def test_non_json_result_is_recorded_as_repr(self):
-        name = self.register(lambda: {1, 2}, "app.set")
+    def test_non_json_result_fails_the_task_for_good_saying_why(self):
+        calls = []
+        name = self.register(lambda: calls.append(1) or {1, 2}, "app.set")
         worker = self.worker()
         record = worker.state_of(worker.enqueue(name))
-        self.assertEqual(record["state"], "succeeded")
-        self.assertIn("repr", record["result"])
+        self.assertEqual(record["state"], "failed")
+        self.assertEqual(len(calls), 1)  # not retried: it would return a set again
+        self.assertIsNone(record["result"])
+        self.assertEqual(record["error"]["type"], "quebert.errors.InvalidResult")
+        self.assertIn("returned a set, which is not JSON", record["reason"])
+
+    def test_nan_result_is_not_json(self):
+        name = self.register(lambda: float("nan"), "app.nan")
+        worker = self.worker()
+        record = worker.state_of(worker.enqueue(name))
+        self.assertEqual(record["state"], "failed")
+        self.assertIn("returned a float, which is not JSON", record["reason"])
+
+    def test_result_over_the_size_limit_fails_saying_so(self):
+        name = self.register(lambda n: "x" * n, "app.big")
+        worker = self.worker()
+        worker.mediator.max_result_size = 100
+        small = worker.state_of(worker.enqueue(name, 98))  # 100 bytes with its quotes
+        self.assertEqual((small["state"], small["result"]), ("succeeded", "x" * 98))
+        big = worker.state_of(worker.enqueue(name, 99))
+        self.assertEqual(big["state"], "failed")
+        self.assertIn("returned 101 bytes of JSON, more than the worker's max_result_size "
+                      "(100 bytes)", big["reason"])
+
+    def test_no_size_limit_with_zero(self):
+        name = self.register(lambda n: "x" * n, "app.big0")
+        worker = self.worker()
+        worker.mediator.max_result_size = 0
+        self.assertEqual(worker.state_of(worker.enqueue(name, 5000))["state"], "succeeded")
 
     def test_guillotina_body_runs(self):
         calls = []

@@ -16,7 +16,9 @@ PRUNE_BATCH = 50
 # Every write goes through this one script, in batches: ARGV[1] prefix,
 # ARGV[2] ttl in ms, ARGV[3] history limit, ARGV[4] a JSON array of writes,
 # ARGV[5] '1' to prune expired index entries too, ARGV[6] the tombstone of
-# unique names in ms.
+# unique names in ms, ARGV[7] (optional) the channel told which tasks the
+# batch settled: one PUBLISH per batch, the ids joined by newlines, for
+# those waiting for results (quebert.results).
 # Each write is a flat array
 #   [kind, id, at, queue, kind, task, name, eta, created_at, ...]
 # with the info fields as hash values (null when unknown), followed by
@@ -44,6 +46,8 @@ local ttl_ms = tonumber(ARGV[2])
 local history_limit = tonumber(ARGV[3])
 local ops = cjson.decode(ARGV[4])
 local tombstone_ms = tonumber(ARGV[6] or '3600000')
+local settled_channel = ARGV[7]
+local settled, ns = {}, 0
 local null = cjson.null
 local call, fmt, concat = redis.call, string.format, table.concat
 local find, sub = string.find, string.sub
@@ -243,6 +247,9 @@ local function reindex(old_state, old_queue, state, queue)
   end
   if queue then zadd(queue_key(queue), at, id) end
   zadd(all_key, at, id)
+  if finished[state] and old_state ~= state then
+    ns = ns + 1; settled[ns] = id
+  end
   if finished[state] and ttl_ms > 0 then
     call('PEXPIRE', key, ttl_ms)
     local member
@@ -540,6 +547,9 @@ for position, op in ipairs(ops) do
   latest = at
 end
 apply_changes()
+if ns > 0 and settled_channel and settled_channel ~= '' then
+  call('PUBLISH', settled_channel, concat(settled, '\\n', 1, ns))
+end
 -- ARGV[5] '1': prune.  The answer is one integer, the number of expired
 -- index entries examined: a reply of one element per write would cost the
 -- worker more to parse than the writes cost Redis.

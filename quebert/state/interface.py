@@ -174,3 +174,21 @@ class IStateManager(Interface):
         optionally only those in ``state`` and/or ``queue``.  Uses indexes,
         never a scan of the keyspace.
         """
+
+
+class ISettledFeed(Interface):
+    """
+    What a state store that can tell waiters about settled tasks provides
+    (:class:`~quebert.results.ResultWaiter` needs it): the Redis store
+    through pub/sub, the memory store in process.
+    """
+
+    def watch_settled(on_settled, on_subscribed):
+        """
+        Start telling ``on_settled(ids)`` the ids of tasks that reached a
+        finished state (``succeeded``, ``failed``, ``canceled``) from now
+        on, and ``on_subscribed()`` each time the feed is (re)established,
+        after which anything settled while it was down must be read again.
+        Returns a watch with ``when_ready()`` (a Deferred firing once the
+        feed is live) and ``stop()`` (a Deferred firing once it is closed).
+        """

@@ -35,6 +35,7 @@ from quebert.state.interface import (
     RUNNING,
     SCHEDULED,
     STATES,
+    ISettledFeed,
     IStateManager,
 )
 
@@ -77,7 +78,7 @@ class _Index:
                 yield task_id
 
 
-@implementer(IStateManager)
+@implementer(IStateManager, ISettledFeed)
 class MemoryStateManager:
     """
     :class:`IStateManager` in memory.
@@ -107,6 +108,15 @@ class MemoryStateManager:
         self._states = {state: _Index() for state in STATES}
         self._queues: Dict[str, _Index] = {}
         self._all = _Index()
+        self._watches: List[_MemoryWatch] = []
+
+    # -- ISettledFeed ---------------------------------------------------
+
+    def watch_settled(self, on_settled: Any, on_subscribed: Any) -> _MemoryWatch:
+        """Tell ``on_settled([id])`` of every task that settles from now on, in process."""
+        watch = _MemoryWatch(self._watches, on_settled)
+        self._watches.append(watch)
+        return watch
 
     # -- IStateManager --------------------------------------------------
 
@@ -247,6 +257,9 @@ class MemoryStateManager:
         if queue is not None:
             self._queues.setdefault(queue, _Index()).add(task_id, score)
         self._all.add(task_id, score)
+        if state in FINISHED_STATES and old_state != state and self._watches:
+            for watch in list(self._watches):
+                watch.tell(task_id)
         if state in FINISHED_STATES and self.finished_ttl > 0:
             deadline = self._now() + self.finished_ttl
             self._deadline[task_id] = deadline
@@ -427,3 +440,28 @@ class MemoryStateManager:
                 continue
             found.append(copy.deepcopy(self._records[task_id]))
         return found
+
+
+class _MemoryWatch:
+    """A memory store's settled-task feed: live at once, never lost."""
+
+    def __init__(self, watches: List[_MemoryWatch], on_settled: Any) -> None:
+        self._watches = watches
+        self._on_settled = on_settled
+
+    def tell(self, task_id: str) -> None:
+        try:
+            self._on_settled([task_id])
+        except Exception:
+            from twisted.logger import Logger
+
+            Logger(namespace="quebert.state.memory").failure(
+                "handling settled task {task_id} failed", task_id=task_id)
+
+    def when_ready(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        if self in self._watches:
+            self._watches.remove(self)
+        return succeed(None)

@@ -57,7 +57,7 @@ from quebert.state._redis_ops import answers as _answers
 from quebert.state._redis_ops import parse_redis_url
 from quebert.state._redis_scripts import PRUNE_BATCH
 from quebert.state._redis_scripts import SCRIPTS as _SCRIPTS
-from quebert.state.interface import HISTORY_LIMIT, IStateManager
+from quebert.state.interface import HISTORY_LIMIT, ISettledFeed, IStateManager
 
 log = Logger(namespace="quebert.state.redis")
 
@@ -99,7 +99,7 @@ def _is_noscript(error: BaseException) -> bool:
     )
 
 
-@implementer(IStateManager)
+@implementer(IStateManager, ISettledFeed)
 class RedisStateManager:
     """
     :class:`IStateManager` in Redis.
@@ -178,6 +178,12 @@ class RedisStateManager:
             raise ConfigurationError(f"wait_timeout must be > 0 seconds, not {wait_timeout!r}")
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
+        options = _options_of(redis)
+        #: The pub/sub channel told the ids of the tasks each batch settled
+        #: (Redis channels are server-wide: the database is in the name).
+        self.settled_channel = settled_channel_name(
+            prefix, options["db"] if options else None)
+        self._subscription: Any = None
         #: WAITs that got fewer acknowledgements than ``wait_replicas``.
         self.wait_timeouts = 0
         self._wait_degraded = False  # the last WAIT timed out
@@ -331,6 +337,29 @@ class RedisStateManager:
             lambda found: [self._decode(text) for text in found or ()]
         )
 
+    # -- ISettledFeed ---------------------------------------------------
+
+    def watch_settled(self, on_settled: Any, on_subscribed: Any) -> Any:
+        """
+        Subscribe to :attr:`settled_channel` on a connection of its own
+        (:class:`~quebert.state._redis_pubsub.SettledSubscription`), which
+        follows reconnections and Sentinel failovers.
+
+        :raises ConfigurationError: the store's connection was not made by
+            :func:`connect_redis`, so there is no URL to subscribe with.
+        """
+        options = _options_of(self.redis)
+        if options is None:
+            raise ConfigurationError(
+                "waiting for task results needs a Redis connection made by "
+                "quebert.state.redis.connect_redis (its URL is used for the subscription)")
+        from quebert.state._redis_pubsub import SettledSubscription
+
+        watch = SettledSubscription(options, self.settled_channel, on_settled, on_subscribed,
+                                    reactor=self._clock)
+        watch.start()
+        return watch
+
     # -- implementation -------------------------------------------------
 
     # The writes as script operations (see quebert.state._redis_ops, which
@@ -399,7 +428,8 @@ class RedisStateManager:
             self._pruned_at = latest
         self._sending += 1
         d = self._run("apply", [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload,
-                                "1" if prune else "0", self._tombstone_ms], timeout)
+                                "1" if prune else "0", self._tombstone_ms,
+                                self.settled_channel], timeout)
         if self.wait_replicas:
             wait_ms = self._wait_ms(ops)
             if wait_ms:
@@ -486,7 +516,7 @@ class RedisStateManager:
         except Exception:
             return fail()
         args = [self.prefix, self._ttl_ms, str(HISTORY_LIMIT), payload, "0",
-                self._tombstone_ms]
+                self._tombstone_ms, self.settled_channel]
         return self._run("apply", args).addCallback(
             lambda reply: _answers(reply).get(1))
 
@@ -568,6 +598,17 @@ class RedisStateManager:
             return failure
         error = failure.value
         raise StateError(f"Redis {name} failed: {type(error).__name__}: {error}") from error
+
+
+def _options_of(redis: Any) -> Optional[Mapping[str, Any]]:
+    """The URL options :func:`connect_redis` kept on its handle (None: another handle)."""
+    # not getattr: txredisapi's handles answer any attribute with a command
+    return getattr(redis, "__dict__", {}).get("quebert_options")
+
+
+def settled_channel_name(prefix: str, db: Optional[int]) -> str:
+    """The channel a store with ``prefix`` in database ``db`` publishes settled ids to."""
+    return f"{prefix}settled:{db or 0}"
 
 
 # -- connecting --------------------------------------------------------------
@@ -665,6 +706,7 @@ def connect_redis(
     if options["tls"]:
         endpoint = _TLSEndpoint(endpoint, options["host"])
     factory.startConnecting(endpoint)
+    factory.handler.quebert_options = options
     return factory.handler
 
 
@@ -745,4 +787,5 @@ def _connect_sentinel(options: Mapping[str, Any], *, poolsize: int, connect_time
         replyTimeout=reply_timeout, convertNumbers=False)
     handler.wait_replicas = options["wait_replicas"]
     handler.wait_timeout = options["wait_timeout"]
+    handler.quebert_options = options
     return handler

@@ -297,6 +297,10 @@ class ResilientStateManager:
 
     # -- reads ----------------------------------------------------------
 
+    def watch_settled(self, on_settled: Any, on_subscribed: Any) -> Any:
+        """The inner store's feed of settled tasks (:class:`ISettledFeed`)."""
+        return self.inner.watch_settled(on_settled, on_subscribed)
+
     def get(self, task_id: str) -> Deferred:
         """The inner store's record; ``StateError`` when it cannot be read."""
         return maybeDeferred(self.inner.get, task_id).addErrback(self._read_failed)
