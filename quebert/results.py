@@ -75,6 +75,26 @@ def outcome(record: dict) -> Any:
     raise ValueError(f"task {task_id} has not finished (it is {state})")
 
 
+def record_when_settled(d: defer.Deferred, read: Any, task_id: str) -> defer.Deferred:
+    """
+    ``d``, a :meth:`ResultWaiter.wait`, as the HTTP API answers: the
+    finished record, or when the time is up the record as ``read(task_id)``
+    gives it then, or ``None`` for an unknown task.  Cancelling the result
+    cancels ``d``.
+    """
+    def ended(failure: Any) -> Any:
+        if failure.check(ResultTimeout):
+            return read(task_id)
+        if failure.check(TaskNotFound):
+            return None
+        return failure
+
+    outer: defer.Deferred = defer.Deferred(lambda _: d.cancel())
+    d.addErrback(ended)
+    d.chainDeferred(outer)
+    return outer
+
+
 class _Wait:
     """One caller's wait for one task."""
 

@@ -25,6 +25,7 @@ from quebert.api.interfaces import ITaskService
 from quebert.client import Client
 from quebert.errors import QueueNotFound, UnknownTask
 from quebert.registry import Registry
+from quebert.results import record_when_settled
 from quebert.state.interface import RUNNING, SCHEDULED
 
 log = Logger(namespace="quebert.service")
@@ -121,6 +122,10 @@ class TaskService:
 
     def get(self, task_id: str) -> defer.Deferred:
         return self.state.get(task_id)
+
+    def wait(self, task_id: str, timeout: float) -> defer.Deferred:
+        """The record once the task finished, or as it is after ``timeout`` seconds."""
+        return record_when_settled(self.client.wait(task_id, timeout), self.state.get, task_id)
 
     def list(self, state: Optional[str], queue: Optional[str], limit: int,
              offset: int) -> defer.Deferred:

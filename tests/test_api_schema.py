@@ -112,7 +112,7 @@ class SchemathesisTests(LiveAPI, TestCase):
             raise SkipTest(message)
         service = MemoryTaskService()
         await self._seed(service)
-        await self.start_api(service)
+        await self.start_api(service, max_wait=0.5)
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         arguments = [

@@ -365,6 +365,35 @@ def new_task(data: Any) -> NewTask:
     return NewTask("url", arguments)
 
 
+def task_query(query: bytes, max_wait: float) -> float:
+    """
+    Check the query string of ``GET /tasks/{id}``: the seconds to wait for
+    the task to finish (``wait``, 0 to ``max_wait``; 0 when not given).
+    """
+    try:
+        pairs = parse_qsl(query.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise invalid(None, "the query string is not valid UTF-8")
+    wait = [value for key, value in pairs if key == "wait"]
+    for key, _ in pairs:
+        if key != "wait":
+            raise invalid(key, f"unknown query parameter {key!r} (known: wait)")
+    if not wait:
+        return 0.0
+    if len(wait) > 1:
+        raise invalid("wait", "query parameter 'wait' is given more than once")
+    text = wait[0]
+    try:
+        seconds = float(text) if text.isascii() and len(text) <= 20 else None
+    except ValueError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise invalid("wait", f"wait must be a number of seconds, not {text[:50]!r}")
+    if not 0 <= seconds <= max_wait:
+        raise invalid("wait", f"wait must be between 0 and {max_wait:g} seconds, not {text!r}")
+    return seconds
+
+
 def _query_int(values: List[str], name: str, minimum: int, maximum: int) -> int:
     (text,) = values
     if not text.isascii() or not text.isdigit() or len(text) > 12:

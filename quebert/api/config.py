@@ -62,6 +62,8 @@ class ApiConfig:
     :param max_body_size: largest request body accepted, in bytes (413
         beyond it; the excess is read and discarded, never buffered).
     :param idle_timeout: seconds an idle HTTP connection is kept open.
+    :param max_wait: longest ``GET /tasks/{id}?wait=SECONDS`` accepted
+        (a request holds its connection while it waits).
     """
 
     read_write_tokens: Tuple[str, ...] = attrs.field(default=(), converter=_tokens)
@@ -69,6 +71,7 @@ class ApiConfig:
     anonymous: str = attrs.field(default=NONE)
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_positive)
     idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    max_wait: float = attrs.field(default=60.0, validator=_positive)
 
     @anonymous.validator
     def _check_anonymous(self, attribute: attrs.Attribute, value: str) -> None:
@@ -97,5 +100,6 @@ class ApiConfig:
         return (
             f"ApiConfig(read_write_tokens=<{len(self.read_write_tokens)}>, "
             f"read_only_tokens=<{len(self.read_only_tokens)}>, anonymous={self.anonymous!r}, "
-            f"max_body_size={self.max_body_size!r}, idle_timeout={self.idle_timeout!r})"
+            f"max_body_size={self.max_body_size!r}, idle_timeout={self.idle_timeout!r}, "
+            f"max_wait={self.max_wait!r})"
         )

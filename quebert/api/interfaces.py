@@ -79,6 +79,14 @@ class ITaskService(Interface):
     def get(task_id: str):
         """Fire with the record of ``task_id``, or ``None`` when it is unknown."""
 
+    def wait(task_id: str, timeout: float):
+        """
+        Fire with the record of ``task_id`` once it is finished
+        (``succeeded``, ``failed`` or ``canceled``; at once if it is), or
+        as it is when ``timeout`` seconds have passed; with ``None`` when
+        it is unknown.  Cancelling the Deferred stops waiting.
+        """
+
     def list(state: Optional[str], queue: Optional[str], limit: int, offset: int):
         """
         Fire with up to ``limit`` records, skipping the first ``offset``,

@@ -96,6 +96,7 @@ class MemoryTaskService:
         #: What was published, by task id: the arguments of add_task or
         #: add_url_task, for tests to look at.
         self.published: Dict[str, Dict[str, Any]] = {}
+        self._waiter: Any = None
         self.ready = True
         self.amqp = True
         self.redis = True
@@ -129,6 +130,15 @@ class MemoryTaskService:
     def get(self, task_id: str) -> Deferred:
         """Fire with the record, or ``None``."""
         return self.state.get(task_id).addCallback(self._decorate)
+
+    def wait(self, task_id: str, timeout: float) -> Deferred:
+        """The record once the task finished, or as it is after ``timeout`` seconds."""
+        from quebert.results import ResultWaiter, record_when_settled
+
+        if self._waiter is None:
+            self._waiter = ResultWaiter(self.state, self._clock)
+        d = record_when_settled(self._waiter.wait(task_id, timeout), self.state.get, task_id)
+        return d.addCallback(self._decorate)
 
     def list(self, state: Optional[str], queue: Optional[str], limit: int,
              offset: int) -> Deferred:

@@ -374,8 +374,17 @@ _PATHS: Dict[str, Any] = {
         "get": {
             "operationId": "getTask",
             "summary": "A task's record",
+            "description": ("With ``wait``, the answer comes once the task is finished "
+                            "(succeeded, failed or canceled; at once if it is) or when "
+                            "that many seconds have passed, with the record as it is "
+                            "then: its ``state`` tells which.  One subscription per "
+                            "server serves every waiting request, no polling."),
+            "parameters": [
+                {"name": "wait", "in": "query", "schema": {
+                    "type": "number", "minimum": 0, "maximum": 60, "default": 0}},
+            ],
             "responses": _responses(_ok("200", "The record.", _ref("Task")), "NotFound",
-                                    *_READ),
+                                    "BadRequest", *_READ),
         },
         "delete": {
             "operationId": "cancelTask",
@@ -516,6 +525,9 @@ def document(config: Any = None, base_path: str = "") -> Dict[str, Any]:
     mounted, if not at the root.
     """
     result = copy.deepcopy(_DOCUMENT)
+    if config is not None:
+        get_task = result["paths"]["/tasks/{task_id}"]["get"]
+        get_task["parameters"][0]["schema"]["maximum"] = config.max_wait
     if config is not None and config.anonymous != "none":
         security: List[Dict[str, Any]] = [{"bearerAuth": []}, {}]
         result["security"] = security

@@ -404,10 +404,33 @@ class ApiResource(Resource):
         return task_id
 
     async def get_task(self, request: server.Request, task_id: str) -> _Answer:
-        record = await self._backend("get", self._task_id(task_id))
+        _, _, query = request.uri.partition(b"?")
+        wait = _validate.task_query(query, self.config.max_wait) if query else 0.0
+        if wait:
+            record = await self._wait(request, self._task_id(task_id), wait)
+        else:
+            record = await self._backend("get", self._task_id(task_id))
         if record is None:
             raise ApiError("task_not_found", f"no task {task_id!r}", extra={"task_id": task_id})
         return 200, record, {}
+
+    async def _wait(self, request: server.Request, task_id: str, seconds: float) -> Any:
+        """
+        The backend's ``wait``: the record once the task finished, or as it
+        is after ``seconds``.  A client that hangs up stops the wait.
+        """
+        d = defer.maybeDeferred(self.service.wait, task_id, seconds)
+        request.notifyFinish().addErrback(lambda _: d.called or d.cancel())
+        try:
+            return await d
+        except defer.CancelledError:
+            return None  # nobody to answer
+        except Exception as e:
+            error = from_exception(e)
+            if error is None:
+                log.failure("task service operation wait failed")
+                error = _internal_error()
+            raise error from None
 
     async def cancel_task(self, request: server.Request, task_id: str) -> _Answer:
         record = await self._backend("cancel", self._task_id(task_id))
