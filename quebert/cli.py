@@ -6,6 +6,7 @@ The ``quebert`` command: enqueue a task, read its state, list tasks.
 
     quebert enqueue NAME [--args JSON] [--kwargs JSON] [--queue Q] ...
     quebert status TASK_ID [--no-tracebacks]
+    quebert wait TASK_ID [--timeout S] [--record] [--no-tracebacks]
     quebert list [--state S] [--queue Q] [--limit N] [--no-tracebacks]
     quebert migrate-queue QUEUE... [--queue-type T] [--delivery-limit N]
     quebert drop-old-delays [--queue-type T]
@@ -15,9 +16,12 @@ Every command takes ``--amqp-url`` (``$QUEBERT_AMQP_URL``), ``--redis-url``
 ``--connect-timeout``, before or after the command name.
 
 Output is for scripts: ``enqueue`` prints the task id alone, ``status`` a
-record as indented JSON, ``list`` one compact JSON record per line.  Exit
-codes: 0 done, 1 error (one ``quebert: error: ...`` line on stderr), 2 bad
-command line, 3 ``drop-old-delays`` found delay queues still holding tasks.
+record as indented JSON, ``list`` one compact JSON record per line,
+``wait`` the task's result as JSON.  Exit codes: 0 done (``wait``: the task
+succeeded), 1 error (one ``quebert: error: ...`` line on stderr), 2 bad
+command line, 3 ``drop-old-delays`` found delay queues still holding tasks;
+``wait`` only: 4 the task failed, 5 it was canceled, 6 ``--timeout`` passed
+first.
 Every wait on the network is bounded by ``--connect-timeout`` (but a
 migration's moves, which take as long as the queue is long).
 """
@@ -43,7 +47,7 @@ from quebert.amqp.migrate import QueueMigration
 from quebert.amqp.topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_TYPE, QUEUE_TYPES
 from quebert.client import Client
 from quebert.config import DEFAULT_REDIS_URL
-from quebert.errors import QuebertError
+from quebert.errors import QuebertError, ResultTimeout, TaskCanceled, TaskFailed
 from quebert.protocol import QUEUE_RE
 from quebert.state._redis_ops import describe_redis_url
 from quebert.state.interface import STATES
@@ -288,6 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave the errors' tracebacks out (type and message stay)")
     _add_connection_options(status, suppress=True)
     status.set_defaults(run=cmd_status)
+
+    waiting = commands.add_parser(
+        "wait", help="wait for a task to finish and print its result",
+        description="Wait until TASK_ID has finished, then print its result as JSON (exit 0), "
+                    "or its error on stderr (exit 4: failed; 5: canceled).  Exit 6 when "
+                    "--timeout passes first.  A task that finished already answers at once.")
+    waiting.add_argument("task_id", metavar="TASK_ID")
+    waiting.add_argument("--timeout", type=non_negative, default=None, metavar="S",
+                         help="give up after S seconds (exit 6) [default: wait as long as "
+                              "it takes]")
+    waiting.add_argument("--record", action="store_true",
+                         help="print the whole record as JSON instead of the result, "
+                              "whatever the outcome (the exit code still tells it)")
+    waiting.add_argument("--no-tracebacks", action="store_true",
+                         help="leave the errors' tracebacks out (type and message stay)")
+    _add_connection_options(waiting, suppress=True)
+    waiting.set_defaults(run=cmd_wait)
 
     listing = commands.add_parser(
         "list", help="print state records, newest first",
@@ -671,6 +692,55 @@ async def cmd_status(reactor: Any, options: argparse.Namespace) -> int:
         record = _without_tracebacks(record)
     _print(json.dumps(record, indent=2, sort_keys=True, default=str))
     return 0
+
+
+#: ``quebert wait``'s exit codes beyond 0-2.
+EXIT_FAILED = 4
+EXIT_CANCELED = 5
+EXIT_TIMEOUT = 6
+
+
+async def cmd_wait(reactor: Any, options: argparse.Namespace) -> int:
+    """Wait for a task to finish; print its result or error, exit per outcome."""
+    from quebert.results import ResultWaiter
+
+    where = describe_redis_url(options.redis_url)
+    redis, state = _open_state(reactor, options)
+    waiter = ResultWaiter(state, reactor)
+    try:
+        # Redis answers within --connect-timeout, or the command says so:
+        # the wait itself reconnects for as long as it lasts
+        record = await _bounded(
+            reactor, [state.get(options.task_id)], options.connect_timeout,
+            f"Redis at {where} did not answer within {options.connect_timeout:g} s")
+        if record is None:
+            _error(f"no such task: {options.task_id}")
+            return 1
+        try:
+            record = await waiter.wait(options.task_id, options.timeout)
+        except ResultTimeout as e:
+            _error(str(e))
+            return EXIT_TIMEOUT
+    finally:
+        await _quietly(reactor, waiter.close, 2.0)
+        await _quietly(reactor, redis.disconnect, 2.0)
+    if options.no_tracebacks:
+        record = _without_tracebacks(record)
+    if options.record:
+        _print(json.dumps(record, indent=2, sort_keys=True, default=str))
+    state_name = record["state"]
+    if state_name == "succeeded":
+        if not options.record:
+            _print(json.dumps(record.get("result"), sort_keys=True, default=str))
+        return 0
+    if state_name == "canceled":
+        _error(str(TaskCanceled(options.task_id, record)))
+        return EXIT_CANCELED
+    failed = TaskFailed(options.task_id, record)
+    _error(str(failed) + (f" ({failed.reason})" if failed.reason else ""))
+    if failed.traceback and not options.record:
+        sys.stderr.write(failed.traceback.rstrip("\n") + "\n")
+    return EXIT_FAILED
 
 
 async def _with_migration(reactor: Any, options: argparse.Namespace,
