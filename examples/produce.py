@@ -1,10 +1,11 @@
 """
 Enqueue the example tasks of ``examples/med.py``.
 
-    python -m examples.produce [--amqp-url URL] [--redis-url URL]
+    python -m examples.produce [--amqp-url URL] [--redis-url URL] [--wait]
 
 Prints each task id; watch the worker's log to see them succeed, retry
-and fail, and ``quebert status ID`` to read their state.
+and fail, and ``quebert status ID`` to read their state.  With ``--wait``
+it then waits for each task's outcome (``TaskInfo.result``) and prints it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import os
 from twisted.internet import defer, task
 
 from examples import med
-from quebert import Client
+from quebert import Client, QuebertError
 from quebert.state import RedisStateManager, connect_redis
 
 
-async def produce(reactor, amqp_url: str, redis_url: str, prefix: str = "quebert:") -> None:
+async def produce(reactor, amqp_url: str, redis_url: str, prefix: str = "quebert:",
+                  wait: bool = False) -> None:
     redis = connect_redis(redis_url, reactor=reactor)
     client = Client(amqp_url, reactor=reactor, state=RedisStateManager(redis, prefix=prefix))
     try:
@@ -34,6 +36,13 @@ async def produce(reactor, amqp_url: str, redis_url: str, prefix: str = "quebert
         for info in infos:
             print(f"{info.id}  {info.task:<28} queue={info.queue}"
                   + (f" eta={info.eta:.0f}" if info.eta else ""))
+        if wait:
+            for info in infos:
+                try:
+                    outcome = f"= {await info.result(timeout=60)!r}"
+                except QuebertError as e:  # TaskFailed, TaskCanceled, ResultTimeout
+                    outcome = f"{type(e).__name__}: {e}"
+                print(f"result {info.id}  {info.task:<28} {outcome}")
     finally:
         await client.close()
         await redis.disconnect()
@@ -49,9 +58,11 @@ def main() -> None:
                         help="Redis URL of the task state [env QUEBERT_REDIS_URL]")
     parser.add_argument("--prefix", default=env("QUEBERT_PREFIX", "quebert:"),
                         help="state key prefix [env QUEBERT_PREFIX]")
+    parser.add_argument("--wait", action="store_true",
+                        help="then wait for every task's outcome and print it")
     args = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(
-        produce(reactor, args.amqp_url, args.redis_url, args.prefix)))
+        produce(reactor, args.amqp_url, args.redis_url, args.prefix, args.wait)))
 
 
 if __name__ == "__main__":

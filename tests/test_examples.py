@@ -60,6 +60,40 @@ class MedExampleTests(IntegrationTestCase):
         return defer.ensureDeferred(run())
 
 
+class ProduceAndWaitTests(IntegrationTestCase):
+    timeout = 120
+
+    def test_produce_waits_for_every_outcome(self):
+        async def run():
+            worker = WorkerProcess(self, self.url, REDIS_URL, self.prefix, tasks=(),
+                                   queues=(), extra=("--config", "examples/config.json"))
+            worker.start()
+            await worker.ready(queues=3)
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable,
+                ("-m", "examples.produce", "--amqp-url", self.url, "--redis-url", REDIS_URL,
+                 "--prefix", self.prefix, "--wait"),
+                env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT)
+            self.assertEqual(code, 0, err.decode())
+            results = {}
+            for line in out.decode().splitlines():
+                if line.startswith("result "):
+                    _, _, name, outcome = line.split(None, 3)
+                    results.setdefault(name, []).append(outcome)
+            self.assertEqual(results, {
+                "examples.med.add": ["= 5", "= 42"],
+                "examples.med.greet": ["= 'hello, quebert'"],
+                "examples.med.flaky": ["= 'demo worked after 2 failures'"],
+                "examples.med.always_fails": [results["examples.med.always_fails"][0]],
+                "examples.med.slow": ["= 0.5"],
+            }, out.decode())
+            self.assertRegex(results["examples.med.always_fails"][0],
+                             r"^TaskFailed: task \S+ failed after 3 attempt\(s\): ")
+            self.assertEqual(await worker.stop(), 0)
+
+        return defer.ensureDeferred(run())
+
+
 class RunExampleScriptTests(IntegrationTestCase):
     timeout = 240
 
