@@ -43,6 +43,13 @@ class WorkerConfig:
     queues: list = attrs.field(factory=list)
     max_running_tasks: int = 100
     threads: Optional[int] = None
+    #: Pool processes for ``executor="process"`` tasks (``None``: the number
+    #: of CPU cores); no pool when no registered task needs one.
+    processes: Optional[int] = None
+    #: Tasks a pool process runs before it is replaced (0: no limit).
+    max_tasks_per_child: int = 0
+    #: Resident memory a pool process may use, in MiB (``None``: no limit).
+    process_memory_limit: Optional[int] = None
     state: str = "redis"
     redis_url: str = DEFAULT_REDIS_URL
     state_prefix: str = "quebert:"
@@ -289,6 +296,14 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
                                                integer=True)
     if "threads" in data:
         config.threads = _positive(data["threads"], "threads", integer=True)
+    if data.get("processes") is not None:
+        config.processes = _positive(data["processes"], "processes", integer=True)
+    if "max_tasks_per_child" in data:
+        config.max_tasks_per_child = _non_negative(data["max_tasks_per_child"],
+                                                   "max_tasks_per_child", integer=True)
+    if data.get("process_memory_limit") is not None:
+        config.process_memory_limit = _non_negative(
+            data["process_memory_limit"], "process_memory_limit", integer=True) or None
     if "mediator" in data:
         config.mediator = str(data["mediator"])
     if "tasks" in data:

@@ -24,7 +24,8 @@ import attrs
 __all__ = ["CurrentTask", "current_task"]
 
 #: The running call task (a :class:`quebert.mediator.Task`).  Set by the
-#: mediator once per attempt, in the delivery's own context.
+#: mediator once per attempt, in the delivery's own context; in a process
+#: pool child, set to the :class:`CurrentTask` the worker sent with the call.
 running_task: contextvars.ContextVar[Any] = contextvars.ContextVar("quebert.running_task")
 
 
@@ -52,7 +53,8 @@ class CurrentTask:
 def current_task() -> CurrentTask:
     """
     The task being run, when called from its function: in an ``async def``
-    or ``inlineCallbacks`` task, in a thread task, or in the code a
+    or ``inlineCallbacks`` task, in a thread task, in a process task (in
+    its pool process), or in the code a
     Deferred-returning task runs before it returns (a callback the reactor
     fires later runs outside the task: read it first).  Also from hooks
     that run after it started.
@@ -65,6 +67,8 @@ def current_task() -> CurrentTask:
             "quebert.current_task() was called outside a running task: call it from a "
             "task function while a worker runs it (in a thread task, from the task's own "
             "thread)")
+    if isinstance(task, CurrentTask):
+        return task  # in a process pool child (quebert.process.child)
     message = task.message
     return CurrentTask(id=task.id, name=task.name, queue=task.queue, attempt=task.attempt,
                        context=types.MappingProxyType(message.context),

@@ -14,6 +14,10 @@ Context variables (:func:`quebert.current_task` among them) reach every
 task: reactor tasks run in the caller's context, and a thread task runs in
 a copy of it taken when it is submitted (Twisted's thread pool does not
 carry ``contextvars`` into its threads by itself).
+
+Functions registered with ``executor="process"`` go to the worker's pool
+of processes (:class:`quebert.process.TaskProcessPool`), where a timeout
+or a cancellation kills the process running them.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from quebert.errors import TaskTimeout
-from quebert.registry import REACTOR, TaskDefinition
+from quebert.errors import ConfigurationError, TaskTimeout
+from quebert.registry import PROCESS, REACTOR, TaskDefinition
 
 
 class _DaemonThreadPool(ThreadPool):
@@ -44,28 +48,49 @@ class _DaemonThreadPool(ThreadPool):
 class Executor:
     """Runs task callables; one per worker."""
 
-    def __init__(self, reactor: Any, max_threads: int = 10) -> None:
+    def __init__(self, reactor: Any, max_threads: int = 10, processes: Any = None) -> None:
         self.reactor = reactor
         self.pool = _DaemonThreadPool(minthreads=0, maxthreads=max(1, max_threads),
                                       name="quebert-tasks")
         self.max_threads = max_threads
+        #: The pool of processes for ``executor="process"`` tasks
+        #: (:class:`quebert.process.TaskProcessPool`), or ``None``.
+        self.processes = processes
 
-    def start(self) -> None:
+    def start(self) -> defer.Deferred:
+        """
+        Start the thread pool, and the process pool if any: the Deferred
+        fires once its processes are ready (or fails with why they are not).
+        """
         self.pool.start()
+        if self.processes is not None:
+            return self.processes.start()
+        return defer.succeed(None)
 
-    def stop(self, join: bool = True) -> None:
-        """Stop the pool; ``join=False`` leaves stuck threads behind."""
-        if not self.pool.started:
-            return
-        if join:
-            self.pool.stop()
-        else:
-            self.pool.joined = True
-            self.pool.started = False
+    def stop(self, join: bool = True) -> defer.Deferred:
+        """
+        Stop the pools; ``join=False`` leaves stuck threads behind.  The
+        Deferred fires once the pool processes are gone.
+        """
+        if self.pool.started:
+            if join:
+                self.pool.stop()
+            else:
+                self.pool.joined = True
+                self.pool.started = False
+        if self.processes is not None:
+            return self.processes.stop()
+        return defer.succeed(None)
 
     def run(self, definition: TaskDefinition, args: tuple, kwargs: Mapping[str, Any],
             timeout: Optional[float] = None) -> defer.Deferred:
         """Fire with the callable's result, or fail with its error."""
+        if definition.executor == PROCESS:
+            if self.processes is None:
+                return defer.fail(ConfigurationError(
+                    f"task {definition.name!r} runs with executor='process' but this worker "
+                    "has no process pool"))
+            return self.processes.run(definition, args, kwargs, timeout)
         if definition.executor == REACTOR:
             d = _run_on_reactor(definition, args, dict(kwargs))
             if timeout and not d.called:

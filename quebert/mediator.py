@@ -270,6 +270,8 @@ def error_info(failure: Failure) -> dict:
     exc = failure.value
     if isinstance(exc, (DispatchError, Reject)):
         tb = None  # the message says it all; the stack is quebert's own
+    elif getattr(exc, "remote_traceback", None):
+        tb = exc.remote_traceback[-8000:]  # a process task's, from its pool process
     else:
         try:
             tb = failure.getTraceback()[-8000:]

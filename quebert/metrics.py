@@ -101,6 +101,30 @@ class _WorkerCollector(Collector):
         yield ready
         yield made
         yield node
+        yield from self._process_pool()
+
+    def _process_pool(self) -> Iterator[Any]:
+        """The pool of processes (``executor="process"`` tasks), when the worker has one."""
+        pool = getattr(getattr(self.mediator, "executor", None), "processes", None)
+        if pool is None:
+            return
+        yield GaugeMetricFamily("quebert_process_pool_size",
+                                "Processes the pool for executor='process' tasks keeps.",
+                                value=pool.size)
+        yield GaugeMetricFamily("quebert_process_pool_processes",
+                                "Pool processes alive now (below the size while one is "
+                                "being replaced).", value=pool.children)
+        yield GaugeMetricFamily("quebert_process_pool_busy",
+                                "Pool processes running a task now.", value=pool.busy)
+        replaced = CounterMetricFamily(
+            "quebert_process_pool_replaced",
+            "Pool processes that ended and were replaced, by reason: timeout, canceled, "
+            "memory (killed with their task), died (ended on their own), recycled "
+            "(max_tasks_per_child), memory_recycled (over the limit after a task).",
+            labels=["reason"])
+        for reason in ("timeout", "canceled", "memory", "died", "recycled", "memory_recycled"):
+            replaced.add_metric([reason], pool.ended.get(reason, 0))
+        yield replaced
 
 
 class WorkerMetrics:

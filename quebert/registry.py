@@ -29,15 +29,44 @@ from quebert.errors import ConfigurationError, InvalidMessage, UnknownTask
 from quebert.protocol import _NAME_RE, QUEUE_RE
 from quebert.retry import RETRY_FIELDS
 
-#: How a task's callable is run: in the worker's thread pool, or on the reactor.
+#: How a task's callable is run: in the worker's thread pool, on the reactor,
+#: or in the worker's pool of processes (:mod:`quebert.process`).
 THREAD = "thread"
 REACTOR = "reactor"
+PROCESS = "process"
+EXECUTORS = (THREAD, REACTOR, PROCESS)
 
 
 def _runs_on_reactor(fn: Callable) -> bool:
     """``async def`` and ``inlineCallbacks`` functions run on the reactor."""
     target = inspect.unwrap(fn)
     return inspect.iscoroutinefunction(target) or inspect.isgeneratorfunction(target)
+
+
+def _check_process_function(fn: Callable[..., Any], name: str) -> None:
+    """
+    A process task's function runs in a pool child, which registers it by
+    importing the same module: it must be a plain function defined at a
+    module's top level.  ConfigurationError otherwise.
+    """
+    if _runs_on_reactor(fn):
+        raise ConfigurationError(
+            f"task {name!r} is an async def or generator function: it cannot run with "
+            "executor='process' (a pool process runs a plain function to its end); use "
+            "executor='reactor', or make it a plain function")
+    qualname = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if not qualname or not module or "<" in qualname:
+        what = ("a lambda" if qualname and "<lambda>" in qualname
+                else "a function defined inside another function" if qualname
+                else f"a {type(fn).__name__}")
+        raise ConfigurationError(
+            f"task {name!r} is {what}: with executor='process' it must be a function "
+            "defined at the top level of a module, which the pool processes import")
+    if module == "__main__":
+        raise ConfigurationError(
+            f"task {name!r} is defined in __main__: with executor='process' it must be "
+            "defined in an importable module given to the worker's --tasks")
 
 
 def _signature(fn: Callable[..., Any]) -> Optional[inspect.Signature]:
@@ -155,8 +184,11 @@ class Registry:
             )
         if executor is None:
             executor = REACTOR if _runs_on_reactor(fn) else THREAD
-        if executor not in (THREAD, REACTOR):
-            raise ConfigurationError(f"executor must be {THREAD!r} or {REACTOR!r}")
+        if executor not in EXECUTORS:
+            raise ConfigurationError(
+                f"executor must be {THREAD!r}, {REACTOR!r} or {PROCESS!r}, not {executor!r}")
+        if executor == PROCESS:
+            _check_process_function(fn, name)
         definition = TaskDefinition(
             name=name,
             fn=fn,
@@ -333,7 +365,11 @@ def task(
 
     ``async def`` and ``inlineCallbacks`` functions run on the reactor;
     other functions run in the worker's thread pool unless
-    ``executor="reactor"`` says they return a Deferred.
+    ``executor="reactor"`` says they return a Deferred, or
+    ``executor="process"`` sends them to the worker's pool of processes
+    (CPU-bound work; a timeout or a cancellation kills the process): a
+    plain function defined at a module's top level, whose arguments and
+    result are JSON.
     """
 
     def decorate(f: Callable[..., Any]) -> TaskFunction:

@@ -41,6 +41,12 @@ class Options(usage.Options):
         ["state-prefix", None, None, "Key prefix of task state in Redis [default: quebert:]."],
         ["max-running-tasks", None, None, "Tasks run at once by this worker, all queues."],
         ["threads", None, None, "Threads for synchronous tasks [default: min(max, 50)]."],
+        ["processes", None, None, "Pool processes for executor='process' tasks "
+         "[default: the number of CPU cores]."],
+        ["max-tasks-per-child", None, None, "Tasks a pool process runs before it is "
+         "replaced; 0: no limit [default: 0]."],
+        ["process-memory-limit", None, None, "Resident memory (MiB) a pool process may use; "
+         "over it, its task fails and it is replaced; 0: no limit [default: 0]."],
         ["mediator", None, None, "Dotted name of the Mediator class to use."],
         ["shutdown-timeout", None, None, "Seconds running tasks get to finish on stop."],
         ["auto-kill-timeout", None, None, "Exit (status 4) when the reactor has not run for "
@@ -139,6 +145,14 @@ def build_config(options: Any) -> WorkerConfig:
         config.max_running_tasks = _int(options["max-running-tasks"], "max-running-tasks")
     if options["threads"]:
         config.threads = _int(options["threads"], "threads")
+    if options["processes"]:
+        config.processes = _int(options["processes"], "processes")
+    if options["max-tasks-per-child"] is not None:
+        config.max_tasks_per_child = _int(options["max-tasks-per-child"],
+                                          "max-tasks-per-child", minimum=0)
+    if options["process-memory-limit"] is not None:
+        config.process_memory_limit = _int(options["process-memory-limit"],
+                                           "process-memory-limit", minimum=0) or None
     if options["mediator"]:
         config.mediator = options["mediator"]
     if options["shutdown-timeout"]:

@@ -37,7 +37,7 @@ from quebert.config import WorkerConfig
 from quebert.errors import ConfigurationError
 from quebert.executor import Executor
 from quebert.mediator import Mediator, QueueSettings
-from quebert.registry import Registry, default_registry
+from quebert.registry import PROCESS, Registry, default_registry
 from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateManager
 from quebert.state.redis import connect_redis
 
@@ -126,6 +126,23 @@ def apply_legacy_tasks(registry: Registry, legacy_tasks: dict) -> None:
             registry.alias(old, new)
         except ConfigurationError as e:
             raise ConfigurationError(f"legacy_tasks: {e}") from None
+
+
+def process_pool(config: WorkerConfig, registry: Registry, reactor: Any) -> Any:
+    """
+    The pool of processes for the ``executor="process"`` tasks of
+    ``registry`` (:class:`quebert.process.TaskProcessPool`), or ``None``
+    when no registered task runs in one.
+    """
+    names = [name for name in registry if registry.lookup(name).executor == PROCESS]
+    if not names:
+        return None
+    from quebert.process import TaskProcessPool, default_size
+
+    limit = config.process_memory_limit
+    return TaskProcessPool(reactor, config.processes or default_size(), config.tasks,
+                           max_tasks_per_child=config.max_tasks_per_child,
+                           memory_limit=limit * 2 ** 20 if limit else None, expected=names)
 
 
 def load_mediator_class(dotted: str) -> type:
@@ -452,7 +469,8 @@ class WorkerService(_StopSignals, MultiService):
         self.state = state
 
         threads = config.threads or min(config.max_running_tasks, 50)
-        self.executor = Executor(reactor, max_threads=threads)
+        self.executor = Executor(reactor, max_threads=threads,
+                                 processes=process_pool(config, registry, reactor))
         try:
             level = LogLevel.levelWithName(config.log_level)
         except Exception:
@@ -531,6 +549,23 @@ class WorkerService(_StopSignals, MultiService):
         if self.reactor.running:
             self.reactor.stop()
 
+    def _process_pool_failed(self, failure: Any) -> None:
+        """The pool processes cannot run the tasks: stop with exit code 1."""
+        if self.exit_code != EXIT_OK:
+            return
+        self.exit_code = EXIT_USAGE
+        log.critical("the process pool cannot run this worker's process tasks: {error}. "
+                     "Stopping with exit code {code}.", error=failure.getErrorMessage(),
+                     code=self.exit_code)
+        exit_after_shutdown(self.exit_code)
+        if self.reactor.running:
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
     def _stuck_connection(self, beacon: Any) -> None:
         if self.exit_code != EXIT_OK:
             return
@@ -564,7 +599,7 @@ class WorkerService(_StopSignals, MultiService):
             max=self.config.max_running_tasks, threads=self.executor.max_threads,
             state=self.config.state, count=len(self.mediator.registry),
         )
-        self.executor.start()
+        self.executor.start().addErrback(self._process_pool_failed)
         super().startService()
         self._install_stop_signals()
         ready = self.broker.publishing.whenReady()
@@ -660,7 +695,7 @@ class WorkerService(_StopSignals, MultiService):
                 yield self._redis.disconnect()
             except Exception:
                 pass
-        self.executor.stop(join=left == 0)
+        yield self.executor.stop(join=left == 0)
         # twistd re-raises the signal that stopped the reactor once it
         # returns, so a drained worker would exit -15; a graceful stop exits 0.
         # After a second signal, it dies of that signal (EXIT_SIGNAL_BASE).
