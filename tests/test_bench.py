@@ -108,3 +108,25 @@ class QueueTypesTests(TestCase):
         # every task of the retry runs started twice and succeeded once
         for r in data["results"]:
             self.assertEqual(r["redis_succeeded"], 200, r)
+
+
+class ProcessesBenchTests(TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_a_small_run_reports_threads_processes_and_their_ratio(self):
+        results = os.path.abspath(self.mktemp())
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(ROOT, "bench", "bench_processes.py"), "--tasks", "20",
+             "--repeat", "1", "--ms", "2", "--json", results],
+            env=dict(os.environ), path=ROOT, reactor=reactor)
+        text = out.decode() + err.decode()
+        self.assertEqual(code, 0, text)
+        self.assertIn("RATIO processes/threads:", text)
+        with open(results, encoding="utf-8") as f:
+            data = json.load(f)
+        by_kind = {r["kind"]: r for r in data["results"]}
+        self.assertEqual(set(by_kind), {"threads", "processes"})
+        self.assertEqual(by_kind["threads"]["pids"], 1, "threads run in the worker")
+        self.assertEqual(by_kind["processes"]["tasks"], 20)
