@@ -37,35 +37,11 @@ from quebert.process.commands import JSONValue
 from quebert.process.pool import describe_end, resident_memory
 from quebert.process.remote import RemoteTaskError, remote_exception
 from quebert.registry import PROCESS, Registry, TaskDefinition, default_registry
+from tests._procfs import alive, children_of
 from tests._worker import sleep, wait_for
 from tests.test_integration import TERMINAL, IntegrationTestCase
 
 TASKS = "tests.tasks_process"
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
 
 
 def _module_level(x: int) -> int:
@@ -463,6 +439,31 @@ class OptionsTests(SynchronousTestCase):
                          (3, ["t.proc"], 100 * 2 ** 20))
         self.assertEqual(process_pool(WorkerConfig(), registry, reactor).size,
                          os.cpu_count())
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_pool_figures_in_metrics_only_with_a_pool(self):
+        import collections
+
+        from quebert.metrics import WorkerMetrics
+
+        pool = types.SimpleNamespace(size=2, children=1, busy=1,
+                                     ended=collections.Counter(timeout=3, died=1))
+
+        def mediator(processes):
+            return types.SimpleNamespace(
+                counts={}, running={}, _inflight={}, _waiting=[], max_running_tasks=10,
+                executor=types.SimpleNamespace(processes=processes))
+
+        text = WorkerMetrics(mediator(pool)).exposition().decode()
+        self.assertIn("quebert_process_pool_size 2.0", text)
+        self.assertIn("quebert_process_pool_processes 1.0", text)
+        self.assertIn("quebert_process_pool_busy 1.0", text)
+        self.assertIn('quebert_process_pool_replaced_total{reason="timeout"} 3.0', text)
+        self.assertIn('quebert_process_pool_replaced_total{reason="died"} 1.0', text)
+        self.assertIn('quebert_process_pool_replaced_total{reason="recycled"} 0.0', text)
+        self.assertNotIn("quebert_process_pool",
+                         WorkerMetrics(mediator(None)).exposition().decode())
 
 
 class WorkerProcessTests(IntegrationTestCase):
