@@ -33,6 +33,8 @@ from quebert.errors import (
 from quebert.protocol import H_ATTEMPT_BASE, H_ATTEMPTS, H_FIRST_ATTEMPT, H_NOT_BEFORE
 from quebert.registry import Registry, TaskFunction, default_registry
 from quebert.retry import RETRY_FIELDS
+from quebert.state import _records
+from quebert.state._records import ARGUMENTS_LIMIT
 from quebert.state.interface import FAILED, FINISHED_STATES, QUEUED, SCHEDULED
 
 log = Logger(namespace="quebert.client")
@@ -91,6 +93,10 @@ class Client:
         the queues it declares, as the workers' ``--queue-type``; queues that
         exist with another type are used as they are.
     :param delivery_limit: the workers' ``--delivery-limit``.
+    :param record_arguments: longest JSON text of a task's arguments (and
+        context) its record keeps for people looking at it (the console,
+        ``quebert status``); longer ones are kept as a truncated preview,
+        0 keeps none.  Only with ``state``.
     :param default_queue: queue for tasks that name none.
     :param url_policy: a :class:`~quebert.dispatch.URLPolicy` URL tasks are
         checked against when they are added (the worker checks again,
@@ -107,7 +113,8 @@ class Client:
                  queue_type: str = DEFAULT_QUEUE_TYPE,
                  default_queue: str = "default", registry: Optional[Registry] = None,
                  url_policy: Any = None,
-                 delivery_limit: Optional[int] = DEFAULT_DELIVERY_LIMIT) -> None:
+                 delivery_limit: Optional[int] = DEFAULT_DELIVERY_LIMIT,
+                 record_arguments: int = ARGUMENTS_LIMIT) -> None:
         self.topology = Topology(exchange=exchange, queue_type=queue_type,
                                  delivery_limit=delivery_limit)
         _check_queue(default_queue)
@@ -124,6 +131,7 @@ class Client:
         self.default_queue = default_queue
         self.registry = registry if registry is not None else default_registry
         self._waiter: Any = None
+        self.record_arguments = record_arguments
 
     def _ensure_started(self) -> None:
         if not self.broker.running:
@@ -233,7 +241,8 @@ class Client:
         state = SCHEDULED if delay else QUEUED
         if message.name is not None:
             # Taking the name is the race: the store decides, atomically.
-            await self.state.claim(message.id, state, message.info(), self.reactor.seconds())
+            await self.state.claim(message.id, state, self._info(message),
+                                   self.reactor.seconds())
             try:
                 await self.broker.publish(message.queue, body, headers,
                                           message_id=message.id, delay=delay)
@@ -245,7 +254,7 @@ class Client:
                                       delay=delay)
             if self.state is not None:
                 try:
-                    await self.state.enqueued(message.id, state, message.info(),
+                    await self.state.enqueued(message.id, state, self._info(message),
                                               self.reactor.seconds())
                 except Exception as e:
                     # The task is safely queued; its record appears when it runs.
@@ -253,6 +262,18 @@ class Client:
                              "written: {error}", task_id=message.id, error=e)
         return TaskInfo(id=message.id, task=message.task, queue=message.queue,
                         eta=message.eta, name=message.name, client=self)
+
+    def _info(self, message: protocol.TaskMessage) -> dict:
+        """The record's info fields, with a preview of the arguments."""
+        info = message.info()
+        if self.record_arguments:
+            if message.kind == protocol.URL:
+                args, kwargs = (), {"url": message.url, "method": message.method}
+            else:
+                args, kwargs = message.args, message.kwargs
+            info["arguments"] = _records.arguments_text(args, kwargs, message.context,
+                                                        self.record_arguments)
+        return info
 
     async def _unclaim(self, message: protocol.TaskMessage, error: Exception) -> None:
         """The publish of a named task failed: free its name, record why."""

@@ -200,6 +200,13 @@ _TASK: Dict[str, Any] = {
         "history": {"type": "array", "items": _ref("HistoryEntry")},
         "cancel_requested": {**_nullable("number"),
                              "description": "When a cancel was asked for (epoch seconds)."},
+        "arguments": {
+            "type": "object",
+            "description": ("Only when the producer recorded it: the task's args, kwargs and "
+                            "context (a URL task's url and method), or, past the producer's "
+                            "size cap, {truncated, size, preview} with the start of their "
+                            "JSON text."),
+        },
         "stalled": {
             "type": "object",
             "description": ("Only when the reactor-stall watchdog killed a worker while this "

@@ -502,6 +502,31 @@ def _derived_entry(record: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
+#: Longest JSON text of a task's arguments kept in its record by default.
+ARGUMENTS_LIMIT = 2048
+
+
+def arguments_text(args: Any, kwargs: Any, context: Any,
+                   limit: int = ARGUMENTS_LIMIT) -> Optional[str]:
+    """
+    What a record keeps of a task's arguments, for people looking at it
+    (the console, ``quebert status``): the JSON text of ``{"args",
+    "kwargs", "context"}``, or when that is longer than ``limit``
+    characters ``{"truncated": true, "size": N, "preview": "<its start>"}``.
+    ``None`` when ``limit`` is 0 (nothing kept).  Never raises.
+    """
+    if not limit:
+        return None
+    value = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    if context:
+        value["context"] = dict(context)
+    text = to_json(value)
+    if len(text) <= limit:
+        return text
+    return json.dumps({"truncated": True, "size": len(text), "preview": text[:limit]},
+                      separators=(",", ":"))
+
+
 def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """A record (module docstring of the interface) from the fields of its hash."""
     record: Dict[str, Any] = {}
@@ -527,6 +552,9 @@ def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
     stalled = decode_stalled(fields)
     if stalled is not None:
         record["stalled"] = stalled
+    arguments = fields.get("arguments")
+    if arguments is not None:
+        record["arguments"] = json.loads(arguments)
     return record
 
 

@@ -32,14 +32,26 @@ _float_repr = float.__repr__
 def op_enqueued(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
     """A task just published, ``queued`` or ``scheduled``: ``enqueued``."""
     _records.check_enqueued(task_id, state, info, at)
-    return ["e", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
+    return ["e", task_id, _float_repr(float(at)), *_records.info_strings(info), state,
+            *_arguments(info)]
+
+
+def _arguments(info: Mapping[str, Any]) -> list:
+    """The optional JSON text of the task's arguments (``info["arguments"]``)."""
+    text = info.get("arguments")
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise TypeError(f"info['arguments'] must be JSON text, not {type(text).__name__}")
+    return [text]
 
 
 def op_claim(task_id: str, state: str, info: Mapping[str, Any], at: float) -> list:
     """``op_enqueued`` for a task with a unique name: refused while the name is held."""
     _records.check_enqueued(task_id, state, info, at)
     _records.check_name(info.get("name"))
-    return ["n", task_id, _float_repr(float(at)), *_records.info_strings(info), state]
+    return ["n", task_id, _float_repr(float(at)), *_records.info_strings(info), state,
+            *_arguments(info)]
 
 
 def op_release(task_id: str, name: str, at: float) -> list:

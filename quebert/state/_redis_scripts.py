@@ -22,7 +22,7 @@ PRUNE_BATCH = 50
 # Each write is a flat array
 #   [kind, id, at, queue, kind, task, name, eta, created_at, ...]
 # with the info fields as hash values (null when unknown), followed by
-#   'e' (enqueued):  state
+#   'e' (enqueued):  state, and optionally the arguments' JSON text
 #   's' (started):   attempt, worker
 #   'f' (finished):  attempt, state, result, error, reason, retry_at
 #   'n' (enqueued with a unique name): state; refused when the name is held
@@ -283,7 +283,8 @@ local function enqueued(op)
   if call('EXISTS', key) == 1 then return 0 end
   local state = op[10]
   local f = {'state', state, 'attempts', '0', 'updated_at', at, 'history', '[]'}
-  local _, queue = add_info(f, 8, op, true, true)
+  local n, queue = add_info(f, 8, op, true, true)
+  if op[11] and op[11] ~= null then f[n + 1] = 'arguments'; f[n + 2] = op[11] end
   call('HSET', key, unpack(f))
   reindex(false, false, state, queue)
   return 1
@@ -561,12 +562,52 @@ for i = 1, na do reply[i + 1] = answers[i] end
 return reply
 """.replace("__PRUNE_BATCH__", str(PRUNE_BATCH))
 
-# ARGV: prefix, worker id, ttl ms ('0': the worker is gone)
+# ARGV: prefix, worker id, ttl ms ('0': the worker is gone), and optionally
+# the worker's description (JSON text) for the console.  The set
+# {prefix}workers lists the workers by expiry (ms), so that they can be
+# listed without a scan of the keyspace.
 _WORKER_BEAT = """
 local key = ARGV[1] .. 'worker:' .. ARGV[2]
-if ARGV[3] == '0' then return redis.call('DEL', key) end
-redis.call('SET', key, '1', 'PX', ARGV[3])
+local listed = ARGV[1] .. 'workers'
+if ARGV[3] == '0' then
+  redis.call('ZREM', listed, ARGV[2])
+  return redis.call('DEL', key)
+end
+redis.call('SET', key, ARGV[4] or '1', 'PX', ARGV[3])
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZADD', listed, now_ms + tonumber(ARGV[3]), ARGV[2])
 return 1
+"""
+
+# ARGV: prefix.  The descriptions of the workers whose beat still lasts, as
+# a flat array of id, JSON text (or '1' for a worker that sent none), ms left.
+_WORKERS = """
+local listed = ARGV[1] .. 'workers'
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', listed, '-inf', now_ms)
+local ids = redis.call('ZRANGE', listed, 0, 999, 'WITHSCORES')
+local out = {}
+for i = 1, #ids, 2 do
+  local value = redis.call('GET', ARGV[1] .. 'worker:' .. ids[i])
+  if value then
+    out[#out + 1] = ids[i]
+    out[#out + 1] = value
+    out[#out + 1] = tostring(tonumber(ids[i + 1]) - now_ms)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, then the states: how many ids each state's index holds
+# (records expired since the last pruning included).
+_COUNTS = """
+local out = {}
+for i = 2, #ARGV do
+  out[i - 1] = redis.call('ZCARD', ARGV[1] .. 'idx:state:' .. ARGV[i])
+end
+return out
 """
 
 # ARGV: prefix, worker id
@@ -645,6 +686,45 @@ return out
 """
 
 
+# ARGV: prefix, task name, state or '', queue or '', position, limit, budget.
+# Records of one task name, newest first: the state's index (else the
+# queue's, else idx:all) is walked from position, at most budget entries
+# examined, each record's task (and state, queue) checked.  The answer is
+# the position to go on from (-1: the end of the index), then the records
+# as JSON text.
+_FIND = """
+local prefix, task, state, queue = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local pos, limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local index = prefix .. 'idx:all'
+if state ~= '' then
+  index = prefix .. 'idx:state:' .. state
+elseif queue ~= '' then
+  index = prefix .. 'idx:queue:' .. queue
+end
+local out, n, examined, ended = {}, 0, 0, false
+while n < limit and examined < budget do
+  local ids = redis.call('ZREVRANGE', index, pos, pos + math.min(200, budget - examined) - 1)
+  if #ids == 0 then ended = true; break end
+  for _, id in ipairs(ids) do
+    pos = pos + 1
+    examined = examined + 1
+    local key = prefix .. 'task:' .. id
+    local f = redis.call('HMGET', key, 'task', 'state', 'queue')
+    if f[1] == task and (state == '' or f[2] == state) and (queue == '' or f[3] == queue) then
+      local flat = redis.call('HGETALL', key)
+      local record = {}
+      for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+      n = n + 1
+      out[n + 1] = cjson.encode(record)
+      if n == limit then break end
+    end
+  end
+end
+if ended then out[1] = -1 else out[1] = pos end
+return out
+"""
+
+
 class _Script:
     """A Lua script and its SHA1, computed once."""
 
@@ -660,8 +740,11 @@ SCRIPTS = {
         ("apply", _APPLY),
         ("get", _GET),
         ("list", _LIST),
+        ("find", _FIND),
         ("paused", _PAUSED),
         ("worker_beat", _WORKER_BEAT),
+        ("workers", _WORKERS),
+        ("counts", _COUNTS),
         ("worker_alive", _WORKER_ALIVE),
     )
 }

@@ -150,13 +150,35 @@ class IStateManager(Interface):
     def set_paused(queue: str, paused: bool):
         """Remember that ``queue`` is paused (or resumed), for workers started later too."""
 
-    def worker_beat(worker: str, ttl: float):
+    def worker_beat(worker: str, ttl: float, description=None):
         """
         ``worker`` (``host:pid``) is alive for ``ttl`` more seconds; 0 says
         it stopped.  Workers beat every few seconds, so that a worker that
         meets a redelivered task still ``running`` elsewhere can tell a
         dead worker from a live one that lost its broker connection.
         """
+
+    def workers():
+        """
+        Fire with ``{worker: description}`` for the workers whose beat still
+        lasts: what each last beat described (host, pid, queues, counts...,
+        ``{}`` when it sent nothing) plus ``expires_in`` seconds.  For the
+        console; a store may leave it out.
+        """
+
+    def find(task: str, state: Optional[str] = None, queue: Optional[str] = None,
+             limit: int = 100, position: int = 0):
+        """
+        Fire with ``(records, next_position)``: records of task name
+        ``task`` (and ``state``/``queue`` if given), most recently updated
+        first, from ``position`` in the index walked, a bounded number of
+        index entries examined per call (a page may be short);
+        ``next_position`` is ``None`` at the end.  For the console, may be
+        left out.
+        """
+
+    def counts():
+        """Fire with ``{state: number of records}``; for the console, may be left out."""
 
     def worker_alive(worker: str):
         """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import json
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from sortedcontainers import SortedList
@@ -99,6 +100,7 @@ class MemoryStateManager:
         self.name_tombstone = name_tombstone
         self._paused: set = set()
         self._workers: Dict[str, float] = {}
+        self._descriptions: Dict[str, Dict[str, Any]] = {}
         #: unique name -> (holding task id, expiry time or None while it is live)
         self._names: Dict[str, Tuple[str, Optional[float]]] = {}
         self._clock = clock
@@ -151,13 +153,63 @@ class MemoryStateManager:
         (self._paused.add if paused else self._paused.discard)(queue)
         return succeed(None)
 
-    def worker_beat(self, worker: str, ttl: float) -> Deferred:
+    def worker_beat(self, worker: str, ttl: float,
+                    description: Optional[Mapping[str, Any]] = None) -> Deferred:
         """``worker`` is alive for ``ttl`` more seconds (0: it is gone)."""
         if ttl > 0:
             self._workers[worker] = self._now() + ttl
+            self._descriptions[worker] = copy.deepcopy(dict(description or {}))
         else:
             self._workers.pop(worker, None)
+            self._descriptions.pop(worker, None)
         return succeed(None)
+
+    def workers(self) -> Deferred:
+        """Fire with the live workers' descriptions by id, with ``expires_in``."""
+        now = self._now()
+        found = {}
+        for worker, until in list(self._workers.items()):
+            if until <= now:
+                del self._workers[worker]
+                self._descriptions.pop(worker, None)
+                continue
+            found[worker] = dict(copy.deepcopy(self._descriptions.get(worker, {})),
+                                 expires_in=until - now)
+        return succeed(found)
+
+    def find(self, task: str, state: Optional[str] = None, queue: Optional[str] = None,
+             limit: int = 100, position: int = 0, budget: int = 10_000) -> Deferred:
+        """The Redis store's ``find``: ``(records, next_position)`` of one task name."""
+        return maybeDeferred(self._find, task, state, queue, limit, position, budget)
+
+    def _find(self, task: str, state: Optional[str], queue: Optional[str], limit: int,
+              position: int, budget: int) -> Tuple[List[Dict[str, Any]], Optional[int]]:
+        _records.check_list(state, queue, limit, position)
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task must be a non-empty str, not {task!r}")
+        self._expire()
+        if state is not None:
+            index = self._states[state]
+        elif queue is not None:
+            index = self._queues.get(queue, _Index())
+        else:
+            index = self._all
+        found: List[Dict[str, Any]] = []
+        examined = 0
+        for task_id in index.newest(position):
+            if len(found) >= limit or examined >= max(1, budget):
+                return found, position + examined
+            examined += 1
+            record = self._records[task_id]
+            if record["task"] == task and (state is None or record["state"] == state) \
+                    and (queue is None or record["queue"] == queue):
+                found.append(copy.deepcopy(record))
+        return found, None
+
+    def counts(self) -> Deferred:
+        """Fire with ``{state: number of records}``."""
+        self._expire()
+        return succeed({state: len(index) for state, index in self._states.items()})
 
     def worker_alive(self, worker: str) -> Deferred:
         """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""
@@ -273,6 +325,8 @@ class MemoryStateManager:
         if old_state is not None:
             return
         record.update(_records.enqueued_changes(state, at))
+        if info.get("arguments") is not None:
+            record["arguments"] = json.loads(info["arguments"])
         self._store(record, None, None)
 
     def _holder(self, name: str) -> Optional[str]:

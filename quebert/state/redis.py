@@ -61,6 +61,9 @@ from quebert.state.interface import HISTORY_LIMIT, ISettledFeed, IStateManager
 
 log = Logger(namespace="quebert.state.redis")
 
+#: Index entries one ``find`` examines at most.
+FIND_BUDGET = 10_000
+
 #: Seconds of write time between two prunings, unless one left work undone.
 PRUNE_INTERVAL = 1.0
 
@@ -269,10 +272,75 @@ class RedisStateManager:
             return fail()
         return self._submit(op).addCallback(lambda _: None)
 
-    def worker_beat(self, worker: str, ttl: float) -> Deferred:
-        """``worker`` is alive for ``ttl`` more seconds (0: it is gone)."""
+    def find(self, task: str, state: Optional[str] = None, queue: Optional[str] = None,
+             limit: int = 100, position: int = 0, budget: int = FIND_BUDGET) -> Deferred:
+        """
+        Fire with ``(records, next_position)``: up to ``limit`` records of
+        task ``task`` (optionally also in ``state``/``queue``), most recently
+        updated first, from ``position`` in the index walked; at most
+        ``budget`` index entries are examined per call, so that a rare name
+        among many records costs Redis a bounded time.  ``next_position`` is
+        where to go on from, ``None`` at the end.
+        """
+        try:
+            _records.check_list(state, queue, limit, position)
+            if not isinstance(task, str) or not task:
+                raise ValueError(f"task must be a non-empty str, not {task!r}")
+        except Exception:
+            return fail()
+        args = [self.prefix, task, state or "", queue or "", str(position), str(limit),
+                str(max(1, budget))]
+
+        def decode(reply: Any) -> Any:
+            position = int(reply[0])
+            return ([self._decode(text) for text in reply[1:]],
+                    None if position < 0 else position)
+
+        return self._run("find", args).addCallback(decode)
+
+    def worker_beat(self, worker: str, ttl: float,
+                    description: Optional[Mapping[str, Any]] = None) -> Deferred:
+        """
+        ``worker`` is alive for ``ttl`` more seconds (0: it is gone);
+        ``description`` is what the console shows of it (JSON-ready).
+        """
         ms = str(max(1, round(ttl * 1000))) if ttl > 0 else "0"
-        return self._run("worker_beat", [self.prefix, worker, ms]).addCallback(lambda _: None)
+        args = [self.prefix, worker, ms]
+        if description is not None and ttl > 0:
+            try:
+                args.append(json.dumps(description, separators=(",", ":"), allow_nan=False))
+            except Exception:
+                return fail()
+        return self._run("worker_beat", args).addCallback(lambda _: None)
+
+    def workers(self) -> Deferred:
+        """
+        Fire with the live workers, by id: each beat's ``description``
+        (``{}`` for a worker that sent none) with ``expires_in``, the
+        seconds its last beat still lasts.
+        """
+        def decode(flat: Any) -> Dict[str, Any]:
+            found: Dict[str, Any] = {}
+            for i in range(0, len(flat or ()) - 2, 3):
+                worker, raw, left = (_text(v) for v in flat[i:i + 3])
+                try:
+                    description = json.loads(raw) if raw != "1" else {}
+                except ValueError:
+                    description = {}
+                if not isinstance(description, dict):
+                    description = {}
+                description["expires_in"] = max(int(left), 0) / 1000.0
+                found[worker] = description
+            return found
+
+        return self._run("workers", [self.prefix]).addCallback(decode)
+
+    def counts(self) -> Deferred:
+        """Fire with ``{state: number of records}`` (expired ones until pruned included)."""
+        from quebert.state.interface import STATES
+
+        return self._run("counts", [self.prefix, *STATES]).addCallback(
+            lambda numbers: dict(zip(STATES, (int(n) for n in numbers))))
 
     def worker_alive(self, worker: str) -> Deferred:
         """Fire with the seconds ``worker``'s last beat still lasts (0: it is gone)."""
@@ -598,6 +666,10 @@ class RedisStateManager:
             return failure
         error = failure.value
         raise StateError(f"Redis {name} failed: {type(error).__name__}: {error}") from error
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _options_of(redis: Any) -> Optional[Mapping[str, Any]]:

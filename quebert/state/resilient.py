@@ -282,10 +282,26 @@ class ResilientStateManager:
         return maybeDeferred(self.inner.set_paused, queue, paused).addErrback(
             self._read_failed)
 
-    def worker_beat(self, worker: str, ttl: float) -> Deferred:
+    def worker_beat(self, worker: str, ttl: float,
+                    description: Optional[Mapping[str, Any]] = None) -> Deferred:
         """The inner store's ``worker_beat``."""
-        return maybeDeferred(self.inner.worker_beat, worker, ttl).addErrback(
-            self._read_failed)
+        args = (worker, ttl) if description is None else (worker, ttl, description)
+        return maybeDeferred(self.inner.worker_beat, *args).addErrback(self._read_failed)
+
+    def find(self, task: str, state: Optional[str] = None, queue: Optional[str] = None,
+             limit: int = 100, position: int = 0) -> Deferred:
+        """The inner store's ``find``."""
+        d = maybeDeferred(self.inner.find, task, state=state, queue=queue, limit=limit,
+                          position=position)
+        return d.addErrback(self._read_failed)
+
+    def workers(self) -> Deferred:
+        """The inner store's live workers."""
+        return maybeDeferred(self.inner.workers).addErrback(self._read_failed)
+
+    def counts(self) -> Deferred:
+        """The inner store's counts per state."""
+        return maybeDeferred(self.inner.counts).addErrback(self._read_failed)
 
     def worker_alive(self, worker: str) -> Deferred:
         """The inner store's ``worker_alive``."""
