@@ -116,13 +116,21 @@ def die_on_first_attempt(path: str) -> dict:
 
 
 @task(name="proc.hog", executor="process", min_backoff=0.2, max_backoff=1, max_attempts=1)
-def hog(megabytes: int, seconds: float = 5.0) -> int:
-    """Holds ``megabytes`` of memory for ``seconds``."""
+def hog(megabytes: int, seconds: float = 5.0, keep: bool = False) -> int:
+    """
+    Holds ``megabytes`` of memory for ``seconds``; with ``keep``, for the
+    rest of its process's life (a leak).
+    """
     block = bytearray(megabytes * 2 ** 20)
     for i in range(0, len(block), 4096):
         block[i] = 1
     time.sleep(seconds)
+    if keep:
+        _kept.append(block)
     return len(block)
+
+
+_kept: list = []
 
 
 @task(name="proc.record", executor="process", min_backoff=0.1, max_backoff=0.5,

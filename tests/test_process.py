@@ -363,8 +363,18 @@ class PoolTests(TestCase):
         self.assertIn("memory limit of 150 MiB", str(caught.exception))
         await self.full(pool)
         self.assertEqual(pool.ended["memory"], 1)
-        # over the limit when its task ends: the result stands, the child goes
-        self.assertEqual(await self.run_task(pool, "proc.hog", 200, 0), 200 * 2 ** 20)
+        self.assertNotEqual(pool.pids(), [pid])
+
+    async def test_a_child_over_the_memory_limit_after_its_task_is_replaced(self):
+        # (no check while the task runs: only the one after it)
+        pool = self.pool(1, memory_limit=150 * 2 ** 20, memory_check_interval=3600)
+        await pool.start()
+        [pid] = pool.pids()
+        self.assertEqual(await self.run_task(pool, "proc.hog", 50, 0, True), 50 * 2 ** 20)
+        self.assertEqual(pool.pids(), [pid], "under the limit: kept")
+        self.assertEqual(await self.run_task(pool, "proc.hog", 200, 0, True), 200 * 2 ** 20)
+        await wait_for(lambda: pool.ended["memory_recycled"] == 1, 30,
+                       what="the child to be replaced")
         await self.full(pool)
         self.assertNotEqual(pool.pids(), [pid])
 

@@ -120,6 +120,7 @@ class _ChildConnector(AMPConnector):
     def processExited(self, reason: Failure) -> None:
         from twisted.internet import reactor  # (ampoule spawns on the global reactor)
 
+        self.amp.exited()
         self._exited = reactor.callLater(PIPE_GRACE, self._close_pipes)
 
     def _close_pipes(self) -> None:
@@ -177,6 +178,12 @@ class _Child(amp.AMP):
             d.addCallback(self._answered)
         return d
 
+    def exited(self) -> None:
+        """The process is gone (its pipes may not be): give it no more work."""
+        pool = self.owner._pool
+        if pool is not None:
+            pool.ready.discard(self)
+
     def _answered(self, result: Any) -> Any:
         self.answered = True
         return result
@@ -190,8 +197,9 @@ class _Child(amp.AMP):
 class _AmpoulePool(ampoule_pool.ProcessPool):
     """
     ampoule's pool with one task per child, children replaced by the owner
-    (:meth:`TaskProcessPool._top_up`) rather than on demand, and the memory
-    limit checked before a child takes its next task.
+    (:meth:`TaskProcessPool._top_up`) rather than on demand, and a child
+    retired after a task when the owner says so (``max_tasks_per_child``,
+    over the memory limit).
     """
 
     def __init__(self, owner: TaskProcessPool, **kwargs: Any) -> None:
@@ -342,11 +350,13 @@ class TaskProcessPool:
     ``tasks`` are the worker's task modules (each child imports them);
     ``max_tasks_per_child`` (0: never) recycles a child after that many
     tasks; ``memory_limit`` (bytes of resident memory, ``None``: none)
-    kills a child over it.
+    kills a child over it (read every ``memory_check_interval`` seconds
+    while it runs a task, and after each task).
     """
 
     def __init__(self, reactor: Any, size: int, tasks: Iterable[str], *,
                  max_tasks_per_child: int = 0, memory_limit: Optional[int] = None,
+                 memory_check_interval: float = MEMORY_CHECK_INTERVAL,
                  expected: Iterable[str] = (), env: Optional[Mapping[str, str]] = None) -> None:
         if size < 1:
             raise ConfigurationError(f"the process pool needs at least 1 process, not {size}")
@@ -358,6 +368,7 @@ class TaskProcessPool:
         self.tasks = list(tasks)
         self.max_tasks_per_child = max_tasks_per_child
         self.memory_limit = memory_limit
+        self.memory_check_interval = memory_check_interval
         #: Names of the process tasks the worker routes here (each child must have them).
         self.expected = sorted(expected)
         self.env = dict(os.environ if env is None else env)
@@ -412,7 +423,7 @@ class TaskProcessPool:
         if self.memory_limit is not None:
             self._memory_check = LoopingCall(self._check_memory)
             self._memory_check.clock = self.reactor
-            self._memory_check.start(MEMORY_CHECK_INTERVAL, now=False)
+            self._memory_check.start(self.memory_check_interval, now=False)
         log.info("process pool: {size} process(es){recycle}{memory}, pids {pids}",
                  size=self.size, pids=self.pids(),
                  recycle=f", recycled after {self.max_tasks_per_child} task(s)"
