@@ -95,12 +95,14 @@ _quebert_bootstrap() {
         | sha256sum | cut -d' ' -f1)"
     [ -f "$stamp" ] && have="$(cat "$stamp")"
     if [ "$want" != "$have" ] || [ ! -x "$venv/bin/twistd" ] || [ ! -x "$venv/bin/trial" ]; then
-        say "installing quebert into $venv (pip install -e '.[test,guillotina]', editable_mode=compat)"
+        say "installing quebert into $venv (pip install -e '.[test,guillotina,docs]', editable_mode=compat)"
         # compat mode puts the source tree on sys.path (a .pth entry), which
         # is how twistd finds twisted/plugins/quebert_plugin.py; the default
         # PEP 660 import hook would hide the plugin.  The guillotina extra
-        # is there for the bridge's tests; guillotina builds C extensions
-        # from source, so it needs a C compiler and Python's headers.
+        # is there for the bridge's tests (and its API reference);
+        # guillotina builds C extensions from source, so it needs a C
+        # compiler and Python's headers.  The docs extra is Sphinx, for
+        # scripts/build-docs.sh (run by scripts/run-tests.sh too).
         if ! command -v cc >/dev/null 2>&1; then
             say "no C compiler (needed to build guillotina)"
             apt_install gcc libc6-dev
@@ -110,7 +112,7 @@ _quebert_bootstrap() {
             apt_install python3-dev
         fi
         "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input \
-            --config-settings editable_mode=compat -e '.[test,guillotina]'
+            --config-settings editable_mode=compat -e '.[test,guillotina,docs]'
         printf '%s\n' "$want" >"$stamp"
     else
         say "$venv is up to date"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run quebert's whole test suite against the local RabbitMQ and Redis, then
-# ruff.  Sets up what is missing first (scripts/bootstrap.sh).
+# ruff, then build the docs with warnings as errors (scripts/build-docs.sh).
+# Sets up what is missing first (scripts/bootstrap.sh).
 #
 #     bash scripts/run-tests.sh                    # everything
 #     bash scripts/run-tests.sh tests.test_retry   # extra args go to trial
@@ -16,7 +17,7 @@
 # and QUEBERT_SKIP_BOOTSTRAP=1 skips scripts/bootstrap.sh (the caller has set
 # up the environment and started RabbitMQ and Redis).
 #
-# Exits non-zero when a trial run or ruff fails.  The tests run in one
+# Exits non-zero when a trial run, ruff or the docs build fails.  The tests run in one
 # process per run (no `trial --jobs`): the integration tests share the
 # local servers.
 set -euo pipefail
@@ -91,6 +92,11 @@ echo "run-tests: $venv/bin/ruff check ${lint_paths[*]}"
 ruff_status=0
 "$venv/bin/ruff" check "${lint_paths[@]}" || ruff_status=$?
 
+# The docs site, warnings as errors: a broken reference fails the run.
+echo "run-tests: bash scripts/build-docs.sh"
+docs_status=0
+QUEBERT_SKIP_BOOTSTRAP=1 QUEBERT_VENV="$venv" bash scripts/build-docs.sh || docs_status=$?
+
 count() {  # count NAME: the sum of the numbers after NAME= in every trial summary
     local total=0 n summary
     for summary in "${summaries[@]}"; do
@@ -122,8 +128,16 @@ if [ "$ruff_status" -eq 0 ]; then
 else
     echo "ruff:  FAILED (status $ruff_status)"
 fi
+if [ "$docs_status" -eq 0 ]; then
+    echo "docs: passed"
+else
+    echo "docs: FAILED (status $docs_status)"
+fi
 
 if [ "$trial_status" -ne 0 ]; then
     exit "$trial_status"
 fi
-exit "$ruff_status"
+if [ "$ruff_status" -ne 0 ]; then
+    exit "$ruff_status"
+fi
+exit "$docs_status"
