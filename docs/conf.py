@@ -61,7 +61,6 @@ templates_path: list = []
 # ("default": Python, quietly plain text when a block is not Python, such
 # as the shell sessions in the guide.)
 highlight_language = "default"
-pygments_style = "sphinx"
 
 # -- autodoc -----------------------------------------------------------------
 
@@ -139,6 +138,22 @@ class RstLinks(SphinxPostTransform):
             anchor = match.group("anchor") or ""
             ref["refuri"] = self.app.builder.get_relative_uri(docname, target) + anchor
             ref["internal"] = True
+
+
+# -- "contents" directives -----------------------------------------------------
+
+
+def drop_contents(app: Sphinx, doctree: nodes.document) -> None:
+    """Leave out the pages' ``.. contents::`` tables under Furo.
+
+    They are there for readers on GitHub; Furo shows every page's table of
+    contents in its sidebar already (and flags a second one as an error).
+    """
+    if app.config.html_theme != "furo":
+        return
+    for topic in list(doctree.findall(nodes.topic)):
+        if "contents" in topic["classes"]:
+            topic.parent.remove(topic)
 
 
 # -- zope.interface interfaces -------------------------------------------------
@@ -225,4 +240,5 @@ def setup(app: Sphinx) -> Dict[str, Any]:
     app.add_post_transform(RstLinks)
     app.add_directive("zope-interface", ZopeInterface)
     app.connect("env-check-consistency", check_public_api)
+    app.connect("doctree-read", drop_contents)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
