@@ -3,7 +3,9 @@ A small Guillotina application for the bridge's tests (``tests.test_bridge_guill
 
 It uses the tasks of ``tests.guillotina_bridge_tasks``, and registers a container endpoint
 ``POST @bridge-test-enqueue`` that publishes through ``add_task``, the
-decorated task or ``add_url_task`` as its JSON body says, a callback
+decorated task or ``add_url_task`` as its JSON body says,
+``POST @bridge-test-result`` that waits for a task's result with
+``get_result`` (the value, or a 412 naming the error), a callback
 endpoint ``POST @bridge-test-callback`` that only ``quebert.RunTask`` may
 call, ``GET @bridge-test-modules`` that says whether a Twisted reactor was
 imported (it never should be, in this asyncio process), and an
@@ -21,7 +23,7 @@ from guillotina.interfaces import IContainer
 from guillotina.response import HTTPPreconditionFailed
 from guillotina.utils import get_authenticated_user_id
 
-from quebert.bridge.guillotina import add_task, add_url_task
+from quebert.bridge.guillotina import add_task, add_url_task, get_result
 from quebert.errors import QuebertError
 from tests.guillotina_bridge_tasks import touch
 
@@ -68,6 +70,17 @@ async def enqueue(context, request):
     except QuebertError as e:
         return HTTPPreconditionFailed(content={"reason": str(e), "type": type(e).__name__})
     return {"task_id": task_id, "has_task_id": task_id.task_id == task_id}
+
+
+@configure.service(context=IContainer, method="POST", name="@bridge-test-result",
+                   permission="guillotina.ModifyContent")
+async def result(context, request):
+    data = await request.json()
+    try:
+        value = await get_result(data["task_id"], timeout=data.get("timeout"))
+    except QuebertError as e:
+        return HTTPPreconditionFailed(content={"reason": str(e), "type": type(e).__name__})
+    return {"result": value}
 
 
 @configure.service(context=IContainer, method="POST", name="@bridge-test-callback",

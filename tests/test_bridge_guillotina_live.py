@@ -269,6 +269,52 @@ class GuillotinaBridgeTests(_BridgeTestCase):
         self.assertEqual(record["result"], {"path": "/d", "times": 3})
         self.assertEqual(record["attempts"], 1)
 
+    async def test_get_result_of_tasks_run_by_a_worker(self) -> None:
+        """
+        ``get_result`` in the application: the value of a task a worker ran
+        (a wait begun before it finished, and one after), ``TaskCanceled``
+        for a task cancelled with ``DELETE @amqp-tasks/{id}`` while a wait
+        is pending, ``TaskNotFound`` for an unknown id; and still no
+        Twisted reactor in the application.
+        """
+        worker = WorkerProcess(self, self.amqp_url, REDIS_URL, self.prefix,
+                               tasks=("tests.guillotina_bridge_tasks",), queues=(QUEUE,))
+        worker.start()
+        await worker.ready()
+
+        async def result(task_id: str, timeout: float = 30) -> tuple:
+            return await self.call("POST", "/db/c1/@bridge-test-result",
+                                   {"task_id": task_id, "timeout": timeout})
+
+        slow = await self.enqueue(kind="add_task", task="bridge_test.slow", args=[1])
+        status, answer = await result(slow)
+        self.assertEqual((status, answer), (200, {"result": {
+            "db_id": "db", "container_id": "c1", "user_id": "root", "path": "/"}}))
+        touched = await self.enqueue(kind="decorated", args=["/r"], kwargs={"times": 2})
+        status, answer = await result(touched)
+        self.assertEqual((status, answer), (200, {"result": {"path": "/r", "times": 2}}))
+        status, answer = await result(touched)  # settled before: at once
+        self.assertEqual(answer, {"result": {"path": "/r", "times": 2}})
+
+        stopped = await self.enqueue(kind="add_task", task="bridge_test.slow", args=[30])
+        waiting = defer.ensureDeferred(result(stopped))
+
+        async def running() -> bool:
+            status, record = await self.call("GET", f"/db/c1/@amqp-tasks/{stopped}")
+            return record.get("state") == "running"
+
+        await wait_for(running, 30, what="the slow task to run")
+        status, _ = await self.call("DELETE", f"/db/c1/@amqp-tasks/{stopped}")
+        self.assertEqual(status, 200)
+        status, answer = await waiting
+        self.assertEqual((status, answer["type"]), (412, "TaskCanceled"), answer)
+
+        status, answer = await result("task:db-c1-" + uuid.uuid4().hex)
+        self.assertEqual((status, answer["type"]), (412, "TaskNotFound"), answer)
+        status, answer = await self.call("GET", "/db/c1/@bridge-test-modules")
+        self.assertEqual((status, answer), (200, {"twisted.internet.reactor": False}))
+        self.assertEqual(await worker.stop(), 0)
+
     async def test_url_callback_and_cancel_through_a_worker(self) -> None:
         """
         A worker holding the service token (``dispatch.credentials``) runs

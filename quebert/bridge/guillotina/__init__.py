@@ -12,15 +12,17 @@ application::
 It connects to RabbitMQ (aio-pika, publisher confirms) and Redis
 (redis-py) from Guillotina's loop at start-up and closes them at shutdown;
 Twisted runs only in the workers.  It offers guillotina_amqp's API
-(:func:`add_task`, :func:`task`, plus :func:`add_url_task`), the
+(:func:`add_task`, :func:`task`, plus :func:`add_url_task`), waits for
+results (:func:`get_result`, one Redis subscription per process), the
 ``@amqp-tasks`` endpoints on containers, guillotina_amqp's permissions and
 a service-token validator for the workers' callbacks.  Keys of
 ``app_settings["quebert"]`` and their defaults: :data:`~.settings.DEFAULTS`.
 
 Modules: ``settings`` (the checked settings), ``publisher`` (aio-pika),
 ``state`` (Redis: quebert's records, the per-container index), ``bridge``
-(publish and cancel, the running instance), ``api`` (the publishing
-functions), ``services``, ``permissions``, ``auth``, ``subscribers``.
+(publish, cancel and wait, the running instance), ``api`` (the
+publishing functions and ``get_result``), ``results`` (the waits on one
+subscription), ``services``, ``permissions``, ``auth``, ``subscribers``.
 """
 
 from quebert.bridge.guillotina.api import (
@@ -29,6 +31,7 @@ from quebert.bridge.guillotina.api import (
     TaskId,
     add_task,
     add_url_task,
+    get_result,
     task,
 )
 from quebert.bridge.guillotina.settings import DEFAULTS
@@ -40,6 +43,7 @@ __all__ = [
     "add_task",
     "add_url_task",
     "app_settings",
+    "get_result",
     "includeme",
     "task",
 ]

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_bridge_guillotina -*-
 """
-Publishing from Guillotina: ``add_task``, ``@task`` and ``add_url_task``.
+Publishing from Guillotina: ``add_task``, ``@task`` and ``add_url_task``;
+waiting for a task's result: ``get_result``.
 
 Shaped like guillotina_amqp's API (``await add_task(func, *args,
 **kwargs)``, a ``@task`` whose call enqueues), publishing quebert
@@ -260,6 +261,30 @@ async def add_url_task(path_or_url: str, method: str = "POST", body: Any = b"",
                                          headers=message.headers, body=message.body))
     await bridge.send(message, container)
     return TaskId(message.id)
+
+
+async def get_result(task_id: str, timeout: Optional[float] = None) -> Any:
+    """
+    Wait for the task ``task_id`` to finish and return its return value
+    (JSON, as the worker recorded it), like quebert's ``Client.result``.
+
+    Raises :class:`~quebert.errors.TaskFailed` (the remote error's
+    ``type``, ``message`` and ``traceback``, the ``reason``, the
+    ``attempts`` made) when it failed for good,
+    :class:`~quebert.errors.TaskCanceled` when it was canceled,
+    :class:`~quebert.errors.TaskNotFound` when the state store has no
+    record of it as the wait starts (an unknown id, or one expired after
+    ``state_ttl``), and :class:`~quebert.errors.ResultTimeout` when
+    ``timeout`` seconds pass first; the task itself goes on.  A task that
+    finished before the call answers at once.
+
+    All the waits of the application share one Redis subscription
+    (``docs/guillotina.rst``); nothing polls.  Cancelling the awaiting
+    coroutine (the request went away) ends its wait.
+    """
+    from quebert.bridge.guillotina.bridge import get_bridge
+
+    return await get_bridge().result(task_id, timeout)
 
 
 class GuillotinaTask(TaskFunction):

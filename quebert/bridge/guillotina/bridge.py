@@ -7,7 +7,10 @@ The running bridge: one publisher and one state store per application.
 ``queued``/``scheduled``), plus what the Guillotina side needs: the
 ``context`` field in the body and the per-container index.  It cancels
 the way ``Client.cancel`` does: the state store's cancel write first, then
-the ``cancel`` broadcast on the control exchange.
+the ``cancel`` broadcast on the control exchange.  It waits for results
+the way ``Client.result`` does, through one
+:class:`~quebert.bridge.guillotina.results.ResultWaiter` (one Redis
+subscription) started by the first wait and closed with the bridge.
 
 :func:`start` and :func:`stop` run on Guillotina's application start-up
 and clean-up events (see ``subscribers.py``); :func:`get_bridge` is how
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from quebert import protocol
 from quebert.amqp import control
@@ -30,6 +33,9 @@ from quebert.bridge.guillotina.state import BridgeState
 from quebert.errors import ConfigurationError, QuebertError
 from quebert.protocol import H_ATTEMPTS, H_NOT_BEFORE
 from quebert.state.interface import QUEUED, SCHEDULED
+
+if TYPE_CHECKING:
+    from quebert.bridge.guillotina.results import ResultWaiter
 
 log = logging.getLogger("quebert.bridge.guillotina")
 
@@ -65,6 +71,8 @@ class Bridge:
         self.state = state or BridgeState.from_url(
             settings.redis_url, prefix=settings.state_prefix, finished_ttl=settings.state_ttl,
             name_tombstone=settings.name_tombstone)
+        self._waiter: Optional[ResultWaiter] = None
+        self._closed = False
 
     async def start(self) -> None:
         """
@@ -80,10 +88,39 @@ class Bridge:
                         "publishing will try again", e)
 
     async def close(self) -> None:
+        """
+        Close the results subscription (pending waits raise
+        ``CancelledError``), the RabbitMQ connection and the Redis client.
+        """
+        self._closed = True
+        waiter = self._waiter
         try:
-            await self.publisher.close()
+            if waiter is not None:
+                await waiter.close()
         finally:
-            await self.state.close()
+            try:
+                await self.publisher.close()
+            finally:
+                await self.state.close()
+
+    @property
+    def results(self) -> ResultWaiter:
+        """The waiter all of this bridge's waits share (made on first use)."""
+        if self._closed:
+            raise ConfigurationError("the quebert bridge is closed: waiting for results "
+                                     "ended with the application")
+        if self._waiter is None:
+            from quebert.bridge.guillotina.results import ResultWaiter
+
+            self._waiter = ResultWaiter(self.state)
+        return self._waiter
+
+    async def result(self, task_id: str, timeout: Optional[float] = None) -> Any:
+        """
+        The return value of ``task_id`` once it succeeded, as
+        ``Client.result``: see :func:`~quebert.bridge.guillotina.api.get_result`.
+        """
+        return await self.results.result(task_id, timeout)
 
     async def send(self, message: protocol.TaskMessage, container: Optional[str]) -> None:
         """

@@ -9,6 +9,10 @@ Records are read and written with the state store's own Lua scripts
 cannot drift from the layout the workers use: ``enqueued`` records a task
 ``queued``/``scheduled`` as quebert's ``Client`` does, ``claim`` takes a
 unique name, ``cancel`` is the same atomic write as ``Client.cancel``'s.
+Each write names the settled channel (``{prefix}settled:{db}``), to which
+the script publishes the ids of the tasks it finished, so that a cancel
+from Guillotina wakes whoever waits for that task (``results.py``, and
+quebert's ``Client.result`` elsewhere).
 
 The bridge keeps two things of its own, under the same prefix:
 
@@ -102,6 +106,17 @@ return out
 """
 
 
+def settled_channel_name(prefix: str, db: Optional[int]) -> str:
+    """
+    The channel the state store with ``prefix`` in database ``db`` publishes
+    settled task ids to: :func:`quebert.state.redis.settled_channel_name`'s
+    name (Redis channels are server-wide, so the database is in it), written
+    again here because importing :mod:`quebert.state.redis` installs a
+    Twisted reactor, which a Guillotina process must not have.
+    """
+    return f"{prefix}settled:{db or 0}"
+
+
 def container_key(db_id: str, container_id: str) -> str:
     """What names a container in the bridge's keys: ``{db_id}/{container_id}``."""
     return f"{db_id}/{container_id}"
@@ -129,6 +144,11 @@ class BridgeState:
         self._index_add = redis.register_script(_INDEX_ADD)
         self._index_list = redis.register_script(_INDEX_LIST)
         self._sentinel: Any = None  # from_url with a Sentinel URL: closed with the store
+        #: The pub/sub channel the ``apply`` script tells which tasks a write
+        #: settled: the workers' writes and the bridge's own (a cancel) alike,
+        #: so that :mod:`~quebert.bridge.guillotina.results` hears of both.
+        self.settled_channel = settled_channel_name(
+            prefix, redis.connection_pool.connection_kwargs.get("db"))
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> BridgeState:
@@ -179,6 +199,7 @@ class BridgeState:
         reply = await self._run(self._apply, [
             self.prefix, self._ttl_ms, str(HISTORY_LIMIT),
             json.dumps(ops, separators=(",", ":"), allow_nan=False), "0", self._tombstone_ms,
+            self.settled_channel,
         ], what)
         return _redis_ops.answers(reply)
 
@@ -219,6 +240,25 @@ class BridgeState:
         if text is None:
             return None
         return _records.decode_record(json.loads(text))
+
+    async def get_many(self, task_ids: list) -> list:
+        """
+        The records of ``task_ids`` (``None`` for those without one), in
+        order: :meth:`get` for many ids in one round trip (a pipeline), so
+        that thousands of waits settling together cost a few requests on one
+        connection rather than a connection each.
+        """
+        for task_id in task_ids:
+            _records.check_task_id(task_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    await self._get(keys=[], args=[self.prefix, task_id], client=pipe)
+                texts = await pipe.execute()
+        except Exception as e:
+            raise StateError(f"Redis get failed: {type(e).__name__}: {e}") from e
+        return [None if text is None else _records.decode_record(json.loads(text))
+                for text in texts]
 
     # -- the bridge's own keys ------------------------------------------------
 
