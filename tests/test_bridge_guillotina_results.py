@@ -6,7 +6,8 @@ No Guillotina, no Twisted reactor: each test runs in an asyncio loop of
 its own (``asyncio.run``) with a key prefix only it uses, in database 9 of
 the test Redis.  Outcomes are written as a worker writes them: the state
 store's ``apply`` script, fed with :mod:`quebert.state._redis_ops`'s
-operations, publishing on the settled channel.
+operations, publishing on the settled channel.  The last test fails the
+primary of the Sentinel test set (``tests/_sentinel.py``) under the waits.
 """
 
 from __future__ import annotations
@@ -401,3 +402,63 @@ class BridgeResultsTests(SynchronousTestCase):
 
         self.assertEqual(self.run_bridge(step, url=f"redis://127.0.0.1:{port}/0"),
                          (None, False))
+
+
+class BridgeResultsSentinelTests(SynchronousTestCase):
+    """Waits through a Sentinel failover (the test set of ``tests/_sentinel.py``)."""
+
+    def setUp(self) -> None:
+        from tests import _sentinel
+
+        self.sentinel = _sentinel
+        self.url = _sentinel.sentinel_set()
+        self.prefix = f"quebert-test-{uuid.uuid4().hex}:"
+
+    def test_waits_survive_a_failover(self) -> None:
+        ids = [f"t{i}" for i in range(50)]
+        prefix = self.prefix
+
+        async def write(state: BridgeState, task_id: str, n: int) -> None:
+            """Record the outcome, trying again while Redis fails over."""
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    return await finished(state, task_id, result=n)
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        async def main() -> Any:
+            waiting_store = BridgeState.from_url(self.url, prefix=prefix)
+            writer = BridgeState.from_url(self.url, prefix=prefix)
+            waiter = ResultWaiter(waiting_store)
+            try:
+                await started(writer, *ids)
+                waits = [asyncio.ensure_future(waiter.result(t, timeout=90)) for t in ids]
+                await waiter.when_subscribed()
+                await asyncio.sleep(0.2)
+                await write(writer, "t0", 0)
+                self.assertEqual(await waits[0], 0)
+                old = await asyncio.to_thread(self.sentinel.kill_primary)
+                # these settle while Redis fails over
+                for n, task_id in enumerate(ids[1:25], 1):
+                    await write(writer, task_id, n)
+                deadline = time.monotonic() + 60
+                while await asyncio.to_thread(self.sentinel.primary) == old:
+                    self.assertLess(time.monotonic(), deadline, "no new primary")
+                    await asyncio.sleep(0.5)
+                for n, task_id in enumerate(ids[25:], 25):
+                    await write(writer, task_id, n)
+                return await asyncio.gather(*waits), waiter.subscriptions
+            finally:
+                await waiter.close()
+                for key in [k async for k in writer.redis.scan_iter(match=prefix + "*")]:
+                    await writer.redis.delete(key)
+                await waiting_store.close()
+                await writer.close()
+
+        self.addCleanup(self.sentinel.restore)
+        results, subscriptions = asyncio.run(asyncio.wait_for(main(), 150))
+        self.assertEqual(results, list(range(50)))
+        self.assertGreaterEqual(subscriptions, 2)
