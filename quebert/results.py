@@ -98,7 +98,7 @@ def record_when_settled(d: defer.Deferred, read: Any, task_id: str) -> defer.Def
 class _Wait:
     """One caller's wait for one task."""
 
-    __slots__ = ("task_id", "deferred", "timer", "read", "last_state")
+    __slots__ = ("task_id", "deferred", "timer", "read", "last_state", "timeout", "expired")
 
     def __init__(self, task_id: str, deferred: defer.Deferred) -> None:
         self.task_id = task_id
@@ -106,6 +106,9 @@ class _Wait:
         self.timer: Any = None
         self.read = False  # its first read answered
         self.last_state: Optional[str] = None
+        self.timeout = 0.0
+        # its time was up before its first read answered: that read decides
+        self.expired = False
 
 
 class ResultWaiter:
@@ -217,20 +220,25 @@ class ResultWaiter:
                 self._cancel_timer(wait)
                 wait.deferred.callback(record)
             return
-        keep = []
+        keep, ended = [], []
         for wait in waits:
             if record is None and not wait.read:
                 self._cancel_timer(wait)
-                wait.deferred.errback(TaskNotFound(task_id))
+                ended.append((wait, TaskNotFound(task_id)))
                 continue
             wait.read = True
             if record is not None:
                 wait.last_state = record.get("state")
+            if wait.expired:
+                ended.append((wait, ResultTimeout(task_id, wait.timeout, wait.last_state)))
+                continue
             keep.append(wait)
         if keep:
             self._waits[task_id] = keep
         else:
             del self._waits[task_id]
+        for wait, error in ended:  # once the waits are in order: a callback may wait again
+            wait.deferred.errback(error)
 
     def _read_failed(self, failure: Any, task_id: str) -> None:
         if task_id not in self._waits:
@@ -252,6 +260,12 @@ class ResultWaiter:
 
     def _expire(self, wait: _Wait, timeout: float) -> None:
         wait.timer = None
+        wait.timeout = timeout
+        if not wait.read:
+            # a short timeout must not beat the read of a task that has
+            # finished already: the first read answers either way
+            wait.expired = True
+            return
         if self._remove(wait):
             wait.deferred.errback(ResultTimeout(wait.task_id, timeout, wait.last_state))
 

@@ -320,3 +320,23 @@ class SentinelWaiterTests(TestCase):
         for n, task_id in enumerate(ids[25:], 25):
             self.store.finished(task_id, "succeeded", 1, INFO, T0 + 3, result=n)
         self.assertEqual(await defer.gatherResults(waits), list(range(50)))
+
+
+class ZeroTimeoutOnRedisTests(TestCase):
+    """A timeout shorter than Redis's answer still sees a task that finished."""
+
+    async def setUp(self) -> None:
+        self.redis, self.prefix = await isolated_redis(self)
+        self.store = RedisStateManager(self.redis, prefix=self.prefix)
+        self.waiter = ResultWaiter(self.store)
+        self.addCleanup(self.waiter.close)
+
+    async def test_zero_timeout(self) -> None:
+        await self.store.finished("done", "succeeded", 1, INFO, T0, result="r")
+        await self.store.started("busy", 1, "w", INFO, T0)
+        self.assertEqual(await self.waiter.result("done", timeout=0), "r")
+        self.assertEqual(await self.waiter.result("done", timeout=0), "r")
+        with self.assertRaises(ResultTimeout) as caught:
+            await self.waiter.result("busy", timeout=0)
+        self.assertEqual(caught.exception.state, "running")
+        self.assertEqual(self.waiter.waiting, 0)
