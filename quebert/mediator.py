@@ -83,6 +83,7 @@ from quebert.state.interface import (
     SCHEDULED,
     SUCCEEDED,
 )
+from quebert.stats import TaskStats
 
 #: Outcomes recorded only after they were made durable on the broker.
 _SETTLED = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
@@ -262,6 +263,18 @@ class QueueSettings:
     dispatch_deadline: Optional[float] = None
 
 
+def _waited(message: TaskMessage, attempt: int, now: float) -> Optional[float]:
+    """
+    Seconds a first attempt waited in its queue: since it was published, or
+    since its ETA; ``None`` for a retry (its wait is its backoff) or when
+    the producer gave no time.
+    """
+    if attempt != 1 or message.created_at is None:
+        return None
+    ready = message.created_at if message.eta is None else max(message.created_at, message.eta)
+    return now - ready
+
+
 def error_info(failure: Failure) -> dict:
     """
     The ``error`` record of a failure: type, message, traceback; for a URL
@@ -340,6 +353,8 @@ class Mediator:
         #: Seconds before a message whose handling failed unexpectedly is returned.
         self.unexpected_error_delay = 2.0
         self.counts: collections.Counter = collections.Counter()
+        #: Per-task figures: outcomes per task name and queue, run and wait times.
+        self.stats = TaskStats()
         self._before_hooks, self._after_hooks, self._error_hooks = self._hook_chains()
         self._policies: dict[tuple, RetryPolicy] = {}
         #: Makes URL tasks' requests (:class:`quebert.dispatch.URLDispatcher`).
@@ -584,6 +599,7 @@ class Mediator:
                 return
         if self._info_logged:
             self._log(task, "task {task_id} ({task}) attempt {attempt} started")
+        self.stats.started(task.name, task.queue, _waited(message, attempt, now))
         self.running[task.id] = task
         self._release_copies(task.id)
         try:
@@ -632,6 +648,8 @@ class Mediator:
                                       self.clock.seconds(), result=result)
             task.ack()
             self.counts["succeeded"] += 1
+            self.stats.ended(task.name, task.queue, SUCCEEDED,
+                             self.clock.seconds() - task.started_at)
             if self._info_logged:
                 self._log(task, "task {task_id} ({task}) succeeded on attempt {attempt} "
                           "in {duration:.3f}s", duration=self.clock.seconds() - task.started_at)
@@ -666,6 +684,7 @@ class Mediator:
                                   self.clock.seconds(), reason="canceled before it started")
         delivery.ack()
         self.counts["canceled"] += 1
+        self.stats.ended(message.task, delivery.queue, CANCELED)
         log.info("task {task_id} ({task}) was canceled; not running it", task_id=message.id,
                  task=message.task)
 
@@ -675,6 +694,7 @@ class Mediator:
                                   reason=f"canceled while attempt {task.attempt} ran")
         task.ack()
         self.counts["canceled"] += 1
+        self.stats.ended(task.name, task.queue, CANCELED, self.clock.seconds() - task.started_at)
         self._log(task, "task {task_id} ({task}) canceled during attempt {attempt}",
                   level=LogLevel.warn)
 
@@ -757,6 +777,7 @@ class Mediator:
                                   error=error, retry_at=now + delay)
         task.ack()
         self.counts["retried"] += 1
+        self.stats.ended(task.name, task.queue, "retried", now - task.started_at)
         self._log(task, "task {task_id} ({task}) attempt {attempt} failed: {error}; "
                   "retry in {delay:.3f}s", error=error["message"] or error["type"],
                   delay=delay, level=LogLevel.warn)
@@ -789,6 +810,7 @@ class Mediator:
                                   self.clock.seconds(), error=error, reason=reason)
         task.ack()
         self.counts["failed"] += 1
+        self.stats.ended(task.name, task.queue, FAILED, self.clock.seconds() - task.started_at)
         self._log(task, "task {task_id} ({task}) failed for good after attempt {attempt}: "
                   "{reason}", reason=reason, level=LogLevel.error)
 
@@ -822,6 +844,8 @@ class Mediator:
             )
         delivery.ack()
         self.counts["rejected"] += 1
+        self.stats.ended(message.task if message is not None else "(invalid)", delivery.queue,
+                         FAILED)
         log.error("message {message_id} from {queue} refused: {reason}",
                   message_id=task_id, queue=delivery.queue, reason=reason, field=error.field)
 

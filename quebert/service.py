@@ -127,6 +127,23 @@ class TaskService:
         """The record once the task finished, or as it is after ``timeout`` seconds."""
         return record_when_settled(self.client.wait(task_id, timeout), self.state.get, task_id)
 
+    def find(self, task: str, state: Optional[str], queue: Optional[str], limit: int,
+             position: int) -> defer.Deferred:
+        return self.state.find(task, state=state, queue=queue, limit=limit, position=position)
+
+    def overview(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._overview())
+
+    async def _overview(self) -> dict:
+        workers: dict = {}
+        counts: dict = {}
+        try:
+            workers = await self.state.workers()
+            counts = await self.state.counts()
+        except Exception as e:
+            log.warn("workers and counts cannot be read: {error}", error=e)
+        return {"queues": await self._queues(), "workers": workers, "counts": counts}
+
     def list(self, state: Optional[str], queue: Optional[str], limit: int,
              offset: int) -> defer.Deferred:
         return self.state.list(state=state, queue=queue, limit=limit, offset=offset)

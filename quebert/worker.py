@@ -16,6 +16,7 @@ import gc
 import importlib
 import os
 import signal
+import socket
 import sys
 from typing import Any, Callable, Optional
 
@@ -29,6 +30,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.reflect import namedAny
 
 from quebert._defer import bounded
+from quebert._version import __version__
 from quebert.amqp.admin import BrokerAdmin
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.stuck import StuckConsumerCheck
@@ -44,6 +46,9 @@ from quebert.state.redis import connect_redis
 log = Logger(namespace="quebert.worker")
 
 #: Seconds between two worker beats in the state store, and how long one lasts.
+#: This machine's name, as workers' beats tell the console.
+_HOST = socket.gethostname()
+
 BEAT_INTERVAL = 1.0
 BEAT_TTL = 3.0
 
@@ -218,9 +223,12 @@ class _WorkerBeat(Service):
     worker that lost its broker connection from a dead one.
     """
 
-    def __init__(self, state: Any, worker_id: str, reactor: Any) -> None:
+    def __init__(self, state: Any, worker_id: str, reactor: Any,
+                 describe: Optional[Callable[[], dict]] = None) -> None:
         self.state = state
         self.worker_id = worker_id
+        #: What the beat tells the console about this worker (None: nothing).
+        self.describe = describe
         self.loop = LoopingCall(self._beat)
         self.loop.clock = reactor
         self._failing = False
@@ -230,7 +238,11 @@ class _WorkerBeat(Service):
         self.loop.start(BEAT_INTERVAL, now=True)
 
     def _beat(self) -> defer.Deferred:
-        d = defer.maybeDeferred(self.state.worker_beat, self.worker_id, BEAT_TTL)
+        if self.describe is not None:
+            d = defer.maybeDeferred(self.state.worker_beat, self.worker_id, BEAT_TTL,
+                                    self.describe())
+        else:
+            d = defer.maybeDeferred(self.state.worker_beat, self.worker_id, BEAT_TTL)
 
         def done(_: Any) -> None:
             if self._failing:
@@ -488,7 +500,9 @@ class WorkerService(_StopSignals, MultiService):
         )
         self.mediator.start()
         if hasattr(self.state, "worker_beat"):
-            _WorkerBeat(self.state, self.mediator.worker_id, reactor).setServiceParent(self)
+            _WorkerBeat(self.state, self.mediator.worker_id, reactor,
+                        describe=self.describe).setServiceParent(self)
+        self.started_at = reactor.seconds()
         self.watchdog = None
         if config.auto_kill_timeout:
             self._setup_watchdog(config)
@@ -505,6 +519,31 @@ class WorkerService(_StopSignals, MultiService):
         self.metrics = None
         if config.http_port is not None:
             self._setup_api(config, queues, registry, topology)
+
+    def describe(self) -> dict:
+        """
+        What this worker's beat tells the console (``quebert/api/console.py``):
+        where it runs, what it serves, how busy it is, its broker node, and
+        its per-queue counts of attempts started and ended.
+        """
+        mediator = self.mediator
+        consuming = self.broker.consuming
+        description = {
+            "host": _HOST,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "beat_at": self.reactor.seconds(),
+            "queues": sorted(mediator.queues),
+            "running": len(mediator._inflight),
+            "capacity": mediator.max_running_tasks,
+            "node": getattr(consuming, "connected_node", None),
+            "counts": mediator.stats.per_queue(),
+        }
+        pool = getattr(self.executor, "processes", None)
+        if pool is not None:
+            description["processes"] = {"size": pool.size, "busy": pool.busy}
+        return description
 
     def _setup_watchdog(self, config: WorkerConfig) -> None:
         """The reactor-stall watchdog (``--auto-kill-timeout``)."""

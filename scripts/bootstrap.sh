@@ -15,6 +15,7 @@
 #   QUEBERT_AMQP_PORT   RabbitMQ AMQP port on 127.0.0.1 [5672]
 #   RABBITMQ_WAIT       seconds to wait for RabbitMQ to boot [90]
 #   QUEBERT_SKIP_SERVICES=1  only set up the venv
+#   QUEBERT_SKIP_BROWSER=1   do not install Chromium (the console's browser tests need it)
 
 _quebert_bootstrap() {
     set -euo pipefail
@@ -116,6 +117,14 @@ _quebert_bootstrap() {
         printf '%s\n' "$want" >"$stamp"
     else
         say "$venv is up to date"
+    fi
+
+    # -- Chromium, for the console's browser tests (tests/test_console_browser.py):
+    # Debian's, which Playwright drives (Playwright's own browser download
+    # is not used).  QUEBERT_SKIP_BROWSER=1 leaves it out (the example run).
+    if [ "${QUEBERT_SKIP_BROWSER:-0}" != 1 ] && [ ! -x "${QUEBERT_CHROMIUM:-/usr/bin/chromium}" ]; then
+        say "Chromium is not installed (the console's browser tests use it)"
+        apt_install chromium
     fi
 
     if [ "${QUEBERT_SKIP_SERVICES:-0}" = 1 ]; then

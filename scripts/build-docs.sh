@@ -20,7 +20,7 @@ cd "$root"
 
 venv="${QUEBERT_VENV:-$root/.venv}"
 if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
-    QUEBERT_SKIP_SERVICES=1 bash scripts/bootstrap.sh
+    QUEBERT_SKIP_SERVICES=1 QUEBERT_SKIP_BROWSER=1 bash scripts/bootstrap.sh
 fi
 if [ ! -x "$venv/bin/sphinx-build" ]; then
     echo "build-docs: $venv/bin/sphinx-build not found: install the docs extra" \

@@ -29,7 +29,7 @@ case "$demo_seconds" in
 esac
 
 if [ "${QUEBERT_SKIP_BOOTSTRAP:-}" != 1 ]; then
-    bash scripts/bootstrap.sh
+    QUEBERT_SKIP_BROWSER=1 bash scripts/bootstrap.sh
 fi
 
 # The producer and the suggested quebert commands read QUEBERT_* themselves;

@@ -98,7 +98,7 @@ URL_FIELDS = COMMON_FIELDS + (
     "url", "method", "headers", "body", "body_base64", "dispatch_deadline",
 )
 KINDS = ("call", "url")
-LIST_PARAMETERS = ("state", "queue", "limit", "offset")
+LIST_PARAMETERS = ("state", "queue", "task", "limit", "offset")
 
 
 @attrs.frozen
@@ -118,6 +118,8 @@ class ListQuery:
     queue: Optional[str] = None
     limit: int = DEFAULT_LIST_LIMIT
     offset: int = 0
+    #: Only tasks of this name; ``offset`` is then a position to go on from.
+    task: Optional[str] = None
 
 
 def _type_name(value: Any) -> str:
@@ -426,13 +428,16 @@ def list_query(query: bytes) -> ListQuery:
             raise invalid("state", f"state must be one of {', '.join(STATES)}, not {state!r}")
     if "queue" in values:
         queue = _matching(values["queue"][0], "queue", _QUEUE, "a queue name")
+    task = None
+    if "task" in values:
+        task = _matching(values["task"][0], "task", _TASK_NAME, "a task name")
     limit = DEFAULT_LIST_LIMIT
     if "limit" in values:
         limit = _query_int(values["limit"], "limit", 1, MAX_LIST_LIMIT)
     offset = 0
     if "offset" in values:
         offset = _query_int(values["offset"], "offset", 0, MAX_LIST_OFFSET)
-    return ListQuery(state=state, queue=queue, limit=limit, offset=offset)
+    return ListQuery(state=state, queue=queue, limit=limit, offset=offset, task=task)
 
 
 def path_id(value: str) -> bool:

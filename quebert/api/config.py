@@ -64,6 +64,10 @@ class ApiConfig:
     :param idle_timeout: seconds an idle HTTP connection is kept open.
     :param max_wait: longest ``GET /tasks/{id}?wait=SECONDS`` accepted
         (a request holds its connection while it waits).
+    :param max_connections: open HTTP connections at most; a connection
+        beyond is closed at once, so that a flood cannot take the
+        process's file descriptors.
+    :param max_streams: open console event streams at most (503 beyond).
     """
 
     read_write_tokens: Tuple[str, ...] = attrs.field(default=(), converter=_tokens)
@@ -72,6 +76,8 @@ class ApiConfig:
     max_body_size: int = attrs.field(default=DEFAULT_MAX_BODY_SIZE, validator=_positive)
     idle_timeout: float = attrs.field(default=60.0, validator=_positive)
     max_wait: float = attrs.field(default=60.0, validator=_positive)
+    max_connections: int = attrs.field(default=256, validator=_positive)
+    max_streams: int = attrs.field(default=32, validator=_positive)
 
     @anonymous.validator
     def _check_anonymous(self, attribute: attrs.Attribute, value: str) -> None:

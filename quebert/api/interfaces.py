@@ -126,6 +126,23 @@ class ITaskService(Interface):
     def resume(queue: str):
         """Consume ``queue`` again; fire with its queue dict (as :meth:`pause`)."""
 
+    def find(task: str, state: Optional[str], queue: Optional[str], limit: int,
+             position: int):
+        """
+        Fire with ``(records, next_position)``: records of the task named
+        ``task`` (and in ``state``/``queue`` if given), most recently
+        updated first, from ``position`` in the index walked;
+        ``next_position`` is ``None`` at the end (see
+        :meth:`quebert.state.interface.IStateManager.find`).
+        """
+
+    def overview():
+        """
+        Fire with what the console shows: ``{"queues": [queue dicts as
+        queues() gives them], "workers": {worker id: its last beat's
+        description}, "counts": {state: records}}``.
+        """
+
     def health():
         """
         Fire with ``{"live": True, "ready": bool, "amqp": bool, "redis":

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Iterable, Optional
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -165,6 +165,26 @@ class MemoryTaskService:
     def resume(self, queue: str) -> Deferred:
         """Mark ``queue`` consumed again."""
         return maybeDeferred(self._pause, queue, False)
+
+    def find(self, task: str, state: Optional[str], queue: Optional[str], limit: int,
+             position: int) -> Deferred:
+        """Records of one task name, from ``position``."""
+        def decorate(found: Any) -> Any:
+            records, position = found
+            return [self._decorate(r) for r in records], position
+
+        return self.state.find(task, state=state, queue=queue, limit=limit,
+                               position=position).addCallback(decorate)
+
+    def overview(self) -> Deferred:
+        """Queues, the state store's workers and counts."""
+        queues: list = []
+        workers: dict = {}
+        counts: dict = {}
+        self.queues().addCallback(queues.extend)
+        self.state.workers().addCallback(workers.update)
+        self.state.counts().addCallback(counts.update)
+        return succeed({"queues": queues, "workers": workers, "counts": counts})
 
     def health(self) -> Deferred:
         """Fire with the health flags."""

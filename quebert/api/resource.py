@@ -28,13 +28,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
-from quebert.api import _validate, openapi
+from quebert.api import _validate, console, openapi
 from quebert.api._errors import ApiError, from_exception
 from quebert.api.config import NONE, READ_ONLY, READ_WRITE, ApiConfig
 from quebert.api.interfaces import ITaskService
@@ -103,6 +104,10 @@ ROUTES = (
 )
 
 _Answer = Tuple[int, Any, Mapping[str, str]]
+
+#: The console's event stream: read access, not in the OpenAPI document
+#: (a stream that never ends is no REST operation; docs/http-api.rst).
+_EVENTS = Route("GET", "/events", "events")
 
 
 def _digest(token: bytes) -> bytes:
@@ -197,6 +202,8 @@ class ApiResource(Resource):
         verifyObject(ITaskService, service)
         self.service = service
         self.config = config
+        self._feed: Optional[console.ConsoleFeed] = None
+        self._streams = 0
         #: Renders the Prometheus metrics ``GET /metrics`` serves (a worker's).
         self.metrics_exposition = metrics
         self._read_write = tuple(_digest(t.encode("ascii")) for t in config.read_write_tokens)
@@ -222,10 +229,87 @@ class ApiResource(Resource):
 
     async def _answer(self, request: server.Request) -> None:
         try:
-            status, body, headers = await self._dispatch(request)
+            first = request.postpath[0] if request.postpath else b""
+            if first == b"ui":
+                status, body, headers = self._console_file(request)
+            elif first == b"events" and len(request.postpath) == 1:
+                self._stream(request)
+                return
+            else:
+                status, body, headers = await self._dispatch(request)
         except ApiError as error:
             status, body, headers = error.status, error.body(), error.headers
         _write(request, status, body, headers)
+
+    # -- the console (quebert/api/console.py): its files and its event stream --
+
+    def _console_file(self, request: server.Request) -> _Answer:
+        """``/ui/`` and its files: public, GET only, a fixed list of names."""
+        method = _text(request.method)
+        if method not in ("GET", "HEAD"):
+            raise ApiError("method_not_allowed", f"method {method[:20]} is not allowed here "
+                           "(allowed: GET, HEAD)", headers={"Allow": "GET, HEAD"})
+        request._quebert_access = "public"  # type: ignore[attr-defined]
+        rest = request.postpath[1:]
+        if not rest:  # /ui: the page's relative links need the slash
+            return 301, _Text(b"", "text/plain"), {
+                "Location": f"{self._base(request)}/ui/"}
+        found = console.asset(_text(rest[0]) or "index.html") if len(rest) == 1 else None
+        if found is None:
+            raise ApiError("not_found", f"no such resource: {_text(request.path)[:200]}")
+        payload, content_type = found
+        return 200, _Text(payload, content_type), dict(console.SECURITY_HEADERS)
+
+    def _stream(self, request: server.Request) -> None:
+        """
+        ``GET /events`` (read access): a ``text/event-stream`` of the
+        console's snapshots, opened with a ``hello`` event saying what the
+        token may do.
+        """
+        if _text(request.method) != "GET":
+            raise ApiError("method_not_allowed", "method not allowed here (allowed: GET)",
+                           headers={"Allow": "GET"})
+        self._authorize(request, _EVENTS)
+        if self._streams >= self.config.max_streams:
+            raise ApiError("service_unavailable",
+                           f"too many console streams open (at most "
+                           f"{self.config.max_streams}); close one and try again",
+                           headers={"Retry-After": "5"})
+        if self._feed is None:
+            self._feed = console.ConsoleFeed(self.service, self._clock())
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        channel = getattr(request, "channel", None)
+        if channel is not None and hasattr(channel, "setTimeout"):
+            channel.setTimeout(None)  # the stream is meant to stay open
+        access = getattr(request, "_quebert_access", READ_ONLY)
+        request.write(console.event("hello", {
+            "access": "read-write" if access == READ_WRITE else "read-only",
+            "interval": console.INTERVAL}))
+        self._streams += 1
+
+        def send(payload: bytes) -> None:
+            if not request.finished and not getattr(request, "_quebert_gone", False):
+                request.write(payload)
+
+        stop = self._feed.subscribe(send)
+
+        def closed(_: Any) -> None:
+            self._streams -= 1
+            stop()
+
+        request.notifyFinish().addBoth(closed)
+
+    def _clock(self) -> Any:
+        site = getattr(self, "_site_reactor", None)
+        if site is not None:
+            return site
+        from twisted.internet import reactor
+
+        return reactor
 
     async def _dispatch(self, request: server.Request) -> _Answer:
         route, parameters = self._route(request)
@@ -386,6 +470,11 @@ class ApiResource(Resource):
     async def list_tasks(self, request: server.Request) -> _Answer:
         _, _, query = request.uri.partition(b"?")
         wanted = _validate.list_query(query)
+        if wanted.task is not None:
+            records, position = await self._backend(
+                "find", wanted.task, wanted.state, wanted.queue, wanted.limit, wanted.offset)
+            return 200, {"tasks": list(records), "limit": wanted.limit,
+                         "offset": wanted.offset, "next_offset": position}, {}
         records = await self._backend("list", wanted.state, wanted.queue, wanted.limit + 1,
                                       wanted.offset)
         records = list(records)
@@ -546,8 +635,40 @@ class _ApiSite(server.Site):
         super().__init__(resource, requestFactory=_ApiRequest, reactor=reactor,
                          timeout=config.idle_timeout, parsePOSTFormSubmission=False)
         self.max_body_size = config.max_body_size
+        self.max_connections = config.max_connections
         self.displayTracebacks = False
         self.noisy = False
+        #: HTTP connections open now.
+        self.open_connections = 0
+        self._refusing = False
+        if isinstance(resource, ApiResource):
+            resource._site_reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        A connection beyond ``max_connections`` is answered 503 and closed
+        at once, without reading it (logged once a burst).
+        """
+        if self.open_connections >= self.max_connections:
+            if not self._refusing:
+                log.warn("HTTP API: {count} connections open, the most allowed; closing new "
+                         "ones until some end", count=self.open_connections)
+                self._refusing = True
+            return _Refused()
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            return None
+        self.open_connections += 1
+        lost = channel.connectionLost
+
+        def counted(reason: Any) -> None:
+            self.open_connections -= 1
+            if self.open_connections < self.max_connections:
+                self._refusing = False
+            lost(reason)
+
+        channel.connectionLost = counted
+        return channel
 
     def log(self, request: server.Request) -> None:
         started = getattr(request, "_quebert_started", None)
@@ -564,6 +685,15 @@ class _ApiSite(server.Site):
             access=getattr(request, "_quebert_access", None),
             user_agent=_text(request.getHeader(b"user-agent") or b"")[:200],
         )
+
+
+class _Refused(Protocol):
+    """A connection over the limit: a bare 503, then closed."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                             b"Retry-After: 5\r\nConnection: close\r\n\r\n")
+        self.transport.loseConnection()
 
 
 def _client(request: server.Request) -> str:
