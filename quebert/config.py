@@ -76,6 +76,10 @@ class WorkerConfig:
     api_tokens: tuple = ()
     api_read_tokens: tuple = ()
     api_anonymous: str = "none"
+    #: The HTTP API's caps: open connections, console streams, ``?wait=`` seconds.
+    api_max_connections: int = 256
+    api_max_streams: int = 32
+    api_max_wait: float = 60.0
     #: Seconds between liveness beacons on each AMQP connection (0: none).
     beacon_interval: float = 5.0
     #: Seconds a consumer with room to spare may receive nothing while its
@@ -325,7 +329,8 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     api = data.get("api") or {}
     if not isinstance(api, dict):
         raise ConfigurationError("'api' must be a JSON object")
-    unknown = set(api) - {"port", "interface", "tokens", "read_only_tokens", "anonymous"}
+    unknown = set(api) - {"port", "interface", "tokens", "read_only_tokens", "anonymous",
+                          "max_connections", "max_streams", "max_wait"}
     if unknown:
         raise ConfigurationError(f"unknown api setting(s): {', '.join(sorted(unknown))}")
     if api.get("port") is not None:
@@ -340,6 +345,11 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
             setattr(config, attr, tuple(tokens))
     if "anonymous" in api:
         config.api_anonymous = str(api["anonymous"])
+    for key in ("max_connections", "max_streams"):
+        if key in api:
+            setattr(config, f"api_{key}", _positive(api[key], f"api.{key}", integer=True))
+    if "max_wait" in api:
+        config.api_max_wait = _positive(api["max_wait"], "api.max_wait")
     if "legacy_tasks" in data:
         config.legacy_tasks = parse_legacy_tasks(data["legacy_tasks"])
     return config

@@ -228,7 +228,9 @@ def api_config(config: WorkerConfig) -> Any:
     from quebert.api.config import ApiConfig
 
     return ApiConfig(read_write_tokens=config.api_tokens,
-                     read_only_tokens=config.api_read_tokens, anonymous=config.api_anonymous)
+                     read_only_tokens=config.api_read_tokens, anonymous=config.api_anonymous,
+                     max_connections=config.api_max_connections,
+                     max_streams=config.api_max_streams, max_wait=config.api_max_wait)
 
 
 def makeService(options: Options):

@@ -136,6 +136,18 @@ class AMQPBlockTests(SynchronousTestCase):
         self.assertEqual(config.tasks, ["a.b"])
         self.assertEqual(config.log_level, "warn")
 
+    def test_result_size_and_api_caps(self):
+        from quebert.tap import api_config
+
+        config = from_mapping({"max_result_size": 0, "api": {
+            "tokens": ["t" * 20], "max_connections": 10, "max_streams": 2, "max_wait": 5}})
+        self.assertEqual(config.max_result_size, 0)
+        api = api_config(config)
+        self.assertEqual((api.max_connections, api.max_streams, api.max_wait), (10, 2, 5))
+        for bad in ({"max_result_size": -1}, {"api": {"max_streams": 0}},
+                    {"api": {"max_wait": "x"}}):
+            self.assertRaises(ConfigurationError, from_mapping, bad)
+
 
 class QueuesTests(SynchronousTestCase):
     """'queues' as an object or a list, with per-queue settings."""
