@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench import bench_hotpath, bench_memory_state  # noqa: E402
+from bench import bench_hotpath, bench_memory_state, bench_stats  # noqa: E402
 
 
 class HotPathTests(SynchronousTestCase):
@@ -46,6 +46,17 @@ class HotPathTests(SynchronousTestCase):
             bench_hotpath.main()
         self.assertIn("us per task", out.getvalue())
         self.assertEqual(os.listdir(cwd), [])
+
+
+class StatsBenchTests(SynchronousTestCase):
+    def test_measures_the_path_with_and_without_the_figures(self):
+        from quebert import mediator
+        from quebert.stats import TaskStats
+
+        figures = bench_stats.measure(runs=1, tasks=300)
+        self.assertGreater(figures["without"], 0)
+        self.assertGreater(figures["with"], 0)
+        self.assertIs(mediator.TaskStats, TaskStats, "the real class is put back")
 
 
 class MemoryStateBenchTests(SynchronousTestCase):

@@ -134,6 +134,7 @@ function sparkline(history, span = 120) {
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("class", "spark");
+  svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   const top = Math.max(1, ...history.map((p) => p.out));
   const slots = Math.max(history.length, span) - 1 || 1;
