@@ -265,15 +265,7 @@ class Client:
 
     def _info(self, message: protocol.TaskMessage) -> dict:
         """The record's info fields, with a preview of the arguments."""
-        info = message.info()
-        if self.record_arguments:
-            if message.kind == protocol.URL:
-                args, kwargs = (), {"url": message.url, "method": message.method}
-            else:
-                args, kwargs = message.args, message.kwargs
-            info["arguments"] = _records.arguments_text(args, kwargs, message.context,
-                                                        self.record_arguments)
-        return info
+        return _records.info_with_arguments(message, self.record_arguments)
 
     async def _unclaim(self, message: protocol.TaskMessage, error: Exception) -> None:
         """The publish of a named task failed: free its name, record why."""

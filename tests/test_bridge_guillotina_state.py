@@ -12,6 +12,7 @@ waiting.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -74,6 +75,16 @@ class _RedisCase(SynchronousTestCase):
 
     def indexed(self) -> set:
         return set(self.sync.zrange(self.index_key, 0, -1))
+
+
+class BridgeStateArgumentsTests(_RedisCase):
+    def test_the_bridge_records_the_arguments_as_the_client_does(self) -> None:
+        message, _ = protocol.build("app.t", (1, "<b>"), {"k": 2}, queue="q", task_id="a1",
+                                    context={"db": "db1"})
+        self.run_state(lambda state: state.enqueued(message, "queued", time.time()))
+        kept = json.loads(self.sync.hget(f"{self.prefix}task:a1", "arguments"))
+        self.assertEqual(kept, {"args": [1, "<b>"], "kwargs": {"k": 2},
+                                "context": {"db": "db1"}})
 
 
 class BridgeStateIndexTests(_RedisCase):

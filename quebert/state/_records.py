@@ -527,6 +527,23 @@ def arguments_text(args: Any, kwargs: Any, context: Any,
                       separators=(",", ":"))
 
 
+def info_with_arguments(message: Any, limit: int = ARGUMENTS_LIMIT) -> Dict[str, Any]:
+    """
+    A :class:`~quebert.protocol.TaskMessage`'s record info fields, with
+    ``arguments`` (:func:`arguments_text`) when ``limit`` allows: a call
+    task's args, kwargs and context, a URL task's url and method (never its
+    headers nor its body, which may carry what only the target should see).
+    """
+    info = message.info()
+    if limit:
+        if message.kind == "url":
+            args, kwargs = (), {"url": message.url, "method": message.method}
+        else:
+            args, kwargs = message.args, message.kwargs
+        info["arguments"] = arguments_text(args, kwargs, message.context, limit)
+    return info
+
+
 def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """A record (module docstring of the interface) from the fields of its hash."""
     record: Dict[str, Any] = {}

@@ -147,8 +147,9 @@ class BridgeState:
         #: The pub/sub channel the ``apply`` script tells which tasks a write
         #: settled: the workers' writes and the bridge's own (a cancel) alike,
         #: so that :mod:`~quebert.bridge.guillotina.results` hears of both.
+        pool = getattr(redis, "connection_pool", None)  # none on a stand-in client
         self.settled_channel = settled_channel_name(
-            prefix, redis.connection_pool.connection_kwargs.get("db"))
+            prefix, pool.connection_kwargs.get("db") if pool is not None else None)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> BridgeState:
@@ -205,13 +206,13 @@ class BridgeState:
 
     async def enqueued(self, message: TaskMessage, state: str, at: float) -> None:
         """Record a task just published as ``state`` (queued or scheduled), unless it exists."""
-        await self._write([_redis_ops.op_enqueued(message.id, state, message.info(), at)],
-                          "enqueued")
+        await self._write([_redis_ops.op_enqueued(
+            message.id, state, _records.info_with_arguments(message), at)], "enqueued")
 
     async def claim(self, message: TaskMessage, state: str, at: float) -> None:
         """``enqueued`` for a named task: :class:`TaskAlreadyExists` when the name is taken."""
-        answers = await self._write([_redis_ops.op_claim(message.id, state, message.info(),
-                                                         at)], "claim")
+        answers = await self._write([_redis_ops.op_claim(
+            message.id, state, _records.info_with_arguments(message), at)], "claim")
         answer = answers.get(1)
         if answer and answer.startswith("held:"):
             raise TaskAlreadyExists(message.name, answer[5:])
