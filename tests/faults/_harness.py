@@ -442,7 +442,7 @@ class FaultCase(TestCase):
                   f"attempts {record.get('attempts')}; runs {runs[i]}; history {history}")
 
     async def assert_queues(self, expected: Optional[Mapping[str, tuple]] = None,
-                            timeout: float = 20.0) -> Dict[str, tuple]:
+                            timeout: float = 20.0, steady: float = 0.0) -> Dict[str, tuple]:
         """
         Wait until every queue of the vhost (work, delay levels, errored)
         is empty but ``expected`` (``{queue: (ready, unacked)}``), and no
@@ -451,10 +451,15 @@ class FaultCase(TestCase):
         workers' own server-named queues (``amq.gen-*``: control and
         liveness beacons, one beacon always in flight) are not tasks and
         are left out.
+
+        ``steady``: seconds the queues must stay that way, for a message
+        that may still be on its way (a copy parked in a delay queue, which
+        quorum queues' counts show seconds late).
         """
         expected = dict(expected or {})
         seen: Dict[str, tuple] = {}
         held: Dict[str, int] = {}
+        since: List[float] = []
 
         async def settled() -> bool:
             counts = await self.queue_counts()
@@ -463,10 +468,16 @@ class FaultCase(TestCase):
                          if (r, u) != (0, 0) and not q.startswith("amq.gen-")})
             held.clear()
             held.update({q: h for q, (_, _, h) in counts.items() if h})
-            return seen == expected and not held
+            if seen != expected or held:
+                since.clear()
+                return False
+            if not since:
+                since.append(time.monotonic())
+            return time.monotonic() - since[0] >= steady
 
         try:
-            await wait_for(settled, timeout, interval=0.5, what="queues to settle")
+            await wait_for(settled, timeout + steady, interval=0.5,
+                           what="queues to settle")
         except AssertionError:
             self.fail(f"queues left with messages {seen}, expected {expected}"
                       + (f"; held for dead-lettering: {held}" if held else ""))
