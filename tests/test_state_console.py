@@ -89,6 +89,21 @@ class _Contract:
         await self.store.enqueued("b", "queued", info(), T0)
         self.assertNotIn("arguments", await self.store.get("b"))
 
+    async def test_arguments_arriving_after_the_worker_started_are_kept(self) -> None:
+        # the producer records a task after the broker confirmed it: a fast
+        # worker may have started (or finished) it already
+        await self.store.started("c", 1, "w", info(), T0 + 1)
+        await self.store.finished("c", "succeeded", 1, info(), T0 + 2, result=7)
+        text = _records.arguments_text([7], {}, {})
+        await self.store.enqueued("c", "queued", info(arguments=text), T0)
+        record = await self.store.get("c")
+        self.assertEqual((record["state"], record["result"], record["arguments"]),
+                         ("succeeded", 7, {"args": [7], "kwargs": {}}))
+        other = _records.arguments_text([8], {}, {})
+        await self.store.enqueued("c", "queued", info(arguments=other), T0)
+        self.assertEqual((await self.store.get("c"))["arguments"]["args"], [7],
+                         "the first one stays")
+
 
 class MemoryConsoleTests(_Contract, TestCase):
     def setUp(self) -> None:

@@ -280,7 +280,12 @@ local function add_info(f, n, op, created, keep_eta)
 end
 
 local function enqueued(op)
-  if call('EXISTS', key) == 1 then return 0 end
+  if call('EXISTS', key) == 1 then
+    -- a worker started the task before its producer's write arrived: the
+    -- record stays as it is, but for the arguments only the producer knows
+    if op[11] and op[11] ~= null then call('HSETNX', key, 'arguments', op[11]) end
+    return 0
+  end
   local state = op[10]
   local f = {'state', state, 'attempts', '0', 'updated_at', at, 'history', '[]'}
   local n, queue = add_info(f, 8, op, true, true)

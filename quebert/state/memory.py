@@ -323,6 +323,10 @@ class MemoryStateManager:
         _records.check_enqueued(task_id, state, info, at)
         record, old_state, old_queue = self._load(task_id, info, at)
         if old_state is not None:
+            # started before its producer's write arrived: only the arguments are added
+            if info.get("arguments") is not None and "arguments" not in record:
+                record["arguments"] = json.loads(info["arguments"])
+                self._records[task_id] = record
             return
         record.update(_records.enqueued_changes(state, at))
         if info.get("arguments") is not None:
