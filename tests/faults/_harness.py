@@ -267,10 +267,11 @@ class FaultCase(TestCase):
 
     def worker(self, name: str = "worker", *, queues: Iterable[str] = ("default:20",),
                redis_url: str = REDIS_URL, amqp_url: Optional[str] = None,
-               extra: Iterable[str] = ()) -> WorkerProcess:
+               extra: Iterable[str] = (),
+               tasks: Iterable[str] = (TASKS_MODULE,)) -> WorkerProcess:
         """A worker process (not started) on the fault tasks; killed in cleanup."""
         return WorkerProcess(self, amqp_url or self.url, redis_url, self.prefix,
-                             tasks=(TASKS_MODULE,), queues=queues,
+                             tasks=tuple(tasks), queues=queues,
                              extra=(*(("--queue-type", self.queue_type) if self.queue_type
                                       else ()), *extra), name=name)
 

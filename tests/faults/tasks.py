@@ -92,17 +92,3 @@ def block_reactor(path: str, seconds: float = 30.0) -> None:
     record_run(path, -2)
     time.sleep(seconds)
 
-
-@task(name="faults.pmark", executor="process", min_backoff=0.1, max_backoff=0.5,
-      max_attempts=-1)
-def pmark(path: str, i: int, spin: int = 0) -> int:
-    """
-    The process-pool twin of :func:`mark`: a pure-Python loop of ``spin``
-    steps (CPU work in a pool process), then the run recorded.  Retried
-    without limit: a scenario kills the processes running it.
-    """
-    total = 0
-    for step in range(spin):
-        total += step % 7
-    record_run(path, i)
-    return i

@@ -14,10 +14,12 @@ from twisted.internet import defer
 
 from tests._procfs import alive, children_of
 from tests._worker import sleep
-from tests.faults._harness import FaultCase, until
+from tests.faults._harness import TASKS_MODULE, FaultCase, until
 
 TASKS = 1000
 PROCESSES = 2
+#: The module registering faults.pmark (a process task: a pool in the worker).
+POOL_TASKS = "tests.faults.tasks_pool"
 #: Steps of each task's pure-Python loop (some 20 ms of CPU on this machine).
 SPIN = 150_000
 #: Pool processes killed during the batch, one every KILL_EVERY seconds.
@@ -36,7 +38,7 @@ class PoolChildrenTests(FaultCase):
         return defer.ensureDeferred(self._test())
 
     async def _test(self):
-        worker = self.worker(queues=("default:20",),
+        worker = self.worker(queues=("default:20",), tasks=(TASKS_MODULE, POOL_TASKS),
                              extra=("--processes", str(PROCESSES))).start()
         await worker.ready()
         pid = worker.process.pid
