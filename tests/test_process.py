@@ -517,7 +517,9 @@ class WorkerProcessTests(IntegrationTestCase):
         self.assertIn("was killed", record["error"]["message"])
         await wait_for(lambda: len(children_of(worker.process.pid)) == 2, 30,
                        what="the pool back to 2 processes")
-        self.assertEqual(len(set(pool_pids) & set(children_of(worker.process.pid))), 0)
+        # the two attempts killed two processes: two original ones, or one
+        # original one and the process that replaced it
+        self.assertLess(len(set(pool_pids) & set(children_of(worker.process.pid))), 2)
 
         # A cancel of a running process task kills its child; it ends canceled.
         path = os.path.abspath(self.mktemp())
