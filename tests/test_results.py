@@ -85,6 +85,13 @@ class CheckResultTests(SynchronousTestCase):
             self.assertIn(f"task 'app.t' returned a {kind}, which is not JSON",
                           str(caught.exception))
 
+    def test_the_fast_path_agrees_with_the_encoder(self) -> None:
+        check_result(2 ** 63 - 1, 10, "t")
+        self.assertRaises(InvalidResult, check_result, 10 ** 40, 10, "t")  # 41 bytes
+        check_result("\u2028" * 10, 62, "t")
+        self.assertRaises(InvalidResult, check_result, "x" * 20, 10, "t")
+        check_result(True, 1, "t")
+
     def test_size_limit_counts_json_bytes(self) -> None:
         check_result("é" * 10, 62, "t")  # "\\u00e9" is 6 bytes each, plus quotes
         self.assertRaises(InvalidResult, check_result, "é" * 10, 61, "t")
