@@ -11,6 +11,18 @@ task`` imports :mod:`quebert.registry` only, and just the names whose
 module needs pika's or txredisapi's Twisted adapters (``Client``,
 ``TaskInfo``, ``get_default_client``, ``set_default_client``) import
 those, and with them ``twisted.internet.reactor``.
+
+The package also wires two things that lower modules must not import
+themselves, since they are built on them (any ``import quebert.x`` runs
+this first):
+
+* :mod:`quebert.legacy`, which registers the guillotina_amqp decoder with
+  :func:`quebert.protocol.decode`: every process that decodes messages
+  then reads that format, whoever imported the protocol;
+* the factory of the default client (:mod:`quebert._default_client`),
+  which calling a ``@task`` function publishes through: the registry
+  looks the client up there, without importing :mod:`quebert.client`
+  (which imports the registry).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, List
 
+from quebert import _default_client, legacy  # noqa: F401  (legacy: registers its decoder)
 from quebert._version import __version__
 
 if TYPE_CHECKING:
@@ -133,6 +146,18 @@ __all__ = [
     "set_default_client",
     "task",
 ]
+
+
+def _client_from_environment() -> Any:
+    """The default client when none was set: ``Client($QUEBERT_AMQP_URL)``."""
+    # Imported on first use: the client module brings pika's and
+    # txredisapi's Twisted adapters, which importing quebert must not.
+    from quebert.client import client_from_environment
+
+    return client_from_environment()
+
+
+_default_client.set_factory(_client_from_environment)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from quebert import protocol
+from quebert import _default_client, protocol
 from quebert.amqp import control
 from quebert.amqp.admin import BrokerAdmin, ErroredMessage
 from quebert.amqp.broker import AMQPBroker
@@ -438,18 +438,20 @@ class Client:
         return d.addCallback(stop)
 
 
-_default_client: Optional[Client] = None
-
-
 def set_default_client(client: Optional[Client]) -> None:
-    """The client that calling a ``@task`` function publishes through."""
-    global _default_client
-    _default_client = client
+    """The client that calling a ``@task`` function publishes through (``None`` forgets it)."""
+    _default_client.set_client(client)
 
 
 def get_default_client() -> Client:
     """The default client, created from ``$QUEBERT_AMQP_URL`` on first use."""
-    global _default_client
-    if _default_client is None:
-        _default_client = Client(os.environ.get("QUEBERT_AMQP_URL", DEFAULT_AMQP_URL))
-    return _default_client
+    return _default_client.get_client()
+
+
+def client_from_environment() -> Client:
+    """
+    A :class:`Client` on ``$QUEBERT_AMQP_URL`` (default
+    :data:`~quebert.amqp.connection.DEFAULT_AMQP_URL`), on the global
+    reactor: the default client when none was set.
+    """
+    return Client(os.environ.get("QUEBERT_AMQP_URL", DEFAULT_AMQP_URL))

@@ -118,6 +118,22 @@ class WorkerConfig:
         return result
 
 
+
+def api_config(config: WorkerConfig) -> Any:
+    """
+    The HTTP API's settings (:class:`quebert.api.config.ApiConfig`) from
+    the worker's; a :class:`ConfigurationError` for an API nobody could use.
+    """
+    # Imported here: the quebert.api package brings the web server, which
+    # a worker without --http-port never needs.
+    from quebert.api.config import ApiConfig
+
+    return ApiConfig(read_write_tokens=config.api_tokens,
+                     read_only_tokens=config.api_read_tokens, anonymous=config.api_anonymous,
+                     max_connections=config.api_max_connections,
+                     max_streams=config.api_max_streams, max_wait=config.api_max_wait)
+
+
 #: Where task state can be kept.
 STATE_BACKENDS = ("redis", "memory")
 

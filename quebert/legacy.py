@@ -18,8 +18,11 @@ as routing key, no content type and no headers, a JSON body without a
     }
 
 :func:`quebert.protocol.decode` hands such a body (:func:`is_guillotina`)
-to :func:`decode_guillotina`, which makes it a task of the queue it came
-from, with ``origin`` :data:`GUILLOTINA`:
+to :func:`decode_guillotina`, which this module registers with it
+(:func:`quebert.protocol.register_unversioned_decoder`) when it is imported;
+the ``quebert`` package imports it, so every process that decodes messages
+reads this format.  It makes the body a task of the queue it came from,
+with ``origin`` :data:`GUILLOTINA`:
 
 * kept: ``task_id`` (the task id), ``func`` (a name looked up in the
   worker's registry, aliases included, **never imported**), ``args``,
@@ -40,8 +43,8 @@ reduced to :data:`LEGACY_KEPT_KEYS` (:func:`copy_body`).  The contract is
 ``docs/protocol.rst``, "guillotina_amqp messages".
 
 Data flows one way: this module builds on :mod:`quebert.protocol` (its
-message class and validation helpers) and imports nothing that runs
-tasks; ``protocol`` imports it last, for ``decode`` only.
+message class and validation helpers, and the registration of decoders)
+and imports nothing that runs tasks; ``protocol`` does not import it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from quebert.protocol import (
     QUEBERT,
     TaskMessage,
     dumps,
+    register_unversioned_decoder,
     urlsplit_safe,
 )
 
@@ -112,6 +116,16 @@ def decode_guillotina(data: Mapping[str, Any], default_queue: str) -> TaskMessag
         origin=GUILLOTINA,
         context=guillotina_context(data, task_id),
     )
+
+
+def _decode_unversioned(data: Mapping[str, Any], default_queue: str) -> Optional[TaskMessage]:
+    """:func:`decode_guillotina` for a guillotina_amqp body, ``None`` for any other."""
+    if "func" not in data:  # (is_guillotina: decode() has checked the rest)
+        return None
+    return decode_guillotina(data, default_queue)
+
+
+register_unversioned_decoder(GUILLOTINA, _decode_unversioned)
 
 
 def guillotina_context(data: Mapping[str, Any], task_id: Optional[str] = None) -> dict:

@@ -36,8 +36,11 @@ Unknown keys are ignored so that the format can grow.  Run-time bookkeeping
 headers, because the body of a task never changes between attempts.
 
 The worker also accepts the body that guillotina_amqp publishes (no
-``version``, a ``func``): :func:`decode` hands it to :mod:`quebert.legacy`,
-which keeps only its plain, non-secret data.
+``version``, a ``func``): :func:`decode` hands a body without a
+``version`` to the decoders registered with
+:func:`register_unversioned_decoder`, which :mod:`quebert.legacy` (built on
+this module, and imported by the ``quebert`` package so that it is always
+registered) does for that format, keeping only its plain, non-secret data.
 
 This module only converts; it never imports anything a message names.
 """
@@ -52,7 +55,7 @@ import math
 import re
 import time
 import uuid
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
 import attrs
@@ -309,8 +312,9 @@ def decode(
     Decode and validate a message body.
 
     Raises :class:`InvalidMessage` with a reason naming the field at fault.
-    Bodies without a ``version`` but with ``func`` and ``task_id`` are read
-    as guillotina_amqp tasks (:func:`quebert.legacy.decode_guillotina`).
+    A body without a ``version`` goes to the registered unversioned
+    decoders (:func:`register_unversioned_decoder`): one with a ``func`` is
+    read as a guillotina_amqp task (:func:`quebert.legacy.decode_guillotina`).
     """
     if max_size is not None and len(body) > max_size:
         raise InvalidMessage(
@@ -335,9 +339,34 @@ def decode(
         raise InvalidMessage(
             f"message body must be a JSON object, not {type(data).__name__}", field="body"
         )
-    if "version" not in data and "func" in data:  # (legacy.is_guillotina, inline)
-        return legacy.decode_guillotina(data, default_queue)
+    if "version" not in data:
+        for decoder in _UNVERSIONED_DECODERS.values():
+            message = decoder(data, default_queue)
+            if message is not None:
+                return message
     return _validate(data, default_queue)
+
+
+#: Readers of bodies in another format than this one (no ``version``),
+#: by the name of that format: see :func:`register_unversioned_decoder`.
+_UNVERSIONED_DECODERS: dict[str, Callable[[dict, str], Optional[TaskMessage]]] = {}
+
+
+def register_unversioned_decoder(
+    name: str, decoder: Callable[[dict, str], Optional[TaskMessage]],
+) -> None:
+    """
+    Have :func:`decode` try ``decoder(data, default_queue)`` on bodies
+    without a ``version``: it returns the :class:`TaskMessage` of a body in
+    its format, ``None`` for a body in another one (which the next decoder,
+    and at last the version check, get), or raises :class:`InvalidMessage`.
+
+    A format is registered by the module that reads it (as
+    :mod:`quebert.legacy` registers guillotina_amqp's), so that this module
+    depends on none of them; registering a ``name`` again replaces its
+    decoder.
+    """
+    _UNVERSIONED_DECODERS[name] = decoder
 
 
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())
@@ -763,10 +792,3 @@ def _float_header(headers: Optional[Mapping[str, Any]], key: str) -> Optional[fl
     if result is not None and not math.isfinite(result):
         return None
     return result
-
-
-# Last, not at the top: legacy builds on this module (TaskMessage, the id
-# and name patterns), so it is imported once all of that is defined, and
-# decode() reaches it as ``legacy.decode_guillotina`` at call time.  (An
-# import inside decode() would cost about 0.8 us per guillotina_amqp body.)
-from quebert import legacy  # noqa: E402

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import attrs
 
+from quebert import _default_client
 from quebert.errors import ConfigurationError, InvalidMessage, UnknownTask
 from quebert.protocol import _NAME_RE, QUEUE_RE
 from quebert.retry import RETRY_FIELDS
@@ -319,9 +320,7 @@ class TaskFunction:
 
     def enqueue(self, *args: Any, _client: Any = None, **kwargs: Any):
         """Publish this task; returns a ``Deferred`` of its ``TaskInfo``."""
-        from quebert.client import get_default_client
-
-        client = _client if _client is not None else get_default_client()
+        client = _client if _client is not None else _default_client.get_client()
         return client.add_task(self.name, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any):

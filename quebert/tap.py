@@ -14,8 +14,11 @@ from typing import Any
 
 from twisted.python import usage
 
+from quebert.amqp.connection import split_amqp_urls
+from quebert.amqp.topology import Topology
 from quebert.config import (
     WorkerConfig,
+    api_config,
     check_auto_kill_timeout,
     check_log_level,
     check_state_backend,
@@ -24,6 +27,8 @@ from quebert.config import (
     parse_queue_option,
 )
 from quebert.errors import ConfigurationError
+from quebert.state.redis import parse_redis_url
+from quebert.worker import WorkerService, import_tasks, load_mediator_class, tune_gc
 
 
 class Options(usage.Options):
@@ -206,16 +211,10 @@ def build_config(options: Any) -> WorkerConfig:
     if options["queues"]:
         config.queues = list(options["queues"])
     # Validate everything that can be validated before the reactor runs.
-    from quebert.amqp.connection import split_amqp_urls
-    from quebert.amqp.topology import Topology
-    from quebert.worker import import_tasks, load_mediator_class
-
     split_amqp_urls(config.amqp_url)
     Topology(exchange=config.exchange, queue_type=config.queue_type,
              delivery_limit=config.delivery_limit)
     if config.state == "redis":
-        from quebert.state.redis import parse_redis_url
-
         parse_redis_url(config.redis_url)
     import_tasks(config.tasks)
     load_mediator_class(config.mediator)
@@ -223,20 +222,8 @@ def build_config(options: Any) -> WorkerConfig:
     return config
 
 
-def api_config(config: WorkerConfig) -> Any:
-    """The HTTP API's settings from the worker's."""
-    from quebert.api.config import ApiConfig
-
-    return ApiConfig(read_write_tokens=config.api_tokens,
-                     read_only_tokens=config.api_read_tokens, anonymous=config.api_anonymous,
-                     max_connections=config.api_max_connections,
-                     max_streams=config.api_max_streams, max_wait=config.api_max_wait)
-
-
 def makeService(options: Options):
     """Build the worker service for ``twistd``."""
-    from quebert.worker import WorkerService, tune_gc
-
     try:
         service = WorkerService(options["worker_config"])
     except ConfigurationError as e:

@@ -51,6 +51,8 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from quebert.exitcodes import EXIT_REACTOR_STALLED
+
 log = Logger(namespace="quebert.watchdog")
 
 #: Seconds the report (log lines, Redis marks) may take before the exit.
@@ -306,8 +308,6 @@ class ReactorWatchdog(Service):
         if not timeout > 0:
             raise ValueError(f"the watchdog timeout must be > 0 seconds, not {timeout!r}")
         if exit_code is None:
-            from quebert.worker import EXIT_REACTOR_STALLED
-
             exit_code = EXIT_REACTOR_STALLED
         self.timeout = float(timeout)
         #: Seconds between two ticks, and between two checks.

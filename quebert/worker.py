@@ -35,39 +35,31 @@ from quebert.amqp.admin import BrokerAdmin
 from quebert.amqp.broker import AMQPBroker
 from quebert.amqp.stuck import StuckConsumerCheck
 from quebert.amqp.topology import Topology
-from quebert.config import WorkerConfig
+from quebert.config import WorkerConfig, api_config
 from quebert.errors import ConfigurationError
 from quebert.executor import Executor
+from quebert.exitcodes import (
+    EXIT_BROKER_REFUSED,
+    EXIT_OK,
+    EXIT_REACTOR_STALLED,
+    EXIT_SIGNAL_BASE,
+    EXIT_STUCK_CONNECTION,
+    EXIT_USAGE,
+)
 from quebert.mediator import Mediator, QueueSettings
 from quebert.registry import PROCESS, Registry, default_registry
 from quebert.state import MemoryStateManager, RedisStateManager, ResilientStateManager
 from quebert.state.redis import connect_redis
+from quebert.watchdog import ReactorWatchdog, RedisStallMarker
 
 log = Logger(namespace="quebert.worker")
 
-#: Seconds between two worker beats in the state store, and how long one lasts.
 #: This machine's name, as workers' beats tell the console.
 _HOST = socket.gethostname()
 
+#: Seconds between two worker beats in the state store, and how long one lasts.
 BEAT_INTERVAL = 1.0
 BEAT_TTL = 3.0
-
-#: Exit codes of ``twistd amqp-worker`` (see "Exit status" in docs/operations.rst).
-#: Stopped by SIGTERM/SIGINT after the graceful drain.
-EXIT_OK = 0
-#: Bad command line or config file, or another error at startup.
-EXIT_USAGE = 1
-#: RabbitMQ refused the worker's setup for good (403, 406, 530).
-EXIT_BROKER_REFUSED = 3
-#: The reactor-stall watchdog (``--auto-kill-timeout``) killed the worker.
-EXIT_REACTOR_STALLED = 4
-#: An AMQP connection is stuck: the liveness beacon got no answer, even after
-#: reconnecting.
-EXIT_STUCK_CONNECTION = 5
-#: A second SIGTERM/SIGINT during the drain stops at once: the process then
-#: dies of that signal (status 128 + N, 143 for SIGTERM, 130 for SIGINT), as
-#: any program a signal interrupts.  A third one exits at once with that status.
-EXIT_SIGNAL_BASE = 128
 
 #: Allocations of container objects between two young-generation collections
 #: (Python's default is 700).
@@ -184,7 +176,6 @@ def serve_api(parent: MultiService, config: WorkerConfig, *, reactor: Any, state
     from quebert.api.resource import make_site
     from quebert.client import Client
     from quebert.service import TaskService
-    from quebert.tap import api_config
 
     client = Client(config.amqp_url, reactor=reactor, state=state,
                     exchange=config.exchange, queue_type=config.queue_type,
@@ -547,8 +538,6 @@ class WorkerService(_StopSignals, MultiService):
 
     def _setup_watchdog(self, config: WorkerConfig) -> None:
         """The reactor-stall watchdog (``--auto-kill-timeout``)."""
-        from quebert.watchdog import ReactorWatchdog, RedisStallMarker
-
         marker = None
         if self._redis is not None:
             marker = RedisStallMarker(config.redis_url, config.state_prefix)

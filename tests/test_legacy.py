@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -15,6 +19,7 @@ from quebert.errors import InvalidMessage
 from quebert.protocol import CONTENT_TYPE, build, decode
 
 LINE_ENDS = ("\n", "\r\n")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def encode(data) -> bytes:
@@ -210,7 +215,8 @@ class LineEndTests(SynchronousTestCase):
 class ImportTests(SynchronousTestCase):
     """
     Data flows one way: legacy builds on protocol and imports nothing that
-    runs tasks; protocol imports legacy last, for ``decode``.
+    runs tasks; protocol does not import legacy, which registers its
+    decoder with it instead (tests.test_import_graph checks the whole graph).
     """
 
     def quebert_imports(self, module) -> list:
@@ -233,12 +239,73 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual(self.quebert_imports(legacy),
                          [("quebert.errors", True), ("quebert.protocol", True)])
 
-    def test_protocol_imports_legacy_last(self):
-        """After everything legacy takes from protocol is defined (no cycle)."""
-        import ast
-        import inspect
+    def test_protocol_does_not_import_legacy(self):
+        imported = [m for m, _ in self.quebert_imports(protocol)]
+        self.assertNotIn("quebert.legacy", imported)
+        self.assertNotIn("quebert", imported)  # (``from quebert import legacy``)
 
-        last = ast.parse(inspect.getsource(protocol)).body[-1]
-        self.assertIsInstance(last, ast.ImportFrom)
-        self.assertEqual((last.module, [a.name for a in last.names]), ("quebert", ["legacy"]))
-        self.assertEqual([m for m, _ in self.quebert_imports(protocol)].count("quebert"), 1)
+    def test_legacy_registers_its_decoder_with_protocol(self):
+        self.assertIs(protocol._UNVERSIONED_DECODERS[legacy.GUILLOTINA],
+                      legacy._decode_unversioned)
+
+    def test_protocol_decodes_guillotina_bodies_without_legacy_imported(self):
+        """
+        Whoever decodes through protocol reads guillotina_amqp bodies, even
+        if nothing imported quebert.legacy by name: the package does.  In a
+        fresh interpreter, since this one has imported legacy already.
+        """
+        body = json.dumps(GuillotinaTests.guillotina_body(None))
+        script = textwrap.dedent(f"""
+            import sys
+            from quebert.protocol import decode
+            message = decode({body!r}.encode(), None, default_queue="g")
+            print(message.origin, message.task, message.queue, "quebert.legacy" in sys.modules)
+        """)
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        self.assertEqual((done.returncode, done.stdout.split()),
+                         (0, ["guillotina", "myapp.tasks.reindex", "g", "True"]), done.stderr)
+
+
+class UnversionedDecoderTests(SynchronousTestCase):
+    """protocol.register_unversioned_decoder: how a foreign format is read."""
+
+    def setUp(self):
+        saved = dict(protocol._UNVERSIONED_DECODERS)
+
+        def restore():
+            protocol._UNVERSIONED_DECODERS.clear()
+            protocol._UNVERSIONED_DECODERS.update(saved)
+
+        self.addCleanup(restore)
+
+    def test_a_decoder_returning_none_leaves_the_body_to_the_next(self):
+        seen = []
+
+        def other(data, queue):
+            seen.append(data)
+            return None
+
+        protocol._UNVERSIONED_DECODERS.clear()
+        protocol.register_unversioned_decoder("other", other)
+        legacy_decoder = legacy._decode_unversioned
+        protocol.register_unversioned_decoder(legacy.GUILLOTINA, legacy_decoder)
+        body = GuillotinaTests.guillotina_body(None)
+        self.assertEqual(decode(encode(body)).origin, legacy.GUILLOTINA)
+        self.assertEqual(seen, [body])
+
+    def test_no_decoder_takes_it_the_version_is_missing(self):
+        e = self.assertRaises(InvalidMessage, decode, encode({"task": "a.b", "id": "x"}))
+        self.assertEqual(e.field, "version")
+
+    def test_registering_a_name_again_replaces_its_decoder(self):
+        marker = object()
+        protocol.register_unversioned_decoder(legacy.GUILLOTINA, lambda data, queue: marker)
+        self.assertIs(decode(encode({"anything": 1})), marker)
+        self.assertEqual(len(protocol._UNVERSIONED_DECODERS), 1)
+
+    def test_versioned_bodies_never_reach_them(self):
+        protocol.register_unversioned_decoder("boom", lambda data, queue: self.fail(data))
+        message, body = build("a.b", (1,), {}, queue="default")
+        self.assertEqual(decode(body, CONTENT_TYPE).task, "a.b")

@@ -7,6 +7,10 @@ Every test uses its own Registry(); the default registry is never touched
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,6 +24,8 @@ from quebert.registry import (
     default_registry,
     task,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add(x, y):
@@ -366,6 +372,78 @@ class TaskDecoratorTests(SynchronousTestCase):
         self.assertRaises(ConfigurationError, task, name="bad name", registry=self.registry,
                           fn=add)
         self.assertEqual(list(self.registry), ["sentinel.other"])
+
+
+class DefaultClientTests(SynchronousTestCase):
+    """
+    Calling a TaskFunction publishes through the default client, which the
+    registry finds in quebert._default_client without importing
+    quebert.client (tests.test_import_graph checks the import graph).
+    """
+
+    def setUp(self):
+        import quebert
+        from quebert import _default_client
+
+        self.hook = _default_client
+        saved = (_default_client._client, _default_client._factory)
+
+        def restore():
+            _default_client._client, _default_client._factory = saved
+
+        self.addCleanup(restore)
+        self.hook.set_client(None)
+        self.registry = Registry()
+        self.decorated = task(add, registry=self.registry)
+        self.package = quebert
+
+    def test_call_publishes_through_the_default_client(self):
+        from quebert.client import get_default_client, set_default_client
+
+        client = FakeClient()
+        set_default_client(client)
+        self.assertIs(get_default_client(), client)
+        self.assertEqual(self.successResultOf(self.decorated(1, 2)), "tests.test_registry.add")
+        self.assertEqual(client.calls, [("tests.test_registry.add", (1, 2), {})])
+
+    def test_none_set_the_factory_makes_it_once(self):
+        made = []
+
+        def factory():
+            made.append(FakeClient())
+            return made[-1]
+
+        self.hook.set_factory(factory)
+        self.decorated(1, 2)
+        self.decorated(3, 4)
+        self.assertEqual(len(made), 1)
+        self.assertEqual(len(made[0].calls), 2)
+
+    def test_no_factory_is_a_clear_error(self):
+        self.hook.set_factory(None)
+        e = self.assertRaises(ConfigurationError, self.decorated, 1, 2)
+        self.assertIn("set_default_client", str(e))
+
+    def test_the_package_registers_a_client_from_the_environment(self):
+        """The documented default: Client($QUEBERT_AMQP_URL), made on first use."""
+        from quebert.client import Client, get_default_client
+
+        self.assertIs(self.hook._factory, self.package._client_from_environment)
+        self.patch(os, "environ", dict(os.environ, QUEBERT_AMQP_URL="amqp://u:p@h.invalid:5/v"))
+        client = get_default_client()
+        self.assertIsInstance(client, Client)
+        self.assertEqual(client.broker.publishing.url, "amqp://u:p@h.invalid:5/v")
+        self.assertIs(get_default_client(), client)
+        self.assertFalse(client.broker.running)  # connects on its first task only
+
+    def test_registry_does_not_import_the_client(self):
+        """In a fresh interpreter: declaring and looking up tasks needs no client module."""
+        script = ("import sys\nfrom quebert import task\n"
+                  "@task(name='a.b')\ndef f():\n    pass\n"
+                  "print('quebert.client' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, "False"), done.stderr)
 
 
 class AliasTests(SynchronousTestCase):
