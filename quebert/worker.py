@@ -125,6 +125,21 @@ def apply_legacy_tasks(registry: Registry, legacy_tasks: dict) -> None:
             raise ConfigurationError(f"legacy_tasks: {e}") from None
 
 
+def warn_without_tasks(topology: Topology, queues: list) -> None:
+    """
+    Say what a worker with no registered task does (``--tasks`` forgotten,
+    or a worker meant for URL tasks only): it runs URL tasks, and refuses
+    every message naming a task, as the mediator refuses an unknown name.
+    """
+    log.warn(
+        "no tasks are registered (pass --tasks MODULE to run call tasks): this worker runs "
+        "URL tasks only. A message naming a task (a call task, or a guillotina_amqp body) "
+        "is refused as 'not registered in this worker': it is not retried, it is moved "
+        "to its queue's errored queue ({errored}) with the reason in its headers, and "
+        "its state is recorded 'failed'",
+        errored=", ".join(topology.errored_queue(q.name) for q in queues))
+
+
 def process_pool(config: WorkerConfig, registry: Registry, reactor: Any) -> Any:
     """
     The pool of processes for the ``executor="process"`` tasks of
@@ -438,15 +453,14 @@ class WorkerService(_StopSignals, MultiService):
         import_tasks(config.tasks)
         mediator_class = load_mediator_class(config.mediator)
         registry = registry if registry is not None else default_registry
-        if not len(registry):
-            log.warn("no tasks are registered: every message will be refused "
-                     "(pass --tasks MODULE)")
         apply_legacy_tasks(registry, config.legacy_tasks)
 
         topology = Topology(exchange=config.exchange, queue_type=config.queue_type,
                             errored_ttl_ms=config.errored_ttl_ms,
                             existing_queues=config.existing_queues(),
                             delivery_limit=config.delivery_limit)
+        if not len(registry):
+            warn_without_tasks(topology, config.queue_settings())
         self.broker = AMQPBroker(config.amqp_url, topology, reactor=reactor,
                                  beacon_interval=config.beacon_interval,
                                  on_stuck=self._stuck_connection)
