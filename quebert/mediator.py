@@ -3,15 +3,12 @@
 The mediator: from a delivered message to a durable outcome.
 
 For each delivery: decode -> look up the registered task -> check its
-arguments -> (re-delay if it is early; count a lost attempt if a worker
-died running it) -> before-hooks -> state ``running`` -> executor ->
-after-hooks or error-hooks -> outcome.  The outcome is made durable before
-the original message is acked: a retry or errored copy is published with
-publisher confirms first, so a worker killed at any instant loses nothing
-(at-least-once; duplicates are possible).  Copies carry the body as
-received, except a guillotina_amqp body's: its copies are its version-1
-body (:func:`quebert.legacy.copy_body`), so that the caller's credentials
-it may hold never reach a delay or errored queue.
+arguments -> (re-delay if it is early; settle it from the task's record if
+it may not be the only copy) -> before-hooks -> state ``running`` ->
+executor -> after-hooks or error-hooks -> outcome.  The outcome is made
+durable before the original message is acked: a retry or errored copy is
+published with publisher confirms first, so a worker killed at any instant
+loses nothing (at-least-once; duplicates are possible).
 
 While a call task runs, :func:`quebert.current_task` tells its function
 which task it is (one ``ContextVar`` set per attempt, in the delivery's own
@@ -26,17 +23,19 @@ Extension points for subclasses: ``before_task``, ``after_task``,
 ``task_failed`` (hooks, may return Deferreds), ``on_failure`` (choose
 retry or fail), ``policy_for`` (the retry policy of a task) and
 ``timeout_for``.  Hooks may also be given as :class:`Hook` objects.
+
+Kept apart, so that this module is the path: :mod:`quebert._intake` (which
+deliveries start now, control commands, the drain at shutdown; the base
+class), :mod:`quebert._redelivery` (which copy of a task runs: redelivered,
+parked, duplicate), :mod:`quebert._republish` (what the retry, errored and
+re-delayed copies carry) and :mod:`quebert._driven` (the coroutine runner).
 """
 
 from __future__ import annotations
 
 import collections
-import contextvars
-import inspect
 import os
 import socket
-import traceback
-import types
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -44,8 +43,10 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from quebert import legacy, protocol
-from quebert._defer import mirror
+from quebert import protocol
+from quebert._intake import Intake
+from quebert._redelivery import Redelivery
+from quebert._republish import delayed_copy, error_info, errored_copy, refused_copy, retry_copy
 from quebert.current import running_task
 from quebert.errors import (
     DispatchError,
@@ -59,15 +60,12 @@ from quebert.errors import (
 from quebert.protocol import (
     H_ATTEMPT_BASE,
     H_ATTEMPTS,
-    H_ERROR_MESSAGE,
     H_ERROR_TYPE,
     H_EXECUTIONS,
     H_FIRST_ATTEMPT,
     H_NOT_BEFORE,
     H_PARKED,
     H_PREVIOUS_RESPONSE,
-    H_QUEUE,
-    H_REASON,
     URL,
     URL_TASK,
     TaskMessage,
@@ -75,107 +73,18 @@ from quebert.protocol import (
 from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
 from quebert.results import check_result
 from quebert.retry import RetryPolicy
-from quebert.state.interface import (
-    CANCELED,
-    DUPLICATE,
-    FAILED,
-    RUNNING,
-    SCHEDULED,
-    SUCCEEDED,
-)
+from quebert.state.interface import CANCELED, DUPLICATE, FAILED, SCHEDULED, SUCCEEDED
 from quebert.stats import TaskStats
-
-#: Outcomes recorded only after they were made durable on the broker.
-_SETTLED = frozenset({SCHEDULED, SUCCEEDED, FAILED, CANCELED})
 
 log = Logger(namespace="quebert.mediator")
 
 #: A task arriving this many seconds or more before its due time is delayed again.
 EARLY_TOLERANCE = 1.0
-_HEADER_TEXT_LIMIT = 1000
 #: Seconds a URL task's request may take unless its message or queue says.
 DEFAULT_DISPATCH_DEADLINE = 600.0
-#: A redelivered task still running on a live worker is looked at again
-#: this long after that worker's current beat would expire (at most
-#: MAX_PARK_DELAY seconds later).
-PARK_MARGIN = 0.5
-MAX_PARK_DELAY = 30.0
-#: Ids of tasks canceled through the control channel, remembered in case
-#: their message arrives while the state store cannot say so.
-CANCELED_MEMORY = 10000
 
 #: Makes a call task the running one for ``quebert.current_task()``.
 _set_running = running_task.set
-
-
-_NOTHING = object()
-
-
-class _Driven:
-    """
-    Runs one ``handle()`` coroutine like ``defer.ensureDeferred`` does, with
-    less machinery per delivery and per resumption (this is the hot path):
-    each awaited Deferred's result is sent (a failure thrown) into the
-    coroutine, every step runs in one ``contextvars`` context of its own,
-    and ``deferred`` fires with the coroutine's outcome.  Cancelling
-    ``deferred`` cancels the Deferred the coroutine waits on.
-    """
-
-    __slots__ = ("coro", "context", "deferred", "waiting_on", "_inside", "_early")
-
-    def __init__(self, coro: Any) -> None:
-        self.coro = coro
-        self.context = contextvars.copy_context()
-        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
-        self.waiting_on: Optional[defer.Deferred] = None
-        self._inside = False
-        self._early: Any = _NOTHING
-        self._step(None)
-
-    def _cancel(self, _: defer.Deferred) -> None:
-        waiting_on = self.waiting_on
-        if waiting_on is not None:
-            waiting_on.cancel()
-
-    def _step(self, result: Any) -> None:
-        coro, run = self.coro, self.context.run
-        while True:
-            try:
-                if isinstance(result, Failure):
-                    yielded = run(result.throwExceptionIntoGenerator, coro)
-                else:
-                    yielded = run(coro.send, result)
-            except StopIteration as e:
-                if not self.deferred.called:
-                    self.deferred.callback(e.value)
-                return
-            except BaseException:
-                failure = Failure()
-                if not self.deferred.called:
-                    self.deferred.errback(failure)
-                return
-            if not isinstance(yielded, defer.Deferred):
-                if inspect.iscoroutine(yielded) or inspect.isgenerator(yielded):
-                    yielded = defer.Deferred.fromCoroutine(yielded)
-                else:  # as inlineCallbacks does
-                    result = yielded
-                    continue
-            self._inside = True
-            yielded.addBoth(self._resumed)
-            self._inside = False
-            result, self._early = self._early, _NOTHING
-            if result is _NOTHING:
-                self.waiting_on = yielded
-                return
-            # fired at once: go on here rather than recurse
-
-    def _resumed(self, result: Any) -> None:
-        if self._inside:
-            self._early = result
-        else:
-            self.waiting_on = None
-            self._step(result)
-        return None
 
 
 def _no_callable(*args: Any, **kwargs: Any) -> Any:
@@ -275,48 +184,7 @@ def _waited(message: TaskMessage, attempt: int, now: float) -> Optional[float]:
     return now - ready
 
 
-def error_info(failure: Failure) -> dict:
-    """
-    The ``error`` record of a failure: type, message, traceback; for a URL
-    task's failed request also the answer's status, timing and body prefix.
-    """
-    exc = failure.value
-    if isinstance(exc, (DispatchError, Reject)):
-        tb = None  # the message says it all; the stack is quebert's own
-    elif getattr(exc, "remote_traceback", None):
-        tb = exc.remote_traceback[-8000:]  # a process task's, from its pool process
-    else:
-        try:
-            tb = failure.getTraceback()[-8000:]
-        except Exception:
-            tb = "".join(traceback.format_exception_only(type(exc), exc))
-    error = {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
-        "traceback": tb,
-    }
-    if isinstance(exc, DispatchError):
-        for key in ("status", "elapsed", "body"):
-            value = exc.response.get(key)
-            if value is not None:
-                error[key if key != "body" else "response_body"] = value
-    return error
-
-
-def _count_response(headers: dict, failure: Failure) -> None:
-    """A URL task's copy carries its last answer's status and the answers so far."""
-    if isinstance(failure.value, DispatchError):
-        status = failure.value.status
-        headers[H_PREVIOUS_RESPONSE] = status or 0
-        if status:
-            headers[H_EXECUTIONS] = protocol.int_header(headers, H_EXECUTIONS) + 1
-
-
-def _header_text(value: str) -> str:
-    return value if len(value) <= _HEADER_TEXT_LIMIT else value[: _HEADER_TEXT_LIMIT - 3] + "..."
-
-
-class Mediator:
+class Mediator(Intake):
     """
     Runs deliveries through hooks and the executor to a durable outcome.
 
@@ -330,6 +198,7 @@ class Mediator:
                  hooks: Iterable[Hook] = (), max_message_size: int = 1024 * 1024,
                  task_log_level: LogLevel = LogLevel.info, dispatcher: Any = None,
                  max_result_size: int = 1024 * 1024) -> None:
+        super().__init__()
         self.broker = broker
         self.state = state
         self.executor = executor
@@ -345,13 +214,6 @@ class Mediator:
         self.task_log_level = task_log_level  # (sets _info_logged)
         #: Tasks currently in the executor, by id.
         self.running: dict[str, Task] = {}
-        self._inflight: dict[Any, defer.Deferred] = {}
-        #: Tasks on their way to starting here, with the copies waiting behind.
-        self._preparing: dict[str, Optional[list]] = {}
-        self._waiting: collections.deque = collections.deque()
-        self.stopping = False
-        #: Seconds before a message whose handling failed unexpectedly is returned.
-        self.unexpected_error_delay = 2.0
         self.counts: collections.Counter = collections.Counter()
         #: Per-task figures: outcomes per task name and queue, run and wait times.
         self.stats = TaskStats()
@@ -359,9 +221,8 @@ class Mediator:
         self._policies: dict[tuple, RetryPolicy] = {}
         #: Makes URL tasks' requests (:class:`quebert.dispatch.URLDispatcher`).
         self.dispatcher = dispatcher
-        self._canceled: collections.OrderedDict = collections.OrderedDict()
-        self._drain_ended = False
-        self._drain_timer: Optional[defer.Deferred] = None
+        #: Which copy of a task runs (redelivered, parked, duplicate ones).
+        self._redelivery = Redelivery(self)
 
     @property
     def task_log_level(self) -> LogLevel:
@@ -373,97 +234,6 @@ class Mediator:
         self._task_log_level = level
         # LogLevel comparisons are slow: the common check, made once
         self._info_logged = not LogLevel.info < level
-
-    # -- intake ------------------------------------------------------------
-
-    def start(self) -> None:
-        """Register a consumer for every queue, and the control listener, with the broker."""
-        for settings in self.queues.values():
-            self.broker.consume(settings.name, settings.concurrency, self.on_delivery)
-        listen = getattr(self.broker, "listen_control", None)
-        if listen is not None:
-            listen(self.on_control)
-
-    def on_control(self, message: Mapping[str, Any]) -> None:
-        """A control command for every worker (see :mod:`quebert.amqp.control`)."""
-        kind = message.get("type")
-        if kind == "cancel":
-            self.cancel_running(message["id"])
-        elif kind in ("pause", "resume"):
-            queue = message["queue"]
-            if queue in self.queues:
-                log.info("{what} queue {queue} (control message)", what=kind, queue=queue)
-                d = defer.maybeDeferred(getattr(self.broker, kind), queue)
-                d.addErrback(lambda f: log.failure("{what} of queue {queue} failed", f,
-                                                   what=kind, queue=queue))
-
-    def cancel_running(self, task_id: str) -> bool:
-        """
-        Cancel ``task_id`` if it runs here: its attempt's Deferred is
-        cancelled (an ``async``/Deferred task gets ``CancelledError``, a URL
-        task's request is aborted, a thread task's result is discarded when
-        it returns) and the task ends ``canceled``.  Remembers the id
-        either way, so a copy met later is not run.  True if it ran here.
-        """
-        self._canceled[task_id] = True
-        if len(self._canceled) > CANCELED_MEMORY:
-            self._canceled.popitem(last=False)
-        task = self.running.get(task_id)
-        if task is None:
-            return False
-        log.info("canceling task {task_id} ({task}) in attempt {attempt}", task_id=task_id,
-                 task=task.name, attempt=task.attempt)
-        task.canceled = True
-        if task.running is not None and not task.running.called:
-            task.running.cancel()
-        return True
-
-    def on_delivery(self, delivery: Any) -> None:
-        """Called by the broker for each message; never raises."""
-        if self.stopping:
-            # Not started: give it back now rather than at channel close.
-            delivery.nack(requeue=True)
-            return
-        if len(self._inflight) >= self.max_running_tasks:
-            self._waiting.append(delivery)
-            return
-        self._start(delivery)
-
-    def has_capacity(self) -> bool:
-        """Whether one more delivery would start at once rather than wait for a slot."""
-        return not self.stopping and len(self._inflight) < self.max_running_tasks
-
-    def _start(self, delivery: Any) -> None:
-        handling = self.handle(delivery)
-        if type(handling) is types.CoroutineType:
-            d = _Driven(handling).deferred
-        else:  # a subclass's handle() returning a Deferred
-            d = defer.ensureDeferred(handling)
-        self._inflight[delivery] = d
-        d.addCallbacks(self._finished, self._unexpected_then_finished, (delivery,), None,
-                       (delivery,))
-
-    def _unexpected_then_finished(self, failure: Failure, delivery: Any) -> None:
-        self._finished(self._unexpected(failure, delivery), delivery)
-
-    def _unexpected(self, failure: Failure, delivery: Any) -> None:
-        # Typically the broker refused or lost an outcome publish.  Give the
-        # message back, after a pause so that a persistent fault cannot
-        # spin a hot redelivery loop.
-        log.failure("mediator failed on message {message_id} from {queue}; returning it "
-                    "to the queue in {delay}s", failure, message_id=delivery.message_id,
-                    queue=delivery.queue, delay=self.unexpected_error_delay)
-        self.counts["unexpected"] += 1
-        self.clock.callLater(self.unexpected_error_delay, delivery.nack, True)
-
-    def _finished(self, _: Any, delivery: Any) -> None:
-        self._inflight.pop(delivery, None)
-        while self._waiting and len(self._inflight) < self.max_running_tasks:
-            waiting = self._waiting.popleft()
-            if self.stopping:
-                waiting.nack(requeue=True)
-            else:
-                self._start(waiting)
 
     # -- the path of one task -------------------------------------------
 
@@ -507,47 +277,14 @@ class Mediator:
             await self._delay(delivery, message, not_before - now, {})
             return
 
-        while True:
-            running = self.running.get(message.id)
-            if running is not None and running.delivery is not delivery:
-                # Another copy while the attempt runs here: a redelivery after
-                # the connection dropped (the first delivery died with its
-                # channel), a copy another worker parked meanwhile (both are
-                # live), or a duplicate the broker made.  The running
-                # attempt's outcome settles every copy.
-                log.info("task {task_id}: another copy arrived while its attempt {attempt} "
-                         "runs here; that attempt will settle it", task_id=message.id,
-                         attempt=running.attempt)
-                if running.copies is None:
-                    running.copies = [delivery]
-                else:
-                    running.copies.append(delivery)
-                return
-            behind = self._preparing.get(message.id, _NOTHING)
-            if behind is _NOTHING:
-                break
-            # Another copy of this task is on its way to starting here (its
-            # state store round trips): look again once it runs or gave up,
-            # so that two copies arriving together cannot both start.
-            waiter: defer.Deferred = defer.Deferred()
-            if behind is None:
-                self._preparing[message.id] = [waiter]
-            else:
-                behind.append(waiter)
-            await waiter
-        self._preparing[message.id] = None
+        waiting = self._redelivery.claim(delivery, message.id)
+        if waiting is not None and not await waiting:
+            return  # a copy of the attempt running here: settled with it
         try:
             await self._handle_claimed(delivery, message, definition, headers, previous,
                                        first_attempt_at, policy, now)
         finally:
-            self._release_copies(message.id)
-
-    def _release_copies(self, task_id: str) -> None:
-        """Let the copies waiting behind ``task_id``'s claim look again."""
-        behind = self._preparing.pop(task_id, None)
-        if behind:
-            for waiter in behind:
-                waiter.callback(None)
+            self._redelivery.release(message.id)
 
     async def _handle_claimed(self, delivery: Any, message: TaskMessage,
                               definition: TaskDefinition, headers: Mapping[str, Any],
@@ -556,7 +293,7 @@ class Mediator:
         """``handle()``, once this delivery is the only copy of its task here."""
         parks = protocol.int_header(headers, H_PARKED)
         if (delivery.redelivered or delivery.delivery_count or parks) and \
-                await self._settled_elsewhere(delivery, message, definition, policy,
+                await self._redelivery.settle(delivery, message, definition, policy,
                                               previous, first_attempt_at, parks, now):
             return
 
@@ -572,7 +309,7 @@ class Mediator:
             first_attempt_at=first_attempt_at or now, started_at=now, delivery=delivery,
             info=message.info(),
         )
-        # In this delivery's own context (see _Driven): the task's function
+        # In this delivery's own context (see Driven): the task's function
         # and the hooks around it see it, nothing else does.  A URL task runs
         # no function of ours: None, not whatever this context was copied with.
         _set_running(task if definition is not URL_DEFINITION else None)
@@ -594,14 +331,15 @@ class Mediator:
                 self._log(task, "task {task_id} ({task}) was canceled; not running it")
                 return
             if started == DUPLICATE:
-                await self._duplicate(delivery, message, definition, policy, previous,
-                                      first_attempt_at, headers, now)
+                await self._redelivery.settle_duplicate(
+                    delivery, message, definition, policy, previous, first_attempt_at, parks,
+                    now)
                 return
         if self._info_logged:
             self._log(task, "task {task_id} ({task}) attempt {attempt} started")
         self.stats.started(task.name, task.queue, _waited(message, attempt, now))
         self.running[task.id] = task
-        self._release_copies(task.id)
+        self._redelivery.release(task.id)
         try:
             await self._run(task)
         except BaseException:
@@ -759,17 +497,7 @@ class Mediator:
     async def retry(self, task: Task, failure: Failure, delay: float) -> None:
         """Publish a delayed copy (confirmed), record ``scheduled``, ack."""
         error = error_info(failure)
-        headers = protocol.republish_headers(task.delivery.headers, **{
-            H_ATTEMPTS: task.attempt,
-            H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
-            H_QUEUE: task.queue,
-            H_ERROR_TYPE: error["type"],
-            H_ERROR_MESSAGE: _header_text(error["message"]),
-        })
-        _count_response(headers, failure)
-        headers.pop(H_NOT_BEFORE, None)
-        body, content_type = legacy.copy_body(task.message, task.delivery.body,
-                                              task.delivery.content_type)
+        body, headers, content_type = retry_copy(task, failure, error)
         await self.broker.publish(task.queue, body, headers, message_id=task.id,
                                   content_type=content_type, delay=delay)
         now = self.clock.seconds()
@@ -793,17 +521,7 @@ class Mediator:
             if task.policy.max_attempts != -1 or task.policy.max_retry_duration
             else error["message"] if stalled else f"attempt {task.attempt} failed"
         )
-        headers = protocol.republish_headers(task.delivery.headers, **{
-            H_ATTEMPTS: task.attempt,
-            H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
-            H_QUEUE: task.queue,
-            H_ERROR_TYPE: error["type"],
-            H_ERROR_MESSAGE: _header_text(error["message"]),
-            H_REASON: _header_text(reason),
-        })
-        _count_response(headers, failure)
-        body, content_type = legacy.copy_body(task.message, task.delivery.body,
-                                              task.delivery.content_type)
+        body, headers, content_type = errored_copy(task, failure, error, reason)
         await self.broker.publish_errored(task.queue, body, headers, message_id=task.id,
                                           content_type=content_type)
         await self.state.finished(task.id, FAILED, task.attempt, task.info,
@@ -823,14 +541,8 @@ class Mediator:
         after): a guillotina_amqp body's copy is then its version-1 body.
         """
         reason = error.reason
-        headers = protocol.republish_headers(delivery.headers, **{
-            H_QUEUE: delivery.queue,
-            H_ERROR_TYPE: f"quebert.errors.{type(error).__name__}",
-            H_ERROR_MESSAGE: _header_text(reason),
-            H_REASON: _header_text(reason),
-        })
+        body, headers, content_type = refused_copy(delivery, error, message)
         task_id = error.task_id or delivery.message_id
-        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
         await self.broker.publish_errored(delivery.queue, body, headers, message_id=task_id,
                                           content_type=content_type)
         if error.task_id:
@@ -851,150 +563,21 @@ class Mediator:
 
     async def _delay(self, delivery: Any, message: TaskMessage, delay: float,
                      extra: dict) -> None:
-        headers = protocol.republish_headers(delivery.headers, **extra)
-        headers[H_NOT_BEFORE] = protocol.to_ms(self.clock.seconds() + delay)
-        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
+        body, headers, content_type = delayed_copy(delivery, message, extra,
+                                                   self.clock.seconds() + delay)
         await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
                                   content_type=content_type, delay=delay)
         delivery.ack()
-
-    async def _duplicate(self, delivery: Any, message: TaskMessage, definition: TaskDefinition,
-                         policy: RetryPolicy, previous: int, first_attempt_at: Optional[float],
-                         headers: Mapping[str, Any], now: float) -> None:
-        """
-        The state store says attempt ``previous + 1`` already started: this
-        delivery is a second copy of the task, not flagged redelivered (a
-        retry the broker dead-lettered twice across a node stop, a message
-        published twice).  It is settled like a redelivery, from the
-        record; running it would make the task two (a fork).
-        """
-        self.counts["duplicates"] += 1
-        log.info("task {task_id}: a copy of attempt {attempt}, which already started; "
-                 "settling it from the state store", task_id=message.id, attempt=previous + 1)
-        if await self._settled_elsewhere(delivery, message, definition, policy, previous,
-                                         first_attempt_at,
-                                         protocol.int_header(headers, H_PARKED), now):
-            return
-        # The record moved back meanwhile (expired or deleted): neither copy
-        # can be told apart, so this one goes back to its queue for later.
-        log.warn("task {task_id}: attempt {attempt} was reported started but its record "
-                 "no longer says so; returning the copy in {delay}s", task_id=message.id,
-                 attempt=previous + 1, delay=self.unexpected_error_delay)
-        self.clock.callLater(self.unexpected_error_delay, delivery.nack, True)
-
-    async def _settled_elsewhere(self, delivery: Any, message: TaskMessage,
-                                 definition: TaskDefinition, policy: RetryPolicy,
-                                 previous: int, first_attempt_at: Optional[float],
-                                 parks: int, now: float) -> bool:
-        """
-        For a copy that may not be the only one (redelivered, parked, or
-        met as a duplicate by the state store): settle it from the task's
-        record when its attempt already ran elsewhere.  ``False`` when this
-        copy is the one to run.
-        """
-        lost, settled, first_started, stalled, holder = await self._lost_attempts(
-            message, delivery, previous)
-        if settled is not None:
-            # The attempt's outcome was made durable before its worker
-            # died, only the ack was lost (or this is a duplicate of a copy
-            # that ran): do not run it again.
-            log.info("task {task_id} redelivered after its attempt {attempt} already "
-                     "ended {state}; acking the copy", task_id=message.id,
-                     attempt=lost, state=settled)
-            delivery.ack()
-            self.counts["redelivered_settled"] += 1
-            return True
-        if lost > previous:
-            alive = await self._still_running(holder) if holder is not None else 0.0
-            if alive:
-                # Its worker is alive and still runs the attempt: only
-                # its broker connection dropped (or the broker made a
-                # duplicate).  Counting the attempt lost would fork the
-                # task; wait for its outcome.
-                await self._park(delivery, message, holder, parks, alive)
-                return True
-            await self._worker_lost(delivery, message, definition, policy, lost,
-                                    first_attempt_at or first_started or now,
-                                    stalled=stalled)
-            return True
-        return False
-
-    async def _lost_attempts(self, message: TaskMessage, delivery: Any, previous: int
-                             ) -> tuple[int, Optional[str], Optional[float], Optional[dict],
-                                        Optional[str]]:
-        """
-        For a redelivered message: how many attempts were really started,
-        the outcome state if the latest one had already ended, when the
-        first attempt started (if the store still knows), the watchdog's
-        stall mark if the latest attempt's worker was killed for stalling
-        its reactor, and the other worker recorded running it (if any).
-
-        The state store knows (``attempts`` is written before an attempt
-        starts and its outcome before the ack); when it cannot be reached,
-        the redelivery itself is counted, so a task that kills its worker
-        still runs out of attempts.
-        """
-        try:
-            record = await self.state.get(message.id)
-        except Exception as e:
-            log.warn("task {task_id} redelivered and the state store is unavailable "
-                     "({error}); counting the redelivery as a lost attempt",
-                     task_id=message.id, error=e)
-            return previous + max(1, delivery.delivery_count or 1), None, None, None, None
-        if record is None:
-            return previous, None, None, None, None
-        history = record.get("history") or []
-        first = history[0].get("started_at") if history and history[0].get("attempt") == 1 \
-            else None
-        started = int(record.get("attempts") or 0)
-        if started > previous and record.get("state") in _SETTLED:
-            return started, record["state"], first, None, None
-        stalled = record.get("stalled")
-        if not stalled or stalled.get("attempt") != started:
-            stalled = None  # a mark left by an earlier attempt
-        holder = record.get("worker")
-        if record.get("state") != RUNNING or holder == self.worker_id or stalled:
-            holder = None
-        return max(previous, started), None, first, stalled, holder
-
-    async def _still_running(self, worker: str) -> float:
-        """
-        Seconds ``worker``'s last beat in the state store still lasts: more
-        than 0 while it is alive; 0 when it is gone or cannot be told.
-        """
-        alive = getattr(self.state, "worker_alive", None)
-        if alive is None:
-            return 0.0
-        try:
-            return float(await alive(worker))
-        except Exception as e:
-            log.warn("cannot tell whether worker {worker} is alive ({error}); taking its "
-                     "attempt for lost", worker=worker, error=e)
-            return 0.0
-
-    async def _park(self, delivery: Any, message: TaskMessage, holder: str,
-                    parks: int, beat_left: float) -> None:
-        """
-        Put a redelivered message aside (a delayed copy, confirmed, then
-        the ack) while the live worker ``holder`` finishes the attempt: the
-        copy is checked again just after ``holder``'s current beat would
-        expire, and acked if the attempt ended, counted as lost if
-        ``holder`` stopped beating, put aside again otherwise.
-        """
-        delay = min(beat_left + PARK_MARGIN, MAX_PARK_DELAY)
-        headers = protocol.republish_headers(delivery.headers, **{H_PARKED: parks + 1})
-        body, content_type = legacy.copy_body(message, delivery.body, delivery.content_type)
-        await self.broker.publish(delivery.queue, body, headers, message_id=message.id,
-                                  content_type=content_type, delay=delay)
-        delivery.ack()
-        self.counts["parked"] += 1
-        log.info("task {task_id} redelivered while worker {worker} (alive) still runs it; "
-                 "checking again in {delay:g}s", task_id=message.id, worker=holder,
-                 delay=delay)
 
     async def _worker_lost(self, delivery: Any, message: TaskMessage,
                            definition: TaskDefinition, policy: RetryPolicy, attempts: int,
                            first_attempt_at: float, stalled: Optional[dict] = None) -> None:
+        """
+        Attempt ``attempts`` was lost with its worker (``stalled``: the
+        watchdog's mark when it was killed for stalling its reactor): it
+        counts as a failed attempt, through ``on_failure``.  Called by
+        :meth:`Redelivery.settle <quebert._redelivery.Redelivery.settle>`.
+        """
         task = Task(
             id=message.id, name=message.task, queue=delivery.queue, args=message.args,
             kwargs=dict(message.kwargs), attempt=attempts, message=message,
@@ -1053,47 +636,6 @@ class Mediator:
     async def _run_error_hooks(self, task: Task, failure: Failure) -> None:
         for fn in self._error_hooks:
             await self._call_hook("error", task, fn, failure)
-
-    # -- shutdown ------------------------------------------------------------
-
-    async def drain(self, timeout: float) -> int:
-        """
-        Stop taking tasks and wait up to ``timeout`` seconds for the running
-        ones.  Fires with how many were still running (left unacked, so
-        the broker redelivers them).
-        """
-        self.stopping = True
-        await self.broker.pause_consuming()
-        while self._waiting:
-            self._waiting.popleft().nack(requeue=True)
-        pending = list(self._inflight.values())
-        if pending and not self._drain_ended:
-            log.info("waiting up to {timeout}s for {count} running task(s)", timeout=timeout,
-                     count=len(pending))
-            done = defer.DeferredList([mirror(d) for d in pending], consumeErrors=True)
-            timer = self._drain_timer = defer.Deferred()
-            call = self.clock.callLater(timeout, lambda: timer.called or timer.callback(None))
-            await defer.DeferredList([done, timer], fireOnOneCallback=True,
-                                     consumeErrors=True)
-            self._drain_timer = None
-            if call.active():
-                call.cancel()
-        left = len(self._inflight)
-        if left:
-            log.warn("{count} task(s) still running after {timeout}s; leaving them unacked "
-                     "for redelivery: {ids}", count=left, timeout=timeout,
-                     ids=sorted(self.running))
-        return left
-
-    def end_drain(self) -> None:
-        """
-        End the drain now (or make the next one end at once): the tasks
-        still running are left unacked, for the broker to redeliver.
-        """
-        self._drain_ended = True
-        timer = self._drain_timer
-        if timer is not None and not timer.called:
-            timer.callback(None)
 
     # -- logging -------------------------------------------------------------
 

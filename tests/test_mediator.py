@@ -1026,7 +1026,7 @@ class DuplicateTests(MediatorTestCase):
         self.assertTrue(worker.broker.idle())
         self.assertEqual(worker.mediator.counts["duplicates"], 3)
         self.assertEqual(worker.mediator.counts["redelivered_settled"], 3)
-        self.assertEqual(worker.mediator._preparing, {})
+        self.assertEqual(worker.mediator._redelivery.preparing, {})
 
     def test_a_waiting_copy_whose_handling_is_cancelled_is_returned(self):
         """
@@ -1049,7 +1049,7 @@ class DuplicateTests(MediatorTestCase):
         # the cancelled copy came back, and was settled from the record
         self.assertEqual(runs, [1])
         self.assertTrue(worker.broker.idle())
-        self.assertEqual(worker.mediator._preparing, {})
+        self.assertEqual(worker.mediator._redelivery.preparing, {})
         self.flushLoggedErrors(defer.CancelledError)
 
     def test_copy_of_an_attempt_another_worker_runs_is_put_aside(self):
@@ -1238,12 +1238,12 @@ class QueueOfOriginTests(MediatorTestCase):
 
 
 class DrivenTests(SynchronousTestCase):
-    """quebert.mediator._Driven runs a coroutine as ensureDeferred would."""
+    """quebert._driven.Driven runs a coroutine as ensureDeferred would."""
 
     def test_results_failures_and_context(self):
         import contextvars
 
-        from quebert.mediator import _Driven
+        from quebert._driven import Driven
 
         var = contextvars.ContextVar("v", default="outside")
         first, second = defer.Deferred(), defer.Deferred()
@@ -1260,7 +1260,7 @@ class DrivenTests(SynchronousTestCase):
             seen.append(var.get())
             return "done"
 
-        d = _Driven(work()).deferred
+        d = Driven(work()).deferred
         self.assertNoResult(d)
         self.assertEqual(var.get(), "outside")
         first.callback(1)
@@ -1270,16 +1270,16 @@ class DrivenTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(second))  # the failure was consumed
 
     def test_error_and_cancel(self):
-        from quebert.mediator import _Driven
+        from quebert._driven import Driven
 
         async def broken():
             raise KeyError("x")
 
-        self.failureResultOf(_Driven(broken()).deferred, KeyError)
+        self.failureResultOf(Driven(broken()).deferred, KeyError)
 
         async def waits():
             await defer.Deferred()
 
-        d = _Driven(waits()).deferred
+        d = Driven(waits()).deferred
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
