@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -83,6 +84,9 @@ EARLY_TOLERANCE = 1.0
 #: Seconds a URL task's request may take unless its message or queue says.
 DEFAULT_DISPATCH_DEADLINE = 600.0
 
+_CONTEXT_RENAMED = ("Task.context is deprecated: use Task.scratch, the same dict (the "
+                    "producer's context is task.message.context)")
+
 #: Makes a call task the running one for ``quebert.current_task()``.
 _set_running = running_task.set
 
@@ -115,8 +119,11 @@ class Task:
     first_attempt_at: float
     started_at: float
     delivery: Any = attrs.field(repr=False)
-    #: Free-form storage for hooks (e.g. timings, a span).
-    context: dict = attrs.field(factory=dict)
+    #: Scratch space for the hooks and mediator methods of this attempt, to
+    #: share data between them (a start time, a tracing span).  Not the
+    #: producer's context: that is ``message.context`` (what the task's
+    #: function reads as ``current_task().context``).
+    scratch: dict = attrs.field(factory=dict)
     #: The metadata the state store keeps (``TaskMessage.info()``).
     info: dict = attrs.field(
         default=attrs.Factory(lambda self: self.message.info(), takes_self=True), repr=False)
@@ -138,6 +145,20 @@ class Task:
         if self.copies:
             for copy in self.copies:
                 copy.ack()
+
+    @property
+    def context(self) -> dict:
+        """
+        Deprecated alias of :attr:`scratch` (same dict), renamed because
+        it was taken for the producer's context.
+        """
+        warnings.warn(_CONTEXT_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.scratch
+
+    @context.setter
+    def context(self, value: dict) -> None:
+        warnings.warn(_CONTEXT_RENAMED, DeprecationWarning, stacklevel=2)
+        self.scratch = value
 
 
 class Hook:

@@ -256,16 +256,85 @@ class HookTests(MediatorTestCase):
             def before(self, task):
                 seen.append((task.id, task.name, task.queue, task.args, task.kwargs,
                              task.attempt, task.started_at))
-                task.context["mark"] = 1
+                task.scratch["mark"] = 1
 
             def after(self, task, result):
-                seen.append((result, task.context["mark"]))
+                seen.append((result, task.scratch["mark"]))
 
         name = self.register(lambda x, y=0: x + y, "app.sum")
         worker = self.worker(hooks=[Looking()])
         task_id = worker.enqueue(name, 1, y=2)
         self.assertEqual(seen, [(task_id, "app.sum", "default", (1,), {"y": 2}, 1, T0),
                                 (3, 1)])
+
+    def test_scratch_is_shared_by_the_hooks_and_methods_of_one_attempt(self):
+        """
+        ``Task.scratch`` is one dict per attempt, for the hooks and mediator
+        methods around it; the producer's context is not in it.
+        """
+        seen = []
+
+        class Timing(Hook):
+            def before(self, task):
+                task.scratch["began"] = task.attempt
+
+            def error(self, task, failure):
+                seen.append(("error", dict(task.scratch)))
+
+        class Recording(DelayOnErrorMediator):
+            def after_task(self, task, result):
+                seen.append(("after", dict(task.scratch), dict(task.message.context)))
+
+        attempts = []
+
+        def flaky():
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise Boom()
+
+        name = self.register(flaky, "app.flaky", max_attempts=2, min_backoff=1)
+        worker = self.worker(hooks=[Timing()], mediator_class=Recording)
+        worker.enqueue(name, _context={"user_id": "bob"})
+        self.advance_by(2)
+        self.assertEqual(seen, [("error", {"began": 1}),
+                                ("after", {"began": 2}, {"user_id": "bob"})])
+
+    def test_context_is_a_deprecated_alias_of_scratch(self):
+        """
+        Hooks written for ``task.context`` (the scratch dict's name in
+        0.1.0) keep working on the same dict, each use warned of as a
+        ``DeprecationWarning`` pointing at the hook's line.
+        """
+        seen, tasks = [], []
+
+        class OldStyle(Hook):
+            def before(self, task):
+                task.context["mark"] = 1
+
+            def after(self, task, result):
+                seen.append((task.context["mark"], dict(task.scratch)))
+                tasks.append(task)
+
+        name = self.register(lambda: None, "app.t")
+        worker = self.worker(hooks=[OldStyle()])
+        task_id = worker.enqueue(name)
+        self.assertEqual(worker.state_of(task_id)["state"], "succeeded")
+        self.assertEqual(seen, [(1, {"mark": 1})])
+        warned = self.flushWarnings([OldStyle.before, OldStyle.after])
+        self.assertEqual([w["category"] for w in warned], [DeprecationWarning] * 2)
+        self.assertIn("use Task.scratch", warned[0]["message"])
+
+        task = tasks[0]
+        message = warned[0]["message"]
+        self.assertIs(self.assertWarns(DeprecationWarning, message, __file__,
+                                       lambda: task.context), task.scratch)
+        replaced = {"new": True}
+
+        def assign():
+            task.context = replaced
+
+        self.assertWarns(DeprecationWarning, message, __file__, assign)
+        self.assertIs(task.scratch, replaced)
 
     def test_hooks_returning_deferreds_are_waited_for(self):
         events = []
