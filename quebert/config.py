@@ -27,6 +27,10 @@ from quebert.retry import RETRY_FIELDS, RetryPolicy
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "default"
+#: Largest default concurrency (prefetch count) of a queue: several queues
+#: each prefetching ``max_running_tasks`` messages would hold that many
+#: times more unacked messages than the worker can run.
+MAX_DEFAULT_CONCURRENCY = 100
 DEFAULT_MEDIATOR = "quebert.mediator.DelayOnErrorMediator"
 
 
@@ -95,6 +99,40 @@ class WorkerConfig:
 
         return self.dispatch if self.dispatch is not None else DispatchSettings()
 
+    def concurrency(self) -> tuple[int, str]:
+        """
+        How many tasks this worker runs at once at most, and what sets that
+        number, for messages: ``max_running_tasks``, or its queues'
+        concurrencies (prefetch counts) together when they are fewer.
+        """
+        queues = self.queue_settings()
+        prefetch = sum(q.concurrency for q in queues)
+        where = f"--max-running-tasks {self.max_running_tasks}"
+        if prefetch < self.max_running_tasks:
+            return prefetch, (f"{where}, but queue concurrency "
+                              f"{', '.join(f'{q.name}:{q.concurrency}' for q in queues)}")
+        return self.max_running_tasks, where
+
+    def unreachable_running_tasks(self) -> Optional[str]:
+        """
+        A sentence when ``max_running_tasks`` can never be reached because
+        queues left at their default concurrency (at most
+        :data:`MAX_DEFAULT_CONCURRENCY`) prefetch fewer messages together;
+        ``None`` otherwise, and when every queue's concurrency was given
+        (a choice, not a default).
+        """
+        queues = self.queue_settings()
+        prefetch = sum(q.concurrency for q in queues)
+        given = {q["name"] for q in self.queues if q.get("concurrency")}
+        defaulted = [q.name for q in queues if q.name not in given]
+        if prefetch >= self.max_running_tasks or not defaulted:
+            return None
+        return (f"--max-running-tasks {self.max_running_tasks} is never reached: the queues "
+                f"prefetch {prefetch} messages together, queue(s) {', '.join(defaulted)} at "
+                f"the default concurrency of at most {MAX_DEFAULT_CONCURRENCY}. Give them "
+                f"a concurrency (--queue NAME:CONCURRENCY, or \"concurrency\" in the config "
+                f"file's queue) to run more tasks at once")
+
     def existing_queues(self) -> frozenset:
         """
         Queues another system declared (``"existing": true``): used as they
@@ -110,7 +148,8 @@ class WorkerConfig:
             retry = self.retry.replace(**{k: q[k] for k in RETRY_FIELDS if k in q})
             result.append(QueueSettings(
                 name=q["name"],
-                concurrency=int(q.get("concurrency") or min(self.max_running_tasks, 100)),
+                concurrency=int(q.get("concurrency")
+                                or min(self.max_running_tasks, MAX_DEFAULT_CONCURRENCY)),
                 retry=retry,
                 timeout=q.get("timeout"),
                 dispatch_deadline=q.get("dispatch_deadline"),

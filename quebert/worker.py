@@ -492,7 +492,14 @@ class WorkerService(_StopSignals, MultiService):
             level = LogLevel.levelWithName(config.log_level)
         except Exception:
             raise ConfigurationError(f"unknown log level {config.log_level!r}")
-        self.dispatcher = dispatch.dispatcher(reactor, credentials=credentials)
+        unreachable = config.unreachable_running_tasks()
+        if unreachable:
+            log.warn("{sentence}", sentence=unreachable)
+        concurrency, where = config.concurrency()
+        self.dispatcher = dispatch.dispatcher(reactor, credentials=credentials,
+                                              concurrency=concurrency)
+        for sentence in dispatch.capped_concurrency(concurrency, where):
+            log.warn("{sentence}", sentence=sentence)
         queues = [q if q.dispatch_deadline else attrs.evolve(
             q, dispatch_deadline=dispatch.dispatch_deadline) for q in config.queue_settings()]
         self.mediator = mediator_class(

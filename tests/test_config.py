@@ -137,7 +137,7 @@ class AMQPBlockTests(SynchronousTestCase):
         self.assertEqual(config.log_level, "warn")
 
     def test_result_size_and_api_caps(self):
-        from quebert.tap import api_config
+        from quebert.config import api_config
 
         config = from_mapping({"max_result_size": 0, "api": {
             "tokens": ["t" * 20], "max_connections": 10, "max_streams": 2, "max_wait": 5}})
@@ -178,6 +178,29 @@ class QueuesTests(SynchronousTestCase):
     def test_default_concurrency_capped_at_100(self):
         config = from_mapping({"amqp": {"max_running_tasks": 500}, "queues": ["a"]})
         self.assertEqual(config.queue_settings()[0].concurrency, 100)
+
+    def test_concurrency_is_max_running_tasks_or_the_queues_prefetch(self):
+        config = from_mapping({"amqp": {"max_running_tasks": 500},
+                               "queues": {"a": {"concurrency": 400}, "b": {"concurrency": 100}}})
+        self.assertEqual(config.concurrency(), (500, "--max-running-tasks 500"))
+        config = from_mapping({"amqp": {"max_running_tasks": 500}, "queues": ["a"]})
+        self.assertEqual(config.concurrency(),
+                         (100, "--max-running-tasks 500, but queue concurrency a:100"))
+
+    def test_max_running_tasks_out_of_reach_of_default_concurrency_is_said(self):
+        config = from_mapping({"amqp": {"max_running_tasks": 500},
+                               "queues": ["a", {"name": "b", "concurrency": 50}]})
+        sentence = config.unreachable_running_tasks()
+        self.assertIn("--max-running-tasks 500 is never reached: the queues prefetch 150 "
+                      "messages together, queue(s) a at the default concurrency", sentence)
+        self.assertIn("--queue NAME:CONCURRENCY", sentence)
+
+    def test_max_running_tasks_reachable_or_queues_chosen_is_silent(self):
+        for mapping in ({}, {"amqp": {"max_running_tasks": 100}, "queues": ["a"]},
+                        {"amqp": {"max_running_tasks": 500},
+                         "queues": [{"name": "a", "concurrency": 10}]},
+                        {"amqp": {"max_running_tasks": 150}, "queues": ["a", "b"]}):
+            self.assertIsNone(from_mapping(mapping).unreachable_running_tasks(), mapping)
 
     def test_existing_queues(self):
         config = from_mapping({"queues": {"guillotina": {"existing": True}, "new": {},

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 
 from quebert.config import WorkerConfig
+from quebert.dispatch import DispatchSettings
 from quebert.protocol import H_REASON
 from quebert.registry import Registry
 from quebert.worker import WorkerService
@@ -70,6 +71,38 @@ class WithoutTasksTests(LoggedTestCase):
         registry.register(add, "jobs.add")
         self.service(registry)
         self.assertEqual(self.warnings_about("no tasks are registered"), [])
+
+
+class DispatchLimitsTests(LoggedTestCase):
+    """
+    The URL dispatcher's connection limits follow the worker's concurrency
+    unless configured; a configured one below it is said at start-up.
+    """
+
+    def test_default_limits_follow_max_running_tasks(self):
+        service = self.service(Registry(), max_running_tasks=500,
+                               queues=[{"name": "default", "concurrency": 500}])
+        self.assertEqual((service.dispatcher.max_connections,
+                          service.dispatcher.max_connections_per_host), (500, 500))
+        self.assertEqual(self.warnings_about("URL tasks: at most"), [])
+
+    def test_a_per_host_limit_below_is_said(self):
+        service = self.service(
+            Registry(), max_running_tasks=500, queues=[{"name": "default", "concurrency": 500}],
+            dispatch=DispatchSettings.from_config({"max_connections_per_host": 10}))
+        self.assertEqual(service.dispatcher.max_connections_per_host, 10)
+        [text] = self.warnings_about("URL tasks: at most")
+        self.assertIn("at most 10 requests are sent at once to one host "
+                      "(dispatch.max_connections_per_host), fewer than the 500 tasks this "
+                      "worker runs at once (--max-running-tasks 500)", text)
+        self.assertIn('Raise "max_connections_per_host"', text)
+
+    def test_queues_prefetching_fewer_than_max_running_tasks_is_said(self):
+        service = self.service(Registry(), max_running_tasks=500)
+        self.assertEqual(service.dispatcher.max_connections_per_host, 100)
+        [text] = self.warnings_about("is never reached")
+        self.assertIn("--max-running-tasks 500 is never reached: the queues prefetch 100",
+                      text)
 
 
 class Target(resource.Resource):

@@ -18,6 +18,16 @@ The ``dispatch`` block of a worker's JSON config file, read and checked.
 
 The limit keys at the top of the block are the defaults of every queue; a
 queue's block under ``"queues"`` overrides them for that queue.
+
+``max_connections`` and ``max_connections_per_host`` default to the
+worker's concurrency (:meth:`DispatchSettings.connection_limits`): a worker
+told to run 500 tasks at once sends up to 500 requests at once, to one host
+if they all go there, instead of 10 without a word.  Setting either one
+keeps it; when a set one is below the worker's concurrency the worker says
+so at start-up (:meth:`DispatchSettings.capped_concurrency`).  A target is
+protected by the limits made for it: a queue's ``max_concurrent_dispatches``
+and ``max_dispatches_per_second``, or an explicit
+``max_connections_per_host``.
 ``"credentials"`` lists the worker's service credentials
 (:mod:`quebert.dispatch.credentials`): they are validated here, but their
 tokens are read only when the worker builds its dispatcher
@@ -39,6 +49,9 @@ from quebert.errors import ConfigurationError
 
 #: Seconds one attempt may take on the wire unless configured (Cloud Tasks' default).
 DEFAULT_DISPATCH_DEADLINE = 600.0
+#: Requests on the wire at once when neither the config nor the worker's
+#: concurrency says (a dispatcher built outside a worker).
+DEFAULT_MAX_CONNECTIONS = 100
 
 _OWN_KEYS = ("max_connections", "max_connections_per_host", "connect_timeout",
              "dispatch_deadline", "queues", "credentials")
@@ -65,8 +78,11 @@ class DispatchSettings:
     policy: URLPolicy = URLPolicy()
     default_limits: QueueLimits = QueueLimits()
     limits: Mapping[str, QueueLimits] = attrs.field(factory=dict, hash=False)
-    max_connections: int = 100
-    max_connections_per_host: int = 10
+    #: Requests on the wire at once, all hosts; ``None``: the worker's concurrency.
+    max_connections: Optional[int] = None
+    #: Requests on the wire at once to one ``scheme://host:port``; ``None``:
+    #: as many as ``max_connections``.
+    max_connections_per_host: Optional[int] = None
     connect_timeout: float = 10.0
     dispatch_deadline: float = DEFAULT_DISPATCH_DEADLINE
     #: Service credential rules (tokens not read yet), in config order.
@@ -108,8 +124,8 @@ class DispatchSettings:
         return cls(
             policy=policy, default_limits=defaults, limits=limits,
             credentials=_credential_rules(mapping.get("credentials", [])),
-            max_connections=_positive(mapping, "max_connections", 100, True),
-            max_connections_per_host=_positive(mapping, "max_connections_per_host", 10, True),
+            max_connections=_positive(mapping, "max_connections", None, True),
+            max_connections_per_host=_positive(mapping, "max_connections_per_host", None, True),
             connect_timeout=_positive(mapping, "connect_timeout", 10.0, False),
             dispatch_deadline=_positive(mapping, "dispatch_deadline",
                                         DEFAULT_DISPATCH_DEADLINE, False),
@@ -124,21 +140,62 @@ class DispatchSettings:
         """
         return ServiceCredentials.load(self.credentials, environ)
 
-    def dispatcher(self, reactor: Any, **kwargs: Any) -> Any:
+    def connection_limits(self, concurrency: Optional[int] = None) -> tuple[int, int]:
+        """
+        ``(max_connections, max_connections_per_host)`` for a worker running
+        at most ``concurrency`` tasks at once: the configured values, and
+        for those not configured the worker's concurrency (so that the
+        pool never caps below what the worker was told to run), or
+        :data:`DEFAULT_MAX_CONNECTIONS` when ``concurrency`` is unknown.
+        """
+        total = self.max_connections or concurrency or DEFAULT_MAX_CONNECTIONS
+        return total, self.max_connections_per_host or total
+
+    def capped_concurrency(self, concurrency: int, where: str) -> list[str]:
+        """
+        Sentences saying which connection limits keep URL tasks below the
+        ``concurrency`` of a worker (whose source ``where`` names, as
+        ``--max-running-tasks 500``), and which key raises each: empty when
+        none does.  Only a configured limit can, since an unset one follows
+        the worker's concurrency.
+        """
+        total, per_host = self.connection_limits(concurrency)
+        found = []
+        if total < concurrency:
+            found.append(
+                f"URL tasks: at most {total} requests are sent at once (dispatch."
+                f"max_connections), fewer than the {concurrency} tasks this worker runs at "
+                f"once ({where}); the other URL tasks wait for a connection. Raise "
+                f"\"max_connections\" in the config file's \"dispatch\" block (or leave it "
+                f"out: it then follows the worker's concurrency)")
+        if per_host < min(total, concurrency):
+            found.append(
+                f"URL tasks: at most {per_host} requests are sent at once to one host "
+                f"(dispatch.max_connections_per_host), fewer than the {min(total, concurrency)} "
+                f"tasks this worker runs at once ({where}); URL tasks to one host wait for "
+                f"one another beyond that. Raise \"max_connections_per_host\" in the config "
+                f"file's \"dispatch\" block (or leave it out: it then follows the worker's "
+                f"concurrency)")
+        return found
+
+    def dispatcher(self, reactor: Any, *, concurrency: Optional[int] = None,
+                   **kwargs: Any) -> Any:
         """
         A :class:`~quebert.dispatch.URLDispatcher` with these settings
-        (``kwargs`` win).  Reads the credentials' tokens unless ``kwargs``
-        gives ``credentials``: a missing one raises ConfigurationError, so
-        the worker stops at start-up rather than at its first URL task.
+        (``kwargs`` win), for a worker running at most ``concurrency``
+        tasks at once (see :meth:`connection_limits`).  Reads the
+        credentials' tokens unless ``kwargs`` gives ``credentials``: a
+        missing one raises ConfigurationError, so the worker stops at
+        start-up rather than at its first URL task.
         """
         from quebert.dispatch.dispatcher import URLDispatcher
 
         if "credentials" not in kwargs:
             kwargs["credentials"] = self.load_credentials()
+        total, per_host = self.connection_limits(concurrency)
         options: dict[str, Any] = dict(
             policy=self.policy, limits=self.limits, default_limits=self.default_limits,
-            max_connections=self.max_connections,
-            max_connections_per_host=self.max_connections_per_host,
+            max_connections=total, max_connections_per_host=per_host,
             connect_timeout=self.connect_timeout)
         options.update(kwargs)
         return URLDispatcher(reactor, **options)
