@@ -7,7 +7,8 @@ Importing quebert never installs a Twisted reactor: an application picks
 its reactor after its imports (``asyncioreactor.install()``), and a
 Guillotina process loads the bridge without running Twisted at all.  So
 the names below are resolved on first use (PEP 562): ``from quebert import
-task`` imports :mod:`quebert.registry` only, and just the names whose
+task`` imports :mod:`quebert.registry` (and what the package itself
+imports, below: the protocol and its legacy decoder), and just the names whose
 module needs pika's or txredisapi's Twisted adapters (``Client``,
 ``TaskInfo``, ``get_default_client``, ``set_default_client``) import
 those, and with them ``twisted.internet.reactor``.
