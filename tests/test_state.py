@@ -92,7 +92,7 @@ class StateContractMixin:
         raise NotImplementedError
 
     async def index_ids(self, manager: Any, index: str) -> List[str]:
-        """Ids in a raw index: ``all``, ``state:<state>`` or ``queue:<queue>``."""
+        """Ids in a raw index: ``state:<state>``, a record's only index."""
         raise NotImplementedError
 
     async def run_task(
@@ -565,7 +565,6 @@ class StateContractMixin:
         await self.manager.started("a", 1, "w", info("new"), T0 + 1)
         self.assertEqual(await self.manager.list(queue="old"), [])
         self.assertEqual(ids(await self.manager.list(queue="new")), ["a"])
-        self.assertEqual(await self.index_ids(self.manager, "queue:old"), [])
 
     # -- expiry ---------------------------------------------------------------
 
@@ -608,9 +607,8 @@ class StateContractMixin:
         self.assertEqual(ids(await self.manager.list()), ["alive"])
         self.assertEqual(ids(await self.manager.list(queue="q")), ["alive"])
         self.assertEqual(await self.manager.list(state=SUCCEEDED), [])
-        self.assertEqual(await self.index_ids(self.manager, "all"), ["alive"])
-        self.assertEqual(await self.index_ids(self.manager, "queue:q"), ["alive"])
         self.assertEqual(await self.index_ids(self.manager, f"state:{SUCCEEDED}"), [])
+        self.assertEqual(await self.index_ids(self.manager, f"state:{RUNNING}"), ["alive"])
 
     # -- atomicity ------------------------------------------------------------
 
@@ -671,13 +669,8 @@ class MemoryStateTests(StateContractMixin, TestCase):
 
     async def index_ids(self, manager: Any, index: str) -> List[str]:
         kind, _, name = index.partition(":")
-        if kind == "all":
-            found = manager._all
-        elif kind == "state":
-            found = manager._states[name]
-        else:
-            found = manager._queues.get(name)
-        return list(found.newest()) if found is not None else []
+        self.assertEqual(kind, "state")
+        return list(manager._states[name].newest())
 
     def test_expiry_follows_the_clock_not_write_times(self) -> None:
         """Memory expiry counts from when the record was written, on the clock."""
@@ -696,7 +689,7 @@ class MemoryStateTests(StateContractMixin, TestCase):
         self.clock.advance(61)
         manager.enqueued("new", QUEUED, info(), T0)
         self.assertEqual(list(manager._records), ["new"])
-        self.assertEqual(len(manager._all), 1)
+        self.assertEqual([len(index) for index in manager._states.values()], [1, 0, 0, 0, 0, 0])
 
     def test_results_are_fired_already(self) -> None:
         """Every method returns an already-fired Deferred."""
@@ -754,12 +747,11 @@ class MemoryStateTests(StateContractMixin, TestCase):
         manager = self.make_manager(finished_ttl=60)
         for n in range(3000):
             manager.finished(f"t{n}", SUCCEEDED, 1, info(queue="q"), T0 + n)
-        for index in (manager._all, manager._states[SUCCEEDED], manager._queues["q"]):
-            self.assertIsInstance(index._keys, SortedList)
+        self.assertIsInstance(manager._states[SUCCEEDED]._keys, SortedList)
         self.clock.advance(61)
         manager.enqueued("new", QUEUED, info(queue="q"), T0 + 5000)
-        self.assertEqual(list(manager._all.newest()), ["new"])
-        self.assertEqual(list(manager._queues["q"].newest()), ["new"])
+        self.assertEqual(list(manager._states[SUCCEEDED].newest()), [])
+        self.assertEqual(ids(self.successResultOf(manager.list(queue="q"))), ["new"])
 
 
 class RedisStateTests(StateContractMixin, TestCase):
@@ -802,15 +794,74 @@ class RedisStateTests(StateContractMixin, TestCase):
         self.assertTrue(3590 <= ttl <= 3600, ttl)
 
     async def test_record_layout(self) -> None:
-        """A record is a hash of strings; indexes are sorted sets scored by updated_at."""
+        """A record is a hash of strings in one index: its state's, scored by updated_at."""
         await self.manager.started("a", 1, "w", info("q"), T0)
         fields = await self.redis.hgetall(self.key("task:a"))
         self.assertEqual(fields["attempts"], "1")
         self.assertEqual(float(fields["started_at"]), T0)
         # one attempt: its history entry is what the record's fields say
         self.assertEqual(fields["history"], "{}")
-        for index in ("idx:all", "idx:queue:q", "idx:state:running"):
-            self.assertEqual(await self.score(index, "a"), T0)
+        self.assertEqual(await self.score("idx:state:running", "a"), T0)
+        await self.manager.finished("a", SUCCEEDED, 1, info("q"), T0 + 1)
+        self.assertEqual(await self.score("idx:state:succeeded", "a"), T0 + 1)
+        keys = sorted(await self.redis.keys(self.prefix + "*"))
+        self.assertEqual(keys, [self.key("idx:state:succeeded"), self.key("task:a")])
+
+    async def test_a_finished_record_stores_neither_its_id_nor_finished_at(self) -> None:
+        """The id is in the key and finished_at is updated_at: reads still give both."""
+        await self.manager.started("a", 1, "w", info("q"), T0)
+        await self.manager.finished("a", FAILED, 1, info("q"), T0 + 1, error=ERROR)
+        fields = await self.redis.hgetall(self.key("task:a"))
+        self.assertNotIn("id", fields)
+        self.assertNotIn("finished_at", fields)
+        for record in (await self.manager.get("a"), (await self.manager.list())[0],
+                       (await self.manager.find("app.tasks.add"))[0][0]):
+            self.assertEqual((record["id"], record["finished_at"]), ("a", T0 + 1))
+            self.assertEqual(record["history"][0]["finished_at"], T0 + 1)
+
+    async def test_retention_differs_by_outcome(self) -> None:
+        """Each outcome's hash gets its own expiry; 0 keeps that outcome forever."""
+        self.manager = RedisStateManager(self.redis, prefix=self.prefix, finished_ttl=600,
+                                         retention={"succeeded": 60, "canceled": 0})
+        for task_id, outcome in (("s", SUCCEEDED), ("f", FAILED), ("c", CANCELED)):
+            await self.run_task(task_id, outcome=outcome)
+        await self.assert_expire(self.manager, ["s"], 60)
+        await self.assert_expire(self.manager, ["f"], 600)
+        await self.assert_kept(self.manager, "c")
+
+    async def test_pruning_follows_each_outcomes_retention(self) -> None:
+        """A later write drops records whose own outcome's retention has passed."""
+        self.manager = RedisStateManager(self.redis, prefix=self.prefix, finished_ttl=1000,
+                                         retention={"succeeded": 100})
+        await self.run_task("s", at=T0)
+        await self.run_task("f", at=T0, outcome=FAILED)
+        await self.manager.enqueued("later", QUEUED, info(), T0 + 500)
+        self.assertIsNone(await self.manager.get("s"))
+        self.assertIsNotNone(await self.manager.get("f"))
+        self.assertEqual(await self.index_ids(self.manager, "state:succeeded"), [])
+        self.assertEqual(await self.index_ids(self.manager, "state:failed"), ["f"])
+
+    async def test_records_of_the_earlier_layout_leave_its_indexes(self) -> None:
+        """
+        A record written with idx:all, idx:queue and idx:expiry entries (and an
+        id field) leaves them when it is next written, or once it has expired.
+        """
+        for task_id, state in (("old-running", RUNNING), ("old-done", SUCCEEDED)):
+            await self.redis.hmset(self.key("task:" + task_id), {
+                "id": task_id, "state": state, "attempts": "1", "queue": "q",
+                "worker": "w", "started_at": repr(T0), "updated_at": repr(T0),
+                "history": "{}"})
+            for index in ("idx:all", "idx:queue:q", f"idx:state:{state}"):
+                await self.redis.zadd(self.key(index), T0, task_id)
+        await self.redis.zadd(self.key("idx:expiry"), T0, '["old-done","q"]')
+        self.manager = self.make_manager(finished_ttl=100)
+        await self.manager.finished("old-running", SUCCEEDED, 1, info("q"), T0 + 1)
+        self.assertNotIn("id", await self.redis.hgetall(self.key("task:old-running")))
+        await self.redis.delete(self.key("task:old-done"))
+        await self.manager.enqueued("new", QUEUED, info("q"), T0 + 500)
+        for index in ("idx:all", "idx:queue:q", "idx:expiry"):
+            self.assertEqual(await self.redis.zcard(self.key(index)), 0, index)
+        self.assertEqual(ids(await self.manager.list()), ["new"])
 
     async def test_a_one_attempt_record_stays_compact(self) -> None:
         """A task run once is stored as a listpack hash, with no history text."""
@@ -873,44 +924,30 @@ class RedisStateTests(StateContractMixin, TestCase):
         self.assertEqual([(e["attempt"], e["state"], e["finished_at"])
                           for e in record["history"]], [(1, FAILED, T0 + 1)])
 
-    async def test_later_writes_prune_indexes_of_expired_records(self) -> None:
-        """Writes drop index entries of records expired since (bounded work per write)."""
+    async def test_later_writes_prune_expired_records(self) -> None:
+        """Writes drop records past their retention and their index entries (bounded work)."""
         self.manager = self.make_manager(finished_ttl=100)
         await self.run_task("gone", queue="qa", at=T0)
         await self.manager.started("alive", 1, "w", info("qa"), T0 + 3)
-        await self.forget(self.manager, "gone", 100)
         await self.run_task("recent", queue="qa", at=T0 + 450)
         await self.manager.enqueued("other", QUEUED, info("qb"), T0 + 500)
         self.assertEqual(await self.index_ids(self.manager, "state:succeeded"), ["recent"])
-        self.assertEqual(await self.index_ids(self.manager, "queue:qa"), ["recent", "alive"])
-        self.assertEqual(await self.index_ids(self.manager, "all"), ["other", "recent", "alive"])
-        self.assertEqual(
-            await self.redis.zrange(self.key("idx:expiry"), 0, -1), ['["recent","qa"]']
-        )
-
-    async def test_pruning_waits_for_records_that_have_not_expired_yet(self) -> None:
-        """A record past the horizon by writer time but alive in Redis stays indexed."""
-        self.manager = self.make_manager(finished_ttl=100)
-        await self.run_task("slow", queue="qa", at=T0)
-        await self.manager.enqueued("later", QUEUED, info("qa"), T0 + 500)
-        self.assertIsNotNone(await self.manager.get("slow"))
-        self.assertIn("slow", await self.index_ids(self.manager, "all"))
-        score = await self.score("idx:expiry", '["slow","qa"]')
-        self.assertTrue(score > T0 + 400, score)
+        self.assertEqual(await self.redis.exists(self.key("task:gone")), 0)
+        self.assertEqual(ids(await self.manager.list(queue="qa")), ["recent", "alive"])
+        self.assertEqual(ids(await self.manager.list()), ["other", "recent", "alive"])
 
     async def test_pruning_catches_up_with_a_backlog(self) -> None:
-        """More expired entries than one step prunes: the next batches go on pruning."""
+        """More expired records than one step prunes: the next batches go on pruning."""
         self.manager = self.make_manager(finished_ttl=100)
         count = 2 * PRUNE_BATCH + 20
         await gatherResults([
             self.manager.finished(f"old{n}", SUCCEEDED, 1, info("qa"), T0 + n * 0.001)
             for n in range(count)
         ])
-        await self.redis.delete([self.key(f"task:old{n}") for n in range(count)])
         for step in range(3):
             await self.manager.enqueued(f"new{step}", QUEUED, info("qa"), T0 + 500 + step * 0.01)
-        self.assertEqual(await self.index_ids(self.manager, "queue:qa"), ["new2", "new1", "new0"])
-        self.assertEqual(await self.redis.zcard(self.key("idx:expiry")), 0)
+        self.assertEqual(await self.redis.zcard(self.key("idx:state:succeeded")), 0)
+        self.assertEqual(ids(await self.manager.list()), ["new2", "new1", "new0"])
 
     async def test_redis_with_number_conversion_keeps_strings(self) -> None:
         """A connection converting numbers (txredisapi default) reads records unchanged."""
@@ -927,7 +964,7 @@ class RedisStateTests(StateContractMixin, TestCase):
 
     async def test_server_errors_become_state_errors(self) -> None:
         """An error reply from Redis is raised as StateError, caused by the original."""
-        await self.redis.set(self.key("idx:all"), "not a sorted set")
+        await self.redis.set(self.key("idx:state:queued"), "not a sorted set")
         with self.assertRaises(StateError) as caught:
             await self.manager.enqueued("a", QUEUED, info(), T0)
         self.assertIsInstance(caught.exception.__cause__, txredisapi.ResponseError)

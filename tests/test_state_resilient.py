@@ -736,7 +736,7 @@ class ResilientRedisTests(test_state.RedisStateTests):
 
     async def test_server_errors_become_state_errors(self) -> None:
         """A write Redis refuses is queued (an outage); reads fail with StateError."""
-        await self.redis.set(self.key("idx:all"), "not a sorted set")
+        await self.redis.set(self.key("idx:state:queued"), "not a sorted set")
         self.assertIsNone(await self.manager.enqueued("a", QUEUED, test_state.info(), T0))
         self.assertEqual((self.manager.healthy, self.manager.pending), (False, 1))
         with self.assertRaises(StateError):

@@ -207,6 +207,30 @@ def check_list(state: Any, queue: Any, limit: Any, offset: Any) -> None:
             raise ValueError(f"{name} must be an int >= 0, not {value!r}")
 
 
+def retention(finished_ttl: Any, by_outcome: Optional[Mapping[str, Any]] = None
+              ) -> Dict[str, float]:
+    """
+    Seconds a finished record is kept, by outcome (``succeeded``,
+    ``failed``, ``canceled``; 0: forever): ``finished_ttl`` for each,
+    unless ``by_outcome`` names it.  Raises ``ValueError`` for an unknown
+    outcome or a value that is not a number >= 0.
+    """
+    def seconds(value: Any, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0 \
+                or math.isinf(value):
+            raise ValueError(f"{what} must be a number of seconds >= 0, not {value!r}")
+        return float(value)
+
+    default = seconds(finished_ttl, "finished_ttl")
+    kept = {state: default for state in FINISHED_STATES}
+    for state, value in (by_outcome or {}).items():
+        if state not in FINISHED_STATES:
+            raise ValueError(f"retention is set by outcome ({', '.join(sorted(FINISHED_STATES))}),"
+                             f" not for {state!r}")
+        kept[state] = seconds(value, f"retention of {state} records")
+    return kept
+
+
 # -- values ------------------------------------------------------------------
 
 
@@ -561,6 +585,10 @@ def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
         else:
             record[name] = str(value)
     record["attempts"] = record["attempts"] or 0
+    if record["finished_at"] is None and record["state"] in FINISHED_STATES:
+        # not stored since the one-index layout: no write changes a finished
+        # record's updated_at
+        record["finished_at"] = record["updated_at"]
     if derived:
         record["history"] = [_derived_entry(record)]
     else:

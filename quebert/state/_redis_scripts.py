@@ -42,7 +42,18 @@ PRUNE_BATCH = 50
 #   'c', 'q': the state the task was in ('missing' when there is no record)
 _APPLY = """
 local prefix = ARGV[1]
-local ttl_ms = tonumber(ARGV[2])
+-- retention in ms by outcome ('0': forever): 'succeeded,failed,canceled',
+-- or one number for all three
+local ttls = {}
+do
+  local a, b, c = string.match(ARGV[2], '^(%d+),(%d+),(%d+)$')
+  if a then
+    ttls.succeeded, ttls.failed, ttls.canceled = tonumber(a), tonumber(b), tonumber(c)
+  else
+    local t = tonumber(ARGV[2])
+    ttls.succeeded, ttls.failed, ttls.canceled = t, t, t
+  end
+end
 local history_limit = tonumber(ARGV[3])
 local ops = cjson.decode(ARGV[4])
 local tombstone_ms = tonumber(ARGV[6] or '3600000')
@@ -148,7 +159,11 @@ local function derived_text()
                  'error', 'eta', 'updated_at')
   local state = r[2] or 'queued'
   local finished_at, retry_at = r[5], nil
-  if state == 'scheduled' then finished_at, retry_at = r[8], r[7] end
+  if state == 'scheduled' then
+    finished_at, retry_at = r[8], r[7]
+  elseif finished[state] and not finished_at then
+    finished_at = r[8]
+  end
   local worker = 'null'
   if r[3] then worker = cjson.encode(r[3]) end
   return entry_text(r[1] or '0', '"' .. state .. '"', worker, r[4] or 'null',
@@ -203,17 +218,19 @@ local function upsert_history(raw, attempt, fresh, replace, state, finished_at, 
   return '[' .. concat(parts, ',') .. ']'
 end
 
--- drop index entries of finished records older than the TTL
-local function prune(now)
-  if ttl_ms <= 0 then return 0 end
-  local horizon = tonumber(now) - ttl_ms / 1000
-  local h = fmt('%.17g', horizon)
+-- Records written before this layout (they have an 'id' field) were also
+-- indexed in idx:all, idx:queue:<queue> and, once finished, idx:expiry
+-- ([id, queue] by finish time): their entries there are dropped once
+-- their hash has expired, as those versions did.
+local function prune_legacy(now)
+  local ttl = math.min(ttls.succeeded, ttls.failed, ttls.canceled)
+  if ttl <= 0 then ttl = math.max(ttls.succeeded, ttls.failed, ttls.canceled) end
+  if ttl <= 0 then return 0 end
+  local horizon = tonumber(now) - ttl / 1000
   local expiry = expiry_key
-  local due = call('ZRANGEBYSCORE', expiry, '-inf', h, 'LIMIT', 0, __PRUNE_BATCH__)
+  local due = call('ZRANGEBYSCORE', expiry, '-inf', fmt('%.17g', horizon), 'LIMIT', 0,
+                   __PRUNE_BATCH__)
   if #due == 0 then return 0 end
-  for state in pairs(finished) do
-    call('ZREMRANGEBYSCORE', state_key(state), '-inf', '(' .. h)
-  end
   for _, member in ipairs(due) do
     local m = cjson.decode(member)
     local remaining = call('PTTL', task_prefix .. m[1])
@@ -236,25 +253,54 @@ local function prune(now)
   return #due
 end
 
--- move the id between indexes and set or clear the expiry
-local function reindex(old_state, old_queue, state, queue)
+-- Drop the finished records whose retention (counted from their finish,
+-- the score of their state's index) has passed, with their index entries,
+-- at most __PRUNE_BATCH__ per outcome; their hashes' own expiry does the
+-- same when no write comes.  The answer: the most entries one index had due.
+local function prune(now)
+  local most = 0
+  for state in pairs(finished) do
+    local ttl = ttls[state]
+    if ttl > 0 then
+      local index = state_key(state)
+      local due = call('ZRANGEBYSCORE', index, '-inf', fmt('%.17g', tonumber(now) - ttl / 1000),
+                       'LIMIT', 0, __PRUNE_BATCH__)
+      local n = #due
+      if n > 0 then
+        local keys = {}
+        for i = 1, n do keys[i] = task_prefix .. due[i] end
+        call('DEL', unpack(keys))
+        call('ZREM', index, unpack(due))
+        if n > most then most = n end
+      end
+    end
+  end
+  local legacy = prune_legacy(now)
+  if legacy > most then most = legacy end
+  return most
+end
+
+-- move the id to its state's index and set or clear the expiry; legacy:
+-- the record was written by an earlier layout (it has an 'id' field), whose
+-- other indexes it leaves now
+local function reindex(old_state, old_queue, state, legacy)
   if old_state and old_state ~= state then
     zrem(state_key(old_state), id)
   end
   zadd(state_key(state), at, id)
-  if old_queue and old_queue ~= queue then
-    zrem(queue_key(old_queue), id)
+  if legacy then
+    zrem(all_key, id)
+    if old_queue then zrem(queue_key(old_queue), id) end
+    call('HDEL', key, 'id')
   end
-  if queue then zadd(queue_key(queue), at, id) end
-  zadd(all_key, at, id)
-  if finished[state] and old_state ~= state then
-    ns = ns + 1; settled[ns] = id
-  end
-  if finished[state] and ttl_ms > 0 then
-    call('PEXPIRE', key, ttl_ms)
-    local member
-    if queue then member = cjson.encode({id, queue}) else member = cjson.encode({id}) end
-    zadd(expiry_key, at, member)
+  if finished[state] then
+    if old_state ~= state then ns = ns + 1; settled[ns] = id end
+    local ttl = ttls[state]
+    if ttl > 0 then
+      call('PEXPIRE', key, ttl)
+    elseif old_state and finished[old_state] then
+      call('PERSIST', key)
+    end
   elseif old_state and finished[old_state] then
     call('PERSIST', key)
   end
@@ -270,10 +316,9 @@ local function add_info(f, n, op, created, keep_eta)
   if op[6] ~= null then f[n + 1] = 'task'; f[n + 2] = op[6]; n = n + 2 end
   if op[7] ~= null then f[n + 1] = 'name'; f[n + 2] = op[7]; n = n + 2 end
   if created then
-    f[n + 1] = 'id'; f[n + 2] = id
-    f[n + 3] = 'created_at'
-    if op[9] ~= null then f[n + 4] = op[9] else f[n + 4] = at end
-    n = n + 4
+    f[n + 1] = 'created_at'
+    if op[9] ~= null then f[n + 2] = op[9] else f[n + 2] = at end
+    n = n + 2
     if keep_eta and op[8] ~= null then f[n + 1] = 'eta'; f[n + 2] = op[8]; n = n + 2 end
   end
   return n, queue
@@ -291,7 +336,7 @@ local function enqueued(op)
   local n, queue = add_info(f, 8, op, true, true)
   if op[11] and op[11] ~= null then f[n + 1] = 'arguments'; f[n + 2] = op[11] end
   call('HSET', key, unpack(f))
-  reindex(false, false, state, queue)
+  reindex(false, false, state, false)
   return 1
 end
 
@@ -303,11 +348,12 @@ local function tombstone(name)
   end
 end
 
--- a record that is not finished becomes canceled
-local function cancel_record(old_state, old_queue, name, reason)
+-- a record that is not finished becomes canceled (its finished_at is its
+-- updated_at, which no later write of a finished record changes)
+local function cancel_record(old_state, old_queue, name, reason, legacy)
   write_out_history()
-  call('HSET', key, 'state', 'canceled', 'updated_at', at, 'finished_at', at, 'reason', reason)
-  reindex(old_state, old_queue, 'canceled', old_queue)
+  call('HSET', key, 'state', 'canceled', 'updated_at', at, 'reason', reason)
+  reindex(old_state, old_queue, 'canceled', legacy)
   tombstone(name)
 end
 
@@ -315,13 +361,13 @@ local function started(op, position)
   local attempt_s, worker = op[10], op[11]
   local attempt = tonumber(attempt_s)
   local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history', 'cancel_requested',
-                   'name')
+                   'name', 'id')
   local old_state, old_queue = old[1], old[2]
   if old_state == 'canceled' or (old[5] and not finished[old_state]) then
     -- canceled before this attempt could start: it never runs
     if old_state ~= 'canceled' then
       cancel_record(old_state, old_queue, old[6], 'canceled before attempt ' .. attempt_s
-                    .. ' started')
+                    .. ' started', old[7])
     end
     answer(position, 'canceled')
     return 0
@@ -367,7 +413,7 @@ local function started(op, position)
       call('HDEL', key, 'worker')
     end
   end
-  reindex(old_state, old_queue, 'running', queue or old_queue)
+  reindex(old_state, old_queue, 'running', old[7])
   return 1
 end
 
@@ -395,7 +441,7 @@ local function finish(op)
   local reason, retry_at = op[14], op[15]
   local attempt = tonumber(attempt_s)
   local old = call('HMGET', key, 'state', 'queue', 'attempts', 'history', 'cancel_requested',
-                   'name')
+                   'name', 'id')
   local old_state, old_queue = old[1], old[2]
   if old[5] and state == 'scheduled' then
     -- a retry of a task whose cancellation was asked for: it ends here
@@ -407,11 +453,8 @@ local function finish(op)
   -- outcome fields: set, or cleared unless the record cannot hold them
   local clear, c = {}, 0
   local dirty = old_state and not clean[old_state]
-  if finished[state] then
-    f[n + 1] = 'finished_at'; f[n + 2] = at; n = n + 2
-  elseif dirty then
-    c = c + 1; clear[c] = 'finished_at'
-  end
+  -- finished_at is not stored: a finished record's updated_at says it
+  if dirty then c = c + 1; clear[c] = 'finished_at' end
   if result ~= null then
     f[n + 1] = 'result'; f[n + 2] = result; n = n + 2
   elseif dirty then
@@ -461,7 +504,7 @@ local function finish(op)
   end
   call('HSET', key, unpack(f))
   if c > 0 then call('HDEL', key, unpack(clear)) end
-  reindex(old_state, old_queue, state, queue or old_queue)
+  reindex(old_state, old_queue, state, old[7])
   if finished[state] then
     if op[7] ~= null then tombstone(op[7]) else tombstone(old[6]) end
   end
@@ -480,7 +523,7 @@ local function enqueued_named(op, position)
 end
 
 local function cancel(op, position)
-  local old = call('HMGET', key, 'state', 'queue', 'name')
+  local old = call('HMGET', key, 'state', 'queue', 'name', 'id')
   local old_state = old[1]
   if not old_state then
     answer(position, 'missing')
@@ -492,13 +535,13 @@ local function cancel(op, position)
   if reason == null then reason = 'canceled' end
   call('HSET', key, 'cancel_requested', at)
   if old_state ~= 'running' then
-    cancel_record(old_state, old[2], old[3], reason)
+    cancel_record(old_state, old[2], old[3], reason, old[4])
   end
   return 1
 end
 
 local function requeued(op, position)
-  local old = call('HMGET', key, 'state', 'queue', 'name')
+  local old = call('HMGET', key, 'state', 'queue', 'name', 'id')
   local old_state = old[1]
   if not old_state then
     answer(position, 'missing')
@@ -510,7 +553,7 @@ local function requeued(op, position)
   call('HSET', key, 'state', 'queued', 'updated_at', at)
   call('HDEL', key, 'finished_at', 'result', 'error', 'reason', 'cancel_requested', 'eta')
   call('PERSIST', key)
-  reindex(old_state, old[2], 'queued', old[2])
+  reindex(old_state, old[2], 'queued', old[4])
   if old[3] then
     local nk = name_prefix .. old[3]
     local holder = call('GET', nk)
@@ -633,96 +676,125 @@ local flat = redis.call('HGETALL', ARGV[1] .. 'task:' .. ARGV[2])
 if #flat == 0 then return false end
 local record = {}
 for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+record.id = ARGV[2]
 return cjson.encode(record)
 """
 
-# ARGV: prefix, state or '', queue or '', offset, limit
-_LIST = """
-local prefix, state, queue = ARGV[1], ARGV[2], ARGV[3]
-local offset, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-local index = prefix .. 'idx:all'
-local exact = true
-if state ~= '' and queue ~= '' then
-  -- walk the smaller index, check the other attribute on each record
-  local by_state, by_queue = prefix .. 'idx:state:' .. state, prefix .. 'idx:queue:' .. queue
-  if redis.call('ZCARD', by_state) <= redis.call('ZCARD', by_queue) then
-    index = by_state
-  else
-    index = by_queue
+# The walk of the readers below: ids from the state's index, or from the
+# six state indexes merged, newest first (by updated_at); each index is
+# read in chunks as the walk reaches it.  walk(prefix, state, chunk, start)
+# gives next (a function giving an id and the key of its index, or nil at
+# the end) and how many of the first start entries it skipped already: one
+# index starts at rank start at once, a merge has to be walked there.
+_WALK = """
+local STATES = {'queued', 'scheduled', 'running', 'succeeded', 'failed', 'canceled'}
+local function walk(prefix, state, chunk, start)
+  local cursors = {}
+  local states, skipped = STATES, 0
+  if state ~= '' then states, skipped = {state}, start end
+  for i, s in ipairs(states) do
+    cursors[i] = {key = prefix .. 'idx:state:' .. s, pos = skipped, buf = {}, i = 1, n = 0,
+                  done = false}
   end
-  exact = false
-elseif state ~= '' then
-  index = prefix .. 'idx:state:' .. state
-elseif queue ~= '' then
-  index = prefix .. 'idx:queue:' .. queue
+  local function ready(c)
+    if c.i > c.n and not c.done then
+      local r = redis.call('ZREVRANGE', c.key, c.pos, c.pos + chunk - 1, 'WITHSCORES')
+      c.buf, c.i, c.n = r, 1, #r
+      c.pos = c.pos + #r / 2
+      if #r < chunk * 2 then c.done = true end
+      for j = 2, #r, 2 do r[j] = tonumber(r[j]) end
+    end
+    return c.i <= c.n
+  end
+  -- ties: the greater id first, as ZREVRANGE orders one index
+  return function()
+    local best, bs, bid
+    for _, c in ipairs(cursors) do
+      if ready(c) then
+        local s, cid = c.buf[c.i + 1], c.buf[c.i]
+        if not best or s > bs or (s == bs and cid > bid) then best, bs, bid = c, s, cid end
+      end
+    end
+    if not best then return nil end
+    local id = best.buf[best.i]
+    best.i = best.i + 2
+    return id, best.key
+  end, skipped
 end
-local pos, skip = offset, 0
-if not exact then pos, skip = 0, offset end
-local chunk = math.max(limit, 50)
+"""
+
+# ARGV: prefix, state or '', queue or '', offset, limit, budget.  Records
+# newest first: the state's index (all of them merged without a state) is
+# walked from rank offset; with a queue, each record's queue is checked, at
+# most budget entries examined.  Ids whose hash has expired are skipped and
+# removed from their index.
+_LIST = _WALK + """
+local prefix, state, queue = ARGV[1], ARGV[2], ARGV[3]
+local offset, limit, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6] or '100000')
 local out, dead = {}, {}
-while #out < limit do
-  local ids = redis.call('ZREVRANGE', index, pos, pos + chunk - 1)
-  if #ids == 0 then break end
-  pos = pos + #ids
-  for _, id in ipairs(ids) do
-    local flat = redis.call('HGETALL', prefix .. 'task:' .. id)
-    if #flat == 0 then
-      dead[#dead + 1] = id
-    else
-      local record = {}
-      for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
-      if (state == '' or record.state == state) and (queue == '' or record.queue == queue) then
-        if skip > 0 then
-          skip = skip - 1
-        else
-          out[#out + 1] = cjson.encode(record)
-          if #out == limit then break end
-        end
+local next_id, skipped
+if queue == '' then
+  next_id, skipped = walk(prefix, state, math.max(limit + (state == '' and offset or 0), 50),
+                         offset)
+else
+  next_id, skipped = walk(prefix, state, 200, 0)
+end
+local skip = offset - skipped
+local examined = 0
+while #out < limit and examined < budget do
+  local id, index = next_id()
+  if not id then break end
+  examined = examined + 1
+  local flat = redis.call('HGETALL', prefix .. 'task:' .. id)
+  if #flat == 0 then
+    dead[#dead + 1] = {index, id}
+  else
+    local record = {}
+    for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+    if queue == '' or record.queue == queue then
+      if skip > 0 then
+        skip = skip - 1
+      else
+        record.id = id
+        out[#out + 1] = cjson.encode(record)
       end
     end
   end
 end
 -- ids whose hash has expired
-for _, id in ipairs(dead) do
-  redis.call('ZREM', index, id)
-  redis.call('ZREM', prefix .. 'idx:all', id)
-end
+for _, d in ipairs(dead) do redis.call('ZREM', d[1], d[2]) end
 return out
 """
 
 
 # ARGV: prefix, task name, state or '', queue or '', position, limit, budget.
-# Records of one task name, newest first: the state's index (else the
-# queue's, else idx:all) is walked from position, at most budget entries
-# examined, each record's task (and state, queue) checked.  The answer is
-# the position to go on from (-1: the end of the index), then the records
-# as JSON text.
-_FIND = """
+# Records of one task name, newest first: the state's index (all of them
+# merged without a state) is walked from position, at most budget entries
+# examined, each record's task (and queue) checked.  The answer is the
+# position to go on from (-1: the end of the walk), then the records as
+# JSON text.
+_FIND = _WALK + """
 local prefix, task, state, queue = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local pos, limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local index = prefix .. 'idx:all'
-if state ~= '' then
-  index = prefix .. 'idx:state:' .. state
-elseif queue ~= '' then
-  index = prefix .. 'idx:queue:' .. queue
+local next_id, skipped = walk(prefix, state, math.min(200, pos + budget), pos)
+for _ = skipped + 1, pos do
+  if not next_id() then break end
 end
 local out, n, examined, ended = {}, 0, 0, false
 while n < limit and examined < budget do
-  local ids = redis.call('ZREVRANGE', index, pos, pos + math.min(200, budget - examined) - 1)
-  if #ids == 0 then ended = true; break end
-  for _, id in ipairs(ids) do
-    pos = pos + 1
-    examined = examined + 1
-    local key = prefix .. 'task:' .. id
-    local f = redis.call('HMGET', key, 'task', 'state', 'queue')
-    if f[1] == task and (state == '' or f[2] == state) and (queue == '' or f[3] == queue) then
-      local flat = redis.call('HGETALL', key)
-      local record = {}
-      for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
-      n = n + 1
-      out[n + 1] = cjson.encode(record)
-      if n == limit then break end
-    end
+  local id = next_id()
+  if not id then ended = true; break end
+  pos = pos + 1
+  examined = examined + 1
+  local key = prefix .. 'task:' .. id
+  local f = redis.call('HMGET', key, 'task', 'queue')
+  if f[1] == task and (queue == '' or f[2] == queue) then
+    local flat = redis.call('HGETALL', key)
+    local record = {}
+    for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+    record.id = id
+    n = n + 1
+    out[n + 1] = cjson.encode(record)
   end
 end
 if ended then out[1] = -1 else out[1] = pos end

@@ -7,7 +7,8 @@ It keeps the same records as the Redis store (both build them with
 method returns an already-fired ``Deferred``.  Records handed out are deep
 copies, so callers can never change what is stored.
 
-Finished records expire ``finished_ttl`` seconds after they were written,
+Finished records expire their outcome's retention (``finished_ttl``
+unless ``retention`` says otherwise) after they were written,
 measured on the clock given (a ``twisted.internet.task.Clock`` in tests);
 expired records are dropped lazily, on the next call, in deadline order,
 so the cost does not grow with the number of live records.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+from itertools import islice
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from sortedcontainers import SortedList
@@ -73,10 +75,14 @@ class _Index:
 
     def newest(self, start: int = 0) -> Iterator[str]:
         """Ids from the ``start``-th newest on (same order as Redis ``ZREVRANGE``)."""
+        for _, task_id in self.newest_items(start):
+            yield task_id
+
+    def newest_items(self, start: int = 0) -> Iterator[Tuple[float, str]]:
+        """``(score, id)`` from the ``start``-th newest on."""
         stop = len(self._keys) - start
         if stop > 0:
-            for _, task_id in self._keys.islice(0, stop, reverse=True):
-                yield task_id
+            yield from self._keys.islice(0, stop, reverse=True)
 
 
 @implementer(IStateManager, ISettledFeed)
@@ -90,13 +96,18 @@ class MemoryStateManager:
     """
 
     def __init__(self, finished_ttl: float = 86400, clock: Optional[IReactorTime] = None,
-                 name_tombstone: float = 3600) -> None:
-        if finished_ttl < 0:
-            raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
+                 name_tombstone: float = 3600,
+                 retention: Optional[Mapping[str, float]] = None) -> None:
+        try:
+            kept = _records.retention(finished_ttl, retention)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
         if name_tombstone < 0:
             raise ConfigurationError(
                 f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
         self.finished_ttl = finished_ttl
+        #: Seconds a finished record is kept, by outcome (0: forever).
+        self.retention: Dict[str, float] = kept
         self.name_tombstone = name_tombstone
         self._paused: set = set()
         self._workers: Dict[str, float] = {}
@@ -107,9 +118,8 @@ class MemoryStateManager:
         self._records: Dict[str, Dict[str, Any]] = {}
         self._deadline: Dict[str, float] = {}
         self._deadlines: List[Tuple[float, str]] = []  # heap; stale entries skipped
+        # as in Redis, a record is in its state's index only
         self._states = {state: _Index() for state in STATES}
-        self._queues: Dict[str, _Index] = {}
-        self._all = _Index()
         self._watches: List[_MemoryWatch] = []
 
     # -- ISettledFeed ---------------------------------------------------
@@ -188,21 +198,14 @@ class MemoryStateManager:
         if not isinstance(task, str) or not task:
             raise ValueError(f"task must be a non-empty str, not {task!r}")
         self._expire()
-        if state is not None:
-            index = self._states[state]
-        elif queue is not None:
-            index = self._queues.get(queue, _Index())
-        else:
-            index = self._all
         found: List[Dict[str, Any]] = []
         examined = 0
-        for task_id in index.newest(position):
+        for task_id in self._walk(state, position):
             if len(found) >= limit or examined >= max(1, budget):
                 return found, position + examined
             examined += 1
             record = self._records[task_id]
-            if record["task"] == task and (state is None or record["state"] == state) \
-                    and (queue is None or record["queue"] == queue):
+            if record["task"] == task and (queue is None or record["queue"] == queue):
                 found.append(copy.deepcopy(record))
         return found, None
 
@@ -273,15 +276,17 @@ class MemoryStateManager:
         record = self._records.pop(task_id)
         self._deadline.pop(task_id, None)
         self._states[record["state"]].discard(task_id)
-        self._unqueue(task_id, record["queue"])
-        self._all.discard(task_id)
 
-    def _unqueue(self, task_id: str, queue: Optional[str]) -> None:
-        index = self._queues.get(queue) if queue is not None else None
-        if index is not None:
-            index.discard(task_id)
-            if not index:
-                del self._queues[queue]
+    def _walk(self, state: Optional[str], start: int = 0) -> Iterator[str]:
+        """
+        Ids newest first, from the ``start``-th: of the state's index, or
+        of all six merged (the order of the Redis store's walk).
+        """
+        if state is not None:
+            return self._states[state].newest(start)
+        merged = heapq.merge(*(index.newest_items() for index in self._states.values()),
+                             reverse=True)
+        return (task_id for _, task_id in islice(merged, start, None))
 
     def _load(self, task_id: str, info: Any, at: float) -> Tuple[Dict[str, Any], Any, Any]:
         """The stored record (or a new one) and its state and queue before the write."""
@@ -294,26 +299,16 @@ class MemoryStateManager:
 
     def _store(self, record: Dict[str, Any], old_state: Any, old_queue: Any) -> None:
         """Keep ``record`` and move it in the indexes and the expiry schedule."""
-        task_id, score, state, queue = (
-            record["id"],
-            record["updated_at"],
-            record["state"],
-            record["queue"],
-        )
+        task_id, score, state = record["id"], record["updated_at"], record["state"]
         self._records[task_id] = record
         if old_state is not None and old_state != state:
             self._states[old_state].discard(task_id)
         self._states[state].add(task_id, score)
-        if old_queue != queue:
-            self._unqueue(task_id, old_queue)
-        if queue is not None:
-            self._queues.setdefault(queue, _Index()).add(task_id, score)
-        self._all.add(task_id, score)
         if state in FINISHED_STATES and old_state != state and self._watches:
             for watch in list(self._watches):
                 watch.tell(task_id)
-        if state in FINISHED_STATES and self.finished_ttl > 0:
-            deadline = self._now() + self.finished_ttl
+        if state in FINISHED_STATES and self.retention[state] > 0:
+            deadline = self._now() + self.retention[state]
             self._deadline[task_id] = deadline
             heapq.heappush(self._deadlines, (deadline, task_id))
         else:
@@ -468,26 +463,14 @@ class MemoryStateManager:
     ) -> List[Dict[str, Any]]:
         _records.check_list(state, queue, limit, offset)
         self._expire()
-        empty = _Index()
-        if state is not None and queue is not None:
-            # walk the smaller index, check the other attribute on each record
-            by_state, by_queue = self._states[state], self._queues.get(queue, empty)
-            index = by_state if len(by_state) <= len(by_queue) else by_queue
-            ids = (
-                task_id
-                for task_id in index.newest()
-                if self._records[task_id]["state"] == state
-                and self._records[task_id]["queue"] == queue
-            )
+        if queue is not None:
+            # each record's queue checked, as in the Redis store
+            records = self._records
+            ids: Iterator[str] = (task_id for task_id in self._walk(state)
+                                  if records[task_id]["queue"] == queue)
             skip = offset
         else:
-            if state is not None:
-                index = self._states[state]
-            elif queue is not None:
-                index = self._queues.get(queue, empty)
-            else:
-                index = self._all
-            ids = index.newest(offset)
+            ids = self._walk(state, offset)
             skip = 0
         found: List[Dict[str, Any]] = []
         for task_id in ids:

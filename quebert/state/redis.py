@@ -9,25 +9,34 @@ Layout (``{prefix}`` defaults to ``quebert:``):
     with full precision), ``result``/``error``/``history`` as JSON, except
     that while the task has run one attempt, ``history`` is ``{}``: its one
     entry is what the record's fields say (earlier versions read ``{}`` as
-    an empty history, so a rolling upgrade degrades, never fails).  The
-    hash of a task run once then holds only short values, which Redis
-    keeps as a listpack (about 500 bytes instead of 1000 for a small
-    result).  Records written with a JSON history are read and updated as
+    an empty history, so a rolling upgrade degrades, never fails).  Neither
+    the id (it is in the key) nor ``finished_at`` (a finished record's
+    ``updated_at``, which no later write changes) is stored.  The hash of
+    a task run once then holds only short values, which Redis keeps as a
+    listpack.  Records written with a JSON history are read and updated as
     they are.
-``{prefix}idx:state:{state}``, ``{prefix}idx:queue:{queue}``, ``{prefix}idx:all``
-    sorted sets of task ids scored by ``updated_at``, for listing.
-``{prefix}idx:expiry``
-    sorted set of ``[id, queue]`` JSON members of finished records scored by
-    their finish time, so that ids whose hash has expired can be removed
-    from the queue and ``all`` indexes, which would otherwise keep every id
-    ever written.
+``{prefix}idx:state:{state}``
+    a sorted set per state of the ids of its records, scored by
+    ``updated_at``: the one index a record is in.  Counts are their sizes;
+    a list by state walks one, every other list the six merged (newest
+    first), checking the queue or task name on each record; the finished
+    states' indexes are also the expiry schedule, since their scores are
+    finish times.
+
+About 500 bytes a finished record: the hash and one index entry (half of
+what the earlier layout took, which also indexed every id in
+``{prefix}idx:all``, ``{prefix}idx:queue:{queue}`` and, once finished,
+``{prefix}idx:expiry``).  Records that layout wrote leave those indexes
+when they are next written or have expired (``prune_legacy`` in the
+script), so an upgrade needs no migration.
 
 Every writer is one Lua script, run with ``EVALSHA`` (``EVAL`` when the
 server does not know it yet), so a record and its indexes change together
 or not at all.  Writes are sent in batches, one script call each.
-Finished records get ``PEXPIRE finished_ttl``; the batches also prune, in
-bounded steps, index entries of records that have expired (once a second
-of write time, or every batch while expired entries are left over).
+Finished records get ``PEXPIRE`` their outcome's retention
+(:attr:`RedisStateManager.retention`); the batches also prune, in bounded
+steps, the records whose retention has passed and their index entries
+(once a second of write time, or every batch while some are left over).
 Reads are scripts too: they return records as JSON text, which txredisapi
 cannot mistake for numbers.
 
@@ -112,6 +121,9 @@ class RedisStateManager:
     :param prefix: prefix of every key, so that several deployments (or
         test runs) can share a database.
     :param finished_ttl: seconds a finished record is kept (0: forever).
+    :param retention: seconds by outcome (``succeeded``, ``failed``,
+        ``canceled``) that differ from ``finished_ttl``: see
+        :attr:`retention`.
     :param timeout: seconds to wait for an answer before failing with
         :class:`StateError` (``None``: wait forever).
     :param clock: ``IReactorTime`` for the timeout; the global reactor when
@@ -147,9 +159,12 @@ class RedisStateManager:
         name_tombstone: float = 3600,
         wait_replicas: Optional[int] = None,
         wait_timeout: Optional[float] = None,
+        retention: Optional[Mapping[str, float]] = None,
     ) -> None:
-        if finished_ttl < 0:
-            raise ConfigurationError(f"finished_ttl must be >= 0 seconds, not {finished_ttl!r}")
+        try:
+            kept = _records.retention(finished_ttl, retention)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
         if timeout is not None and timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, not {timeout!r}")
         self.redis = redis
@@ -161,7 +176,11 @@ class RedisStateManager:
             raise ConfigurationError(
                 f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
         self.name_tombstone = name_tombstone
-        self._ttl_ms = str(max(1, round(finished_ttl * 1000)) if finished_ttl > 0 else 0)
+        #: Seconds a finished record is kept, by outcome (0: forever).
+        self.retention: Dict[str, float] = kept
+        self._ttl_ms = ",".join(
+            str(max(1, round(kept[state] * 1000)) if kept[state] > 0 else 0)
+            for state in ("succeeded", "failed", "canceled"))
         self._tombstone_ms = str(max(1, round(name_tombstone * 1000)))
         self._batch: List[list] = []
         self._waiters: List[Any] = []
