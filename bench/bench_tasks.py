@@ -11,6 +11,16 @@ sides pay for exactly the same measurement:
   (and ``time.process_time()`` for the first one of a phase);
 * when the message has been acked, one ``time.time()`` and one list append.
 
+``bench.incr`` awaits one Redis ``INCR`` (key ``QUEBERT_BENCH_INCR_KEY``,
+Redis ``QUEBERT_BENCH_INCR_URL``) through txredisapi, on a connection of
+its own: one lazy connection per process, made on first use and reused
+(:data:`INCR`).  The baseline consumer's INCR workload uses the same one.
+
+``bench.tick`` counts its runs and nothing else (no recorder lists that
+would grow): ``bench_long.py``'s long run, which reads the worker's
+resident memory every ``QUEBERT_BENCH_LONG_STEP`` tasks, written by the
+worker itself to ``QUEBERT_BENCH_LONG_OUT``.
+
 ``bench.fail_once`` fails its first attempt and succeeds on the retry,
 which the default mediator sends through the delay queues after
 ``RETRY_BACKOFF`` seconds: its worker handles two deliveries per task.
@@ -27,6 +37,7 @@ import json
 import os
 import time
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import succeed
 
@@ -41,6 +52,14 @@ ENV_RETRY_BACKOFF = "QUEBERT_BENCH_RETRY_BACKOFF"
 #: Seconds before the retry of ``bench.fail_once``: 100 ms is 1100100 in
 #: binary, so each retry waits in three delay levels (64, 32 and 4 ms).
 RETRY_BACKOFF = float(os.environ.get(ENV_RETRY_BACKOFF) or 0.1)
+#: Environment variables of the INCR workload: the Redis URL
+#: (``redis://[:password@]host[:port][/db]``) and the key to increment.
+ENV_INCR_URL = "QUEBERT_BENCH_INCR_URL"
+ENV_INCR_KEY = "QUEBERT_BENCH_INCR_KEY"
+#: Environment variables of the long run: the file the samples go to, and
+#: the number of tasks between two samples.
+ENV_LONG_OUT = "QUEBERT_BENCH_LONG_OUT"
+ENV_LONG_STEP = "QUEBERT_BENCH_LONG_STEP"
 
 
 class Recorder:
@@ -118,6 +137,95 @@ async def noop(created_at: Optional[float] = None) -> None:
 def noop_thread(created_at: Optional[float] = None) -> None:
     """A no-op that runs in the worker's thread pool."""
     RECORDER.started(created_at)
+
+
+class IncrClient:
+    """
+    One txredisapi connection of its own, made on first use and reused, to
+    ``INCR`` one key: what the INCR workload's task (and baseline) does.
+    """
+
+    def __init__(self, url: Optional[str], key: Optional[str]) -> None:
+        self.url = url
+        self.key = key
+        self.connection: Any = None
+
+    def incr(self) -> Any:
+        """A Deferred firing with the key's new value."""
+        if self.connection is None:
+            self.connection = self._connect()
+        return self.connection.incr(self.key)
+
+    def _connect(self) -> Any:
+        if not self.url or not self.key:
+            raise RuntimeError(f"the INCR workload needs {ENV_INCR_URL} and {ENV_INCR_KEY}")
+        import txredisapi  # only the INCR workload pays for importing it
+
+        parts = urlsplit(self.url)
+        if parts.scheme != "redis":
+            raise RuntimeError(f"the INCR workload takes a redis:// URL, not {self.url!r}")
+        return txredisapi.lazyConnection(
+            host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+            dbid=int(parts.path.strip("/") or 0), password=parts.password or None,
+            reconnect=True)
+
+
+INCR = IncrClient(os.environ.get(ENV_INCR_URL), os.environ.get(ENV_INCR_KEY))
+
+
+@task(name="bench.incr")
+async def incr(created_at: Optional[float] = None) -> None:
+    """Awaits one Redis INCR on its own connection (:data:`INCR`), on the reactor."""
+    RECORDER.started(created_at)
+    await INCR.incr()
+
+
+def vm_kb(fields: tuple = ("VmRSS", "VmHWM"), pid: str = "self") -> dict:
+    """``{field: kB}`` read from ``/proc/PID/status`` (Linux; empty elsewhere)."""
+    values: dict = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    values[name] = int(rest.split()[0])
+    except OSError:
+        pass
+    return values
+
+
+class Ticker:
+    """
+    Counts ``bench.tick`` runs; every ``step`` of them appends one line to
+    ``out``: count, time, VmRSS kB, VmHWM kB, CPU seconds of the process.
+    Keeps nothing per task.
+    """
+
+    def __init__(self, out: Optional[str], step: int) -> None:
+        self.out = out
+        self.step = max(1, step)
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.out is not None and self.count % self.step == 0:
+            self.sample()
+
+    def sample(self) -> None:
+        vm = vm_kb()
+        line = (f"{self.count} {time.time():.3f} {vm.get('VmRSS', 0)} {vm.get('VmHWM', 0)} "
+                f"{time.process_time():.3f}\n")
+        with open(self.out, "a", encoding="ascii") as f:
+            f.write(line)
+
+
+TICKER = Ticker(os.environ.get(ENV_LONG_OUT), int(os.environ.get(ENV_LONG_STEP) or 100000))
+
+
+@task(name="bench.tick")
+async def tick(created_at: Optional[float] = None) -> None:
+    """A no-op that counts itself (the long run), on the reactor."""
+    TICKER.tick()
 
 
 class FailOnce(Exception):

@@ -4,6 +4,12 @@ Throughput, latency and memory of a quebert worker against a bare pika consumer.
 Run from the repository root::
 
     .venv/bin/python bench/bench_throughput.py [--tasks N] [--repeat R]
+    .venv/bin/python bench/bench_throughput.py --configs baseline-incr,redis-incr
+    .venv/bin/python bench/bench_throughput.py --long 200000    # bench_long.py
+
+Two workloads, each against its own bare consumer measured in the same run:
+a no-op task (``baseline``), and issue 16's task that awaits one Redis
+``INCR`` on a txredisapi connection of its own (``baseline-incr``).
 
 It needs the local RabbitMQ (``rabbitmqctl`` on the PATH, guest/guest on
 127.0.0.1:5672) and Redis (database 9).  Everything lives in a fresh vhost,
@@ -53,12 +59,29 @@ CONFIGS = {
     "redis-async": ("worker", "bench.noop", "redis"),
     "redis-thread": ("worker", "bench.noop_thread", "redis"),
     "redis-retry": ("worker", "bench.fail_once", "redis"),
+    # The INCR workload: every task (message) awaits one Redis INCR on a
+    # txredisapi connection of its own (bench.bench_tasks.INCR).
+    "baseline-incr": ("baseline", "bench.incr", None),
+    "null-incr": ("worker", "bench.incr", "null"),
+    "redis-incr": ("worker", "bench.incr", "redis"),
+    "memory-incr": ("worker", "bench.incr", "memory"),
 }
+#: Workload of each configuration: "incr" if its task awaits a Redis INCR.
+WORKLOADS = {name: "incr" if task == "bench.incr" else "noop"
+             for name, (_kind, task, _state) in CONFIGS.items()}
+#: The baseline every configuration of a workload is compared with.
+BASELINES = {"noop": "baseline", "incr": "baseline-incr"}
+#: Opt-in configurations (not in the default list).
+OPT_IN = {"redis-retry", "null-incr"}
 #: Deliveries a worker handles per task (``bench.fail_once``: the failed
 #: first attempt, then its retry); 1 for the others.
 HANDLINGS = {"redis-retry": 2}
-#: What ``--configs`` runs when not given (``redis-retry`` is opt-in).
-DEFAULT_CONFIGS = [name for name in CONFIGS if name != "redis-retry"]
+#: What ``--configs`` runs when not given, per ``--workload``.
+DEFAULT_CONFIGS = {
+    workload: [name for name in CONFIGS if name not in OPT_IN
+               and (workload == "both" or WORKLOADS[name] == workload)]
+    for workload in ("noop", "incr", "both")
+}
 LABELS = {
     "baseline": "baseline: bare pika consumer",
     "baseline-fast": "bare, quebert's decoding (diag.)",
@@ -68,10 +91,22 @@ LABELS = {
     "redis-async": "quebert, redis state, async def",
     "redis-thread": "quebert, redis state, thread",
     "redis-retry": "quebert, redis state, retry once",
+    "baseline-incr": "baseline-incr: bare pika + INCR",
+    "null-incr": "quebert, no state (diag.), INCR",
+    "redis-incr": "quebert, redis state, INCR",
+    "memory-incr": "quebert, memory state, INCR",
 }
 #: The configuration the target is about.
 TARGET_CONFIG = "redis-async"
 TARGET_RATIO = 0.5
+#: Issue 16's targets on the INCR workload (reported, never asserted).
+INCR_TARGET_CONFIG = "redis-incr"
+INCR_TARGET_RATIO = 0.6
+INCR_TARGET_SERVER_RATIO = 1.5
+INCR_TARGET_P50_MS = 1.5
+INCR_TARGET_P99_MS = 3.0
+#: The Redis key the INCR workload increments, under the run's prefix.
+INCR_KEY = "bench-incr"
 
 
 def log(message: str) -> None:
@@ -82,12 +117,17 @@ def log(message: str) -> None:
 
 
 def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
-                      fast: bool = False) -> None:
+                      fast: bool = False, incr: bool = False) -> None:
     """
     The least a consumer can do on pika's TwistedProtocolConnection: QoS
     ``prefetch``, read the enqueue time from the body, ``basic_ack`` each
     message.  Records with the same :class:`~bench.bench_tasks.Recorder`
     as the worker.  Runs until killed.
+
+    ``incr``: the INCR workload's baseline: for each message, one Redis
+    ``INCR`` on the same lazily made txredisapi connection as the worker's
+    ``bench.incr`` task (``bench.bench_tasks.INCR``), and the ack once the
+    INCR has answered (up to ``prefetch`` INCRs in flight).
 
     ``fast``: on the connection class quebert uses instead, which decodes
     whole deliveries itself (``quebert.amqp._frames``); a diagnostic, to
@@ -105,7 +145,7 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
     from twisted.internet import protocol as tprotocol
     from twisted.python.failure import Failure
 
-    from bench.bench_tasks import Recorder
+    from bench.bench_tasks import INCR, Recorder
 
     recorder = Recorder(out)
     parameters = pika.URLParameters(url)
@@ -113,7 +153,16 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
     def one(message: Any) -> None:
         channel, method, _properties, body = message
         recorder.started(json.loads(body).get("created_at"))
+        if incr:
+            d = INCR.incr()
+            d.addCallback(acked, channel, method.delivery_tag)
+            d.addErrback(stop)
+            return
         channel.basic_ack(method.delivery_tag)
+        recorder.finished()
+
+    def acked(_value: Any, channel: Any, delivery_tag: int) -> None:
+        channel.basic_ack(delivery_tag)
         recorder.finished()
 
     def pump(queue_object: Any) -> None:
@@ -382,11 +431,20 @@ class Run:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["QUEBERT_BENCH_OUT"] = self.out
+        self.workload = WORKLOADS[name]
+        #: The key the INCR workload increments (None: no-op workload).
+        self.incr_key: Optional[str] = None
+        if self.workload == "incr":
+            self.incr_key = prefix + INCR_KEY
+            env["QUEBERT_BENCH_INCR_URL"] = redis_url
+            env["QUEBERT_BENCH_INCR_KEY"] = self.incr_key
         if self.kind == "baseline":
             args = [sys.executable, os.path.abspath(__file__), "_consume", "--url", url,
                     "--queue", queue, "--prefetch", str(PREFETCH), "--out", self.out]
             if self.state == "fast":
                 args.append("--fast")
+            if self.workload == "incr":
+                args.append("--incr")
         else:
             if self.state == "null":
                 env["QUEBERT_BENCH_NULL_STATE"] = "1"
@@ -530,23 +588,37 @@ def _finish(run: Run, result: dict, broker: Broker) -> None:
         broker.purge()
 
 
+def _warn(result: dict, warning: str) -> None:
+    """Add ``warning`` to the run's (one line; several joined by '; ')."""
+    result["warning"] = f"{result['warning']}; {warning}" if "warning" in result else warning
+
+
 def _check_redis(result: dict, redis: Optional[MiniRedis], run: Run, prefix: str,
                  expected: int) -> None:
-    if redis is None or run.state != "redis":
+    if redis is None:
+        return
+    if run.incr_key is not None:
+        # The INCR workload: every task (message) incremented the counter once.
+        value = redis.call("GET", run.incr_key)
+        counted = int(value) if value is not None else 0
+        result["incr_counter"] = counted
+        if counted != expected:
+            _warn(result, f"the INCR counter is {counted}, expected {expected}")
+    if run.state != "redis":
         return
     done = redis.call("ZCARD", f"{prefix}idx:state:succeeded")
     result["redis_succeeded"] = done
     if done != expected:
-        result["warning"] = (f"Redis holds {done} succeeded records, expected {expected}: "
-                             "state writes were queued or lost")
+        _warn(result, f"Redis holds {done} succeeded records, expected {expected}: "
+                      "state writes were queued or lost")
 
 
 def _check_handlings(result: dict, run: Run, data: dict, tasks: int) -> None:
     """Each task started as often as its configuration says (twice: retried once)."""
     expected = tasks * run.handlings
     if data.get("starts", expected) != expected:
-        result.setdefault("warning", f"{data['starts']} attempts started for {tasks} tasks, "
-                                     f"expected {expected}")
+        _warn(result, f"{data['starts']} attempts started for {tasks} tasks, "
+                      f"expected {expected}")
 
 
 def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
@@ -586,6 +658,8 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         result["system_us_per_task"] = 1e6 * data["system_s"] / tasks
         for server, seconds in server_cpu().items():
             result[f"{server}_us_per_task"] = 1e6 * (seconds - servers[server]) / tasks
+        result["server_us_per_task"] = (result["rabbitmq_us_per_task"]
+                                        + result["redis_us_per_task"])
         result["drain_s"] = drain
         result["startup_s"] = data["first_start"] - began
         result["queued_p50_ms"] = 1000 * percentile(data["latencies"], 50)
@@ -594,7 +668,7 @@ def throughput_run(name: str, broker: Broker, args: argparse.Namespace, url: str
         _check_redis(result, redis, run, prefix, args.tasks)
         mismatch = run.mismatched_queue()
         if mismatch:
-            result.setdefault("warning", mismatch)
+            _warn(result, mismatch)
     finally:
         _finish(run, result, broker)
     return result
@@ -629,8 +703,8 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
         result["max_ms"] = 1000 * max(data["latencies"])
         result["peak_rss_kb"] = peak_rss_kb(run.pid)
         if result["paced_rate"] < 0.9 * rate:
-            result["warning"] = (f"the publisher reached only {result['paced_rate']:.0f} of "
-                                 f"{rate:.0f} messages/s")
+            _warn(result, f"the publisher reached only {result['paced_rate']:.0f} of "
+                          f"{rate:.0f} messages/s")
         _check_redis(result, redis, run, prefix, warmup + count)
     finally:
         _finish(run, result, broker)
@@ -700,6 +774,8 @@ def summarise(throughput: list, latency: list) -> dict:
                                      if tp else None),
             "redis_us_per_task": (statistics.median(r["redis_us_per_task"] for r in tp)
                                   if tp else None),
+            "server_us_per_task": (statistics.median(r["server_us_per_task"] for r in tp)
+                                   if tp else None),
             "paced_rate": statistics.median(r["paced_rate"] for r in lat) if lat else None,
             "p50_ms": statistics.median(r["p50_ms"] for r in lat) if lat else None,
             "p99_ms": statistics.median(r["p99_ms"] for r in lat) if lat else None,
@@ -715,37 +791,62 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> str:
-    base = (summary.get("baseline") or {}).get("tasks_per_s")
-    width = 94
+def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    return value / base if value and base else None
+
+
+def _paired(summary: dict, name: str, base: str) -> list:
+    """``name``'s tasks/s over ``base``'s, repeat by repeat (runs one after the other)."""
+    mine = (summary.get(name) or {}).get("tasks_per_s_by_repeat", {})
+    theirs = (summary.get(base) or {}).get("tasks_per_s_by_repeat", {})
+    return [mine[k] / v for k, v in sorted(theirs.items()) if k in mine and v]
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(summary: dict, args: argparse.Namespace, rates: dict) -> str:
+    width = 113
     lines = [
         f"quebert throughput benchmark, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{os.cpu_count()} CPUs: {args.tasks} pre-filled tasks, prefetch {PREFETCH}, "
         f"{args.queue_type} queues, {args.repeat} repeat(s), medians",
         "",
-        f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'CPU us':>7} {'paced/s':>8} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}",
+        f"{'configuration':<34} {'tasks/s':>8} {'ratio':>6} {'CPU us':>7} {'srv us':>7} "
+        f"{'srv x':>6} {'paced/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}",
         "-" * width,
     ]
-    for name in CONFIGS:
-        s = summary.get(name)
-        if s is None:
+    titles = {"noop": "no-op task; ratios to baseline",
+              "incr": "one Redis INCR per task; ratios to baseline-incr"}
+    for workload in ("noop", "incr"):
+        names = [n for n in CONFIGS if WORKLOADS[n] == workload and n in summary]
+        if not names:
             continue
-        tps = s["tasks_per_s"]
-        ratio = f"{tps / base:.2f}x" if base and tps else "-"
-        lines.append(
-            f"{LABELS[name]:<34} {_fmt(tps, '8.0f'):>8} {ratio:>6} "
-            f"{_fmt(s['cpu_us_per_task'], '7.0f'):>7} "
-            f"{_fmt(s['paced_rate'], '8.0f'):>8} {_fmt(s['p50_ms'], '7.2f'):>7} "
-            f"{_fmt(s['p99_ms'], '7.2f'):>7} {_fmt(s['peak_rss_mb'], '7.1f'):>7}"
-        )
+        base = summary.get(BASELINES[workload]) or {}
+        lines.append(f"  {titles[workload]}")
+        for name in names:
+            s = summary[name]
+            ratio = _ratio(s["tasks_per_s"], base.get("tasks_per_s"))
+            srv_ratio = _ratio(s["server_us_per_task"], base.get("server_us_per_task"))
+            lines.append(
+                f"{LABELS[name]:<34} {_fmt(s['tasks_per_s'], '8.0f'):>8} "
+                f"{_fmt(ratio, '.2f') + 'x' if ratio else '-':>6} "
+                f"{_fmt(s['cpu_us_per_task'], '7.0f'):>7} "
+                f"{_fmt(s['server_us_per_task'], '7.0f'):>7} "
+                f"{_fmt(srv_ratio, '.2f') + 'x' if srv_ratio else '-':>6} "
+                f"{_fmt(s['paced_rate'], '8.0f'):>8} {_fmt(s['p50_ms'], '7.2f'):>7} "
+                f"{_fmt(s['p99_ms'], '7.2f'):>7} {_fmt(s['peak_rss_mb'], '7.1f'):>7}"
+            )
+    paced = ", ".join(f"{w} {_fmt(r, '.0f')}/s" for w, r in rates.items() if r)
     lines += [
         "-" * width,
         "tasks/s: draining a pre-filled queue, from the first task start to the last ack;",
-        "ratio: tasks/s over the baseline's.  CPU us: CPU time of the consumer process per",
-        "task while draining.  p50/p99: enqueue (created_at) to task start",
-        f"while one publisher sends at a common rate of {_fmt(rate, '.0f')}/s "
-        f"({args.paced_fraction:.0%} of the slowest",
+        "ratio: tasks/s over the workload's baseline's.  CPU us: CPU time of the consumer",
+        "process per task while draining.  srv us: CPU of RabbitMQ + Redis per task over",
+        "the same drain; srv x: over the workload's baseline's.  p50/p99: enqueue",
+        "(created_at) to task start while one publisher sends at a common rate per",
+        f"workload ({paced or 'not measured'}: {args.paced_fraction:.0%} of the slowest",
         "configuration's tasks/s, so that no consumer is saturated).  Peak RSS: VmHWM.",
     ]
     lines.append("")
@@ -758,31 +859,78 @@ def report(summary: dict, args: argparse.Namespace, rate: Optional[float]) -> st
                          f"{_fmt(s['rabbitmq_us_per_task'], '.0f')}, Redis "
                          f"{_fmt(s['redis_us_per_task'], '.0f')}; start-up "
                          f"{_fmt(s['startup_s'], '.2f')} s")
-    target = summary.get(TARGET_CONFIG) or {}
     # The load of a shared machine drifts: the ratio of runs made one after
     # the other (same repeat) shows how much of the spread is drift.
-    paired = [target["tasks_per_s_by_repeat"][k] / v for k, v in
-              sorted((summary.get("baseline") or {}).get("tasks_per_s_by_repeat", {}).items())
-              if k in target.get("tasks_per_s_by_repeat", {}) and v]
-    if paired:
-        lines.append(f"  {TARGET_CONFIG} / baseline of the same repeat: "
-                     f"{', '.join(f'{p:.2f}x' for p in paired)} "
-                     f"(median {statistics.median(paired):.2f}x)")
+    for name, base in ((TARGET_CONFIG, "baseline"), (INCR_TARGET_CONFIG, "baseline-incr"),
+                       ("memory-incr", "baseline-incr")):
+        paired = _paired(summary, name, base)
+        if paired:
+            lines.append(f"  {name} / {base} of the same repeat: "
+                         f"{', '.join(f'{p:.2f}x' for p in paired)} "
+                         f"(median {statistics.median(paired):.2f}x)")
     for name, s in summary.items():
         for warning in s["warnings"]:
             lines.append(f"WARNING {name}: {warning}")
         for error in s["errors"]:
             lines.append(f"ERROR {name}: {error.splitlines()[0]}")
     lines.append("")
-    if base and target.get("tasks_per_s"):
-        ratio = target["tasks_per_s"] / base
-        verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
-        lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: {verdict} "
-                     f"({ratio:.2f}x: {target['tasks_per_s']:.0f} vs {base:.0f} tasks/s)")
-    else:
-        lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: "
-                     "not measured")
+    if any(WORKLOADS[n] == "noop" for n in summary):
+        base = (summary.get("baseline") or {}).get("tasks_per_s")
+        target = summary.get(TARGET_CONFIG) or {}
+        if base and target.get("tasks_per_s"):
+            ratio = target["tasks_per_s"] / base
+            lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: "
+                         f"{_verdict(ratio >= TARGET_RATIO)} "
+                         f"({ratio:.2f}x: {target['tasks_per_s']:.0f} vs {base:.0f} tasks/s)")
+        else:
+            lines.append(f"TARGET {LABELS[TARGET_CONFIG]} >= {TARGET_RATIO}x baseline: "
+                         "not measured")
+    if any(WORKLOADS[n] == "incr" for n in summary):
+        lines += incr_targets(summary, rates.get("incr"))
     return "\n".join(lines)
+
+
+def incr_targets(summary: dict, rate: Optional[float]) -> list:
+    """Issue 16's targets on the INCR workload, PASS or FAIL (reported, not asserted)."""
+    base = summary.get("baseline-incr") or {}
+    redis = summary.get(INCR_TARGET_CONFIG) or {}
+    memory = summary.get("memory-incr") or {}
+    lines = []
+    label = f"TARGET {INCR_TARGET_CONFIG}"
+    ratio = _ratio(redis.get("tasks_per_s"), base.get("tasks_per_s"))
+    if ratio:
+        lines.append(f"{label} drain >= {INCR_TARGET_RATIO}x baseline-incr: "
+                     f"{_verdict(ratio >= INCR_TARGET_RATIO)} ({ratio:.2f}x: "
+                     f"{redis['tasks_per_s']:.0f} vs {base['tasks_per_s']:.0f} tasks/s)")
+    else:
+        lines.append(f"{label} drain >= {INCR_TARGET_RATIO}x baseline-incr: not measured")
+    ratio = _ratio(redis.get("server_us_per_task"), base.get("server_us_per_task"))
+    if ratio:
+        lines.append(f"{label} RabbitMQ + Redis CPU per task <= {INCR_TARGET_SERVER_RATIO}x "
+                     f"baseline-incr's: {_verdict(ratio <= INCR_TARGET_SERVER_RATIO)} "
+                     f"({ratio:.2f}x: {redis['server_us_per_task']:.0f} vs "
+                     f"{base['server_us_per_task']:.0f} us)")
+    else:
+        lines.append(f"{label} RabbitMQ + Redis CPU per task <= {INCR_TARGET_SERVER_RATIO}x "
+                     "baseline-incr's: not measured")
+    if redis.get("p50_ms") is not None:
+        ok = redis["p50_ms"] <= INCR_TARGET_P50_MS and redis["p99_ms"] <= INCR_TARGET_P99_MS
+        lines.append(f"{label} latency p50 <= {INCR_TARGET_P50_MS} ms and p99 <= "
+                     f"{INCR_TARGET_P99_MS} ms at {_fmt(rate, '.0f')}/s: {_verdict(ok)} "
+                     f"(p50 {redis['p50_ms']:.2f} ms, p99 {redis['p99_ms']:.2f} ms; "
+                     f"baseline-incr {_fmt(base.get('p50_ms'), '.2f')} / "
+                     f"{_fmt(base.get('p99_ms'), '.2f')} ms)")
+    else:
+        lines.append(f"{label} latency p50 <= {INCR_TARGET_P50_MS} ms and p99 <= "
+                     f"{INCR_TARGET_P99_MS} ms at half load: not measured")
+    if memory.get("tasks_per_s") and redis.get("tasks_per_s"):
+        ratio = memory["tasks_per_s"] / redis["tasks_per_s"]
+        lines.append(f"TARGET memory-incr faster than {INCR_TARGET_CONFIG}: "
+                     f"{_verdict(ratio > 1)} ({ratio:.2f}x: {memory['tasks_per_s']:.0f} vs "
+                     f"{redis['tasks_per_s']:.0f} tasks/s)")
+    else:
+        lines.append(f"TARGET memory-incr faster than {INCR_TARGET_CONFIG}: not measured")
+    return lines
 
 
 # -- main -------------------------------------------------------------------------
@@ -801,9 +949,16 @@ def parse_args(argv: list) -> argparse.Namespace:
                              "throughput [default: 0.5]")
     parser.add_argument("--paced-rate", type=float,
                         help="paced rate in messages/s (overrides --paced-fraction)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                        help=f"comma-separated subset of {', '.join(CONFIGS)} "
-                             "[default: all but redis-retry]")
+    parser.add_argument("--configs",
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}; the "
+                             "baseline of each workload in it always runs [default: those "
+                             f"of --workload but {' and '.join(sorted(OPT_IN))}]")
+    parser.add_argument("--workload", choices=sorted(DEFAULT_CONFIGS), default="both",
+                        help="without --configs: the no-op task's configurations, the INCR "
+                             "task's (one Redis INCR per task), or both [default: both]")
+    parser.add_argument("--long", type=int, metavar="N",
+                        help="instead: the long run of bench_long.py (flat memory over N "
+                             "tasks drained; its options: bench_long.py --help)")
     parser.add_argument("--queue-type", choices=QUEUE_TYPES, default="classic",
                         help="type of the work queue, declared as quebert declares it, and "
                              "the workers' --queue-type [default: classic, as the figures "
@@ -822,12 +977,22 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true",
                         help="keep the working directory (worker logs)")
     args = parser.parse_args(argv)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if args.configs is None:
+        args.configs = list(DEFAULT_CONFIGS[args.workload])
+    else:
+        args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
-    if "baseline" not in args.configs:
-        args.configs.insert(0, "baseline")
+    # Each workload's baseline runs first in every repeat; the workloads run
+    # one after the other (no-op, then INCR).
+    ordered = []
+    for workload in ("noop", "incr"):
+        names = [c for c in args.configs if WORKLOADS[c] == workload]
+        if names:
+            base = BASELINES[workload]
+            ordered += [base] + [c for c in dict.fromkeys(names) if c != base]
+    args.configs = ordered
     if args.tasks < 100 or args.repeat < 1:
         parser.error("--tasks must be >= 100 and --repeat >= 1")
     if args.profile:
@@ -844,9 +1009,20 @@ def consume_main(argv: list) -> None:
     parser.add_argument("--prefetch", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--incr", action="store_true")
     a = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    baseline_consumer(a.url, a.queue, a.prefetch, a.out, a.fast)
+    baseline_consumer(a.url, a.queue, a.prefetch, a.out, a.fast, a.incr)
+
+
+def _long_argv(argv: list) -> Optional[list]:
+    """``--long N [options]``: bench_long.py's arguments (``--tasks N``), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--long" and i + 1 < len(argv):
+            return ["--tasks", argv[i + 1], *argv[:i], *argv[i + 2:]]
+        if arg.startswith("--long="):
+            return ["--tasks", arg.split("=", 1)[1], *argv[:i], *argv[i + 1:]]
+    return None
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -922,13 +1098,19 @@ def main(argv: Optional[list] = None) -> int:
     if argv[:1] == ["_consume"]:
         consume_main(argv[1:])
         return 0
+    long_argv = _long_argv(argv)
+    if long_argv is not None:
+        from bench import bench_long
+
+        return bench_long.main(long_argv)
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
 
     throughput: list = []
     latency: list = []
-    rate: Optional[float] = args.paced_rate
-    use_redis = any(CONFIGS[c][2] == "redis" for c in args.configs)
+    #: Paced rate of the latency runs, per workload.
+    rates: dict = {}
+    use_redis = any(CONFIGS[c][2] == "redis" or WORKLOADS[c] == "incr" for c in args.configs)
     with environment(args.amqp, args.redis_url, use_redis, args.keep) as env:
         broker = None
         try:
@@ -954,15 +1136,22 @@ def main(argv: Optional[list] = None) -> int:
                     if r is not None:
                         log(f"  {r['tasks_per_s']:.0f} tasks/s (start-up {r['startup_s']:.2f} "
                             f"s, peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB)")
-            if rate is None and any("tasks_per_s" in r for r in throughput):
-                slowest = min(statistics.median(r["tasks_per_s"] for r in throughput
-                                                if r["config"] == c and "tasks_per_s" in r)
-                              for c in {r["config"] for r in throughput
-                                        if "tasks_per_s" in r})
-                rate = slowest * args.paced_fraction
-            if rate and not args.profile and not args.no_latency:
+            for workload in dict.fromkeys(WORKLOADS[c] for c in args.configs):
+                measured = {r["config"] for r in throughput
+                            if "tasks_per_s" in r and WORKLOADS[r["config"]] == workload}
+                if args.paced_rate:
+                    rates[workload] = args.paced_rate
+                elif measured:
+                    slowest = min(statistics.median(r["tasks_per_s"] for r in throughput
+                                                    if r["config"] == c and "tasks_per_s" in r)
+                                  for c in measured)
+                    rates[workload] = slowest * args.paced_fraction
+            if rates and not args.profile and not args.no_latency:
                 for repeat in range(args.repeat):
                     for name in args.configs:
+                        rate = rates.get(WORKLOADS[name])
+                        if not rate:
+                            continue
                         r = attempt(latency, "latency", latency_run, name, repeat, rate)
                         if r is not None:
                             log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
@@ -972,7 +1161,7 @@ def main(argv: Optional[list] = None) -> int:
                 broker.close()
 
     summary = summarise(throughput, latency)
-    text = report(summary, args, rate)
+    text = report(summary, args, rates)
     print(text)
     for r in throughput:
         if r.get("profile") and os.path.exists(r["profile"]):
@@ -980,7 +1169,7 @@ def main(argv: Optional[list] = None) -> int:
             print(hotspots(r["profile"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "rate": rate, "throughput": throughput,
+            json.dump({"args": vars(args), "rates": rates, "throughput": throughput,
                        "latency": latency, "summary": summary}, f,
                       indent=1, default=str)
     return 0
