@@ -28,7 +28,8 @@ Kept apart, so that this module is the path: :mod:`quebert._intake` (which
 deliveries start now, control commands, the drain at shutdown; the base
 class), :mod:`quebert._redelivery` (which copy of a task runs: redelivered,
 parked, duplicate), :mod:`quebert._republish` (what the retry, errored and
-re-delayed copies carry) and :mod:`quebert._driven` (the coroutine runner).
+re-delayed copies carry), :mod:`quebert._url_task` (a URL task's request)
+and :mod:`quebert._driven` (the coroutine runner).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from quebert import protocol
 from quebert._intake import Intake
 from quebert._redelivery import Redelivery
 from quebert._republish import delayed_copy, error_info, errored_copy, refused_copy, retry_copy
+from quebert._url_task import DEFAULT_DISPATCH_DEADLINE, URL_DEFINITION, dispatch
 from quebert.current import running_task
 from quebert.errors import (
     DispatchError,
@@ -62,16 +64,13 @@ from quebert.protocol import (
     H_ATTEMPT_BASE,
     H_ATTEMPTS,
     H_ERROR_TYPE,
-    H_EXECUTIONS,
     H_FIRST_ATTEMPT,
     H_NOT_BEFORE,
     H_PARKED,
-    H_PREVIOUS_RESPONSE,
     URL,
-    URL_TASK,
     TaskMessage,
 )
-from quebert.registry import REACTOR, Registry, TaskDefinition, default_registry
+from quebert.registry import Registry, TaskDefinition, default_registry
 from quebert.results import check_result
 from quebert.retry import RetryPolicy
 from quebert.state.interface import CANCELED, DUPLICATE, FAILED, SCHEDULED, SUCCEEDED
@@ -81,22 +80,12 @@ log = Logger(namespace="quebert.mediator")
 
 #: A task arriving this many seconds or more before its due time is delayed again.
 EARLY_TOLERANCE = 1.0
-#: Seconds a URL task's request may take unless its message or queue says.
-DEFAULT_DISPATCH_DEADLINE = 600.0
 
 _CONTEXT_RENAMED = ("Task.context is deprecated: use Task.scratch, the same dict (the "
                     "producer's context is task.message.context)")
 
 #: Makes a call task the running one for ``quebert.current_task()``.
 _set_running = running_task.set
-
-
-def _no_callable(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("URL tasks are dispatched, not called")
-
-
-#: What the mediator's machinery (retry policy, hooks) sees of URL tasks.
-URL_DEFINITION = TaskDefinition(name=URL_TASK, fn=_no_callable, executor=REACTOR)
 
 
 def default_worker_id() -> str:
@@ -377,7 +366,7 @@ class Mediator(Intake):
         """Run one attempt and settle it (with every copy met meanwhile)."""
         try:
             if task.message.kind == URL:
-                task.running = self._dispatch(task)
+                task.running = dispatch(self.dispatcher, task, self.timeout_for(task))
             else:
                 task.running = self.executor.run(task.definition, task.args, task.kwargs,
                                                  self.timeout_for(task))
@@ -415,27 +404,6 @@ class Mediator(Intake):
         else:
             await self._run_error_hooks(task, failure)
             await self.on_failure(task, failure)
-
-    def _dispatch(self, task: Task) -> defer.Deferred:
-        """Make a URL task's request with the ``X-Quebert-*`` headers."""
-        from quebert.dispatch import URLRequest
-
-        message = task.message
-        headers = task.delivery.headers or {}
-        extra = {
-            "X-Quebert-QueueName": task.queue,
-            "X-Quebert-TaskName": message.name or message.id,
-            "X-Quebert-TaskRetryCount": str(task.attempt - 1),
-            "X-Quebert-TaskExecutionCount": str(protocol.int_header(headers, H_EXECUTIONS)),
-            "X-Quebert-TaskETA": f"{message.eta or message.created_at or task.started_at:.6f}",
-        }
-        previous = protocol.int_header(headers, H_PREVIOUS_RESPONSE)
-        if previous:
-            extra["X-Quebert-TaskPreviousResponse"] = str(previous)
-        request = URLRequest(url=message.url, method=message.method,
-                             headers=dict(message.headers), body=message.body)
-        return self.dispatcher.dispatch(request, queue=task.queue,
-                                        deadline=self.timeout_for(task), extra_headers=extra)
 
     async def _canceled_before_start(self, delivery: Any, message: TaskMessage,
                                      previous: int) -> None:
