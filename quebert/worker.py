@@ -472,17 +472,20 @@ class WorkerService(_StopSignals, MultiService):
         self._redis = None
         if state is None:
             if config.state == "memory":
+                # in process: it cannot be down, so it needs no ResilientStateManager
+                # (which would double its cost per task)
                 state = MemoryStateManager(finished_ttl=config.state_ttl, clock=reactor,
                                            name_tombstone=config.name_tombstone)
             elif config.state == "redis":
                 self._redis = connect_redis(config.redis_url, reactor=reactor)
-                state = RedisStateManager(self._redis, prefix=config.state_prefix,
-                                          finished_ttl=config.state_ttl,
-                                          name_tombstone=config.name_tombstone)
+                state = ResilientStateManager(
+                    RedisStateManager(self._redis, prefix=config.state_prefix,
+                                      finished_ttl=config.state_ttl,
+                                      name_tombstone=config.name_tombstone),
+                    clock=reactor)
             else:
                 raise ConfigurationError(
                     f"state backend must be 'redis' or 'memory', not {config.state!r}")
-            state = ResilientStateManager(state, clock=reactor)
         self.state = state
 
         threads = config.threads or min(config.max_running_tasks, 50)
