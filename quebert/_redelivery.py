@@ -75,6 +75,7 @@ class Redelivery:
 
     def __init__(self, mediator: Mediator) -> None:
         self.mediator = mediator
+        # The mediator's dict itself: claim() runs for every delivery.
         self._running = mediator.running
         #: Tasks on their way to starting here, with the copies waiting
         #: behind (``None`` when none waits).

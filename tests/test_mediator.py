@@ -1306,6 +1306,51 @@ class QueueOfOriginTests(MediatorTestCase):
         self.assertNotIn("elsewhere", worker.broker.errored)
 
 
+class RedeliveryClaimTests(SynchronousTestCase):
+    """
+    quebert._redelivery.Redelivery.claim/release: one copy of a task at a
+    time goes on towards starting in a worker.
+    """
+
+    class Running:
+        def __init__(self, delivery):
+            self.delivery, self.attempt, self.copies = delivery, 1, None
+
+    def redelivery(self):
+        from quebert._redelivery import Redelivery
+
+        class Mediator:
+            running = {}
+
+        return Redelivery(Mediator())
+
+    def test_the_only_copy_is_claimed_at_once(self):
+        """The common case costs no coroutine: claim() answers None."""
+        redelivery = self.redelivery()
+        self.assertIsNone(redelivery.claim(object(), "t1"))
+        redelivery.release("t1")
+        self.assertEqual(redelivery.preparing, {})
+
+    def test_a_second_copy_waits_for_the_first_to_be_released(self):
+        redelivery = self.redelivery()
+        self.assertIsNone(redelivery.claim(object(), "t1"))
+        second = defer.ensureDeferred(redelivery.claim(object(), "t1"))
+        self.assertNoResult(second)
+        redelivery.release("t1")
+        self.assertIs(self.successResultOf(second), True)
+        redelivery.release("t1")
+        self.assertEqual(redelivery.preparing, {})
+
+    def test_a_copy_of_the_attempt_running_here_joins_it(self):
+        redelivery = self.redelivery()
+        first, copy = object(), object()
+        running = redelivery.mediator.running["t1"] = self.Running(first)
+        self.assertIs(self.successResultOf(defer.ensureDeferred(
+            redelivery.claim(copy, "t1"))), False)
+        self.assertEqual(running.copies, [copy])
+        self.assertEqual(redelivery.preparing, {})
+
+
 class DrivenTests(SynchronousTestCase):
     """quebert._driven.Driven runs a coroutine as ensureDeferred would."""
 
