@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import attrs
 
@@ -57,7 +57,12 @@ class WorkerConfig:
     state: str = "redis"
     redis_url: str = DEFAULT_REDIS_URL
     state_prefix: str = "quebert:"
-    state_ttl: float = 24 * 3600.0
+    #: Seconds every finished record is kept (0: forever), where
+    #: ``state_retention`` does not say otherwise; ``None``: the defaults
+    #: by outcome (:data:`quebert.state._records.DEFAULT_RETENTION`).
+    state_ttl: Optional[float] = None
+    #: Seconds kept by outcome (``succeeded``, ``failed``, ``canceled``).
+    state_retention: dict = attrs.field(factory=dict)
     errored_ttl_ms: Optional[int] = 7 * 24 * 3600 * 1000
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     shutdown_timeout: float = 30.0
@@ -92,6 +97,12 @@ class WorkerConfig:
     #: Aliases of registered tasks, ``{legacy name: registered name}``: the
     #: ``func`` names guillotina_amqp producers send (see Registry.alias).
     legacy_tasks: dict = attrs.field(factory=dict)
+
+    def retention(self) -> Dict[str, float]:
+        """Seconds a finished record is kept, by outcome (0: forever)."""
+        from quebert.state._records import retention
+
+        return retention(self.state_ttl, self.state_retention)
 
     def dispatch_settings(self) -> Any:
         """The URL-task settings (defaults when the config has no ``dispatch`` block)."""
@@ -254,6 +265,38 @@ def _positive(value: Any, what: str, integer: bool = False) -> Any:
     return number
 
 
+def parse_retention(value: Any, what: str) -> Dict[str, float]:
+    """
+    Seconds kept by outcome: a JSON object, or the command line's text
+    ``succeeded=3600,failed=604800``.
+    """
+    if isinstance(value, str):
+        pairs = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            outcome, sep, seconds = part.partition("=")
+            if not sep:
+                raise ConfigurationError(
+                    f"{what} is OUTCOME=SECONDS,... (succeeded, failed, canceled), not {value!r}")
+            try:
+                pairs[outcome.strip()] = float(seconds)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{what}: {outcome.strip()}'s seconds must be a number, not {seconds!r}")
+        value = pairs
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{what} must be an object of seconds by outcome "
+                                 f"(succeeded, failed, canceled), not {value!r}")
+    kept = {outcome: _non_negative(seconds, f"{what}.{outcome}")
+            for outcome, seconds in value.items()}
+    from quebert.state._records import retention
+
+    try:
+        retention(None, kept)
+    except ValueError as e:
+        raise ConfigurationError(f"{what}: {e}")
+    return kept
+
+
 def _non_negative(value: Any, what: str, integer: bool = False) -> Any:
     number = _number(value, what, integer)
     if number < 0:
@@ -340,6 +383,8 @@ def from_mapping(data: Mapping[str, Any]) -> WorkerConfig:
     config.state_prefix = state.get("prefix", config.state_prefix)
     if "ttl" in state:
         config.state_ttl = _non_negative(state["ttl"], "state.ttl")
+    if "retention" in state:
+        config.state_retention = parse_retention(state["retention"], "state.retention")
 
     for key in ("shutdown_timeout",):
         if key in data:

@@ -25,6 +25,7 @@ from quebert.config import (
     from_mapping,
     load_file,
     parse_queue_option,
+    parse_retention,
 )
 from quebert.errors import ConfigurationError
 from quebert.state.redis import parse_redis_url
@@ -67,6 +68,9 @@ class Options(usage.Options):
         ["log-level", None, None, "Lowest level of per-task events to log [default: info]."],
         ["name-tombstone", None, None, "Seconds a finished task's unique name stays taken "
          "[default: 3600]."],
+        ["state-retention", None, None, "Seconds finished records are kept, by outcome: "
+         "OUTCOME=SECONDS,... (0: forever) [default: succeeded=3600,failed=604800,"
+         "canceled=604800]."],
         ["beacon-interval", None, None, "Seconds between liveness beacons on each AMQP "
          "connection; 0 disables [default: 5]."],
         ["stuck-consumer-timeout", None, None, "Seconds a consumer with spare capacity may "
@@ -183,6 +187,9 @@ def build_config(options: Any) -> WorkerConfig:
         config.log_level = check_log_level(options["log-level"], "--log-level")
     if options["name-tombstone"]:
         config.name_tombstone = _float(options["name-tombstone"], "name-tombstone")
+    if options["state-retention"]:
+        config.state_retention = {**config.state_retention, **parse_retention(
+            options["state-retention"], "--state-retention")}
     if options["beacon-interval"] is not None:
         config.beacon_interval = _float(options["beacon-interval"], "beacon-interval")
     if options["stuck-consumer-timeout"] is not None:

@@ -402,7 +402,7 @@ class ApiService(_StopSignals, MultiService):
         if config.state == "redis":
             self._redis = connect_redis(config.redis_url, reactor=reactor)
             state = RedisStateManager(self._redis, prefix=config.state_prefix,
-                                      finished_ttl=config.state_ttl,
+                                      retention=config.retention(),
                                       name_tombstone=config.name_tombstone)
         else:
             raise ConfigurationError("quebert-api reads task state from Redis; "
@@ -474,13 +474,13 @@ class WorkerService(_StopSignals, MultiService):
             if config.state == "memory":
                 # in process: it cannot be down, so it needs no ResilientStateManager
                 # (which would double its cost per task)
-                state = MemoryStateManager(finished_ttl=config.state_ttl, clock=reactor,
+                state = MemoryStateManager(retention=config.retention(), clock=reactor,
                                            name_tombstone=config.name_tombstone)
             elif config.state == "redis":
                 self._redis = connect_redis(config.redis_url, reactor=reactor)
                 state = ResilientStateManager(
                     RedisStateManager(self._redis, prefix=config.state_prefix,
-                                      finished_ttl=config.state_ttl,
+                                      retention=config.retention(),
                                       name_tombstone=config.name_tombstone),
                     clock=reactor)
             else:

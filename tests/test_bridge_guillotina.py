@@ -19,6 +19,7 @@ from quebert.bridge.guillotina.api import _callback_target, container_task_id
 from quebert.bridge.guillotina.auth import ServiceTokenValidator
 from quebert.bridge.guillotina.bridge import get_bridge, job_data
 from quebert.bridge.guillotina.settings import DEFAULTS, BridgeSettings
+from quebert.bridge.guillotina.state import BridgeState
 from quebert.errors import ConfigurationError, InvalidMessage, SerializationError
 from quebert.registry import TaskFunction, default_registry
 from tests.guillotina_bridge_tasks import touch
@@ -44,6 +45,9 @@ class SettingsTests(SynchronousTestCase):
                            ("exchange", "quebert\n"),
                            ("queue_type", "stream"), ("redis_url", "x://"),
                            ("state_ttl", -1), ("publish_timeout", 0),
+                           ("state_retention", {"running": 60}),
+                           ("state_retention", {"failed": -1}),
+                           ("state_retention", [60]),
                            ("callback_url", "/relative"),
                            ("callback_url", "http://user:pw@app"),
                            ("service_token", "short"), ("service_token", "has space " * 3),
@@ -51,6 +55,19 @@ class SettingsTests(SynchronousTestCase):
             with self.assertRaises(ConfigurationError, msg=key) as raised:
                 BridgeSettings.from_mapping({key: value})
             self.assertIn(key, str(raised.exception))
+
+    def test_retention_by_outcome_as_the_workers_have_it(self) -> None:
+        """The bridge's writes (a cancel) give records the workers' retention."""
+        settings = BridgeSettings.from_mapping({"state_retention": {"failed": 0}})
+        self.assertEqual((settings.state_ttl, settings.state_retention), (None, {"failed": 0.0}))
+        import redis.asyncio
+
+        client = redis.asyncio.Redis()  # (connects on first use only)
+        state = BridgeState(client, retention=settings.state_retention)
+        self.assertEqual(state._ttl_ms, "3600000,0,604800000")
+        self.assertEqual(state.finished_ttl, 0)
+        self.assertEqual(BridgeState(client, finished_ttl=60)._ttl_ms,
+                         "60000,60000,60000")
 
     def test_token_is_not_in_the_repr(self) -> None:
         settings = BridgeSettings.from_mapping({"service_token": TOKEN})

@@ -103,6 +103,19 @@ class AMQPBlockTests(SynchronousTestCase):
         config = from_mapping({"amqp": {"state_ttl": 60}, "state": {"ttl": 120}})
         self.assertEqual(config.state_ttl, 120.0)
 
+    def test_retention_defaults_by_outcome(self):
+        """Succeeded records an hour, failed and canceled ones a week."""
+        self.assertEqual(from_mapping({}).retention(),
+                         {"succeeded": 3600.0, "failed": 604800.0, "canceled": 604800.0})
+
+    def test_state_ttl_sets_every_outcome_the_retention_block_does_not_name(self):
+        config = from_mapping({"state": {"ttl": 120, "retention": {"failed": 0}}})
+        self.assertEqual(config.retention(),
+                         {"succeeded": 120.0, "failed": 0.0, "canceled": 120.0})
+        config = from_mapping({"state": {"retention": {"succeeded": 60}}})
+        self.assertEqual(config.retention(),
+                         {"succeeded": 60.0, "failed": 604800.0, "canceled": 604800.0})
+
     def test_state_block(self):
         config = from_mapping({"state": {"backend": "memory", "url": "redis://r:6379/2",
                                          "prefix": "q:"}})
@@ -281,6 +294,15 @@ class BadValueTests(SynchronousTestCase):
             self.assertIn(word, str(e))
         return e
 
+    def test_retention_of_an_unknown_outcome(self):
+        self.assertBad({"state": {"retention": {"running": 60}}}, "state.retention",
+                       "'running'")
+
+    def test_retention_must_be_seconds(self):
+        self.assertBad({"state": {"retention": {"failed": -1}}}, "state.retention.failed")
+        self.assertBad({"state": {"retention": {"failed": "a week"}}}, "state.retention.failed")
+        self.assertBad({"state": {"retention": [60]}}, "state.retention")
+
     def test_max_running_tasks(self):
         self.assertBad({"amqp": {"max_running_tasks": 0}}, "max_running_tasks")
         self.assertBad({"amqp": {"max_running_tasks": "many"}}, "max_running_tasks", "many")
@@ -428,6 +450,15 @@ class TapOptionsTests(SynchronousTestCase):
         self.assertEqual(config.mediator, DEFAULT_MEDIATOR)
         self.assertEqual(config.tasks, [])
         self.assertEqual(config.queues, [])
+
+    def test_state_retention_option(self):
+        """--state-retention OUTCOME=SECONDS,... over the file's state.retention."""
+        path = self.write_config({"state": {"retention": {"succeeded": 10, "canceled": 20}}})
+        config = self.parse("--config", path, "--state-retention", "succeeded=60, failed=0")
+        self.assertEqual(config.retention(),
+                         {"succeeded": 60.0, "failed": 0.0, "canceled": 20.0})
+        self.assertIn("OUTCOME=SECONDS", self.bad("--state-retention", "60"))
+        self.assertIn("'queued'", self.bad("--state-retention", "queued=60"))
 
     def test_command_line_overrides_file(self):
         path = self.write_config({

@@ -672,6 +672,27 @@ class MemoryStateTests(StateContractMixin, TestCase):
         self.assertEqual(kind, "state")
         return list(manager._states[name].newest())
 
+    def test_retention_differs_by_outcome(self) -> None:
+        """Each outcome expires after its own retention; 0 keeps it forever."""
+        manager = MemoryStateManager(clock=self.clock, finished_ttl=600,
+                                     retention={"succeeded": 60, "canceled": 0})
+        for task_id, outcome in (("s", SUCCEEDED), ("f", FAILED), ("c", CANCELED)):
+            self.successResultOf(manager.finished(task_id, outcome, 1, info(), T0))
+        self.clock.advance(60)
+        self.assertIsNone(self.successResultOf(manager.get("s")))
+        self.assertIsNotNone(self.successResultOf(manager.get("f")))
+        self.clock.advance(540)
+        self.assertIsNone(self.successResultOf(manager.get("f")))
+        self.clock.advance(10**7)
+        self.assertIsNotNone(self.successResultOf(manager.get("c")))
+
+    def test_default_retention_by_outcome(self) -> None:
+        """Without finished_ttl: an hour for succeeded records, a week for the others."""
+        manager = MemoryStateManager(clock=self.clock)
+        self.assertEqual(manager.retention,
+                         {"succeeded": 3600.0, "failed": 604800.0, "canceled": 604800.0})
+        self.assertEqual(manager.finished_ttl, 604800.0)
+
     def test_expiry_follows_the_clock_not_write_times(self) -> None:
         """Memory expiry counts from when the record was written, on the clock."""
         manager = self.make_manager(finished_ttl=60)

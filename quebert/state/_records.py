@@ -207,13 +207,24 @@ def check_list(state: Any, queue: Any, limit: Any, offset: Any) -> None:
             raise ValueError(f"{name} must be an int >= 0, not {value!r}")
 
 
-def retention(finished_ttl: Any, by_outcome: Optional[Mapping[str, Any]] = None
+#: Seconds a finished record is kept by default, by outcome: succeeded
+#: records are the bulk and rarely read after an hour; failures and
+#: cancellations are what people come back to look at.
+DEFAULT_RETENTION: Mapping[str, float] = {
+    "succeeded": 3600.0,
+    "failed": 7 * 24 * 3600.0,
+    "canceled": 7 * 24 * 3600.0,
+}
+
+
+def retention(finished_ttl: Any = None, by_outcome: Optional[Mapping[str, Any]] = None
               ) -> Dict[str, float]:
     """
     Seconds a finished record is kept, by outcome (``succeeded``,
-    ``failed``, ``canceled``; 0: forever): ``finished_ttl`` for each,
-    unless ``by_outcome`` names it.  Raises ``ValueError`` for an unknown
-    outcome or a value that is not a number >= 0.
+    ``failed``, ``canceled``; 0: forever): what ``by_outcome`` says, else
+    ``finished_ttl`` for every outcome, else :data:`DEFAULT_RETENTION`.
+    Raises ``ValueError`` for an unknown outcome or a value that is not a
+    number >= 0.
     """
     def seconds(value: Any, what: str) -> float:
         if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0 \
@@ -221,8 +232,11 @@ def retention(finished_ttl: Any, by_outcome: Optional[Mapping[str, Any]] = None
             raise ValueError(f"{what} must be a number of seconds >= 0, not {value!r}")
         return float(value)
 
-    default = seconds(finished_ttl, "finished_ttl")
-    kept = {state: default for state in FINISHED_STATES}
+    if finished_ttl is None:
+        kept = dict(DEFAULT_RETENTION)
+    else:
+        default = seconds(finished_ttl, "finished_ttl")
+        kept = {state: default for state in FINISHED_STATES}
     for state, value in (by_outcome or {}).items():
         if state not in FINISHED_STATES:
             raise ValueError(f"retention is set by outcome ({', '.join(sorted(FINISHED_STATES))}),"
@@ -628,3 +642,8 @@ def decode_stalled(fields: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
         return None
     culprit = {"1": True, "0": False}.get(str(fields.get("stalled_culprit") or ""))
     return {"attempt": attempt, "at": at, "for": stalled_for, "culprit": culprit}
+
+
+def longest(kept: Mapping[str, float]) -> float:
+    """The longest of a retention by outcome (0, forever, when one is 0)."""
+    return 0.0 if 0 in kept.values() else max(kept.values())

@@ -90,12 +90,15 @@ class MemoryStateManager:
     """
     :class:`IStateManager` in memory.
 
-    :param finished_ttl: seconds a finished record is kept (0: forever).
+    :param finished_ttl: seconds a finished record is kept (0: forever),
+        whatever its outcome; ``None``: ``DEFAULT_RETENTION``.
+    :param retention: seconds by outcome that differ from that.
     :param clock: ``IReactorTime`` used only to expire finished records;
         the global reactor when ``None``.
     """
 
-    def __init__(self, finished_ttl: float = 86400, clock: Optional[IReactorTime] = None,
+    def __init__(self, finished_ttl: Optional[float] = None,
+                 clock: Optional[IReactorTime] = None,
                  name_tombstone: float = 3600,
                  retention: Optional[Mapping[str, float]] = None) -> None:
         try:
@@ -105,7 +108,8 @@ class MemoryStateManager:
         if name_tombstone < 0:
             raise ConfigurationError(
                 f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
-        self.finished_ttl = finished_ttl
+        #: The longest retention (0: some outcome is kept forever).
+        self.finished_ttl = _records.longest(kept)
         #: Seconds a finished record is kept, by outcome (0: forever).
         self.retention: Dict[str, float] = kept
         self.name_tombstone = name_tombstone

@@ -120,10 +120,14 @@ class RedisStateManager:
         :func:`connect_redis`).
     :param prefix: prefix of every key, so that several deployments (or
         test runs) can share a database.
-    :param finished_ttl: seconds a finished record is kept (0: forever).
+    :param finished_ttl: seconds a finished record is kept (0: forever),
+        whatever its outcome; ``None``: ``DEFAULT_RETENTION`` (succeeded
+        records an hour, failed and canceled ones a week).
     :param retention: seconds by outcome (``succeeded``, ``failed``,
-        ``canceled``) that differ from ``finished_ttl``: see
-        :attr:`retention`.
+        ``canceled``) that differ from that: see :attr:`retention`.  The
+        retention a record gets is the one of whoever writes its outcome
+        (workers, or a cancel through the CLI or the API): give them the
+        same.
     :param timeout: seconds to wait for an answer before failing with
         :class:`StateError` (``None``: wait forever).
     :param clock: ``IReactorTime`` for the timeout; the global reactor when
@@ -152,7 +156,7 @@ class RedisStateManager:
         self,
         redis: Any,
         prefix: str = "quebert:",
-        finished_ttl: float = 86400,
+        finished_ttl: Optional[float] = None,
         *,
         timeout: Optional[float] = 5.0,
         clock: Optional[IReactorTime] = None,
@@ -169,7 +173,8 @@ class RedisStateManager:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, not {timeout!r}")
         self.redis = redis
         self.prefix = prefix
-        self.finished_ttl = finished_ttl
+        #: The longest retention (0: some outcome is kept forever).
+        self.finished_ttl = _records.longest(kept)
         self.timeout = timeout
         self._clock = clock
         if name_tombstone < 0:

@@ -70,7 +70,7 @@ class Bridge:
                                                 timeout=settings.publish_timeout)
         self.state = state or BridgeState.from_url(
             settings.redis_url, prefix=settings.state_prefix, finished_ttl=settings.state_ttl,
-            name_tombstone=settings.name_tombstone)
+            retention=settings.state_retention, name_tombstone=settings.name_tombstone)
         self._waiter: Optional[ResultWaiter] = None
         self._closed = False
 

@@ -12,7 +12,7 @@ the key, so that a misconfigured application does not start.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 from urllib.parse import urlsplit
 
 import attrs
@@ -21,6 +21,7 @@ from quebert.amqp.connection import split_amqp_urls
 from quebert.amqp.topology import QUEUE_TYPES
 from quebert.errors import ConfigurationError
 from quebert.protocol import QUEUE_RE
+from quebert.state._records import retention
 from quebert.state._redis_ops import parse_redis_url
 
 #: Id of the principal a request carrying the service token is authenticated as.
@@ -45,9 +46,15 @@ DEFAULTS: dict = {
     # Redis of the workers' state store, and its key prefix (--state-prefix).
     "redis_url": "redis://127.0.0.1:6379/0",
     "state_prefix": "quebert:",
-    # Seconds finished records are kept (the workers' state_ttl); also how long
-    # the per-container index and the debug copy of a task's message are kept.
-    "state_ttl": 86400,
+    # Seconds finished records are kept whatever their outcome (the workers'
+    # state.ttl; None: by outcome, as state_retention says); also, the
+    # longest, how long the per-container index and the debug copy of a
+    # task's message are kept.
+    "state_ttl": None,
+    # Seconds kept by outcome (the workers' state.retention), e.g.
+    # {"succeeded": 3600}; outcomes it does not name keep state_ttl, or the
+    # defaults: succeeded 3600, failed and canceled 604800.
+    "state_retention": {},
     # Seconds a unique task name stays taken after its task finished.
     "name_tombstone": 3600,
     # This application's base URL as the workers reach it: relative paths
@@ -72,6 +79,19 @@ def _seconds(settings: Mapping[str, Any], key: str, *, positive: bool) -> float:
             f'app_settings["quebert"]["{key}"] must be a number of seconds {bound}, '
             f"not {value!r}")
     return float(value)
+
+
+def _retention(settings: Mapping[str, Any]) -> Dict[str, float]:
+    value = settings.get("state_retention") or {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            'app_settings["quebert"]["state_retention"] must be an object of seconds by '
+            f"outcome (succeeded, failed, canceled), not {value!r}")
+    try:
+        kept = retention(None, value)
+    except ValueError as e:
+        raise ConfigurationError(f'app_settings["quebert"]["state_retention"]: {e}') from None
+    return {outcome: kept[outcome] for outcome in value}
 
 
 def _name(settings: Mapping[str, Any], key: str) -> str:
@@ -119,7 +139,8 @@ class BridgeSettings:
     delivery_limit: Optional[int]
     redis_url: str
     state_prefix: str
-    state_ttl: float
+    state_ttl: Optional[float]
+    state_retention: Mapping[str, float]
     name_tombstone: float
     callback_url: Optional[str]
     service_token: Optional[str] = attrs.field(repr=False)
@@ -168,7 +189,9 @@ class BridgeSettings:
             delivery_limit=limit or None,
             redis_url=merged["redis_url"],
             state_prefix=prefix,
-            state_ttl=_seconds(merged, "state_ttl", positive=False),
+            state_ttl=(None if merged["state_ttl"] is None
+                       else _seconds(merged, "state_ttl", positive=False)),
+            state_retention=_retention(merged),
             name_tombstone=_seconds(merged, "name_tombstone", positive=False),
             callback_url=_callback_url(merged["callback_url"]),
             service_token=_token(merged["service_token"]),

@@ -35,7 +35,7 @@ The bridge keeps two things of its own, under the same prefix:
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from quebert.errors import StateError, TaskAlreadyExists
 from quebert.protocol import TaskMessage
@@ -128,16 +128,26 @@ class BridgeState:
 
     :param redis: a ``redis.asyncio.Redis`` client with ``decode_responses=True``.
     :param prefix: the workers' state prefix (``--state-prefix``).
-    :param finished_ttl: seconds finished records are kept (0: forever).
+    :param finished_ttl: seconds finished records are kept (0: forever),
+        whatever their outcome; ``None``: the defaults by outcome.
+    :param retention: seconds by outcome that differ from that (the
+        workers' ``state.retention``).
     :param name_tombstone: seconds a unique name stays taken after its task finished.
     """
 
-    def __init__(self, redis: Any, prefix: str = "quebert:", finished_ttl: float = 86400,
-                 name_tombstone: float = 3600) -> None:
+    def __init__(self, redis: Any, prefix: str = "quebert:",
+                 finished_ttl: Optional[float] = None, name_tombstone: float = 3600,
+                 retention: Optional[Mapping[str, float]] = None) -> None:
         self.redis = redis
         self.prefix = prefix
-        self.finished_ttl = finished_ttl
-        self._ttl_ms = str(max(1, round(finished_ttl * 1000)) if finished_ttl > 0 else 0)
+        kept = _records.retention(finished_ttl, retention)
+        #: The longest retention (0: some outcome is kept forever).
+        self.finished_ttl = _records.longest(kept)
+        self._ttl_ms = ",".join(
+            str(max(1, round(kept[state] * 1000)) if kept[state] > 0 else 0)
+            for state in ("succeeded", "failed", "canceled"))
+        self._longest_ms = str(max(1, round(self.finished_ttl * 1000))
+                               if self.finished_ttl > 0 else 0)
         self._tombstone_ms = str(max(1, round(name_tombstone * 1000)))
         self._apply = redis.register_script(SCRIPTS["apply"].source)
         self._get = redis.register_script(SCRIPTS["get"].source)
@@ -284,7 +294,7 @@ class BridgeState:
         await self._run(self._index_add, [
             self._index_key(container), f"{self.prefix}task:", task_id, repr(at), horizon,
             self._job_key(task_id), json.dumps(job, separators=(",", ":")), ttl_ms,
-            self._prune_key(container), self._ttl_ms,
+            self._prune_key(container), self._longest_ms,
         ], "index")
 
     async def list(self, container: str, limit: int = LIST_LIMIT) -> list:
