@@ -1075,9 +1075,9 @@ class RedisScriptTests(SynchronousTestCase):
         redis = FakeRedis(first, 0)
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
-        a = manager.started("a", 1, "w", info(), T0)
+        a = manager.finished("a", SUCCEEDED, 1, info(), T0)
         clock.advance(0)
-        b = manager.started("b", 1, "w", info(), T0 + 1)
+        b = manager.finished("b", FAILED, 1, info(), T0 + 1)
         c = manager.finished("c", SUCCEEDED, 1, info(), T0 + 2)
         clock.advance(0)
         self.assertEqual(len(redis.calls), 1)
@@ -1085,20 +1085,45 @@ class RedisScriptTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(a))
         self.assertEqual(len(redis.calls), 2)
         self.assertEqual([op[:2] for op in json.loads(redis.calls[1][2][3])],
-                         [["s", "b"], ["f", "c"]])
+                         [["f", "b"], ["f", "c"]])
         for d in (b, c):
             self.assertIsNone(self.successResultOf(d))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_started_write_does_not_wait_behind_one_batch(self) -> None:
+        """
+        The task waits for its ``started`` write: with one batch on its way it
+        goes at once (with the writes held so far), behind two it waits.
+        """
+        first, second = Deferred(), Deferred()
+        redis = FakeRedis(first, second, 0)
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        manager.finished("a", SUCCEEDED, 1, info(), T0)
+        clock.advance(0)
+        manager.finished("b", SUCCEEDED, 1, info(), T0 + 1)
+        started = manager.started("c", 1, "w", info(), T0 + 2)
+        clock.advance(0)
+        self.assertEqual(len(redis.calls), 2)
+        self.assertEqual([op[:2] for op in json.loads(redis.calls[1][2][3])],
+                         [["f", "b"], ["s", "c"]])
+        held = manager.started("d", 1, "w", info(), T0 + 3)
+        clock.advance(0)
+        self.assertEqual(len(redis.calls), 2)
+        second.callback(0)
+        self.assertIsNone(self.successResultOf(started))
+        self.assertEqual([op[:2] for op in json.loads(redis.calls[2][2][3])], [["s", "d"]])
+        self.assertIsNone(self.successResultOf(held))
 
     def test_held_writes_time_out_from_when_they_were_made(self) -> None:
         """A write held behind an unanswered batch fails timeout seconds after it was made."""
         clock = Clock()
         redis = FakeRedis(Deferred(), Deferred())
         manager = RedisStateManager(redis, timeout=2, clock=clock)
-        first = manager.started("a", 1, "w", info(), T0)
+        first = manager.finished("a", SUCCEEDED, 1, info(), T0)
         clock.advance(0)
         clock.advance(1)
-        held = manager.started("b", 1, "w", info(), T0)
+        held = manager.finished("b", SUCCEEDED, 1, info(), T0)
         clock.advance(1)  # the first batch times out: the held one is sent
         self.failureResultOf(first, StateError)
         self.assertEqual(len(redis.calls), 2)
@@ -1111,9 +1136,9 @@ class RedisScriptTests(SynchronousTestCase):
         clock = Clock()
         redis = FakeRedis(Deferred())
         manager = RedisStateManager(redis, timeout=2, clock=clock)
-        first = manager.started("a", 1, "w", info(), T0)
+        first = manager.finished("a", SUCCEEDED, 1, info(), T0)
         clock.advance(0)
-        held = manager.started("b", 1, "w", info(), T0)
+        held = manager.finished("b", SUCCEEDED, 1, info(), T0)
         clock.advance(2)
         self.failureResultOf(first, StateError)
         self.failureResultOf(held, StateError)

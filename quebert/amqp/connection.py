@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quebert._defer import mirror
+from quebert._tcp import no_delay
 from quebert.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ def _pika_connection_class() -> Any:
         _whole_deliveries = False
 
         def connectionMade(self) -> None:
+            no_delay(self.transport)
             if getattr(self.transport, "bufferSize", 0) > READ_SIZE:
                 self.transport.bufferSize = READ_SIZE
             self._whole_deliveries = _frames.supported(self._impl)

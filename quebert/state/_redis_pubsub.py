@@ -24,6 +24,8 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from quebert._tcp import no_delay
+
 log = Logger(namespace="quebert.state.redis")
 
 #: Seconds between two keepalive PINGs on the subscription.
@@ -42,6 +44,10 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
             message = message.decode("utf-8", "replace")
         if isinstance(message, str) and message:
             self.subscription.received(message.split("\n"))
+
+    def connectionMade(self) -> Any:
+        no_delay(self.transport)
+        return super().connectionMade()
 
     def connectionLost(self, why: Any) -> None:
         self.subscription.lost(self)

@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quebert._defer import bounded
+from quebert._tcp import no_delay
 from quebert.errors import ConfigurationError, StateError, TaskAlreadyExists
 from quebert.state import _records, _redis_ops
 from quebert.state._redis_ops import answers as _answers
@@ -100,6 +101,12 @@ MAX_BATCH = 500
 #: and then go together, so that the busier the store, the larger (and
 #: cheaper per write) the batches.
 MAX_SENDING = 1
+
+#: ... except that a ``started`` write, which its task waits for, does not
+#: wait behind a batch of others: a batch holding one goes while fewer
+#: than this many are on their way.  (One connection, so Redis still
+#: applies the batches in the order they were sent.)
+MAX_SENDING_STARTED = 2
 
 _json = _redis_ops.json_encode
 _float_repr = float.__repr__
@@ -189,6 +196,7 @@ class RedisStateManager:
         self._tombstone_ms = str(max(1, round(name_tombstone * 1000)))
         self._batch: List[list] = []
         self._waiters: List[Any] = []
+        self._starts = False  # the batch holds a ``started`` write
         self._flush_call: Any = None
         self._sending = 0  # batches sent and not answered yet
         self._held_since: Optional[float] = None  # first write held behind them
@@ -481,11 +489,14 @@ class RedisStateManager:
         self._waiters.append(waiter)
         if len(self._batch) >= MAX_BATCH:
             self._flush()
-        elif self._sending >= MAX_SENDING:
+        elif self._sending >= (MAX_SENDING_STARTED if op[0] == "s" or self._starts
+                               else MAX_SENDING):
             if self._held_since is None:
                 self._held_since = self._get_clock().seconds()
         elif self._flush_call is None:
             self._flush_call = self._get_clock().callLater(0, self._flush)
+        if op[0] == "s":
+            self._starts = True
         return waiter
 
     def _flush(self) -> None:
@@ -495,6 +506,7 @@ class RedisStateManager:
             self._flush_call = None
         ops, waiters = self._batch, self._waiters
         self._batch, self._waiters = [], []
+        self._starts = False
         held_since, self._held_since = self._held_since, None
         if not ops:
             return
@@ -599,7 +611,8 @@ class RedisStateManager:
     def _sent(self, _: Any) -> None:
         """A batch is answered (or timed out): send the writes held meanwhile."""
         self._sending -= 1
-        if self._batch and self._sending < MAX_SENDING:
+        if self._batch and self._sending < (MAX_SENDING_STARTED if self._starts
+                                            else MAX_SENDING):
             self._flush()
 
     def _send(self, ops: list) -> Deferred:
@@ -783,6 +796,7 @@ def connect_redis(
         convertNumbers=False,
         username=options["username"],
     )
+    factory.protocol = _Protocol
     factory.reconnect = True
     factory.maxDelay = RECONNECT_MAX_DELAY
 
@@ -806,6 +820,22 @@ def connect_redis(
     return factory.handler
 
 
+class _Protocol(txredisapi.RedisProtocol):
+    """txredisapi's protocol, without Nagle's algorithm (:func:`quebert._tcp.no_delay`)."""
+
+    def connectionMade(self) -> Any:
+        no_delay(self.transport)
+        return super().connectionMade()
+
+
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
+    """The same for connections found through Sentinel."""
+
+    def connectionMade(self) -> Any:
+        no_delay(self.transport)
+        return super().connectionMade()
+
+
 class _SentinelFactory(txredisapi.SentinelConnectionFactory):
     """
     txredisapi's Sentinel connection factory, reconnecting within
@@ -816,6 +846,7 @@ class _SentinelFactory(txredisapi.SentinelConnectionFactory):
 
     maxDelay = RECONNECT_MAX_DELAY
     generation = 0
+    protocol = _SentinelProtocol
 
     def addConnection(self, conn: Any) -> None:
         self.generation += 1
