@@ -291,6 +291,9 @@ def to_json(value: Any) -> str:
 
 def json_value(value: Any) -> Any:
     """The result as it will be read back: a fresh JSON value (see :func:`to_json`)."""
+    kind = type(value)
+    if value is None or kind is bool or kind is str or (kind is int and -2**53 < value < 2**53):
+        return value  # (what the round trip gives back: the common results, at no cost)
     return json.loads(to_json(value))
 
 
@@ -314,9 +317,35 @@ def normalize_error(error: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Op
     return normalized
 
 
-def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The ``INFO_FIELDS`` of ``info`` with their record types (missing ones ``None``)."""
+#: normalize_info's answers by the raw values: each of a task's writes
+#: (started, then finished) needs it twice, from the same info.
+_normalized: Dict[tuple, Dict[str, Any]] = {}
+
+
+def normalize_info(info: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """
+    The ``INFO_FIELDS`` of ``info`` with their record types (missing ones
+    ``None``).  The mapping may be shared: read it, never change it.
+    """
     get = (info or _NO_INFO).get
+    key = (get("queue"), get("kind"), get("task"), get("name"), get("eta"), get("created_at"))
+    for value in key[:4]:
+        if value is not None and type(value) is not str:
+            # (1, 1.0 and True are one key, but not one text)
+            return _normalize_info(get)
+    try:
+        found = _normalized.get(key)
+    except TypeError:  # an unhashable eta or created_at: a bad write, which checks refuse
+        return _normalize_info(get)
+    if found is None:
+        found = _normalize_info(get)
+        if len(_normalized) >= 4096:
+            _normalized.clear()
+        _normalized[key] = found
+    return found
+
+
+def _normalize_info(get: Any) -> Dict[str, Any]:
     eta, created_at = get("eta"), get("created_at")
     return {
         "queue": text(get("queue"), MESSAGE_LIMIT),

@@ -23,7 +23,7 @@ from itertools import islice
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from sortedcontainers import SortedList
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -41,6 +41,15 @@ from quebert.state.interface import (
     ISettledFeed,
     IStateManager,
 )
+
+
+def _fired(f: Any, *args: Any) -> Deferred:
+    """``f(*args)`` as an already-fired Deferred (``maybeDeferred``, for a plain function)."""
+    try:
+        result = f(*args)
+    except BaseException:
+        return fail()
+    return succeed(result)
 
 
 class _Index:
@@ -138,29 +147,29 @@ class MemoryStateManager:
 
     def enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
         """Create the record of a task just published, unless it exists."""
-        return maybeDeferred(self._enqueued, task_id, state, info, at)
+        return _fired(self._enqueued, task_id, state, info, at)
 
     def started(
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
     ) -> Deferred:
         """Record that attempt ``attempt`` of the task starts on ``worker``."""
-        return maybeDeferred(self._started, task_id, attempt, worker, info, at)
+        return _fired(self._started, task_id, attempt, worker, info, at)
 
     def claim(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> Deferred:
         """``enqueued`` for a task with a unique name; fails if the name is held."""
-        return maybeDeferred(self._claim, task_id, state, info, at)
+        return _fired(self._claim, task_id, state, info, at)
 
     def release_name(self, task_id: str, name: str, at: float) -> Deferred:
         """Free ``name`` if ``task_id`` holds it."""
-        return maybeDeferred(self._release_name, task_id, name)
+        return _fired(self._release_name, task_id, name)
 
     def cancel(self, task_id: str, at: float, reason: Optional[str] = None) -> Deferred:
         """Cancel a task; fires with the state it was in (``None``: no record)."""
-        return maybeDeferred(self._cancel, task_id, at, reason)
+        return _fired(self._cancel, task_id, at, reason)
 
     def requeued(self, task_id: str, at: float) -> Deferred:
         """A failed task is queued again; fires with the state it was in."""
-        return maybeDeferred(self._requeued, task_id, at)
+        return _fired(self._requeued, task_id, at)
 
     def set_paused(self, queue: str, paused: bool) -> Deferred:
         """Remember that ``queue`` is paused (or not)."""
@@ -194,7 +203,7 @@ class MemoryStateManager:
     def find(self, task: str, state: Optional[str] = None, queue: Optional[str] = None,
              limit: int = 100, position: int = 0, budget: int = 10_000) -> Deferred:
         """The Redis store's ``find``: ``(records, next_position)`` of one task name."""
-        return maybeDeferred(self._find, task, state, queue, limit, position, budget)
+        return _fired(self._find, task, state, queue, limit, position, budget)
 
     def _find(self, task: str, state: Optional[str], queue: Optional[str], limit: int,
               position: int, budget: int) -> Tuple[List[Dict[str, Any]], Optional[int]]:
@@ -239,13 +248,13 @@ class MemoryStateManager:
         retry_at: Optional[float] = None,
     ) -> Deferred:
         """Record the outcome of attempt ``attempt``."""
-        return maybeDeferred(
+        return _fired(
             self._finished, task_id, state, attempt, info, at, result, error, reason, retry_at
         )
 
     def get(self, task_id: str) -> Deferred:
         """Fire with a copy of the record, or ``None``."""
-        return maybeDeferred(self._get, task_id)
+        return _fired(self._get, task_id)
 
     def list(
         self,
@@ -255,7 +264,7 @@ class MemoryStateManager:
         offset: int = 0,
     ) -> Deferred:
         """Fire with copies of up to ``limit`` records, most recently updated first."""
-        return maybeDeferred(self._list, state, queue, limit, offset)
+        return _fired(self._list, state, queue, limit, offset)
 
     # -- implementation -------------------------------------------------
 
