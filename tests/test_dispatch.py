@@ -182,6 +182,15 @@ class RequestTests(DispatcherTestCase):
         self.assertEqual(seen["headers"]["user-agent"], ["mine/1"])
 
     @defer.inlineCallbacks
+    def test_no_accept_encoding_added(self):
+        """The answer is read as sent: the worker asks for no compression."""
+        seen = yield self._echo(self.dispatcher(body_prefix_limit=4096))
+        self.assertNotIn("accept-encoding", seen["headers"])
+        seen = yield self._echo(self.dispatcher(body_prefix_limit=4096),
+                                headers={"Accept-Encoding": "br"})
+        self.assertEqual(seen["headers"]["accept-encoding"], ["br"])
+
+    @defer.inlineCallbacks
     def test_query_string_kept(self):
         seen = yield self._echo(self.dispatcher(body_prefix_limit=4096))
         self.assertEqual(seen["path"], "/echo")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from treq.testing import RequestTraversalAgent, StringStubbingResource
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -185,6 +186,61 @@ class DeadlineAndCancelTests(StubTestCase):
         self.failureResultOf(lost)
 
 
+class VerdictTests(StubTestCase):
+    """The policy's verdicts on requests it let through are remembered, exactly."""
+
+    def setUp(self):
+        super().setUp()
+        self.serve(StringStubbingResource(lambda *a: (200, {}, b"ok")))
+        self.checked = []
+
+        def counting(request):
+            self.checked.append(request.url)
+            return self.dispatcher.policy.check_request(request)
+
+        self.dispatcher._check_request = counting
+
+    def dispatch(self, url, **kwargs):
+        d = self.dispatcher.dispatch(URLRequest(url, **kwargs), queue="q", deadline=10)
+        self.agent.flush()
+        return d
+
+    def test_same_request_checked_once(self):
+        for _ in range(3):
+            self.successResultOf(self.dispatch("https://target.test/a", body=b"1"))
+        self.successResultOf(self.dispatch("https://target.test/a", body=b"22"))
+        self.assertEqual(self.checked, ["https://target.test/a"])
+        self.successResultOf(self.dispatch("https://target.test/b"))
+        self.successResultOf(self.dispatch("https://target.test/a", method="PUT"))
+        self.successResultOf(self.dispatch("https://target.test/a", headers={"X-A": "1"}))
+        self.assertEqual(len(self.checked), 4)
+
+    def test_refusals_checked_every_time(self):
+        for _ in range(2):
+            self.failureResultOf(self.dispatch("https://169.254.169.254/"), URLRefused)
+            self.failureResultOf(self.dispatch("https://target.test/a",
+                                               headers={"X-A": "a\nb"}), URLRefused)
+        self.assertEqual(len(self.checked), 4)
+
+    def test_body_size_is_part_of_the_verdict(self):
+        self.dispatcher.policy = URLPolicy(max_request_size=4)
+        self.successResultOf(self.dispatch("https://target.test/a", body=b"1234"))
+        self.failureResultOf(self.dispatch("https://target.test/a", body=b"12345"),
+                             URLRefused)
+
+    def test_forgotten_when_the_policy_is_replaced(self):
+        self.successResultOf(self.dispatch("https://target.test/a"))
+        self.dispatcher.policy = URLPolicy(deny_hosts=("target.test",))
+        self.failureResultOf(self.dispatch("https://target.test/a"), URLRefused)
+
+    def test_bounded(self):
+        from quebert.dispatch.dispatcher import VERDICTS
+
+        for i in range(VERDICTS + 10):
+            self.successResultOf(self.dispatch(f"https://target.test/{i}"))
+        self.assertLessEqual(len(self.dispatcher._verdicts), VERDICTS)
+
+
 class LoggingTests(StubTestCase):
     """Structured events in quebert.dispatch; no bodies, secrets or query strings."""
 
@@ -226,8 +282,17 @@ class LoggingTests(StubTestCase):
 
     def test_success(self):
         self.answer(200)
+        self.dispatcher.task_log_level = LogLevel.debug
         self.successResultOf(self.dispatch_secret())
         self.assertNothingSecret()
+
+    def test_success_not_logged_above_debug(self):
+        """A 2xx is logged only at task log level debug (the worker's --log-level)."""
+        self.answer(200)
+        self.assertEqual(self.dispatcher.task_log_level, LogLevel.info)
+        self.successResultOf(self.dispatch_secret())
+        self.assertEqual([e for e in self.events
+                          if e.get("log_namespace") == "quebert.dispatch"], [])
 
     def test_refused(self):
         self.answer(200)
