@@ -1,20 +1,33 @@
 """
-Slow URL tasks on the reactor against slow callable tasks in threads.
+URL tasks against a bare pika+treq consumer, at 100 and 500 in flight.
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_url.py [--tasks N] [--repeat R]
+    .venv/bin/python bench/bench_url.py [--tasks N] [--repeat R] [--profile DIR]
 
-One worker (``--max-running-tasks 500 --queue bench:500``) drains N URL
-tasks whose target, a local twisted.web endpoint, answers after 100 ms;
-then N callable tasks that ``time.sleep(0.1)`` in the worker's thread pool,
-with the same flags.  It prints tasks/s both ways and their ratio, the
-endpoint's peak of concurrent requests, the worker's peak RSS and task
-durations.  It needs the local RabbitMQ (``rabbitmqctl`` on the PATH,
-guest/guest on 127.0.0.1:5672) and Redis (database 9).  Everything lives in
-a fresh vhost, deleted at the end, and under a unique Redis key prefix,
-whose keys (and only those) are deleted at the end.  See
-``bench/README.rst``.
+The workload (issue 16): N URL tasks (default 10,000), each a POST to a
+local twisted.web endpoint that answers 200 after 100 ms, drained by
+
+- ``bare-F``: a bare consumer (``bench_url.py _bare``) on pika's
+  ``TwistedProtocolConnection``, prefetch F, that POSTs each message's URL
+  with treq (one ``HTTPClient`` on a persistent ``HTTPConnectionPool``
+  keeping F connections to the host), reads the answer's body and acks
+  after it;
+- ``url-F``: one quebert worker with Redis state (``--max-running-tasks F
+  --queue Q:F``, its dispatcher told in its config file to allow 500
+  connections, 500 to one host: explicit, whatever the defaults are);
+
+for F = 100 and 500, alternating within every repeat.  It prints each
+system's drain rate and worker CPU per task, and quebert's ratios to the
+bare consumer *measured in the same run*, with the targets beside
+(reported, never asserted).  ``--configs`` adds the thread-pool
+comparison (``thread``, ``thread-500``: callable tasks that sleep 100 ms).
+``--profile DIR`` runs the quebert workers under ``py-spy record`` and
+prints their hotspots (CPU figures are then distorted).  It needs the
+local RabbitMQ (``rabbitmqctl`` on the PATH, guest/guest on
+127.0.0.1:5672) and Redis (database 9).  Everything lives in a fresh vhost,
+deleted at the end, and under a unique Redis key prefix, whose keys (and
+only those) are deleted at the end.  See ``bench/README.rst``.
 """
 
 from __future__ import annotations
@@ -45,26 +58,38 @@ from bench.bench_throughput import (  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 QUEUE = "bench"
-#: The worker's --max-running-tasks and the queue's concurrency (prefetch).
+#: The most tasks in flight of any configuration.
 MAX_RUNNING = 500
-#: What the worker's URL dispatcher gets in its config file: the defaults
-#: (100 connections, 10 per host) would be the bottleneck, not the reactor.
+#: What the worker's URL dispatcher gets in its config file, whatever its
+#: defaults: room for 500 requests at once, all to the one endpoint.
 DISPATCH = {"max_connections": MAX_RUNNING, "max_connections_per_host": MAX_RUNNING}
 #: Thread pool size the worker picks by default: min(max_running_tasks, 50).
 DEFAULT_THREADS = min(MAX_RUNNING, 50)
 
-#: name -> (kind, --threads or None)
+#: name -> (kind, tasks in flight (prefetch, --max-running-tasks), --threads or None)
 CONFIGS = {
-    "url": ("url", None),
-    "thread": ("thread", None),
-    "thread-500": ("thread", MAX_RUNNING),
+    "bare-100": ("bare", 100, None),
+    "url-100": ("url", 100, None),
+    "bare-500": ("bare", 500, None),
+    "url-500": ("url", 500, None),
+    "thread": ("thread", MAX_RUNNING, None),
+    "thread-500": ("thread", MAX_RUNNING, MAX_RUNNING),
 }
 LABELS = {
-    "url": "URL tasks (treq, on the reactor)",
+    "bare-100": "bare pika+treq, 100 in flight",
+    "url-100": "quebert URL, redis, 100 in flight",
+    "bare-500": "bare pika+treq, 500 in flight",
+    "url-500": "quebert URL, redis, 500 in flight",
     "thread": f"callable, sleep, {DEFAULT_THREADS} threads",
     "thread-500": f"callable, sleep, {MAX_RUNNING} threads",
 }
-DEFAULT_CONFIGS = "url,thread,thread-500"
+DEFAULT_CONFIGS = "bare-100,url-100,bare-500,url-500"
+#: Targets of issue 16 (printed beside the ratios, never asserted):
+#: quebert's drain rate at least this ratio of the bare consumer's...
+TARGET_RATE = 0.85
+#: ...and its worker CPU per task at most this ratio of the bare consumer's.
+TARGET_CPU = 1.10
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
 class RunFailed(Exception):
@@ -155,6 +180,254 @@ def endpoint_main(argv: list) -> None:
     reactor.run()
 
 
+# -- the bare consumer (run in its own process) -------------------------------
+
+
+def bare_main(argv: list) -> None:
+    """
+    ``bench_url.py _bare``: the baseline.  A pika ``TwistedProtocolConnection``
+    consumer, QoS ``--prefetch``, that decodes each quebert URL message
+    (``json.loads``), POSTs its body to its URL with its headers through one
+    treq ``HTTPClient`` on a persistent pool keeping ``--prefetch``
+    connections to a host, reads the whole answer (``treq.content``) and
+    acks; a non-2xx answer or an error is nacked back to the queue (never
+    happens here; counted).  After ``--count`` acks it writes to ``--out``
+    the time of the first delivery and of the last ack, and its CPU time at
+    the first and the last ack; it runs until SIGTERM.
+    """
+    parser = argparse.ArgumentParser(prog="bench_url.py _bare")
+    parser.add_argument("--amqp-url", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--prefetch", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    a = parser.parse_args(argv)
+
+    import base64
+
+    import pika
+    import treq
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from twisted.internet import defer, reactor
+    from twisted.internet import protocol as tprotocol
+    from twisted.python.failure import Failure
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = a.prefetch
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+    figures = {"acked": 0, "nacked": 0, "first_start": None, "last_end": None,
+               "cpu_first": None, "cpu_end": None}
+
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    async def one(channel: Any, method: Any, body: bytes) -> None:
+        if figures["first_start"] is None:
+            figures["first_start"] = time.time()
+        ok = False
+        try:
+            task = json.loads(body)
+            data = task.get("body") or ""
+            data = (base64.b64decode(data) if task.get("body_encoding") == "base64"
+                    else data.encode("utf-8"))
+            response = await client.request(task.get("method") or "POST", task["url"],
+                                            headers=task.get("headers") or {}, data=data)
+            await treq.content(response)
+            ok = 200 <= response.code < 300
+        except Exception as e:
+            print(f"bare consumer: {e!r}", file=sys.stderr)
+        if not ok:
+            figures["nacked"] += 1
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return
+        channel.basic_ack(method.delivery_tag)
+        figures["acked"] += 1
+        if figures["acked"] == 1:
+            figures["cpu_first"] = cpu()
+        if figures["acked"] == a.count:
+            figures["last_end"] = time.time()
+            figures["cpu_end"] = cpu()
+            with open(a.out + ".tmp", "w", encoding="ascii") as f:
+                json.dump(figures, f)
+            os.replace(a.out + ".tmp", a.out)
+
+    def start_one(message: Any) -> None:
+        channel, method, _properties, body = message
+        defer.ensureDeferred(one(channel, method, body))
+
+    def pump(queue_object: Any) -> None:
+        while True:
+            d = queue_object.get()
+            if not d.called:
+                d.addCallback(lambda m: (start_one(m), pump(queue_object)))
+                d.addErrback(stop)
+                return
+            box: list = []
+            d.addBoth(box.append)
+            if isinstance(box[0], Failure):
+                stop(box[0])
+                return
+            start_one(box[0])
+
+    def stop(failure: Any) -> None:
+        print(f"bare consumer failed: {failure.getErrorMessage()}", file=sys.stderr)
+        if reactor.running:
+            reactor.stop()
+
+    async def start() -> None:
+        parameters = pika.URLParameters(a.amqp_url)
+        creator = tprotocol.ClientCreator(reactor, TwistedProtocolConnection, parameters)
+        connection = await creator.connectTCP(parameters.host, parameters.port)
+        await connection.ready
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=a.prefetch)
+        queue_object, _tag = await channel.basic_consume(queue=a.queue, auto_ack=False)
+        pump(queue_object)
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()).addErrback(stop))
+    reactor.run()
+
+
+# -- the HTTP client alone (``bench_url.py clients``) ----------------------------
+
+#: client -> what sends one POST and reads its answer, in :func:`client_main`.
+CLIENTS = ("treq", "agent", "quebert")
+
+
+def client_main(argv: list) -> None:
+    """
+    ``bench_url.py _client``: send ``--requests`` POSTs to ``--url``,
+    ``--concurrency`` at a time, through one ``--client``, and print its CPU
+    per request (after one warm-up round) as JSON:
+
+    - ``treq``: one treq ``HTTPClient`` on a persistent pool (the bare
+      consumer's), ``treq.content``;
+    - ``agent``: Twisted's ``Agent`` on a persistent pool, ``readBody``:
+      the floor under both;
+    - ``quebert``: ``URLDispatcher.dispatch`` (default policy, limits raised
+      to the concurrency) with the ``X-Quebert-*`` headers a worker adds,
+      and ``to_record()`` of the result.
+    """
+    parser = argparse.ArgumentParser(prog="bench_url.py _client")
+    parser.add_argument("--client", choices=CLIENTS, required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--requests", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    a = parser.parse_args(argv)
+
+    import treq
+    from twisted.internet import defer, reactor
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from twisted.web.http_headers import Headers
+
+    from quebert.dispatch import URLDispatcher, URLRequest
+    from quebert.dispatch.dispatcher import _BytesProducer
+
+    body = b'{"n": 1}'
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = a.concurrency
+    if a.client == "treq":
+        client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+        async def one(i: int) -> None:
+            response = await client.request("POST", a.url, data=body,
+                                            headers={"Content-Type": "application/json"})
+            await treq.content(response)
+    elif a.client == "agent":
+        agent = Agent(reactor, pool=pool)
+
+        async def one(i: int) -> None:
+            response = await agent.request(
+                b"POST", a.url.encode("ascii"),
+                Headers({b"Content-Type": [b"application/json"]}), _BytesProducer(body))
+            await readBody(response)
+    else:
+        dispatcher = URLDispatcher(reactor, max_connections=a.concurrency,
+                                   max_connections_per_host=a.concurrency)
+
+        async def one(i: int) -> None:
+            request = URLRequest(url=a.url, method="POST", body=body,
+                                 headers={"Content-Type": "application/json"})
+            result = await dispatcher.dispatch(request, queue="q", deadline=600.0, extra_headers={
+                "X-Quebert-QueueName": "q", "X-Quebert-TaskName": f"t{i}",
+                "X-Quebert-TaskRetryCount": "0", "X-Quebert-TaskExecutionCount": "0",
+                "X-Quebert-TaskETA": "1767225600.000000"})
+            result.to_record()
+
+    out: dict = {}
+
+    async def run() -> None:
+        await defer.gatherResults([defer.ensureDeferred(one(i))
+                                   for i in range(a.concurrency)])
+        slots = defer.DeferredSemaphore(a.concurrency)
+        t0, c0 = time.monotonic(), os.times()
+        await defer.gatherResults([slots.run(lambda i=i: defer.ensureDeferred(one(i)))
+                                   for i in range(a.requests)])
+        t1, c1 = time.monotonic(), os.times()
+        cpu = (c1.user + c1.system) - (c0.user + c0.system)
+        out.update(client=a.client, cpu_us=1e6 * cpu / a.requests,
+                   per_s=a.requests / (t1 - t0))
+
+    d = defer.ensureDeferred(run())
+    d.addErrback(lambda f: out.update(error=f.getErrorMessage()))
+    d.addBoth(lambda _: reactor.stop())
+    reactor.run()
+    print(json.dumps(out))
+
+
+def clients_main(argv: list) -> int:
+    """
+    ``bench_url.py clients``: the HTTP client alone, without RabbitMQ or
+    Redis: CPU per request of treq (the bare consumer's client), Twisted's
+    Agent and quebert's dispatcher, each in a process of its own against an
+    endpoint answering after 1 ms, interleaved, medians of ``--repeat``.
+    """
+    parser = argparse.ArgumentParser(prog="bench_url.py clients",
+                                     description=clients_main.__doc__)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    a = parser.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="quebert-bench-clients-")
+    figures: dict = {c: [] for c in CLIENTS}
+    try:
+        endpoint, port, _ = start_endpoint(workdir, 0.001)
+        url = f"http://127.0.0.1:{port}/task"
+        for repeat in range(a.repeat):
+            for client in CLIENTS:
+                env = dict(os.environ)
+                env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+                done = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "_client", "--client", client,
+                     "--url", url, "--requests", str(a.requests),
+                     "--concurrency", str(a.concurrency)],
+                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                lines = done.stdout.strip().splitlines()
+                result = json.loads(lines[-1]) if lines else {"error": done.stderr[-500:]}
+                if "error" in result:
+                    log(f"{client}: {result['error']}")
+                    continue
+                figures[client].append(result["cpu_us"])
+                log(f"run {repeat + 1}/{a.repeat} {client}: {result['cpu_us']:.0f} us CPU "
+                    f"per request, {result['per_s']:.0f} requests/s")
+    finally:
+        kill_all()
+        for entry in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, entry))
+        os.rmdir(workdir)
+    print(f"HTTP clients alone: {a.requests} POSTs, {a.concurrency} at a time, endpoint "
+          f"answering after 1 ms; CPU us per request, median of {a.repeat}:")
+    floor = _median(figures["agent"])
+    for client in CLIENTS:
+        value = _median(figures[client])
+        extra = f" ({value - floor:+.0f} over Agent)" if value and floor else ""
+        runs = [round(v) for v in figures[client]]
+        print(f"  {client:<8} {_fmt(value, '6.0f')}{extra}   per run {runs}")
+    return 0
+
+
 # -- processes ----------------------------------------------------------------
 
 #: Every process started and not yet reaped, stopped whatever happens.
@@ -236,10 +509,17 @@ def sleep(reactor: Any, seconds: float) -> Any:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-async def stop_worker(reactor: Any, process: subprocess.Popen, timeout: float = 30.0) -> int:
-    """SIGTERM (the worker drains and stops), SIGKILL after ``timeout``."""
+async def stop_worker(reactor: Any, process: subprocess.Popen, timeout: float = 30.0,
+                      pid: Optional[int] = None) -> int:
+    """
+    SIGTERM (the worker drains and stops), SIGKILL after ``timeout``.  ``pid``:
+    the worker's, when ``process`` is py-spy's (which then writes its profile).
+    """
     if process.poll() is None:
-        process.terminate()
+        if pid is not None and pid != process.pid:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            process.terminate()
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
             await sleep(reactor, 0.05)
@@ -291,68 +571,171 @@ def peak_overlap(intervals: list) -> int:
 
 async def one_run(reactor: Any, name: str, repeat: int, args: argparse.Namespace,
                   ctx: dict, client: Any, redis: Any) -> dict:
-    """Publish N tasks, start one worker, wait until N succeeded in Redis."""
+    """Publish N tasks, start the consumer, wait until it is done with all N."""
+    kind, in_flight, threads = CONFIGS[name]
+    result: dict = {"config": name, "repeat": repeat, "in_flight": in_flight,
+                    "threads": threads or DEFAULT_THREADS}
+    # A queue per run: a run that failed leaves nothing behind for the next.
+    queue = f"{QUEUE}-{name}-{repeat}"
+    ids = await publish(client, queue, "thread" if kind == "thread" else "url", args.tasks,
+                        ctx["endpoint_url"] + "/task", args.delay)
+    await endpoint_call("/reset", ctx["endpoint_url"], "POST")
+    if kind == "bare":
+        await bare_run(reactor, name, repeat, args, ctx, queue, in_flight, result)
+    else:
+        await worker_run(reactor, name, repeat, args, ctx, queue, in_flight, threads, ids,
+                         redis, result)
+    return result
+
+
+async def watch_cpu(reactor: Any, args: argparse.Namespace, ctx: dict, pid: int,
+                    process: subprocess.Popen, done: Any, describe: Any,
+                    progress: Any = None) -> dict:
+    """
+    Poll every 50 ms until ``await done()`` is true: the process's CPU time
+    when the endpoint has first answered (the mark, with how many answers
+    then; ``await progress()`` instead of the answers when given) and when
+    it is done, the same way for every system.
+    """
+    marks: dict = {}
+    deadline = time.monotonic() + args.timeout
+    while True:
+        if await done():
+            marks["cpu_end"] = proc_cpu_s(pid)
+            marks["peak_rss_kb"] = peak_rss_kb(pid)
+            return marks
+        if "cpu_mark" not in marks:
+            if progress is not None:
+                answered = await progress()
+            else:
+                answered = (await endpoint_call("/stats", ctx["endpoint_url"]))["answered"]
+            if answered:
+                marks["cpu_mark"] = proc_cpu_s(pid)
+                marks["answered_mark"] = answered
+        if process.poll() is not None:
+            raise RunFailed(f"the process exited with {process.returncode}: "
+                            f"{await describe()}")
+        if time.monotonic() > deadline:
+            raise RunFailed(f"timed out after {args.timeout:.0f} s: {await describe()}")
+        await sleep(reactor, 0.05)
+
+
+def cpu_per_task(result: dict, marks: dict, tasks: int) -> None:
+    if marks.get("cpu_mark") is not None and marks.get("cpu_end") is not None \
+            and tasks > marks["answered_mark"]:
+        result["cpu_us_per_task"] = (1e6 * (marks["cpu_end"] - marks["cpu_mark"])
+                                     / (tasks - marks["answered_mark"]))
+
+
+async def endpoint_figures(ctx: dict, result: dict, endpoint_cpu0: float) -> None:
+    result["endpoint"] = await endpoint_call("/stats", ctx["endpoint_url"])
+    endpoint_cpu = proc_cpu_s(ctx["endpoint_pid"])
+    if endpoint_cpu is not None and result["endpoint"]["requests"]:
+        result["endpoint_cpu_us_per_request"] = (
+            1e6 * (endpoint_cpu - endpoint_cpu0) / result["endpoint"]["requests"])
+
+
+async def bare_run(reactor: Any, name: str, repeat: int, args: argparse.Namespace, ctx: dict,
+                   queue: str, in_flight: int, result: dict) -> None:
+    """The bare consumer drains the queue; its own figures, read from its file."""
+    out = os.path.join(ctx["workdir"], f"bare-{name}-{repeat}.json")
+    log_path = os.path.join(ctx["workdir"], f"bare-{name}-{repeat}.log")
+    endpoint_cpu0 = proc_cpu_s(ctx["endpoint_pid"]) or 0.0
+    began = time.time()
+    process = spawn(f"bare consumer {name}", [
+        sys.executable, os.path.abspath(__file__), "_bare", "--amqp-url", ctx["url"],
+        "--queue", queue, "--prefetch", str(in_flight), "--count", str(args.tasks),
+        "--out", out], log_path)
+
+    async def done() -> bool:
+        return os.path.exists(out)
+
+    async def describe() -> str:
+        pool = await endpoint_call("/stats", ctx["endpoint_url"])
+        return f"endpoint: {pool}; log:\n{tail(log_path)}"
+
+    try:
+        marks = await watch_cpu(reactor, args, ctx, process.pid, process, done, describe)
+        await endpoint_figures(ctx, result, endpoint_cpu0)
+    finally:
+        result["exit_code"] = kill_now(process)
+    with open(out, encoding="ascii") as f:
+        own = json.load(f)
+    drain = own["last_end"] - own["first_start"]
+    result.update({
+        "tasks": args.tasks,
+        "tasks_per_s": args.tasks / drain if drain > 0 else float("inf"),
+        "drain_s": drain,
+        "startup_s": own["first_start"] - began,
+        "peak_rss_kb": marks.get("peak_rss_kb"),
+        "retried": own["nacked"],
+        # The consumer's own reading, from its first ack (a cross-check).
+        "cpu_us_per_task_own": 1e6 * (own["cpu_end"] - own["cpu_first"]) / (args.tasks - 1),
+    })
+    cpu_per_task(result, marks, args.tasks)
+    if own["nacked"]:
+        result["warning"] = f"{own['nacked']} deliveries were nacked (non-2xx or error)"
+
+
+async def worker_run(reactor: Any, name: str, repeat: int, args: argparse.Namespace,
+                     ctx: dict, queue: str, in_flight: int, threads: Optional[int], ids: list,
+                     redis: Any, result: dict) -> None:
+    """One quebert worker drains the queue; figures from its N records in Redis."""
     from quebert.state.redis import RedisStateManager
 
-    kind, threads = CONFIGS[name]
     prefix = f"{ctx['prefix']}{name}-{repeat}:"
     state = RedisStateManager(redis, prefix=prefix, timeout=30.0)
     succeeded_key = f"{prefix}idx:state:succeeded"
-    result: dict = {"config": name, "repeat": repeat, "threads": threads or DEFAULT_THREADS}
-
-    # A queue per run: a run that failed leaves nothing behind for the next.
-    queue = f"{QUEUE}-{name}-{repeat}"
-    ids = await publish(client, queue, kind, args.tasks, ctx["endpoint_url"] + "/task", args.delay)
-    await endpoint_call("/reset", ctx["endpoint_url"], "POST")
     log_path = os.path.join(ctx["workdir"], f"worker-{name}-{repeat}.log")
     worker_args = [
         TWISTD, "--pidfile=", "-n", f"--logfile={log_path}", "amqp-worker",
         "--config", ctx["config_path"], "--amqp-url", ctx["url"],
         "--redis-url", args.redis_url, "--state-prefix", prefix,
-        "--tasks", "bench.url_tasks", "--queue", f"{queue}:{MAX_RUNNING}",
-        "--max-running-tasks", str(MAX_RUNNING), "--log-level", "warn",
+        "--tasks", "bench.url_tasks", "--queue", f"{queue}:{in_flight}",
+        "--max-running-tasks", str(in_flight), "--log-level", "warn",
     ]
     if threads:
         worker_args += ["--threads", str(threads)]
+    profile = None
+    if args.profile and CONFIGS[name][0] == "url":
+        profile = os.path.join(args.profile, f"{name}-{repeat}.txt")
+        result["profile"] = profile
+        worker_args = [PY_SPY, "record", "--nonblocking", "--format", "raw", "--rate", "100",
+                       "-o", profile,
+                       "--", *worker_args]
     endpoint_cpu0 = proc_cpu_s(ctx["endpoint_pid"]) or 0.0
     began = time.time()
     process = spawn(f"worker {name}", worker_args, log_path + ".out")
-    cpu_mark: Optional[tuple] = None
+    pid = process.pid
+    if profile:
+        pid = await child_pid(reactor, process)
+
+    async def succeeded() -> int:
+        return int(await redis.zcard(succeeded_key))
+
+    async def done() -> bool:
+        return await succeeded() >= args.tasks
+
+    async def describe() -> str:
+        counts = {s: int(await redis.zcard(f"{prefix}idx:state:{s}"))
+                  for s in ("queued", "running", "scheduled", "succeeded", "failed")}
+        pool = await endpoint_call("/stats", ctx["endpoint_url"])
+        states = ", ".join(f"{k} {v}" for k, v in counts.items())
+        return (f"of {args.tasks} tasks: {states}; endpoint: {pool}; worker log:\n"
+                f"{tail(log_path)}{tail(log_path + '.out')}")
+
     try:
-        deadline = time.monotonic() + args.timeout
-        while True:
-            done = int(await redis.zcard(succeeded_key))
-            if done >= args.tasks:
-                break
-            if done and cpu_mark is None:
-                cpu_mark = (done, proc_cpu_s(process.pid))
-            if process.poll() is not None:
-                raise RunFailed(f"the worker exited with {process.returncode} after {done} of "
-                                f"{args.tasks} tasks succeeded:\n{tail(log_path)}")
-            if time.monotonic() > deadline:
-                counts = {s: int(await redis.zcard(f"{prefix}idx:state:{s}"))
-                          for s in ("queued", "running", "retrying", "failed")}
-                pool = await endpoint_call("/stats", ctx["endpoint_url"])
-                states = ", ".join(f"{k} {v}" for k, v in counts.items())
-                raise RunFailed(
-                    f"timed out after {args.timeout:.0f} s: {done} of {args.tasks} tasks "
-                    f"succeeded in the state store ({states}); endpoint: {pool}; "
-                    f"worker log:\n{tail(log_path)}")
-            await sleep(reactor, 0.05)
+        # Thread tasks never reach the endpoint: their mark is the first succeeded.
+        marks = await watch_cpu(reactor, args, ctx, pid, process, done, describe,
+                                succeeded if CONFIGS[name][0] == "thread" else None)
         result["detected_s"] = time.time() - began
-        result["peak_rss_kb"] = peak_rss_kb(process.pid)
-        cpu_end = proc_cpu_s(process.pid)
-        if cpu_mark is not None and cpu_mark[1] is not None and cpu_end is not None:
-            result["cpu_us_per_task"] = 1e6 * (cpu_end - cpu_mark[1]) / (args.tasks - cpu_mark[0])
-        result["endpoint"] = await endpoint_call("/stats", ctx["endpoint_url"])
-        endpoint_cpu = proc_cpu_s(ctx["endpoint_pid"])
-        if endpoint_cpu is not None and result["endpoint"]["requests"]:
-            result["endpoint_cpu_us_per_request"] = (
-                1e6 * (endpoint_cpu - endpoint_cpu0) / result["endpoint"]["requests"])
+        await endpoint_figures(ctx, result, endpoint_cpu0)
     finally:
-        result["exit_code"] = await stop_worker(reactor, process)
+        result["exit_code"] = await stop_worker(reactor, process, pid=pid)
     if result["exit_code"] != 0:
         log(f"worker {name}: exit code {result['exit_code']}\n{tail(log_path, 1500)}")
+    result["peak_rss_kb"] = marks.get("peak_rss_kb")
+    cpu_per_task(result, marks, args.tasks)
 
     # Exact check: every task published is recorded succeeded, once.
     records = await state.list(state="succeeded", limit=args.tasks + 100)
@@ -380,7 +763,22 @@ async def one_run(reactor: Any, name: str, repeat: int, args: argparse.Namespace
     })
     if retried:
         result["warning"] = f"{retried} tasks needed more than one attempt"
-    return result
+
+
+async def child_pid(reactor: Any, process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """The pid of py-spy's child (the worker), once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{process.pid}/task/{process.pid}/children",
+                      encoding="ascii") as f:
+                children = f.read().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        await sleep(reactor, 0.02)
+    raise RunFailed("py-spy started no worker process")
 
 
 async def measure(reactor: Any, args: argparse.Namespace, ctx: dict) -> list:
@@ -393,7 +791,10 @@ async def measure(reactor: Any, args: argparse.Namespace, ctx: dict) -> list:
     try:
         await client.whenConnected(fail_after_failures=3)
         for repeat in range(args.repeat):
-            for name in args.configs:
+            # Alternate: every other repeat runs the configurations backwards,
+            # so that a drift of the machine's load favours neither system.
+            order = args.configs if repeat % 2 == 0 else list(reversed(args.configs))
+            for name in order:
                 log(f"run {repeat + 1}/{args.repeat}: {name} ({args.tasks} tasks)")
                 try:
                     r = await one_run(reactor, name, repeat, args, ctx, client, redis)
@@ -402,9 +803,9 @@ async def measure(reactor: Any, args: argparse.Namespace, ctx: dict) -> list:
                     results.append({"config": name, "repeat": repeat, "error": str(e)})
                     continue
                 results.append(r)
-                log(f"  {r['tasks_per_s']:.0f} tasks/s, {r['peak_running']} running at peak, "
-                    f"endpoint peak {r['endpoint']['peak']}, p50 {r['p50_ms']:.0f} ms, "
-                    f"p99 {r['p99_ms']:.0f} ms, peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB")
+                log(f"  {r['tasks_per_s']:.0f} tasks/s, CPU "
+                    f"{_fmt(r.get('cpu_us_per_task'), '.0f')} us/task, endpoint peak "
+                    f"{r['endpoint']['peak']}, peak RSS {(r['peak_rss_kb'] or 0) / 1024:.1f} MB")
     finally:
         await client.close()
         redis.disconnect()
@@ -418,6 +819,11 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _median(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def summarise(results: list) -> dict:
     summary: dict = {}
     for name in CONFIGS:
@@ -427,14 +833,17 @@ def summarise(results: list) -> dict:
             continue
 
         def med(key: str, runs: list = ok) -> Optional[float]:
-            values = [r[key] for r in runs if r.get(key) is not None]
-            return statistics.median(values) if values else None
+            return _median([r.get(key) for r in runs])
 
         summary[name] = {
+            "in_flight": CONFIGS[name][1],
             "tasks_per_s": med("tasks_per_s"),
             "all_tasks_per_s": [round(r["tasks_per_s"]) for r in ok],
+            "all_cpu_us": [round(r["cpu_us_per_task"]) for r in ok
+                           if r.get("cpu_us_per_task") is not None],
             "threads": ok[0]["threads"] if ok else None,
-            "peak_running": max((r["peak_running"] for r in ok), default=None),
+            "peak_running": max((r["peak_running"] for r in ok if "peak_running" in r),
+                                default=None),
             "endpoint_peak": max((r["endpoint"]["peak"] for r in ok), default=None),
             "endpoint_requests": [r["endpoint"]["requests"] for r in ok],
             "endpoint_connections": [r["endpoint"].get("connections") for r in ok],
@@ -442,25 +851,49 @@ def summarise(results: list) -> dict:
             "p50_ms": med("p50_ms"),
             "p99_ms": med("p99_ms"),
             "cpu_us_per_task": med("cpu_us_per_task"),
+            "cpu_us_per_task_own": med("cpu_us_per_task_own"),
             "startup_s": med("startup_s"),
             "peak_rss_mb": max(((r["peak_rss_kb"] or 0) for r in ok), default=0) / 1024 or None,
             "warnings": [r["warning"] for r in ok if "warning" in r],
             "errors": errors,
         }
+    ratios: dict = {}
+    for in_flight in sorted({f for kind, f, _ in CONFIGS.values() if kind == "bare"}):
+        bare, url = f"bare-{in_flight}", f"url-{in_flight}"
+        if bare not in summary or url not in summary:
+            continue
+        by_repeat = {}
+        for r in results:
+            if "tasks_per_s" in r and r["config"] in (bare, url):
+                by_repeat.setdefault(r["repeat"], {})[r["config"]] = r
+        rate, cpu = [], []
+        for pair in by_repeat.values():
+            if len(pair) != 2:
+                continue
+            rate.append(pair[url]["tasks_per_s"] / pair[bare]["tasks_per_s"])
+            if pair[url].get("cpu_us_per_task") and pair[bare].get("cpu_us_per_task"):
+                cpu.append(pair[url]["cpu_us_per_task"] / pair[bare]["cpu_us_per_task"])
+        ratios[in_flight] = {"rate": _median(rate), "cpu": _median(cpu),
+                             "all_rate": [round(x, 2) for x in rate],
+                             "all_cpu": [round(x, 2) for x in cpu]}
+    summary["ratios"] = ratios
     return summary
 
 
 def report(summary: dict, args: argparse.Namespace) -> str:
-    width = 104
+    width = 110
     delay_ms = 1000 * args.delay
     lines = [
         f"quebert URL-task benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs: "
-        f"{args.tasks} tasks per run, endpoint answers after {delay_ms:.0f} ms,",
-        f"one worker: --max-running-tasks {MAX_RUNNING} --queue {QUEUE}-RUN:{MAX_RUNNING}, "
-        f"--config dispatch {json.dumps(DISPATCH)} (defaults 100/10 would cap URL tasks);",
-        f"{args.repeat} repeat(s), medians",
+        f"{args.tasks} tasks per run, POST to an endpoint answering after {delay_ms:.0f} ms;",
+        f"quebert: one worker, Redis state, --max-running-tasks F --queue Q:F, --config "
+        f"dispatch {json.dumps(DISPATCH)};",
+        "bare: pika TwistedProtocolConnection, prefetch F, treq POST (persistent pool, F per "
+        "host), body read, ack;",
+        f"{args.repeat} repeat(s), medians" + (" (UNDER py-spy: CPU figures distorted)"
+                                              if args.profile else ""),
         "",
-        f"{'configuration':<34} {'tasks/s':>8} {'ideal':>6} {'running':>8} {'endpoint':>9} "
+        f"{'configuration':<36} {'tasks/s':>8} {'ideal':>6} {'running':>8} {'endpoint':>9} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'RSS MB':>7}",
         "-" * width,
     ]
@@ -468,22 +901,23 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         s = summary.get(name)
         if s is None:
             continue
-        kind, threads = CONFIGS[name]
-        in_flight = MAX_RUNNING if kind == "url" else min(MAX_RUNNING, threads or DEFAULT_THREADS)
+        kind, in_flight, threads = CONFIGS[name]
+        if kind == "thread":
+            in_flight = min(in_flight, threads or DEFAULT_THREADS)
         ideal = in_flight / args.delay
         lines.append(
-            f"{LABELS[name]:<34} {_fmt(s['tasks_per_s'], '8.0f'):>8} {ideal:6.0f} "
+            f"{LABELS[name]:<36} {_fmt(s['tasks_per_s'], '8.0f'):>8} {ideal:6.0f} "
             f"{_fmt(s['peak_running'], 'd'):>8} {_fmt(s['endpoint_peak'], 'd'):>9} "
             f"{_fmt(s['p50_ms'], '7.0f'):>7} {_fmt(s['p99_ms'], '7.0f'):>7} "
             f"{_fmt(s['cpu_us_per_task'], '7.0f'):>7} {_fmt(s['peak_rss_mb'], '7.1f'):>7}")
     lines += [
         "-" * width,
-        "tasks/s: N / (last finished_at - first started_at) of the N task records in Redis,",
-        "once all N are recorded succeeded.  ideal: tasks that can be in flight / delay.",
-        "running: peak of tasks started and not finished at once (records' started_at..",
-        "finished_at; a thread task counts from when the worker takes it, thread or not).",
-        "endpoint: peak of requests open at once at the endpoint.  p50/p99: task duration,",
-        "started_at to finished_at.  CPU us: worker CPU per task while draining.  RSS: VmHWM.",
+        "tasks/s: N / drain time: quebert, last finished_at - first started_at of its N records",
+        "in Redis; bare, its first delivery to its N-th ack.  ideal: tasks in flight / delay.",
+        "running: peak of quebert tasks started and not finished at once.  endpoint: peak of",
+        "requests open at once.  p50/p99: quebert task duration.  CPU us: the consumer's CPU",
+        "from the endpoint's first answer to the N-th task done, per task after that (polled",
+        "every 50 ms, the same way for both).  RSS: VmHWM.",
         "",
     ]
     for name in CONFIGS:
@@ -491,29 +925,46 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         if s is None or not s["all_tasks_per_s"]:
             continue
         spread = s["all_tasks_per_s"]
-        lines.append(f"  {name}: tasks/s per repeat {spread} (spread {min(spread)}-{max(spread)})"
-                     f"; {s['threads']} threads; start-up {_fmt(s['startup_s'], '.2f')} s")
+        lines.append(f"  {name}: tasks/s per repeat {spread}, CPU us per task {s['all_cpu_us']}"
+                     f"; start-up {_fmt(s['startup_s'], '.2f')} s")
+        if s.get("cpu_us_per_task_own") is not None:
+            lines.append(f"    (its own reading of CPU from its first ack: "
+                         f"{s['cpu_us_per_task_own']:.0f} us per task)")
         if any(s["endpoint_requests"]):
             lines.append(f"    endpoint: requests {s['endpoint_requests']}, TCP connections "
                          f"{s['endpoint_connections']}, CPU "
                          f"{_fmt(s['endpoint_cpu_us'], '.0f')} us per request")
     for name, s in summary.items():
+        if name == "ratios":
+            continue
         for warning in s["warnings"]:
             lines.append(f"WARNING {name}: {warning}")
         for error in s["errors"]:
             lines.append(f"ERROR {name}: {error.splitlines()[0]}")
     lines.append("")
-    url = (summary.get("url") or {}).get("tasks_per_s")
+    for in_flight, r in summary.get("ratios", {}).items():
+        lines.append(
+            f"RATIO quebert/bare at {in_flight} in flight: drain rate "
+            f"{_fmt(r['rate'], '.2f')}x (target >= {TARGET_RATE:.2f}x; per repeat "
+            f"{r['all_rate']}), worker CPU per task {_fmt(r['cpu'], '.2f')}x (target <= "
+            f"{TARGET_CPU:.2f}x; per repeat {r['all_cpu']})")
+    url = (summary.get("url-500") or {}).get("tasks_per_s")
     for name in ("thread", "thread-500"):
         other = (summary.get(name) or {}).get("tasks_per_s")
-        if name not in summary:
-            continue
-        if url and other:
-            lines.append(f"RATIO URL / {LABELS[name]}: {url / other:.1f}x "
+        if name in summary and url and other:
+            lines.append(f"RATIO URL (500 in flight) / {LABELS[name]}: {url / other:.1f}x "
                          f"({url:.0f} vs {other:.0f} tasks/s)")
-        else:
-            lines.append(f"RATIO URL / {LABELS[name]}: not measured")
     return "\n".join(lines)
+
+
+def hotspots_report(results: list) -> str:
+    from bench.bench_throughput import hotspots
+
+    out = []
+    for r in results:
+        if r.get("profile") and os.path.exists(r["profile"]):
+            out.append(hotspots(r["profile"]))
+    return "\n\n".join(out)
 
 
 # -- main -------------------------------------------------------------------------
@@ -521,8 +972,8 @@ def report(summary: dict, args: argparse.Namespace) -> str:
 
 def parse_args(argv: list) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000,
-                        help="tasks per run [default: 2000]")
+    parser.add_argument("--tasks", type=int, default=10000,
+                        help="tasks per run [default: 10000]")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every configuration; medians and the spread are "
                              "reported [default: 1]")
@@ -540,6 +991,10 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--keep", action="store_true",
                         help="keep the working directory (worker and endpoint logs)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run the quebert URL workers under 'py-spy record --nonblocking' (raw "
+                             "format, 100 Hz), write the profiles to DIR and print their hotspots; "
+                             "the CPU figures are then distorted")
     args = parser.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(args.configs) - set(CONFIGS)
@@ -547,6 +1002,10 @@ def parse_args(argv: list) -> argparse.Namespace:
         parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     if args.tasks < 1 or args.repeat < 1 or args.delay <= 0 or args.timeout <= 0:
         parser.error("--tasks and --repeat must be >= 1, --delay and --timeout > 0")
+    if args.profile:
+        if not os.path.exists(PY_SPY):
+            parser.error(f"--profile needs {PY_SPY}: {sys.executable} -m pip install py-spy")
+        os.makedirs(args.profile, exist_ok=True)
     return args
 
 
@@ -576,6 +1035,14 @@ def main(argv: Optional[list] = None) -> int:
     if argv[:1] == ["_endpoint"]:
         endpoint_main(argv[1:])
         return 0
+    if argv[:1] == ["_bare"]:
+        bare_main(argv[1:])
+        return 0
+    if argv[:1] == ["_client"]:
+        client_main(argv[1:])
+        return 0
+    if argv[:1] == ["clients"]:
+        return clients_main(argv[1:])
     args = parse_args(argv)
 
     from quebert.state.redis import parse_redis_url
@@ -624,6 +1091,9 @@ def main(argv: Optional[list] = None) -> int:
 
     summary = summarise(results)
     print(report(summary, args))
+    if args.profile:
+        print()
+        print(hotspots_report(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "dispatch": DISPATCH, "results": results,
