@@ -2,6 +2,9 @@
 """
 The ``quebert`` command: enqueue a task, read its state, list tasks.
 
+(Over 700 lines: one short function per subcommand, beside the option
+parsing and output they share.)
+
 ::
 
     quebert enqueue NAME [--args JSON] [--kwargs JSON] [--queue Q] ...

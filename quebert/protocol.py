@@ -2,6 +2,9 @@
 """
 The wire protocol: what a task looks like on the broker.
 
+(Over 700 lines: producers in other languages read this module as the
+specification, so every field's encoding and check stays in it.)
+
 A task message is a JSON object (``content_type: application/json``,
 ``delivery_mode: 2``, ``message_id`` = task id).  Version 1::
 

@@ -2,6 +2,9 @@
 """
 The worker as a Twisted service: broker + state + executor + mediator.
 
+(Over 700 lines: it wires every part of a worker from its configuration,
+and says at start-up what the configuration implies.)
+
 Stop order matters and ``MultiService`` stops its children all at once, so
 ``WorkerService.stopService`` drains the mediator first (no new tasks,
 running ones get ``shutdown_timeout`` seconds), then flushes pending state
@@ -500,7 +503,7 @@ class WorkerService(_StopSignals, MultiService):
             log.warn("{sentence}", sentence=unreachable)
         concurrency, where = config.concurrency()
         self.dispatcher = dispatch.dispatcher(reactor, credentials=credentials,
-                                              concurrency=concurrency)
+                                              concurrency=concurrency, task_log_level=level)
         for sentence in dispatch.capped_concurrency(concurrency, where):
             log.warn("{sentence}", sentence=sentence)
         queues = [q if q.dispatch_deadline else attrs.evolve(

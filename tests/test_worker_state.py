@@ -31,3 +31,16 @@ class WorkerStateTests(SynchronousTestCase):
         self.addCleanup(lambda: service._redis.disconnect())
         self.assertIsInstance(service.state, ResilientStateManager)
         self.assertIsInstance(service.state.inner, RedisStateManager)
+
+
+class WorkerDispatchLogTests(SynchronousTestCase):
+    def test_url_dispatcher_logs_at_the_workers_task_log_level(self) -> None:
+        """--log-level debug brings back the dispatcher's line per 2xx answer."""
+        from twisted.logger import LogLevel
+
+        for name, level in (("debug", LogLevel.debug), ("info", LogLevel.info)):
+            clock = Clock()
+            service = WorkerService(WorkerConfig(state="memory", log_level=name), reactor=clock,
+                                    registry=Registry())
+            self.addCleanup(service.executor.stop)
+            self.assertEqual(service.dispatcher.task_log_level, level)

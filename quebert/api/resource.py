@@ -3,6 +3,9 @@
 The HTTP task API on plain ``twisted.web``: :class:`ApiResource` and
 :func:`make_site`.
 
+(Over 700 lines: every route of the API, so that each request's checks run
+in one order, written once.)
+
 One leaf resource routes every request itself (:data:`ROUTES`), so that
 no part of ``twisted.web`` ever answers with one of its HTML pages: unknown
 paths, wrong methods, authentication, size limits, bad input and backend

@@ -2,6 +2,10 @@
 """
 Sending a URL task's request and judging the answer.
 
+(Over 700 lines: a request's whole life, limits, sending, reading and
+judging the answer, is kept in one module, as one state machine per
+dispatch.)
+
 The rules (App Engine push queues / Cloud Tasks HTTP targets):
 
 - Any 2xx answer is a success: :class:`DispatchResult`.

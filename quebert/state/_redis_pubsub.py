@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from quebert._tcp import no_delay
+from quebert.state._redis_connect import SENTINEL_DISCOVERY_TIMEOUT, _TLSEndpoint
 
 log = Logger(namespace="quebert.state.redis")
 
@@ -83,8 +84,6 @@ class _SentinelEndpoint:
     """Asks the sentinels for the primary before every connection attempt."""
 
     def __init__(self, reactor: Any, options: Mapping[str, Any], connect_timeout: float) -> None:
-        from quebert.state.redis import SENTINEL_DISCOVERY_TIMEOUT
-
         self.reactor = reactor
         self.service = options["service"]
         self.connect_timeout = connect_timeout
@@ -135,8 +134,6 @@ class SettledSubscription:
             endpoint = HostnameEndpoint(reactor, options["host"], options["port"],
                                         timeout=connect_timeout)
             if options.get("tls"):
-                from quebert.state.redis import _TLSEndpoint
-
                 endpoint = _TLSEndpoint(endpoint, options["host"])
         self._protocol: Optional[_SubscriberProtocol] = None
         self._keepalive: Any = None

@@ -4,6 +4,9 @@ The Lua scripts of :mod:`quebert.state.redis` (data layout: see there).
 Every write goes through ``apply``, in batches; ``get`` and ``list`` read
 records back as JSON text.  Each script is sent by its SHA1 (``EVALSHA``),
 with its source as the fallback when Redis does not know it yet.
+
+(Over 700 lines: it is the Lua source of every script, kept in one module
+so that the data layout they share is written and reviewed in one place.)
 """
 
 from __future__ import annotations
