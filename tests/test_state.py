@@ -686,6 +686,22 @@ class MemoryStateTests(StateContractMixin, TestCase):
         self.clock.advance(10**7)
         self.assertIsNotNone(self.successResultOf(manager.get("c")))
 
+    def test_finished_records_are_capped_those_expiring_first_dropped_first(self) -> None:
+        """max_finished bounds memory whatever the rate: the soonest to expire go first."""
+        manager = MemoryStateManager(clock=self.clock, max_finished=3)
+        self.successResultOf(manager.finished("f", FAILED, 1, info(), T0))  # kept a week
+        for n in range(4):
+            self.successResultOf(manager.finished(f"s{n}", SUCCEEDED, 1, info(), T0 + n))
+            self.clock.advance(1)
+        self.successResultOf(manager.started("r", 1, "w", info(), T0))  # not finished: not counted
+        kept = {record["id"] for record in self.successResultOf(manager.list())}
+        self.assertEqual(kept, {"f", "s2", "s3", "r"})
+        self.assertEqual(manager.evicted, 2)
+
+    def test_max_finished_must_be_a_positive_int(self) -> None:
+        for bad in (0, -1, 1.5, "10"):
+            self.assertRaises(ConfigurationError, MemoryStateManager, max_finished=bad)
+
     def test_default_retention_by_outcome(self) -> None:
         """Without finished_ttl: an hour for succeeded records, a week for the others."""
         manager = MemoryStateManager(clock=self.clock)
@@ -737,20 +753,26 @@ class MemoryStateTests(StateContractMixin, TestCase):
         """A negative finished_ttl is refused when the store is built."""
         self.assertRaises(ConfigurationError, MemoryStateManager, finished_ttl=-1)
 
-    @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 5) | st.none()),
-                    max_size=60), st.integers(0, 10))
+    @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 5) | st.none(),
+                              st.booleans()), max_size=60), st.integers(0, 10))
     def test_an_index_orders_ids_as_a_sorted_list_of_scores_would(self, steps, start) -> None:
-        """Adds, moves and drops in any order: newest first, ties by id (Redis's order)."""
+        """
+        Adds, moves and drops in any order, read between any of them: newest
+        first, ties by id (Redis's order).
+        """
         from quebert.state.memory import _Index
 
         index, model = _Index(), {}
-        for task_id, score in steps:
+        for task_id, score, read in steps:
             if score is None:
                 index.discard(task_id)
                 model.pop(task_id, None)
             else:
                 index.add(task_id, float(score))
                 model[task_id] = float(score)
+            if read:
+                self.assertEqual(list(index.newest()), [
+                    t for _, t in sorted(((s, t) for t, s in model.items()), reverse=True)])
         expected = [t for _, t in sorted(((s, t) for t, s in model.items()), reverse=True)]
         self.assertEqual(len(index), len(model))
         self.assertEqual(list(index.newest()), expected)
@@ -760,15 +782,12 @@ class MemoryStateTests(StateContractMixin, TestCase):
         """
         Expiry drops the oldest ids of every index, at the front: with a
         plain sorted list each drop moved every other id (a day of records
-        made each write cost milliseconds); a SortedList touches one
-        sublist.
+        made each write cost milliseconds); the index is a dict in time
+        order, whose drops are O(1).
         """
-        from sortedcontainers import SortedList
-
         manager = self.make_manager(finished_ttl=60)
         for n in range(3000):
             manager.finished(f"t{n}", SUCCEEDED, 1, info(queue="q"), T0 + n)
-        self.assertIsInstance(manager._states[SUCCEEDED]._keys, SortedList)
         self.clock.advance(61)
         manager.enqueued("new", QUEUED, info(queue="q"), T0 + 5000)
         self.assertEqual(list(manager._states[SUCCEEDED].newest()), [])

@@ -19,10 +19,10 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+import math
 from itertools import islice
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from sortedcontainers import SortedList
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -52,35 +52,44 @@ def _fired(f: Any, *args: Any) -> Deferred:
     return succeed(result)
 
 
+#: Finished records a memory store keeps at most, by default.
+MAX_FINISHED = 100_000
+
+
 class _Index:
     """
     Task ids ordered by ``(updated_at, id)``, walked newest first.
 
-    A ``SortedList``: adding, moving and dropping an id cost O(log n) wherever
-    it sits, so expiring the oldest records of a large store is as cheap
-    as recording new ones.
+    Writes come in time order nearly always, so the index is a dict in
+    insertion order: adding, moving (a re-add goes to the end) and dropping
+    an id are O(1), and expiring the oldest records costs no more than
+    recording new ones.  An id added out of order (an earlier time than the
+    newest's) marks the index, which is sorted again at its next read.
     """
 
+    __slots__ = ("_scores", "_newest", "_ordered")
+
     def __init__(self) -> None:
-        self._keys: SortedList = SortedList()
         self._scores: Dict[str, float] = {}
+        self._newest: Optional[Tuple[float, str]] = None  # greatest key added since sorted
+        self._ordered = True
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._scores)
 
     def add(self, task_id: str, score: float) -> None:
-        old = self._scores.get(task_id)
-        if old is not None:
-            if old == score:
-                return
-            self._keys.remove((old, task_id))
-        self._keys.add((score, task_id))
-        self._scores[task_id] = score
+        scores = self._scores
+        scores.pop(task_id, None)  # (a re-add goes to the end)
+        scores[task_id] = score
+        key = (score, task_id)
+        newest = self._newest
+        if newest is None or key >= newest:
+            self._newest = key
+        else:
+            self._ordered = False
 
     def discard(self, task_id: str) -> None:
-        score = self._scores.pop(task_id, None)
-        if score is not None:
-            self._keys.remove((score, task_id))
+        self._scores.pop(task_id, None)
 
     def newest(self, start: int = 0) -> Iterator[str]:
         """Ids from the ``start``-th newest on (same order as Redis ``ZREVRANGE``)."""
@@ -89,9 +98,13 @@ class _Index:
 
     def newest_items(self, start: int = 0) -> Iterator[Tuple[float, str]]:
         """``(score, id)`` from the ``start``-th newest on."""
-        stop = len(self._keys) - start
-        if stop > 0:
-            yield from self._keys.islice(0, stop, reverse=True)
+        if not self._ordered:
+            ordered = sorted(self._scores.items(), key=lambda item: (item[1], item[0]))
+            self._scores = dict(ordered)
+            self._newest = (ordered[-1][1], ordered[-1][0]) if ordered else None
+            self._ordered = True
+        items = ((score, task_id) for task_id, score in reversed(self._scores.items()))
+        return islice(items, start, None)
 
 
 @implementer(IStateManager, ISettledFeed)
@@ -104,12 +117,18 @@ class MemoryStateManager:
     :param retention: seconds by outcome that differ from that.
     :param clock: ``IReactorTime`` used only to expire finished records;
         the global reactor when ``None``.
+    :param max_finished: finished records kept at most (``None``: no
+        limit), so that the store's memory is bounded whatever the task
+        rate: beyond it, those due to expire first are dropped first
+        (counted in :attr:`evicted`).  A record takes about 1.4 KB, so the
+        default, 100,000, bounds the records at some 150 MB.
     """
 
     def __init__(self, finished_ttl: Optional[float] = None,
                  clock: Optional[IReactorTime] = None,
                  name_tombstone: float = 3600,
-                 retention: Optional[Mapping[str, float]] = None) -> None:
+                 retention: Optional[Mapping[str, float]] = None,
+                 max_finished: Optional[int] = MAX_FINISHED) -> None:
         try:
             kept = _records.retention(finished_ttl, retention)
         except ValueError as e:
@@ -117,6 +136,12 @@ class MemoryStateManager:
         if name_tombstone < 0:
             raise ConfigurationError(
                 f"name_tombstone must be >= 0 seconds, not {name_tombstone!r}")
+        if max_finished is not None and (type(max_finished) is not int or max_finished < 1):
+            raise ConfigurationError(
+                f"max_finished must be an int >= 1 or None, not {max_finished!r}")
+        self.max_finished = max_finished
+        #: Finished records dropped before their time to keep ``max_finished``.
+        self.evicted = 0
         #: The longest retention (0: some outcome is kept forever).
         self.finished_ttl = _records.longest(kept)
         #: Seconds a finished record is kept, by outcome (0: forever).
@@ -320,12 +345,24 @@ class MemoryStateManager:
         if state in FINISHED_STATES and old_state != state and self._watches:
             for watch in list(self._watches):
                 watch.tell(task_id)
-        if state in FINISHED_STATES and self.retention[state] > 0:
-            deadline = self._now() + self.retention[state]
+        if state in FINISHED_STATES:
+            kept = self.retention[state]
+            deadline = self._now() + kept if kept > 0 else math.inf  # (inf: evicted last)
             self._deadline[task_id] = deadline
             heapq.heappush(self._deadlines, (deadline, task_id))
+            if self.max_finished is not None and len(self._deadline) > self.max_finished:
+                self._evict()
         else:
             self._deadline.pop(task_id, None)
+
+    def _evict(self) -> None:
+        """Drop the finished records due to expire first, down to ``max_finished``."""
+        deadlines, current = self._deadlines, self._deadline
+        while len(current) > self.max_finished and deadlines:  # type: ignore[operator]
+            deadline, task_id = heapq.heappop(deadlines)
+            if current.get(task_id) == deadline:
+                self._remove(task_id)
+                self.evicted += 1
 
     def _enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> None:
         _records.check_enqueued(task_id, state, info, at)
