@@ -47,6 +47,7 @@ from bench.bench_throughput import (  # noqa: E402
     Environment,
     environment,
     log,
+    log_tail,
 )
 from quebert.amqp.topology import QUEUE_TYPES  # noqa: E402
 
@@ -137,14 +138,7 @@ class Worker:
         return samples
 
     def log_tail(self) -> str:
-        text = ""
-        for path in (self.log_path, self.log_path + ".out"):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text += f.read()[-3000:]
-            except OSError:
-                pass
-        return text
+        return log_tail(self.log_path)
 
     def stop(self) -> Optional[int]:
         process = self.process

@@ -165,21 +165,6 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
         channel.basic_ack(delivery_tag)
         recorder.finished()
 
-    def pump(queue_object: Any) -> None:
-        # Same loop as quebert's consumer: drain fired Deferreds, then wait.
-        while True:
-            d = queue_object.get()
-            if not d.called:
-                d.addCallback(lambda m: (one(m), pump(queue_object)))
-                d.addErrback(stop)
-                return
-            box: list = []
-            d.addBoth(box.append)
-            if isinstance(box[0], Failure):
-                stop(box[0])
-                return
-            one(box[0])
-
     def stop(failure: Failure) -> None:
         print(f"baseline consumer failed: {failure.getErrorMessage()}", file=sys.stderr)
         if reactor.running:
@@ -193,7 +178,7 @@ def baseline_consumer(url: str, queue: str, prefetch: int, out: str,
         channel = yield connection.channel()
         yield channel.basic_qos(prefetch_count=prefetch)
         queue_object, _tag = yield channel.basic_consume(queue=queue, auto_ack=False)
-        pump(queue_object)
+        pump(queue_object, one, stop)
 
     reactor.callWhenRunning(lambda: start().addErrback(stop))
     reactor.run()
@@ -346,6 +331,40 @@ def server_cpu() -> dict:
         fields = stat[stat.rfind(")") + 2:].split()
         totals[server] += (int(fields[11]) + int(fields[12])) / ticks
     return totals
+
+
+def pump(queue_object: Any, one: Any, stop: Any) -> None:
+    """
+    A bare consumer's loop, the same as quebert's consumer: hand each
+    delivery of pika's ``queue_object`` to ``one`` while they are there,
+    then wait for the next; ``stop(failure)`` when the queue fails.
+    """
+    from twisted.python.failure import Failure
+
+    while True:
+        d = queue_object.get()
+        if not d.called:
+            d.addCallback(lambda m: (one(m), pump(queue_object, one, stop)))
+            d.addErrback(stop)
+            return
+        box: list = []
+        d.addBoth(box.append)
+        if isinstance(box[0], Failure):
+            stop(box[0])
+            return
+        one(box[0])
+
+
+def log_tail(log_path: str) -> str:
+    """The end of a worker's log and of its stdout/stderr (``<log>.out``), for errors."""
+    text = ""
+    for path in (log_path, log_path + ".out"):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text += f.read()[-3000:]
+        except OSError:
+            pass
+    return text
 
 
 def percentile(values: list, q: float) -> Optional[float]:
@@ -513,14 +532,7 @@ class Run:
             return json.load(f)
 
     def log_tail(self) -> str:
-        text = ""
-        for path in (self.log_path, self.log_path + ".out"):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text += f.read()[-3000:]
-            except OSError:
-                pass
-        return text
+        return log_tail(self.log_path)
 
     def mismatched_queue(self) -> Optional[str]:
         """

@@ -53,6 +53,7 @@ from bench.bench_throughput import (  # noqa: E402
     log,
     peak_rss_kb,
     percentile,
+    pump,
     rabbitmqctl,
 )
 
@@ -210,7 +211,6 @@ def bare_main(argv: list) -> None:
     from pika.adapters.twisted_connection import TwistedProtocolConnection
     from twisted.internet import defer, reactor
     from twisted.internet import protocol as tprotocol
-    from twisted.python.failure import Failure
     from twisted.web.client import Agent, HTTPConnectionPool
 
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -257,20 +257,6 @@ def bare_main(argv: list) -> None:
         channel, method, _properties, body = message
         defer.ensureDeferred(one(channel, method, body))
 
-    def pump(queue_object: Any) -> None:
-        while True:
-            d = queue_object.get()
-            if not d.called:
-                d.addCallback(lambda m: (start_one(m), pump(queue_object)))
-                d.addErrback(stop)
-                return
-            box: list = []
-            d.addBoth(box.append)
-            if isinstance(box[0], Failure):
-                stop(box[0])
-                return
-            start_one(box[0])
-
     def stop(failure: Any) -> None:
         print(f"bare consumer failed: {failure.getErrorMessage()}", file=sys.stderr)
         if reactor.running:
@@ -284,7 +270,7 @@ def bare_main(argv: list) -> None:
         channel = await connection.channel()
         await channel.basic_qos(prefetch_count=a.prefetch)
         queue_object, _tag = await channel.basic_consume(queue=a.queue, auto_ack=False)
-        pump(queue_object)
+        pump(queue_object, start_one, stop)
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(start()).addErrback(stop))
     reactor.run()

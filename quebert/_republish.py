@@ -16,7 +16,7 @@ record the state store keeps.
 from __future__ import annotations
 
 import traceback
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from twisted.python.failure import Failure
 
@@ -76,31 +76,30 @@ def error_info(failure: Failure) -> dict:
     return error
 
 
-def retry_copy(task: Task, failure: Failure, error: dict) -> Copy:
-    """The copy that retries ``task`` after its failed attempt (``error``: its record)."""
+def _failed_attempt_headers(task: Task, failure: Failure, error: dict,
+                            **more: Any) -> Dict[str, Any]:
+    """The headers of a copy of ``task`` after its failed attempt (``error``: its record)."""
     headers = protocol.republish_headers(task.delivery.headers, **{
         H_ATTEMPTS: task.attempt,
         H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
         H_QUEUE: task.queue,
         H_ERROR_TYPE: error["type"],
         H_ERROR_MESSAGE: _header_text(error["message"]),
-    })
+    }, **more)
     _count_response(headers, failure)
+    return headers
+
+
+def retry_copy(task: Task, failure: Failure, error: dict) -> Copy:
+    """The copy that retries ``task`` after its failed attempt (``error``: its record)."""
+    headers = _failed_attempt_headers(task, failure, error)
     headers.pop(H_NOT_BEFORE, None)
     return _with_body(task.message, task.delivery, headers)
 
 
 def errored_copy(task: Task, failure: Failure, error: dict, reason: str) -> Copy:
     """The copy of ``task`` for its errored queue, once it failed for good."""
-    headers = protocol.republish_headers(task.delivery.headers, **{
-        H_ATTEMPTS: task.attempt,
-        H_FIRST_ATTEMPT: protocol.to_ms(task.first_attempt_at),
-        H_QUEUE: task.queue,
-        H_ERROR_TYPE: error["type"],
-        H_ERROR_MESSAGE: _header_text(error["message"]),
-        H_REASON: _header_text(reason),
-    })
-    _count_response(headers, failure)
+    headers = _failed_attempt_headers(task, failure, error, **{H_REASON: _header_text(reason)})
     return _with_body(task.message, task.delivery, headers)
 
 
