@@ -124,6 +124,18 @@ class BoundedPoolTests(SynchronousTestCase):
         self.pool = BoundedPool(self.reactor, max_idle=3, max_idle_per_host=2,
                                 idle_timeout=30)
 
+    def test_new_connections_log_nothing(self):
+        """Twisted's factory logs two lines per connection: 1,000 a run at 500 in flight."""
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        factory = self.pool._factory(defer.Deferred(), "http://h/")
+        factory.doStart()
+        factory.doStop()
+        self.assertEqual(logged, [])
+
     def test_idle_bounded_across_hosts(self):
         connections = [_FakeConnection() for _ in range(5)]
         for i, c in enumerate(connections):

@@ -29,7 +29,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -146,6 +150,12 @@ class GuardedEndpoint:
         return tcp
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    """Twisted's HTTP/1.1 connection factory without its two log lines per connection."""
+
+    noisy = False
+
+
 class BoundedPool(HTTPConnectionPool):
     """
     A persistent connection pool keeping at most ``max_idle`` idle
@@ -158,6 +168,8 @@ class BoundedPool(HTTPConnectionPool):
     This leans on ``HTTPConnectionPool``'s ``_connections``/``_timeouts``
     attributes, unchanged in Twisted for over a decade; ``tests`` pin it.
     """
+
+    _factory = _QuietFactory
 
     def __init__(self, reactor: Any, *, max_idle: int, max_idle_per_host: int,
                  idle_timeout: float = 60.0) -> None:
