@@ -25,3 +25,13 @@ def no_delay(transport: Any) -> bool:
     except Exception:  # not a socket this can be set on (a UNIX socket, a test transport)
         return False
     return True
+
+
+class NoDelayProtocol:
+    """A mixin for a client protocol class: :func:`no_delay` once connected."""
+
+    transport: Any
+
+    def connectionMade(self) -> Any:
+        no_delay(self.transport)
+        return super().connectionMade()  # type: ignore[misc]

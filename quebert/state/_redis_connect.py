@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from quebert._tcp import no_delay
+from quebert._tcp import NoDelayProtocol
 from quebert.state import _redis_ops
 from quebert.state._redis_ops import parse_redis_url
 
@@ -139,20 +139,12 @@ def connect_redis(
     return factory.handler
 
 
-class _Protocol(txredisapi.RedisProtocol):
-    """txredisapi's protocol, without Nagle's algorithm (:func:`quebert._tcp.no_delay`)."""
-
-    def connectionMade(self) -> Any:
-        no_delay(self.transport)
-        return super().connectionMade()
+class _Protocol(NoDelayProtocol, txredisapi.RedisProtocol):
+    """txredisapi's protocol, without Nagle's algorithm."""
 
 
-class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
+class _SentinelProtocol(NoDelayProtocol, txredisapi.SentinelRedisProtocol):
     """The same for connections found through Sentinel."""
-
-    def connectionMade(self) -> Any:
-        no_delay(self.transport)
-        return super().connectionMade()
 
 
 class _SentinelFactory(txredisapi.SentinelConnectionFactory):

@@ -24,7 +24,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from quebert._tcp import no_delay
+from quebert._tcp import NoDelayProtocol
 from quebert.state._redis_connect import SENTINEL_DISCOVERY_TIMEOUT, _TLSEndpoint
 
 log = Logger(namespace="quebert.state.redis")
@@ -35,7 +35,7 @@ KEEPALIVE = 15.0
 KEEPALIVE_TIMEOUT = 5.0
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+class _SubscriberProtocol(NoDelayProtocol, txredisapi.SubscriberProtocol):
     """Hands each message's ids to the subscription."""
 
     subscription: SettledSubscription
@@ -45,10 +45,6 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
             message = message.decode("utf-8", "replace")
         if isinstance(message, str) and message:
             self.subscription.received(message.split("\n"))
-
-    def connectionMade(self) -> Any:
-        no_delay(self.transport)
-        return super().connectionMade()
 
     def connectionLost(self, why: Any) -> None:
         self.subscription.lost(self)

@@ -326,16 +326,16 @@ class MemoryStateManager:
                              reverse=True)
         return (task_id for _, task_id in islice(merged, start, None))
 
-    def _load(self, task_id: str, info: Any, at: float) -> Tuple[Dict[str, Any], Any, Any]:
-        """The stored record (or a new one) and its state and queue before the write."""
+    def _load(self, task_id: str, info: Any, at: float) -> Tuple[Dict[str, Any], Any]:
+        """The stored record (or a new one) and its state before the write."""
         self._expire()
         record = self._records.get(task_id)
         if record is None:
-            return _records.new_record(task_id, info, at), None, None
+            return _records.new_record(task_id, info, at), None
         # a copy, so that a write failing half-way changes nothing
-        return dict(record), record["state"], record["queue"]
+        return dict(record), record["state"]
 
-    def _store(self, record: Dict[str, Any], old_state: Any, old_queue: Any) -> None:
+    def _store(self, record: Dict[str, Any], old_state: Any) -> None:
         """Keep ``record`` and move it in the indexes and the expiry schedule."""
         task_id, score, state = record["id"], record["updated_at"], record["state"]
         self._records[task_id] = record
@@ -366,7 +366,7 @@ class MemoryStateManager:
 
     def _enqueued(self, task_id: str, state: str, info: Mapping[str, Any], at: float) -> None:
         _records.check_enqueued(task_id, state, info, at)
-        record, old_state, old_queue = self._load(task_id, info, at)
+        record, old_state = self._load(task_id, info, at)
         if old_state is not None:
             # started before its producer's write arrived: only the arguments are added
             if info.get("arguments") is not None and "arguments" not in record:
@@ -376,7 +376,7 @@ class MemoryStateManager:
         record.update(_records.enqueued_changes(state, at))
         if info.get("arguments") is not None:
             record["arguments"] = json.loads(info["arguments"])
-        self._store(record, None, None)
+        self._store(record, None)
 
     def _holder(self, name: str) -> Optional[str]:
         held = self._names.get(name)
@@ -414,7 +414,7 @@ class MemoryStateManager:
         record = dict(stored)
         record.update(state=QUEUED, updated_at=float(at), finished_at=None, result=None,
                       error=None, reason=None, cancel_requested=None, eta=None)
-        self._store(record, old_state, record["queue"])
+        self._store(record, old_state)
         name = record["name"]
         if name is not None and self._holder(name) in (None, task_id):
             self._names[name] = (task_id, None)
@@ -430,7 +430,7 @@ class MemoryStateManager:
                        reason: str) -> None:
         record.update(state=CANCELED, updated_at=float(at), finished_at=float(at),
                       reason=reason)
-        self._store(record, old_state, record["queue"])
+        self._store(record, old_state)
         self._tombstone(record["id"], record["name"])
 
     def _cancel(self, task_id: str, at: float, reason: Optional[str]) -> Optional[str]:
@@ -455,7 +455,7 @@ class MemoryStateManager:
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
     ) -> Optional[str]:
         _records.check_started(task_id, attempt, worker, info, at)
-        record, old_state, old_queue = self._load(task_id, info, at)
+        record, old_state = self._load(task_id, info, at)
         if old_state == CANCELED or (record["cancel_requested"] is not None
                                      and old_state not in FINISHED_STATES):
             if old_state != CANCELED:
@@ -469,7 +469,7 @@ class MemoryStateManager:
         record["history"] = _records.upsert_history(
             record["history"], attempt, _records.started_entry(attempt, worker, at), replace=True
         )
-        self._store(record, old_state, old_queue)
+        self._store(record, old_state)
 
     def _finished(
         self,
@@ -484,7 +484,7 @@ class MemoryStateManager:
         retry_at: Optional[float],
     ) -> None:
         _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
-        record, old_state, old_queue = self._load(task_id, info, at)
+        record, old_state = self._load(task_id, info, at)
         if record["cancel_requested"] is not None and state == SCHEDULED:
             state = CANCELED
             if reason is None:
@@ -498,7 +498,7 @@ class MemoryStateManager:
             _records.outcome_entry(attempt, state, at, error, retry_at),
             replace=False,
         )
-        self._store(record, old_state, old_queue)
+        self._store(record, old_state)
         if state in FINISHED_STATES:
             self._tombstone(task_id, record["name"])
 
