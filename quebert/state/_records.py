@@ -317,35 +317,9 @@ def normalize_error(error: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Op
     return normalized
 
 
-#: normalize_info's answers by the raw values: each of a task's writes
-#: (started, then finished) needs it twice, from the same info.
-_normalized: Dict[tuple, Dict[str, Any]] = {}
-
-
-def normalize_info(info: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """
-    The ``INFO_FIELDS`` of ``info`` with their record types (missing ones
-    ``None``).  The mapping may be shared: read it, never change it.
-    """
+def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``INFO_FIELDS`` of ``info`` with their record types (missing ones ``None``)."""
     get = (info or _NO_INFO).get
-    key = (get("queue"), get("kind"), get("task"), get("name"), get("eta"), get("created_at"))
-    for value in key[:4]:
-        if value is not None and type(value) is not str:
-            # (1, 1.0 and True are one key, but not one text)
-            return _normalize_info(get)
-    try:
-        found = _normalized.get(key)
-    except TypeError:  # an unhashable eta or created_at: a bad write, which checks refuse
-        return _normalize_info(get)
-    if found is None:
-        found = _normalize_info(get)
-        if len(_normalized) >= 4096:
-            _normalized.clear()
-        _normalized[key] = found
-    return found
-
-
-def _normalize_info(get: Any) -> Dict[str, Any]:
     eta, created_at = get("eta"), get("created_at")
     return {
         "queue": text(get("queue"), MESSAGE_LIMIT),
