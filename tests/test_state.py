@@ -264,6 +264,44 @@ class StateContractMixin:
         self.assertEqual(record["history"][0]["error"], ERROR)
         self.assertEqual(ids(await self.manager.list(state=SCHEDULED)), ["a"])
 
+    async def test_first_attempt_history_survives_later_writes(self) -> None:
+        """
+        The history entry of a task's only attempt is kept as it was written
+        when a later write changes the fields it resembles: a cancel of the
+        scheduled retry, a requeue of the failure, a failure's retry time,
+        a new attempt (the stores spare that entry while the record says the
+        same; these writes must write it out first).
+        """
+        scheduled = {"attempt": 1, "state": SCHEDULED, "worker": "w", "started_at": T0,
+                     "finished_at": T0 + 1, "error": ERROR, "retry_at": T0 + 30}
+        await self.manager.started("sched", 1, "w", info(), T0)
+        await self.manager.finished("sched", SCHEDULED, 1, info(), T0 + 1, error=ERROR,
+                                    retry_at=T0 + 30)
+        self.assertEqual(await self.manager.cancel("sched", T0 + 2, "operator"), SCHEDULED)
+        record = await self.manager.get("sched")
+        self.assertEqual((record["state"], record["finished_at"], record["reason"]),
+                         (CANCELED, T0 + 2, "operator"))
+        self.assertEqual(record["history"], [scheduled])
+
+        await self.manager.started("failed", 1, "w", info(), T0)
+        await self.manager.finished("failed", FAILED, 1, info(), T0 + 1, error=ERROR,
+                                    retry_at=T0 + 30)
+        failed = await self.manager.get("failed")
+        self.assertEqual(failed["history"][0]["retry_at"], T0 + 30)
+        self.assertEqual(await self.manager.requeued("failed", T0 + 5), FAILED)
+        record = await self.manager.get("failed")
+        self.assertEqual(record["state"], QUEUED)
+        self.assertEqual(record["history"], failed["history"])
+
+        await self.manager.started("again", 1, "w1", info(), T0)
+        await self.manager.finished("again", SUCCEEDED, 1, info(), T0 + 1)
+        done = (await self.manager.get("again"))["history"]
+        await self.manager.started("again", 2, "w2", info(), T0 + 2)
+        record = await self.manager.get("again")
+        self.assertEqual(record["history"][0], done[0])
+        self.assertEqual([(e["attempt"], e["state"]) for e in record["history"]],
+                         [(1, SUCCEEDED), (2, RUNNING)])
+
     async def test_next_attempt_clears_previous_outcome(self) -> None:
         """A new attempt clears result/error/reason; the history keeps them."""
         await self.manager.started("a", 1, "w1", info(), T0)

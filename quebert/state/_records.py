@@ -317,6 +317,29 @@ def normalize_error(error: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Op
     return normalized
 
 
+def plain_info(info: Any) -> Optional[tuple]:
+    """
+    ``(queue, kind, task, name, eta, created_at)`` of ``info`` when they
+    are already as a record keeps them (short ASCII strings, floats or
+    ``None``: the common case, checked cheaply); ``None`` otherwise, for
+    :func:`normalize_info` to clean.
+    """
+    if info.__class__ is not dict:
+        return None
+    get = info.get
+    queue, kind, task, name = get("queue"), get("kind"), get("task"), get("name")
+    eta, created_at = get("eta"), get("created_at")
+    if (queue.__class__ is str and kind.__class__ is str and task.__class__ is str
+            and (name is None or name.__class__ is str)
+            and len(queue) <= MESSAGE_LIMIT and len(kind) <= MESSAGE_LIMIT
+            and len(task) <= MESSAGE_LIMIT and len(name or "") <= MESSAGE_LIMIT
+            and (queue + kind + task + (name or "")).isascii()
+            and (eta is None or eta.__class__ is float)
+            and (created_at is None or created_at.__class__ is float)):
+        return queue, kind, task, name, eta, created_at
+    return None
+
+
 def normalize_info(info: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The ``INFO_FIELDS`` of ``info`` with their record types (missing ones ``None``)."""
     get = (info or _NO_INFO).get
@@ -529,7 +552,7 @@ def _decode_entry(entry: Mapping[str, Any]) -> Dict[str, Any]:
 DERIVED_HISTORY = "{}"
 
 
-def _derived_entry(record: Mapping[str, Any]) -> Dict[str, Any]:
+def derived_entry(record: Mapping[str, Any]) -> Dict[str, Any]:
     """The one history entry of a record whose ``history`` is ``DERIVED_HISTORY``."""
     scheduled = record["state"] == SCHEDULED
     return {
@@ -607,7 +630,7 @@ def decode_record(fields: Mapping[str, Any]) -> Dict[str, Any]:
         # record's updated_at
         record["finished_at"] = record["updated_at"]
     if derived:
-        record["history"] = [_derived_entry(record)]
+        record["history"] = [derived_entry(record)]
     else:
         # cjson writes an empty Lua table as an object
         record["history"] = [_decode_entry(entry) for entry in record["history"] or ()]

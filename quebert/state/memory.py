@@ -120,8 +120,8 @@ class MemoryStateManager:
     :param max_finished: finished records kept at most (``None``: no
         limit), so that the store's memory is bounded whatever the task
         rate: beyond it, those due to expire first are dropped first
-        (counted in :attr:`evicted`).  A record takes about 1.4 KB, so the
-        default, 100,000, bounds the records at some 150 MB.
+        (counted in :attr:`evicted`).  A record takes about 1 KB, so the
+        default, 100,000, bounds the records at some 100 MB.
     """
 
     def __init__(self, finished_ttl: Optional[float] = None,
@@ -244,7 +244,7 @@ class MemoryStateManager:
             examined += 1
             record = self._records[task_id]
             if record["task"] == task and (queue is None or record["queue"] == queue):
-                found.append(copy.deepcopy(record))
+                found.append(_copy_out(record))
         return found, None
 
     def counts(self) -> Deferred:
@@ -333,7 +333,7 @@ class MemoryStateManager:
         if record is None:
             return _records.new_record(task_id, info, at), None
         # a copy, so that a write failing half-way changes nothing
-        return dict(record), record["state"]
+        return _explicit(record), record["state"]
 
     def _store(self, record: Dict[str, Any], old_state: Any) -> None:
         """Keep ``record`` and move it in the indexes and the expiry schedule."""
@@ -411,7 +411,7 @@ class MemoryStateManager:
         old_state = stored["state"]
         if old_state != FAILED:
             return old_state
-        record = dict(stored)
+        record = _explicit(stored)
         record.update(state=QUEUED, updated_at=float(at), finished_at=None, result=None,
                       error=None, reason=None, cancel_requested=None, eta=None)
         self._store(record, old_state)
@@ -442,7 +442,7 @@ class MemoryStateManager:
         old_state = stored["state"]
         if old_state in FINISHED_STATES:
             return old_state
-        record = dict(stored)
+        record = _explicit(stored)
         record["cancel_requested"] = float(at)
         if old_state == RUNNING:
             self._records[task_id] = record
@@ -455,6 +455,13 @@ class MemoryStateManager:
         self, task_id: str, attempt: int, worker: str, info: Mapping[str, Any], at: float
     ) -> Optional[str]:
         _records.check_started(task_id, attempt, worker, info, at)
+        if task_id not in self._records:  # (an expired one is dropped by _load)
+            plain = _records.plain_info(info)
+            if plain is not None:
+                # the common case, a task never seen: its one history entry is
+                # what its own fields say (see _explicit)
+                self._store(self._first_start(task_id, plain, attempt, worker, float(at)), None)
+                return None
         record, old_state = self._load(task_id, info, at)
         if old_state == CANCELED or (record["cancel_requested"] is not None
                                      and old_state not in FINISHED_STATES):
@@ -471,6 +478,32 @@ class MemoryStateManager:
         )
         self._store(record, old_state)
 
+    @staticmethod
+    def _first_start(task_id: str, plain: tuple, attempt: int, worker: Optional[str],
+                     at: float) -> Dict[str, Any]:
+        """The record of a task never seen before whose attempt ``attempt`` starts."""
+        queue, kind, task, name, eta, created_at = plain
+        return {
+            "id": task_id,
+            "state": RUNNING,
+            "queue": queue,
+            "kind": kind,
+            "task": task,
+            "name": name,
+            "attempts": attempt,
+            "created_at": at if created_at is None else created_at,
+            "updated_at": at,
+            "eta": eta,
+            "started_at": at,
+            "finished_at": None,
+            "worker": _records.text(worker, _records.MESSAGE_LIMIT),
+            "result": None,
+            "error": None,
+            "reason": None,
+            "history": None,
+            "cancel_requested": None,
+        }
+
     def _finished(
         self,
         task_id: str,
@@ -484,6 +517,15 @@ class MemoryStateManager:
         retry_at: Optional[float],
     ) -> None:
         _records.check_finished(task_id, state, attempt, info, at, error, reason, retry_at)
+        self._expire()
+        stored = self._records.get(task_id)
+        if (stored is not None and stored["history"] is None and stored["state"] == RUNNING
+                and stored["attempts"] == attempt and stored["cancel_requested"] is None
+                and (retry_at is None or state == SCHEDULED)):
+            plain = _records.plain_info(info)
+            if plain is not None:
+                self._first_outcome(stored, plain, state, at, result, error, reason, retry_at)
+                return
         record, old_state = self._load(task_id, info, at)
         if record["cancel_requested"] is not None and state == SCHEDULED:
             state = CANCELED
@@ -502,11 +544,30 @@ class MemoryStateManager:
         if state in FINISHED_STATES:
             self._tombstone(task_id, record["name"])
 
+    def _first_outcome(self, record: Dict[str, Any], plain: tuple, state: str, at: float,
+                       result: Any, error: Optional[Mapping[str, Any]],
+                       reason: Optional[str], retry_at: Optional[float]) -> None:
+        """
+        ``finished`` for the attempt that a record holding that one attempt
+        runs (the common case): its history entry stays what its fields
+        say, so the record is changed in place, once everything that could
+        fail has been computed.
+        """
+        changes = _records.finished_changes(state, at, result, error, reason, retry_at)
+        queue, kind, task, name = plain[:4]
+        record["queue"], record["kind"], record["task"] = queue, kind, task
+        if name is not None:
+            record["name"] = name
+        record.update(changes)
+        self._store(record, RUNNING)
+        if state in FINISHED_STATES:
+            self._tombstone(record["id"], record["name"])
+
     def _get(self, task_id: str) -> Optional[Dict[str, Any]]:
         _records.check_task_id(task_id)
         self._expire()
         record = self._records.get(task_id)
-        return copy.deepcopy(record) if record is not None else None
+        return _copy_out(record) if record is not None else None
 
     def _list(
         self, state: Optional[str], queue: Optional[str], limit: int, offset: int
@@ -529,8 +590,29 @@ class MemoryStateManager:
             if skip:
                 skip -= 1
                 continue
-            found.append(copy.deepcopy(self._records[task_id]))
+            found.append(_copy_out(self._records[task_id]))
         return found
+
+
+def _explicit(record: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    A copy of a stored record with its ``history`` written out.
+
+    A record whose only attempt is its first keeps ``history`` as ``None``:
+    that attempt's entry is what the record's own fields say (as the Redis
+    store's ``DERIVED_HISTORY``), which spares the common task a list and a
+    dict.  Every write but the first ``started`` and its outcome works on
+    the written-out form.
+    """
+    record = dict(record)
+    if record["history"] is None:
+        record["history"] = [_records.derived_entry(record)]
+    return record
+
+
+def _copy_out(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a stored record that its reader may change: nothing is shared."""
+    return copy.deepcopy(_explicit(record) if record["history"] is None else record)
 
 
 class _MemoryWatch:
