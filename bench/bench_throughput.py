@@ -694,7 +694,7 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
     (with ``redis-retry``, of both attempts: a retry's includes its backoff).
     """
     _idle(broker, name)
-    run = Run(name, url, redis_url, prefix, workdir, f"lat{repeat}", broker.queue,
+    run = Run(name, url, redis_url, prefix, workdir, f"lat{repeat}-{rate:.0f}", broker.queue,
               broker.queue_type)
     result: dict = {"config": name, "repeat": repeat, "rate": rate,
                     "queue_type": broker.queue_type}
@@ -710,6 +710,7 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
         run.expect(1, count * run.handlings)
         result["paced_rate"] = broker.paced(count, rate, run.task)
         data = run.wait_phase(1, timeout=60 + count / 50)
+        result["count"] = len(data["latencies"])
         result["p50_ms"] = 1000 * percentile(data["latencies"], 50)
         result["p99_ms"] = 1000 * percentile(data["latencies"], 99)
         result["max_ms"] = 1000 * max(data["latencies"])
@@ -902,6 +903,47 @@ def report(summary: dict, args: argparse.Namespace, rates: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_report(curve: list, configs: list) -> str:
+    """
+    Latency against the paced rate (``--latency-curve``): p50 / p99 ms of
+    every configuration at each rate (medians of the repeats), and the
+    highest rate at which each keeps within the INCR target's figures.
+    """
+    rates = sorted({r["rate"] for r in curve})
+    names = [n for n in configs if any(r["config"] == n for r in curve)]
+    width = 11 + 15 * len(names)
+    lines = ["latency (enqueue to start) against the paced rate: p50 / p99 ms, medians",
+             f"{'rate /s':>9}  " + "".join(f"{n:>15}" for n in names), "-" * width]
+    within: dict = {}
+    for rate in rates:
+        cells = []
+        for name in names:
+            runs = [r for r in curve if r["rate"] == rate and r["config"] == name
+                    and "p50_ms" in r]
+            if not runs:
+                cells.append(f"{'-':>15}")
+                continue
+            p50 = statistics.median(r["p50_ms"] for r in runs)
+            p99 = statistics.median(r["p99_ms"] for r in runs)
+            cells.append(f"{p50:>7.2f} /{p99:>6.2f}")
+            if p50 <= INCR_TARGET_P50_MS and p99 <= INCR_TARGET_P99_MS:
+                within.setdefault(name, []).append(rate)
+        lines.append(f"{rate:>9.0f}  " + "".join(cells))
+    lines.append("-" * width)
+    for name in names:
+        kept = within.get(name, [])
+        # the highest rate below which every measured rate kept within the figures
+        highest = None
+        for rate in rates:
+            if rate not in kept:
+                break
+            highest = rate
+        lines.append(f"  {name}: p50 <= {INCR_TARGET_P50_MS} ms and p99 <= "
+                     f"{INCR_TARGET_P99_MS} ms up to "
+                     f"{f'{highest:.0f}/s' if highest else 'none of these rates'}")
+    return "\n".join(lines)
+
+
 def incr_targets(summary: dict, rate: Optional[float]) -> list:
     """Issue 16's targets on the INCR workload, PASS or FAIL (reported, not asserted)."""
     base = summary.get("baseline-incr") or {}
@@ -984,6 +1026,10 @@ def parse_args(argv: list) -> argparse.Namespace:
                         help="run the throughput runs under 'py-spy record' (pip install "
                              "py-spy into the venv), write the profiles to DIR, print the "
                              "hotspots and skip the latency runs; figures are perturbed")
+    parser.add_argument("--latency-curve", metavar="RATES",
+                        help="also measure latency at each of these comma-separated rates "
+                             "(messages/s), every configuration, and print the curve: "
+                             "where each meets the latency target")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the paced latency runs (quicker A/B comparisons)")
     parser.add_argument("--keep", action="store_true",
@@ -1005,6 +1051,13 @@ def parse_args(argv: list) -> argparse.Namespace:
             base = BASELINES[workload]
             ordered += [base] + [c for c in dict.fromkeys(names) if c != base]
     args.configs = ordered
+    try:
+        args.latency_curve = sorted(float(r) for r in (args.latency_curve or "").split(",")
+                                    if r.strip())
+    except ValueError:
+        parser.error("--latency-curve takes rates in messages/s: 1000,2000,4000")
+    if any(r <= 0 for r in args.latency_curve):
+        parser.error("--latency-curve rates must be > 0")
     if args.tasks < 100 or args.repeat < 1:
         parser.error("--tasks must be >= 100 and --repeat >= 1")
     if args.profile:
@@ -1120,6 +1173,8 @@ def main(argv: Optional[list] = None) -> int:
 
     throughput: list = []
     latency: list = []
+    #: The latency runs of --latency-curve.
+    curve: list = []
     #: Paced rate of the latency runs, per workload.
     rates: dict = {}
     use_redis = any(CONFIGS[c][2] == "redis" or WORKLOADS[c] == "incr" for c in args.configs)
@@ -1168,12 +1223,21 @@ def main(argv: Optional[list] = None) -> int:
                         if r is not None:
                             log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
                                 f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+            for rate in [] if args.profile else args.latency_curve:
+                for repeat in range(args.repeat):
+                    for name in args.configs:
+                        r = attempt(curve, f"curve{rate:.0f}", latency_run, name, repeat, rate)
+                        if r is not None:
+                            log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
+                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
         finally:
             if broker is not None:
                 broker.close()
 
     summary = summarise(throughput, latency)
     text = report(summary, args, rates)
+    if curve:
+        text += "\n\n" + curve_report(curve, args.configs)
     print(text)
     for r in throughput:
         if r.get("profile") and os.path.exists(r["profile"]):
@@ -1182,7 +1246,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rates": rates, "throughput": throughput,
-                       "latency": latency, "summary": summary}, f,
+                       "latency": latency, "curve": curve, "summary": summary}, f,
                       indent=1, default=str)
     return 0
 

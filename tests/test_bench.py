@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 
 from twisted.internet import defer, reactor
@@ -88,6 +90,52 @@ class ThroughputTests(TestCase):
         measured = {r["config"] for r in data["throughput"] if "tasks_per_s" in r}
         self.assertEqual(measured, {"baseline", "baseline-fast", "redis-async"}, text)
         self.assertEqual(data["latency"], [], "--no-latency skips the paced runs")
+
+
+class LatencyCurveTests(SynchronousTestCase):
+    def test_reports_each_configuration_at_each_rate_and_where_it_meets_the_target(self):
+        from bench import bench_throughput
+
+        def run(name: str, rate: float, p50: float, p99: float) -> dict:
+            return {"config": name, "rate": rate, "p50_ms": p50, "p99_ms": p99}
+
+        text = bench_throughput.curve_report(
+            [run("baseline-incr", 1000, 0.3, 0.9), run("redis-incr", 1000, 0.5, 2.0),
+             run("baseline-incr", 4000, 0.6, 2.9), run("redis-incr", 4000, 1.2, 4.5),
+             {"config": "redis-incr", "rate": 4000, "error": "lost"}],
+            ["baseline-incr", "redis-incr"])
+        self.assertIn("0.50 /  2.00", text)
+        self.assertIn("1.20 /  4.50", text)
+        self.assertIn("baseline-incr: p50 <= 1.5 ms and p99 <= 3.0 ms up to 4000/s", text)
+        self.assertIn("redis-incr: p50 <= 1.5 ms and p99 <= 3.0 ms up to 1000/s", text)
+
+
+class LatencyCurveRunTests(TestCase):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_each_rate_is_measured_by_a_run_of_its_own(self):
+        # every rate's worker once wrote the same files: the second rate
+        # read the first one's figures back
+        results = os.path.abspath(self.mktemp())
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(ROOT, "bench", "bench_throughput.py"), "--tasks", "200",
+             "--repeat", "1", "--configs", "baseline-incr", "--no-latency",
+             "--latency-curve", "100,300", "--paced-seconds", "1", "--json", results,
+             "--keep"],
+            env=dict(os.environ), path=ROOT, reactor=reactor)
+        text = out.decode() + err.decode()
+        self.assertEqual(code, 0, text)
+        self.assertIn("latency (enqueue to start) against the paced rate", text)
+        with open(results, encoding="utf-8") as f:
+            data = json.load(f)
+        self.assertEqual(sorted((r["rate"], r.get("count")) for r in data["curve"]),
+                         [(100.0, 100), (300.0, 300)], text)
+        workdir = re.search(r"files in (\S+)", text).group(1)
+        self.addCleanup(shutil.rmtree, workdir, True)
+        figures = sorted(f for f in os.listdir(workdir) if re.search(r"lat0.*\.1\.json$", f))
+        self.assertEqual(len(figures), 2, figures)
 
 
 class QueueTypesTests(TestCase):
