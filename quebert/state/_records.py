@@ -375,19 +375,14 @@ def info_strings(info: Optional[Mapping[str, Any]]) -> List[Optional[str]]:
     values (cleaned strings; times as the exact ``repr`` of their float),
     ``None`` where missing.
     """
-    get = (info or _NO_INFO).get
-    queue, kind, task, name = get("queue"), get("kind"), get("task"), get("name")
-    eta, created_at = get("eta"), get("created_at")
-    if (queue.__class__ is str and kind.__class__ is str and task.__class__ is str
-            and (name is None or name.__class__ is str)
-            and len(queue) + len(kind) + len(task) + len(name or "") <= MESSAGE_LIMIT
-            and (queue + kind + task + (name or "")).isascii()
-            and (eta is None or eta.__class__ is float)
-            and (created_at is None or created_at.__class__ is float)):
-        # the common case, cheaply: short ASCII strings, floats or None
+    plain = plain_info(info)
+    if plain is not None:
+        queue, kind, task, name, eta, created_at = plain
         return [queue, kind, task, name,
                 None if eta is None else _time_repr(eta),
                 None if created_at is None else _time_repr(created_at)]
+    get = (info or _NO_INFO).get
+    eta, created_at = get("eta"), get("created_at")
     return [
         text(get("queue"), MESSAGE_LIMIT),
         text(get("kind"), MESSAGE_LIMIT),
