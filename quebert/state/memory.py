@@ -598,11 +598,11 @@ def _explicit(record: Dict[str, Any]) -> Dict[str, Any]:
     """
     A copy of a stored record with its ``history`` written out.
 
-    A record whose only attempt is its first keeps ``history`` as ``None``:
-    that attempt's entry is what the record's own fields say (as the Redis
-    store's ``DERIVED_HISTORY``), which spares the common task a list and a
-    dict.  Every write but the first ``started`` and its outcome works on
-    the written-out form.
+    A record created by ``started`` keeps ``history`` as ``None`` while
+    that attempt is its only one: the attempt's entry is what the record's
+    own fields say (as the Redis store's ``DERIVED_HISTORY``), which spares
+    the common task a list and a dict.  Every write but that ``started``
+    and its attempt's outcome works on the written-out form.
     """
     record = dict(record)
     if record["history"] is None:
