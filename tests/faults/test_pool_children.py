@@ -20,13 +20,29 @@ TASKS = 1000
 PROCESSES = 2
 #: The module registering faults.pmark (a process task: a pool in the worker).
 POOL_TASKS = "tests.faults.tasks_pool"
-#: Steps of each task's pure-Python loop (some 20 ms of CPU on this machine).
-SPIN = 150_000
+#: CPU seconds of each task's pure-Python loop: the batch (TASKS tasks on
+#: PROCESSES processes, some 15 s) must outlast the kills (about 10 s).
+TASK_SECONDS = 0.03
 #: Pool processes killed during the batch, one every KILL_EVERY seconds.
 KILLS = 25
 KILL_EVERY = 0.4
 #: Seconds from the last kill to the pool being full again, at most.
 RECOVERY_BOUND = 10.0
+
+
+def spin_for(seconds: float) -> int:
+    """
+    Steps of :func:`tests.faults.tasks_pool.pmark`'s loop that take about
+    ``seconds`` of CPU here.  A fixed count made the batch as short as the
+    machine is fast: on a faster one it ended before half the kills.
+    """
+    steps = 200_000
+    total = 0
+    began = time.process_time()
+    for step in range(steps):
+        total += step % 7
+    took = max(time.process_time() - began, 1e-6)
+    return max(1, int(steps * seconds / took))
 
 
 class PoolChildrenTests(FaultCase):
@@ -43,7 +59,8 @@ class PoolChildrenTests(FaultCase):
         await worker.ready()
         pid = worker.process.pid
         self.assertEqual(len(children_of(pid)), PROCESSES)
-        ids = await self.publish(TASKS, "faults.pmark", options=lambda i: {"spin": SPIN})
+        spin = spin_for(TASK_SECONDS)
+        ids = await self.publish(TASKS, "faults.pmark", options=lambda i: {"spin": spin})
 
         # Kill a pool process that has run tasks already (so it is not one
         # still starting): with a backlog, it is running one now.
