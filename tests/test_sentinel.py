@@ -21,7 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.errors import ConfigurationError, StateError
 from quebert.state._redis_ops import describe_redis_url, parse_redis_url
-from quebert.state.redis import RedisStateManager, SentinelHandler, connect_redis
+from quebert.state.redis import (
+    SETTLE_LINGER,
+    RedisStateManager,
+    SentinelHandler,
+    connect_redis,
+)
 from quebert.state.resilient import ResilientStateManager
 from tests import _sentinel
 from tests._redis import delete_prefixed
@@ -265,7 +270,8 @@ class WaitUnitTests(SynchronousTestCase):
 
 
 def _flushed(clock: Any, d: defer.Deferred) -> defer.Deferred:
-    clock.advance(0)
+    """``d``, once the batch holding its write has gone (outcomes linger first)."""
+    clock.advance(SETTLE_LINGER)
     return d
 
 

@@ -34,7 +34,7 @@ from quebert.state import (
     _records,
     connect_redis,
 )
-from quebert.state.redis import PRUNE_BATCH, parse_redis_url
+from quebert.state.redis import PRUNE_BATCH, SETTLE_LINGER, parse_redis_url
 from tests._redis import REDIS_URL, isolated_redis
 
 #: A realistic epoch with microseconds, to check that nothing rounds it.
@@ -1133,7 +1133,7 @@ class RedisScriptTests(SynchronousTestCase):
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         a = manager.finished("a", SUCCEEDED, 1, info(), T0)
-        clock.advance(0)
+        clock.advance(SETTLE_LINGER)
         b = manager.finished("b", FAILED, 1, info(), T0 + 1)
         c = manager.finished("c", SUCCEEDED, 1, info(), T0 + 2)
         clock.advance(0)
@@ -1157,7 +1157,7 @@ class RedisScriptTests(SynchronousTestCase):
         clock = Clock()
         manager = RedisStateManager(redis, clock=clock)
         manager.finished("a", SUCCEEDED, 1, info(), T0)
-        clock.advance(0)
+        clock.advance(SETTLE_LINGER)
         manager.finished("b", SUCCEEDED, 1, info(), T0 + 1)
         started = manager.started("c", 1, "w", info(), T0 + 2)
         clock.advance(0)
@@ -1172,13 +1172,59 @@ class RedisScriptTests(SynchronousTestCase):
         self.assertEqual([op[:2] for op in json.loads(redis.calls[2][2][3])], [["s", "d"]])
         self.assertIsNone(self.successResultOf(held))
 
+    def test_outcomes_alone_wait_for_company(self) -> None:
+        """
+        A batch of nothing but outcomes waits SETTLE_LINGER for other writes
+        (at paced rates, the next task's ``started``) before it goes.
+        """
+        redis = FakeRedis(0)
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        d = manager.finished("a", SUCCEEDED, 1, info(), T0)
+        clock.advance(0)
+        self.assertEqual(redis.calls, [])
+        clock.advance(SETTLE_LINGER)
+        self.assertEqual(len(redis.calls), 1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_started_write_takes_waiting_outcomes_along_at_once(self) -> None:
+        """A ``started`` write does not linger: it goes at the end of its turn, with them."""
+        redis = FakeRedis(0)
+        clock = Clock()
+        manager = RedisStateManager(redis, clock=clock)
+        outcome = manager.finished("a", SUCCEEDED, 1, info(), T0)
+        clock.advance(0)
+        started = manager.started("b", 1, "w", info(), T0 + 1)
+        self.assertEqual(redis.calls, [])
+        clock.advance(0)
+        [(_, _, args)] = redis.calls
+        self.assertEqual([op[:2] for op in json.loads(args[3])], [["f", "a"], ["s", "b"]])
+        for d in (outcome, started):
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_only_outcomes_linger(self) -> None:
+        """Other writes (here a cancel, which an API caller waits for) go at the end of the turn."""
+        for first in ("finished", "cancel"):
+            redis = FakeRedis(0)
+            clock = Clock()
+            manager = RedisStateManager(redis, clock=clock)
+            if first == "finished":
+                manager.finished("a", SUCCEEDED, 1, info(), T0)
+                clock.advance(0)
+            canceled = manager.cancel("b", T0 + 1)
+            clock.advance(0)
+            self.assertEqual(len(redis.calls), 1, first)
+            self.successResultOf(canceled)
+
     def test_held_writes_time_out_from_when_they_were_made(self) -> None:
         """A write held behind an unanswered batch fails timeout seconds after it was made."""
         clock = Clock()
         redis = FakeRedis(Deferred(), Deferred())
         manager = RedisStateManager(redis, timeout=2, clock=clock)
         first = manager.finished("a", SUCCEEDED, 1, info(), T0)
-        clock.advance(0)
+        clock.advance(SETTLE_LINGER)
         clock.advance(1)
         held = manager.finished("b", SUCCEEDED, 1, info(), T0)
         clock.advance(1)  # the first batch times out: the held one is sent
@@ -1193,7 +1239,7 @@ class RedisScriptTests(SynchronousTestCase):
         clock = Clock()
         redis = FakeRedis(Deferred())
         manager = RedisStateManager(redis, timeout=2, clock=clock)
-        first = manager.finished("a", SUCCEEDED, 1, info(), T0)
+        first = manager.cancel("a", T0)  # (goes at once: outcomes would linger first)
         clock.advance(0)
         held = manager.finished("b", SUCCEEDED, 1, info(), T0)
         clock.advance(2)

@@ -1,0 +1,143 @@
+"""
+The state store's prepared script call (``quebert.state._redis_wire``):
+the bytes it writes are txredisapi's, it is taken on a live connection
+with the txredisapi installed, and what Redis answers is handled as on
+txredisapi's own path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import txredisapi
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from quebert.errors import StateError
+from quebert.state import _redis_wire
+from quebert.state.redis import RedisStateManager, connect_redis
+from tests._redis import isolated_redis
+
+T0 = 1_700_000_000.0
+
+
+def info() -> dict:
+    return {"task": "tests.noop", "queue": "default"}
+
+
+class PreparedCallTests(SynchronousTestCase):
+    """The prepared call encodes exactly as txredisapi's ``execute_command`` would."""
+
+    head = ["EVALSHA", "a" * 40, "0", "quebert:", "3600000,604800000,604800000", "10"]
+    tail = ["3600000", "quebert:settled:0"]
+
+    @given(variable=st.text(), flag=st.booleans())
+    def test_same_bytes_as_txredisapi(self, variable: str, flag: bool) -> None:
+        call = _redis_wire.PreparedCall(self.head, self.tail)
+        protocol = txredisapi.RedisProtocol(charset="utf-8", errors="strict")
+        expected = protocol._build_command(*self.head, variable, "1" if flag else "0",
+                                           *self.tail)
+        self.assertEqual(call.command(variable, flag), expected)
+
+
+class ConnectedTests(SynchronousTestCase):
+    """Only a connected, plain connection of one is written to directly."""
+
+    def test_not_a_txredisapi_handler(self) -> None:
+        self.assertIsNone(_redis_wire.connected(object()))
+
+    def test_busy_or_pooled_connections_are_left_to_txredisapi(self) -> None:
+        class Protocol:
+            connected = 1
+            inTransaction = False
+            pipelining = False
+            transport = object()
+
+        class Queue:
+            pending: List[Any] = []
+
+        class Factory:
+            connectionQueue = Queue()
+
+        class Handler:
+            _factory = Factory()
+
+        plain = Protocol()
+        Queue.pending = [plain]
+        self.assertIs(_redis_wire.connected(Handler()), plain)
+        for attribute, value in (("connected", 0), ("inTransaction", True),
+                                 ("pipelining", True), ("transport", None)):
+            busy = Protocol()
+            setattr(busy, attribute, value)
+            Queue.pending = [busy]
+            self.assertIsNone(_redis_wire.connected(Handler()), attribute)
+        Queue.pending = [plain, Protocol()]
+        self.assertIsNone(_redis_wire.connected(Handler()), "a pool of two")
+        Queue.pending = []
+        self.assertIsNone(_redis_wire.connected(Handler()), "not connected yet")
+
+
+class LiveTests(TestCase):
+    """On the real Redis (database 9, a key prefix of the test's own)."""
+
+    async def setUp(self) -> None:
+        self.redis, self.prefix = await isolated_redis(self)
+
+    def test_a_live_connection_is_taken(self) -> None:
+        """
+        With the txredisapi installed, a connection from ``connect_redis`` is
+        written to directly: an upgrade that changed what this relies on
+        fails here, not silently in production (where it would only be
+        slower).
+        """
+        self.assertIsNotNone(_redis_wire.connected(self.redis))
+
+    def test_no_connection_before_it_is_made(self) -> None:
+        handler = connect_redis("redis://127.0.0.1:1/0", connect_timeout=1)
+        self.addCleanup(handler.disconnect)
+        self.assertIsNone(_redis_wire.connected(handler))
+
+    async def test_batches_take_the_prepared_call(self) -> None:
+        """The store's batches are not sent through txredisapi's command path."""
+        manager = RedisStateManager(self.redis, prefix=self.prefix)
+        scripts: List[str] = []
+        run = manager._run
+        manager._run = lambda name, *a, **k: (scripts.append(name), run(name, *a, **k))[1]
+        await manager.started("a", 1, "w", info(), T0)
+        await manager.finished("a", "succeeded", 1, info(), T0 + 1)
+        self.assertEqual((await manager.get("a"))["state"], "succeeded")
+        self.assertEqual(scripts, ["get"])
+
+    async def test_unknown_script_is_sent_whole(self) -> None:
+        """NOSCRIPT (a new or restarted Redis) is answered by EVAL of the source."""
+        manager = RedisStateManager(self.redis, prefix=self.prefix)
+        manager._apply_call = _redis_wire.PreparedCall(
+            ["EVALSHA", "0" * 40, "0", self.prefix, manager._ttl_ms, "10"],
+            [manager._tombstone_ms, manager.settled_channel])
+        await manager.started("a", 1, "w", info(), T0)
+        record = await manager.get("a")
+        self.assertEqual((record["state"], record["attempts"]), ("running", 1))
+
+    async def test_error_answers_become_state_errors(self) -> None:
+        """An error reply is raised as StateError caused by txredisapi's ResponseError."""
+        manager = RedisStateManager(self.redis, prefix=self.prefix)
+        await self.redis.set(self.prefix + "idx:state:running", "not a sorted set")
+        with self.assertRaises(StateError) as caught:
+            await manager.started("a", 1, "w", info(), T0)
+        self.assertIsInstance(caught.exception.__cause__, txredisapi.ResponseError)
+
+    async def test_replies_stay_matched_beside_other_commands(self) -> None:
+        """Batches and ordinary commands interleaved on the connection each get their own reply."""
+        manager = RedisStateManager(self.redis, prefix=self.prefix)
+        writes = [manager.enqueued(f"t{i}", "queued", info(), T0 + i) for i in range(3)]
+        await deferLater(reactor, 0, lambda: None)  # their batch is written
+        echo = self.redis.execute_command("ECHO", "between")
+        more = manager.enqueued("t3", "queued", info(), T0 + 3)
+        self.assertEqual(await echo, "between")
+        for d in writes + [more]:
+            await d
+        listed = [r["id"] for r in await manager.list()]
+        self.assertEqual(sorted(listed), ["t0", "t1", "t2", "t3"])
