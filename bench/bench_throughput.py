@@ -714,6 +714,8 @@ def latency_run(name: str, broker: Broker, args: argparse.Namespace, url: str,
         result["p50_ms"] = 1000 * percentile(data["latencies"], 50)
         result["p99_ms"] = 1000 * percentile(data["latencies"], 99)
         result["max_ms"] = 1000 * max(data["latencies"])
+        # paced, a consumer batches little: its CPU per task is what loads the machine
+        result["cpu_us_per_task"] = 1e6 * (data["user_s"] + data["system_s"]) / data["count"]
         result["peak_rss_kb"] = peak_rss_kb(run.pid)
         if result["paced_rate"] < 0.9 * rate:
             _warn(result, f"the publisher reached only {result['paced_rate']:.0f} of "
@@ -1222,14 +1224,16 @@ def main(argv: Optional[list] = None) -> int:
                         r = attempt(latency, "latency", latency_run, name, repeat, rate)
                         if r is not None:
                             log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
-                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms, "
+                                f"CPU {r['cpu_us_per_task']:.0f} us/task")
             for rate in [] if args.profile else args.latency_curve:
                 for repeat in range(args.repeat):
                     for name in args.configs:
                         r = attempt(curve, f"curve{rate:.0f}", latency_run, name, repeat, rate)
                         if r is not None:
                             log(f"  {r['paced_rate']:.0f}/s: p50 {r['p50_ms']:.2f} ms, "
-                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+                                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms, "
+                                f"CPU {r['cpu_us_per_task']:.0f} us/task")
         finally:
             if broker is not None:
                 broker.close()
