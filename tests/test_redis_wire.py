@@ -7,19 +7,22 @@ txredisapi's own path.
 
 from __future__ import annotations
 
+import time
 from typing import Any, List
 
 import txredisapi
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.errors import StateError
 from quebert.state import _redis_wire
-from quebert.state.redis import RedisStateManager, connect_redis
-from tests._redis import isolated_redis
+from quebert.state.redis import RedisStateManager, connect_redis, parse_redis_url
+from tests._proxy import FreezableProxy
+from tests._redis import REDIS_URL, isolated_redis
 
 T0 = 1_700_000_000.0
 
@@ -78,6 +81,60 @@ class ConnectedTests(SynchronousTestCase):
         self.assertIsNone(_redis_wire.connected(Handler()), "a pool of two")
         Queue.pending = []
         self.assertIsNone(_redis_wire.connected(Handler()), "not connected yet")
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: List[bytes] = []
+        self.aborted = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abortConnection(self) -> None:
+        self.aborted += 1
+
+
+class _Protocol:
+    def __init__(self, reply_timeout: Any = 30) -> None:
+        self.transport = _Transport()
+        self.replyQueue = DeferredQueue()
+        self.replyTimeout = reply_timeout
+
+
+class SenderTests(SynchronousTestCase):
+    """The prepared calls keep txredisapi's reply timeout, with one timer."""
+
+    def test_answered_calls_leave_no_timer(self) -> None:
+        clock, protocol = Clock(), _Protocol()
+        sender = _redis_wire.Sender(clock)
+        first = sender.send(protocol, b"one")
+        second = sender.send(protocol, b"two")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        protocol.replyQueue.put(1)
+        protocol.replyQueue.put(2)
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 2))
+        self.assertEqual(protocol.transport.written, [b"one", b"two"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_call_unanswered_for_the_reply_timeout_drops_the_connection(self) -> None:
+        clock, protocol = Clock(), _Protocol(reply_timeout=30)
+        sender = _redis_wire.Sender(clock)
+        first = sender.send(protocol, b"one")
+        clock.advance(20)
+        sender.send(protocol, b"two")
+        protocol.replyQueue.put("answered")
+        self.assertEqual(self.successResultOf(first), "answered")
+        clock.advance(10)  # the first was answered: the second is not due yet
+        self.assertEqual(protocol.transport.aborted, 0)
+        clock.advance(20)
+        self.assertEqual(protocol.transport.aborted, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_reply_timeout_no_timer(self) -> None:
+        clock, protocol = Clock(), _Protocol(reply_timeout=None)
+        _redis_wire.Sender(clock).send(protocol, b"one")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class LiveTests(TestCase):
@@ -141,3 +198,37 @@ class LiveTests(TestCase):
             await d
         listed = [r["id"] for r in await manager.list()]
         self.assertEqual(sorted(listed), ["t0", "t1", "t2", "t3"])
+
+    async def test_a_hung_server_is_dropped_after_the_reply_timeout(self) -> None:
+        """
+        Redis stops answering with its socket open (a partition, a frozen
+        server): the connection is dropped after txredisapi's reply timeout,
+        the write fails with StateError, and once Redis answers again the
+        next write goes through a new connection.
+        """
+        parsed = parse_redis_url(REDIS_URL)
+        proxy = FreezableProxy(parsed["host"], parsed["port"])
+        port = proxy.start(self)
+        redis = connect_redis(f"redis://{parsed['host']}:{port}/{parsed['db']}",
+                              reply_timeout=1.0)
+        self.addCleanup(redis.disconnect)
+        manager = RedisStateManager(redis, prefix=self.prefix, timeout=10)
+        await manager.enqueued("warm", "queued", info(), T0)
+        frozen_at = proxy.freeze()
+        with self.assertRaises(StateError):
+            await manager.started("a", 1, "w", info(), T0 + 1)
+        failed_at = time.time()
+        for _ in range(20):  # the proxy sees the close a moment later
+            if proxy.closed_by_client(since=frozen_at):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        [closed] = proxy.closed_by_client(since=frozen_at)
+        self.assertLess(failed_at - frozen_at, 5, "failed with the drop, not the 10 s timeout")
+        self.assertLess(closed - frozen_at, 5, "dropped after the reply timeout (1 s)")
+        proxy.thaw()
+        for _ in range(50):  # txredisapi reconnects on its own
+            if _redis_wire.connected(redis) is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        await manager.started("a", 1, "w", info(), T0 + 2)
+        self.assertEqual((await manager.get("a"))["state"], "running")

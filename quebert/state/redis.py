@@ -235,6 +235,7 @@ class RedisStateManager:
         self.wait_timeouts = 0
         self._wait_degraded = False  # the last WAIT timed out
         self._wait_probed_at = 0.0  # when a degraded store last tried WAIT
+        self._sender: Optional[_redis_wire.Sender] = None
         self._apply_call = _redis_wire.PreparedCall(
             ["EVALSHA", _SCRIPTS["apply"].sha, "0", prefix, self._ttl_ms, str(HISTORY_LIMIT)],
             [self._tombstone_ms, self.settled_channel])
@@ -570,7 +571,9 @@ class RedisStateManager:
         protocol = _redis_wire.connected(self.redis)
         if protocol is None:
             return self._run("apply", self._apply_args(payload, prune), timeout)
-        d = _redis_wire.send(protocol, self._apply_call.command(payload, prune))
+        if self._sender is None:
+            self._sender = _redis_wire.Sender(self._get_clock())
+        d = self._sender.send(protocol, self._apply_call.command(payload, prune))
         d.addCallback(self._apply_reply, payload, prune)
         return self._bounded(d, "apply", timeout).addErrback(self._translate, "apply")
 
