@@ -56,6 +56,7 @@ class ConnectedTests(SynchronousTestCase):
         class Protocol:
             connected = 1
             inTransaction = False
+            inMulti = False
             pipelining = False
             transport = object()
 
@@ -71,7 +72,7 @@ class ConnectedTests(SynchronousTestCase):
         plain = Protocol()
         Queue.pending = [plain]
         self.assertIs(_redis_wire.connected(Handler()), plain)
-        for attribute, value in (("connected", 0), ("inTransaction", True),
+        for attribute, value in (("connected", 0), ("inTransaction", True), ("inMulti", True),
                                  ("pipelining", True), ("transport", None)):
             busy = Protocol()
             setattr(busy, attribute, value)

@@ -59,15 +59,15 @@ def connected(handler: Any) -> Optional[Any]:
     """
     The protocol of ``handler``'s connection (a txredisapi
     ``ConnectionHandler`` of one connection), if it is connected and taking
-    plain commands (not in a transaction, not pipelining); else ``None``.
+    plain commands (no WATCH or MULTI open, not pipelining); else ``None``.
     """
     try:
         pending = handler._factory.connectionQueue.pending
         if len(pending) != 1:
             return None
         protocol = pending[0]
-        if (protocol.connected and not protocol.inTransaction and not protocol.pipelining
-                and protocol.transport is not None):
+        if (protocol.connected and not protocol.inTransaction and not protocol.inMulti
+                and not protocol.pipelining and protocol.transport is not None):
             return protocol
     except AttributeError:
         pass
