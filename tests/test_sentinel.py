@@ -253,6 +253,23 @@ class WaitUnitTests(SynchronousTestCase):
         failure = self.failureResultOf(d, StateError)
         self.assertIn("re-established", str(failure.value))
 
+    def test_a_started_write_does_not_wait_for_the_replicas_of_its_batch(self) -> None:
+        """
+        An outcome and a start in one batch: the start is answered once the
+        batch is applied, the outcome once WAIT is (here: failed by a
+        reconnection).
+        """
+        handler = _FakeHandler(reconnect=True)
+        store = self.store(handler)
+        outcome = store.finished("a", "succeeded", 1, info(), T0)
+        started = store.started("b", 1, "w", info(), T0 + 1)
+        self.clock.advance(0)
+        self.assertEqual(handler.commands, [("EVALSHA",), ("WAIT", "1", "500")])
+        self.assertIsNone(self.successResultOf(started))
+        self.assertNoResult(outcome)
+        handler.answer()
+        self.failureResultOf(outcome, StateError)
+
     def test_timed_out_wait_degrades_then_probes(self) -> None:
         handler = _FakeHandler(acknowledged=0)
         store = self.store(handler)

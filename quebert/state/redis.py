@@ -557,6 +557,9 @@ class RedisStateManager:
         if self.wait_replicas:
             wait_ms = self._wait_ms(ops)
             if wait_ms:
+                # a task waiting for its started write does not wait for the
+                # replicas too (started writes never do), whatever rides along
+                d.addCallback(self._started_applied, ops, waiters)
                 d.addCallback(self._replicate, wait_ms)
         d.addCallbacks(self._applied, self._not_applied, callbackArgs=(waiters, prune),
                        errbackArgs=(waiters,))
@@ -671,6 +674,21 @@ class RedisStateManager:
         return self._run("apply", self._apply_args(payload, False)).addCallback(
             lambda reply: _answers(reply).get(1))
 
+    @staticmethod
+    def _started_applied(results: Any, ops: List[list], waiters: List[Any]) -> Any:
+        """Answer the batch's ``started`` writes now; their places in ``waiters`` become None."""
+        answers = None
+        for position, op in enumerate(ops):
+            if op[0] == "s" and waiters[position] is not None:
+                if answers is None:
+                    answers = _answers(results)
+                waiter, waiters[position] = waiters[position], None
+                try:
+                    waiter.callback(answers.get(position + 1) if answers else None)
+                except Exception:
+                    log.failure("state write callback failed")
+        return results
+
     def _applied(self, results: Any, waiters: List[Any], pruned: bool = False) -> None:
         answers = _answers(results)
         if pruned:
@@ -681,6 +699,8 @@ class RedisStateManager:
             except Exception:
                 self._prune_more = False
         for position, waiter in enumerate(waiters, 1):
+            if waiter is None:
+                continue  # answered already (_started_applied)
             try:
                 waiter.callback(answers.get(position) if answers else None)
             except Exception:
@@ -689,6 +709,8 @@ class RedisStateManager:
     @staticmethod
     def _not_applied(failure: Failure, waiters: List[Any]) -> None:
         for waiter in waiters:
+            if waiter is None:
+                continue  # answered already (_started_applied)
             try:
                 waiter.errback(Failure(failure.value, failure.type, failure.tb))
             except Exception:
