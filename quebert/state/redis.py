@@ -488,7 +488,7 @@ class RedisStateManager:
     _op_started = staticmethod(_redis_ops.op_started)
     _op_finished = staticmethod(_redis_ops.op_finished)
 
-    def _submit(self, op: list, waiter: Any = None) -> Any:
+    def _submit(self, op: list, waiter: Any = None, linger: bool = True) -> Any:
         """
         Queue one write for the next batch, which is sent at the end of
         this reactor turn or, while a batch is on its way, as soon as that
@@ -498,6 +498,8 @@ class RedisStateManager:
 
         ``waiter`` gets ``callback(None)`` or ``errback(failure)`` once the
         batch is applied; by default a new ``Deferred``, which is returned.
+        ``linger``: an outcome may wait ``SETTLE_LINGER`` for company (not
+        when replaying writes one at a time, see ResilientStateManager).
         """
         if waiter is None:
             waiter = Deferred()
@@ -510,10 +512,10 @@ class RedisStateManager:
             if self._held_since is None:
                 self._held_since = self._get_clock().seconds()
         elif self._flush_call is None:
-            self._lingering = op[0] == "f"
+            self._lingering = linger and op[0] == "f"
             self._flush_call = self._get_clock().callLater(
                 SETTLE_LINGER if self._lingering else 0, self._flush)
-        elif self._lingering and op[0] != "f":
+        elif self._lingering and (op[0] != "f" or not linger):
             self._lingering = False
             self._flush_call.reset(0)
         if op[0] == "s":

@@ -462,7 +462,8 @@ class ResilientStateManager:
     def _call(self, write: _Write) -> Deferred:
         """The inner store's Deferred for ``write``."""
         if write.op is not None:
-            return self.inner._submit(write.op)
+            # one at a time: an outcome must not wait for company that cannot come
+            return self.inner._submit(write.op, linger=False)
         return maybeDeferred(getattr(self.inner, write.method), *write.args, **write.kwargs)
 
     def _send(self, write: _Write) -> None:
