@@ -685,10 +685,7 @@ class RedisStateManager:
                 if answers is None:
                     answers = _answers(results)
                 waiter, waiters[position] = waiters[position], None
-                try:
-                    waiter.callback(answers.get(position + 1) if answers else None)
-                except Exception:
-                    log.failure("state write callback failed")
+                _answer(waiter, answers.get(position + 1) if answers else None)
         return results
 
     def _applied(self, results: Any, waiters: List[Any], pruned: bool = False) -> None:
@@ -701,12 +698,8 @@ class RedisStateManager:
             except Exception:
                 self._prune_more = False
         for position, waiter in enumerate(waiters, 1):
-            if waiter is None:
-                continue  # answered already (_started_applied)
-            try:
-                waiter.callback(answers.get(position) if answers else None)
-            except Exception:
-                log.failure("state write callback failed")
+            if waiter is not None:  # (None: answered already, _started_applied)
+                _answer(waiter, answers.get(position) if answers else None)
 
     @staticmethod
     def _not_applied(failure: Failure, waiters: List[Any]) -> None:
@@ -773,6 +766,14 @@ class RedisStateManager:
             return failure
         error = failure.value
         raise StateError(f"Redis {name} failed: {type(error).__name__}: {error}") from error
+
+
+def _answer(waiter: Any, value: Any) -> None:
+    """Fire one write's waiter; a caller's failing callback is logged, not spread."""
+    try:
+        waiter.callback(value)
+    except Exception:
+        log.failure("state write callback failed")
 
 
 def _text(value: Any) -> str:
