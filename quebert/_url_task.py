@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 
 from quebert import protocol
-from quebert.protocol import H_EXECUTIONS, H_PREVIOUS_RESPONSE, URL_TASK
+from quebert.protocol import (
+    DEFAULT_DISPATCH_DEADLINE,
+    H_EXECUTIONS,
+    H_PREVIOUS_RESPONSE,
+    URL_TASK,
+)
 from quebert.registry import REACTOR, TaskDefinition
 
 if TYPE_CHECKING:
     from quebert.mediator import Task
 
 __all__ = ["DEFAULT_DISPATCH_DEADLINE", "URL_DEFINITION", "dispatch"]
-
-#: Seconds a URL task's request may take unless its message or queue says.
-DEFAULT_DISPATCH_DEADLINE = 600.0
 
 
 def _no_callable(*args: Any, **kwargs: Any) -> Any:

@@ -41,7 +41,24 @@ cleanup() {
 trap cleanup EXIT
 
 summaries=()
+failures=()
 trial_status=0
+
+# failed_tests LOG: one line per failing test of a trial log, from trial's
+# closing report ("[FAIL]" or "[ERROR]", the traceback, then the test ids),
+# with the last line of its traceback, so that the end of the output names
+# them even when only the tail of a long run is kept.
+failed_tests() {
+    awk '
+        /^={20,}$/ { block = ""; next }
+        /^\[(FAIL|ERROR|UNEXPECTED SUCCESS)\]$/ { block = $0; last = ""; next }
+        block != "" && /^tests\.[A-Za-z0-9_.]+$/ {
+            print block " " $0 (last != "" ? ": " substr(last, 1, 200) : "")
+            next
+        }
+        block != "" && NF { last = $0 }
+    ' "$1" | head -n 40
+}
 
 # run_trial LABEL ARGS...: one trial run, its summary line kept for the end.
 run_trial() {
@@ -58,6 +75,10 @@ run_trial() {
         [ "$status" -eq 0 ] && status=1
     fi
     summaries+=("$label: $summary ($((SECONDS - started))s)")
+    local line
+    while IFS= read -r line; do
+        failures+=("$label: $line")
+    done < <(failed_tests "$log")
     if [ "$status" -ne 0 ] && [ "$trial_status" -eq 0 ]; then
         trial_status=$status
     fi
@@ -123,6 +144,9 @@ for summary in "${summaries[@]}"; do
     echo "$summary"
 done
 echo "tests: $passed passed, $failed failed, $skipped skipped"
+for line in "${failures[@]}"; do
+    echo "  $line"
+done
 if [ "$ruff_status" -eq 0 ]; then
     echo "ruff:  passed"
 else

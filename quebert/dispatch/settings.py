@@ -46,9 +46,8 @@ from quebert.dispatch.credentials import CredentialRule, ServiceCredentials
 from quebert.dispatch.limits import QueueLimits
 from quebert.dispatch.policy import URLPolicy
 from quebert.errors import ConfigurationError
+from quebert.protocol import DEFAULT_DISPATCH_DEADLINE
 
-#: Seconds one attempt may take on the wire unless configured (Cloud Tasks' default).
-DEFAULT_DISPATCH_DEADLINE = 600.0
 #: Requests on the wire at once when neither the config nor the worker's
 #: concurrency says (a dispatcher built outside a worker).
 DEFAULT_MAX_CONNECTIONS = 100
