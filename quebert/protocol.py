@@ -78,6 +78,10 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 MAX_URL_LENGTH = 8192
 #: Task name recorded for URL tasks (their ``task`` field in the state store).
 URL_TASK = "quebert.url"
+#: Seconds one attempt of a URL task may take on the wire unless its
+#: message (``dispatch_deadline``), its queue or the worker's configuration
+#: says (Cloud Tasks' default).
+DEFAULT_DISPATCH_DEADLINE = 600.0
 #: ``TaskMessage.origin`` of version-1 bodies (guillotina_amqp ones have
 #: :data:`quebert.legacy.GUILLOTINA`).
 QUEBERT = "quebert"

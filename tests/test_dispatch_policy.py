@@ -269,6 +269,16 @@ class FromConfigTests(SynchronousTestCase):
         self.assertEqual(dispatcher.max_connections, 20)
         self.assertEqual(DEFAULT_DISPATCH_DEADLINE, 600)
 
+    def test_the_worker_and_the_mediator_default_to_one_deadline(self):
+        """
+        A URL task no message, queue or configuration gives a deadline gets
+        the dispatcher's default from the mediator too: the value is defined
+        once (it was two constants that could drift apart).
+        """
+        from quebert import _url_task
+        self.assertIs(_url_task.DEFAULT_DISPATCH_DEADLINE, DEFAULT_DISPATCH_DEADLINE)
+        self.assertEqual(DispatchSettings().dispatch_deadline, DEFAULT_DISPATCH_DEADLINE)
+
     def test_queue_rate_without_burst_gets_its_own_burst(self):
         s = DispatchSettings.from_config({"max_dispatches_per_second": 100,
                                           "max_burst_size": 100,
