@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import txredisapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -139,11 +139,66 @@ def connect_redis(
     return factory.handler
 
 
-class _Protocol(NoDelayProtocol, txredisapi.RedisProtocol):
-    """txredisapi's protocol, without Nagle's algorithm."""
+class _SetupKeepsTrying:
+    """
+    A mixin for txredisapi's protocol: a new connection lost or left
+    unanswered while it sends AUTH and SELECT is dropped and the next one
+    tried, as any lost connection is.
+
+    txredisapi stops reconnecting for good (``factory.stopTrying()``) when
+    either fails for any reason.  Refused by the server (a wrong password,
+    no such database), that is a configuration error and is left to it.
+    But a reconnection made while Redis is frozen, partitioned or going
+    down loses its SELECT to the reply timeout or the closed socket, and
+    txredisapi would then never connect again: every later state write of
+    the worker would fail until it was restarted.
+    """
+
+    _setting_up = False
+
+    def connectionMade(self) -> Any:
+        self._setting_up = True
+
+        def ready(protocol: Any) -> Any:
+            self._setting_up = False
+            return protocol
+
+        self.whenConnected().addCallback(ready)  # type: ignore[attr-defined]
+        return super().connectionMade()  # type: ignore[misc]
+
+    def select(self, index: int) -> Deferred:
+        return self._set_up("SELECT", super().select, index)  # type: ignore[misc]
+
+    def auth(self, password: str, username: Optional[str] = None) -> Deferred:
+        return self._set_up("AUTH", super().auth, password, username)  # type: ignore[misc]
+
+    def _set_up(self, command: str, send: Any, *args: Any) -> Deferred:
+        d = maybeDeferred(send, *args)
+        if not self._setting_up:
+            return d
+
+        def lost(failure: Failure) -> Any:
+            if failure.check(txredisapi.ResponseError):
+                return failure  # refused: txredisapi stops, as it should
+            log.warn("Redis connection lost while sending {command} ({error}); "
+                     "reconnecting", command=command, error=failure.getErrorMessage())
+            transport = getattr(self, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            # never fires: this connection's set-up ends here, without
+            # txredisapi's stopTrying(); its slot reconnects as for any
+            # lost connection
+            return Deferred()
+
+        return d.addErrback(lost)
 
 
-class _SentinelProtocol(NoDelayProtocol, txredisapi.SentinelRedisProtocol):
+class _Protocol(NoDelayProtocol, _SetupKeepsTrying, txredisapi.RedisProtocol):
+    """txredisapi's protocol, without Nagle's algorithm, reconnecting after
+    a lost set-up."""
+
+
+class _SentinelProtocol(NoDelayProtocol, _SetupKeepsTrying, txredisapi.SentinelRedisProtocol):
     """The same for connections found through Sentinel."""
 
 
