@@ -1,8 +1,10 @@
 """
 Connections to Redis (``quebert.state._redis_connect``) are re-established
-whatever became of the one before: a reconnection made while Redis does
-not answer is dropped and tried again, not given up for good; a server
-that refuses the connection's set-up is a configuration error and stops.
+whatever became of the one before: a connection whose SELECT is lost,
+left unanswered or refused for a passing reason (Redis frozen, a proxy
+whose backend is down, a full server) is dropped and tried again, not
+given up for good as txredisapi does; wrong credentials or a database
+that does not exist are configuration errors, and stop.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import time
 from typing import Any
 
 import txredisapi
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.task import deferLater
+from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from quebert.state.redis import connect_redis, parse_redis_url
@@ -29,8 +32,87 @@ async def _ping(redis: Any, timeout: float) -> Any:
     return await redis.ping().addTimeout(timeout, reactor)
 
 
+async def _answered_again(testcase: TestCase, redis: Any, within: float, why: str) -> None:
+    """Ping until Redis answers; fail the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            testcase.assertEqual(await _ping(redis, 2), "PONG")
+            return
+        except Exception as error:  # not connected yet: txredisapi waits, or says so
+            testcase.assertLess(time.monotonic(), deadline, f"{why} ({error!r})")
+            await _sleep(0.1)
+
+
+class _Turned(protocol.Protocol):
+    """What the front answers a connection with when it does not forward it."""
+
+    def connectionMade(self) -> None:
+        if self.factory.mode == "full":
+            self.transport.write(b"-ERR max number of clients reached\r\n")
+        self.transport.loseConnection()
+
+
+class _Front(portforward.ProxyFactory):
+    """
+    A TCP front to Redis, as a load balancer or proxy is: it accepts
+    every connection, and forwards it (``mode`` "forward"), closes it at
+    once as when its backend is down ("close"), or closes it with Redis's
+    own refusal of a client too many ("full").
+    """
+
+    mode = "forward"
+    accepted = 0
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        self.accepted += 1
+        if self.mode == "forward":
+            return super().buildProtocol(addr)
+        turned = _Turned()
+        turned.factory = self
+        return turned
+
+
 class ReconnectionTests(TestCase):
     timeout = 60
+
+    def front(self, mode: str) -> tuple[_Front, str]:
+        parsed = parse_redis_url(REDIS_URL)
+        front = _Front(parsed["host"], parsed["port"])
+        front.mode = mode
+        port = reactor.listenTCP(0, front, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return front, f"redis://127.0.0.1:{port.getHost().port}/{parsed['db']}"
+
+    async def test_a_front_whose_backend_is_down_is_tried_again(self) -> None:
+        """
+        A proxy in front of Redis accepts connections and closes them while
+        its backend is down: the connections' SELECT is lost, they are
+        tried again, and once the backend is back one gets through.
+        """
+        front, url = self.front("close")
+        redis = connect_redis(url)
+        self.addCleanup(redis.disconnect)
+        deadline = time.monotonic() + 20
+        while front.accepted < 3:
+            self.assertLess(time.monotonic(), deadline, "gave up reconnecting")
+            await _sleep(0.05)
+        front.mode = "forward"
+        await _answered_again(self, redis, 20, "never connected once the backend was back")
+        self.flushLoggedErrors()
+
+    async def test_a_full_server_is_tried_again(self) -> None:
+        """'max number of clients reached' passes: the connection is tried again."""
+        front, url = self.front("full")
+        redis = connect_redis(url)
+        self.addCleanup(redis.disconnect)
+        deadline = time.monotonic() + 20
+        while front.accepted < 3:
+            self.assertLess(time.monotonic(), deadline, "gave up reconnecting")
+            await _sleep(0.05)
+        front.mode = "forward"
+        await _answered_again(self, redis, 20, "never connected once a client could")
+        self.flushLoggedErrors()
 
     async def test_a_reconnection_left_unanswered_is_tried_again(self) -> None:
         """
@@ -58,16 +140,7 @@ class ReconnectionTests(TestCase):
                             "the reconnection made while frozen was not dropped")
             await _sleep(0.1)
         proxy.thaw()
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.assertEqual(await _ping(redis, 2), "PONG")
-                break
-            except Exception as error:  # not connected yet: txredisapi waits, or says so
-                self.assertLess(time.monotonic(), deadline,
-                                f"never connected again after the freeze ({error!r})")
-                await _sleep(0.1)
+        await _answered_again(self, redis, 20, "never connected again after the freeze")
 
     async def test_a_refused_database_is_not_tried_again(self) -> None:
         """
@@ -76,7 +149,16 @@ class ReconnectionTests(TestCase):
         of reconnecting in a loop.
         """
         parsed = parse_redis_url(REDIS_URL)
-        redis = connect_redis(f"redis://{parsed['host']}:{parsed['port']}/100000")
+        await self.assert_given_up(f"redis://{parsed['host']}:{parsed['port']}/100000")
+
+    async def test_refused_credentials_are_not_tried_again(self) -> None:
+        """So is an AUTH the server refuses (this one has no password)."""
+        parsed = parse_redis_url(REDIS_URL)
+        await self.assert_given_up(
+            f"redis://:not-the-password@{parsed['host']}:{parsed['port']}/{parsed['db']}")
+
+    async def assert_given_up(self, url: str) -> None:
+        redis = connect_redis(url)
         self.addCleanup(redis.disconnect)
         deadline = time.monotonic() + 10
         while not redis._factory.stopped:

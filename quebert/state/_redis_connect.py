@@ -139,19 +139,27 @@ def connect_redis(
     return factory.handler
 
 
+#: Words of the error replies to AUTH or SELECT that no later connection
+#: would get past: wrong credentials, no such database.  Other refusals
+#: ("max number of clients reached", "LOADING ...") pass, like an outage.
+_FINAL_SETUP_ERRORS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password",
+                       "AUTH <password>", "no password is set", "DB index")
+
+
 class _SetupKeepsTrying:
     """
-    A mixin for txredisapi's protocol: a new connection lost or left
-    unanswered while it sends AUTH and SELECT is dropped and the next one
-    tried, as any lost connection is.
+    A mixin for txredisapi's protocol: a new connection whose AUTH or
+    SELECT is lost, left unanswered or refused for a passing reason is
+    dropped and the next one tried, as any lost connection is.
 
     txredisapi stops reconnecting for good (``factory.stopTrying()``) when
-    either fails for any reason.  Refused by the server (a wrong password,
-    no such database), that is a configuration error and is left to it.
-    But a reconnection made while Redis is frozen, partitioned or going
-    down loses its SELECT to the reply timeout or the closed socket, and
-    txredisapi would then never connect again: every later state write of
-    the worker would fail until it was restarted.
+    either fails, whatever the reason.  Wrong credentials or a database
+    that does not exist are configuration errors, and are left to it
+    (:data:`_FINAL_SETUP_ERRORS`).  But a reconnection made while Redis is
+    frozen, partitioned, restarting, full or behind a proxy whose backend
+    is down loses its SELECT, and txredisapi would never connect again:
+    every later state write of the worker would fail until it was
+    restarted.
     """
 
     _setting_up = False
@@ -177,20 +185,22 @@ class _SetupKeepsTrying:
         if not self._setting_up:
             return d
 
-        def lost(failure: Failure) -> Any:
-            if failure.check(txredisapi.ResponseError):
-                return failure  # refused: txredisapi stops, as it should
-            log.warn("Redis connection lost while sending {command} ({error}); "
-                     "reconnecting", command=command, error=failure.getErrorMessage())
+        def failed(failure: Failure) -> Any:
+            error = failure.getErrorMessage()
+            if failure.check(txredisapi.ResponseError) and any(
+                    word in error for word in _FINAL_SETUP_ERRORS):
+                return failure  # txredisapi stops, and says why
+            log.warn("Redis connection dropped: {command} failed ({error}); "
+                     "reconnecting", command=command, error=error)
             transport = getattr(self, "transport", None)
             if transport is not None:
                 transport.abortConnection()
             # never fires: this connection's set-up ends here, without
-            # txredisapi's stopTrying(); its slot reconnects as for any
+            # txredisapi's stopTrying(), and its slot reconnects as for any
             # lost connection
             return Deferred()
 
-        return d.addErrback(lost)
+        return d.addErrback(failed)
 
 
 class _Protocol(NoDelayProtocol, _SetupKeepsTrying, txredisapi.RedisProtocol):

@@ -5,15 +5,17 @@ Between the workers and a shared server (Redis), it makes that server
 "go down" for the workers alone: :meth:`CuttableProxy.cut` aborts every
 proxied connection (both sides, no FIN handshake) and stops listening, so
 new connections are refused; :meth:`CuttableProxy.restore` listens again on
-the same port.  The shared server itself, and every other client of it,
-never notice.
+the same port.  ``cut(refuse=False)`` keeps listening and closes each new
+connection at once instead, as a load balancer or proxy in front of a
+server that is down does.  The shared server itself, and every other
+client of it, never notice.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.protocols import portforward
 
@@ -31,6 +33,14 @@ class _Server(portforward.ProxyServer):
         super().connectionLost(reason)
 
 
+class _Closed(protocol.Protocol):
+    """A connection accepted while the server behind is down: closed at once."""
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1
+        self.transport.loseConnection()
+
+
 class _Factory(portforward.ProxyFactory):
     protocol = _Server
 
@@ -38,6 +48,15 @@ class _Factory(portforward.ProxyFactory):
         super().__init__(host, port)
         self.connections: set = set()
         self.accepted = 0
+        #: cut without refusing: new connections are accepted and closed
+        self.backend_down = False
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        if self.backend_down:
+            closed = _Closed()
+            closed.factory = self
+            return closed
+        return super().buildProtocol(addr)
 
 
 class CuttableProxy:
@@ -64,11 +83,15 @@ class CuttableProxy:
     def up(self) -> bool:
         return self.listening is not None
 
-    async def cut(self) -> int:
-        """Refuse new connections and abort the open ones; return how many were open."""
-        if self.listening is not None:
+    async def cut(self, refuse: bool = True) -> int:
+        """
+        Refuse new connections (``refuse``) or accept and close them, and
+        abort the open ones; return how many were open.
+        """
+        if refuse and self.listening is not None:
             listening, self.listening = self.listening, None
             await listening.stopListening()
+        self.factory.backend_down = not refuse
         open_ = list(self.factory.connections)
         for server in open_:
             server.transport.abortConnection()
@@ -78,7 +101,10 @@ class CuttableProxy:
         return len(open_)
 
     async def restore(self, attempts: int = 50) -> None:
-        """Listen on the same port again (retrying briefly if it is not free yet)."""
+        """Forward again, listening on the same port again if the cut refused."""
+        self.factory.backend_down = False
+        if self.listening is not None:
+            return
         for _ in range(attempts):
             try:
                 self.listening = self.reactor.listenTCP(self.port, self.factory,

@@ -43,6 +43,9 @@ PAUSE_BOUND = 8.0
 class RedisOutageTests(FaultCase):
     scenario = "redis-outage"
     fault = f"Redis unreachable for {DOWN:.0f} s mid-batch (TCP proxy cut: reset + refused)"
+    #: new connections refused (False: accepted and closed at once, see
+    #: tests.faults.test_redis_front_down)
+    refuse = True
 
     def test_redis_unreachable_for_ten_seconds_mid_batch(self):
         return defer.ensureDeferred(self._test())
@@ -62,7 +65,7 @@ class RedisOutageTests(FaultCase):
         await until(lambda: len(self.runs) >= TASKS // 6, 60, "a sixth of the batch")
 
         cut_at = time.time()
-        aborted = await proxy.cut()
+        aborted = await proxy.cut(refuse=self.refuse)
         succeeded_at_cut = await self.count_in("succeeded")
         await sleep(DOWN)
         restored_at = time.time()
