@@ -20,7 +20,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from quebert._defer import bounded
-from quebert.state.redis import connect_redis
+from quebert.state.redis import connect_redis, parse_redis_url
+from tests._proxy import FreezableProxy
 
 REDIS_URL = os.environ.get("QUEBERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 #: Seconds to wait for the test Redis to answer a PING.
@@ -48,6 +49,21 @@ def isolated_redis(testcase: TestCase) -> Deferred:
     prefix = f"quebert-test-{uuid.uuid4().hex}:"
     testcase.addCleanup(delete_prefixed, connection, prefix)
     return connection, prefix
+
+
+def through_freezable_proxy(testcase: TestCase, reply_timeout: float) -> tuple:
+    """
+    ``(proxy, connection)``: a :class:`tests._proxy.FreezableProxy` in front
+    of the test Redis and a connection through it with ``reply_timeout``,
+    both closed in cleanup.
+    """
+    parsed = parse_redis_url(REDIS_URL)
+    proxy = FreezableProxy(parsed["host"], parsed["port"])
+    port = proxy.start(testcase)
+    connection = connect_redis(f"redis://{parsed['host']}:{port}/{parsed['db']}",
+                               reply_timeout=reply_timeout)
+    testcase.addCleanup(connection.disconnect)
+    return proxy, connection
 
 
 @inlineCallbacks

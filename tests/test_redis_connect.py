@@ -19,8 +19,7 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from quebert.state.redis import connect_redis, parse_redis_url
-from tests._proxy import FreezableProxy
-from tests._redis import REDIS_URL
+from tests._redis import REDIS_URL, through_freezable_proxy
 
 
 async def _sleep(seconds: float) -> None:
@@ -90,20 +89,14 @@ class ReconnectionTests(TestCase):
         its backend is down: the connections' SELECT is lost, they are
         tried again, and once the backend is back one gets through.
         """
-        front, url = self.front("close")
-        redis = connect_redis(url)
-        self.addCleanup(redis.disconnect)
-        deadline = time.monotonic() + 20
-        while front.accepted < 3:
-            self.assertLess(time.monotonic(), deadline, "gave up reconnecting")
-            await _sleep(0.05)
-        front.mode = "forward"
-        await _answered_again(self, redis, 20, "never connected once the backend was back")
-        self.flushLoggedErrors()
+        await self.tried_until_forwarded("close")
 
     async def test_a_full_server_is_tried_again(self) -> None:
         """'max number of clients reached' passes: the connection is tried again."""
-        front, url = self.front("full")
+        await self.tried_until_forwarded("full")
+
+    async def tried_until_forwarded(self, mode: str) -> None:
+        front, url = self.front(mode)
         redis = connect_redis(url)
         self.addCleanup(redis.disconnect)
         deadline = time.monotonic() + 20
@@ -111,7 +104,7 @@ class ReconnectionTests(TestCase):
             self.assertLess(time.monotonic(), deadline, "gave up reconnecting")
             await _sleep(0.05)
         front.mode = "forward"
-        await _answered_again(self, redis, 20, "never connected once a client could")
+        await _answered_again(self, redis, 20, f"never connected once forwarded ({mode})")
         self.flushLoggedErrors()
 
     async def test_a_reconnection_left_unanswered_is_tried_again(self) -> None:
@@ -123,12 +116,7 @@ class ReconnectionTests(TestCase):
         attempt connects.  txredisapi alone stops reconnecting for good
         when a SELECT fails, whatever the reason.
         """
-        parsed = parse_redis_url(REDIS_URL)
-        proxy = FreezableProxy(parsed["host"], parsed["port"])
-        port = proxy.start(self)
-        redis = connect_redis(f"redis://{parsed['host']}:{port}/{parsed['db']}",
-                              reply_timeout=0.5)
-        self.addCleanup(redis.disconnect)
+        proxy, redis = through_freezable_proxy(self, reply_timeout=0.5)
         self.assertEqual(await _ping(redis, 10), "PONG")
 
         frozen_at = proxy.freeze()

@@ -20,9 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.errors import StateError
 from quebert.state import _redis_wire
-from quebert.state.redis import RedisStateManager, connect_redis, parse_redis_url
-from tests._proxy import FreezableProxy
-from tests._redis import REDIS_URL, isolated_redis
+from quebert.state.redis import RedisStateManager, connect_redis
+from tests._redis import isolated_redis, through_freezable_proxy
 
 T0 = 1_700_000_000.0
 
@@ -207,12 +206,7 @@ class LiveTests(TestCase):
         the write fails with StateError, and once Redis answers again the
         next write goes through a new connection.
         """
-        parsed = parse_redis_url(REDIS_URL)
-        proxy = FreezableProxy(parsed["host"], parsed["port"])
-        port = proxy.start(self)
-        redis = connect_redis(f"redis://{parsed['host']}:{port}/{parsed['db']}",
-                              reply_timeout=1.0)
-        self.addCleanup(redis.disconnect)
+        proxy, redis = through_freezable_proxy(self, reply_timeout=1.0)
         manager = RedisStateManager(redis, prefix=self.prefix, timeout=10)
         await manager.enqueued("warm", "queued", info(), T0)
         frozen_at = proxy.freeze()
