@@ -14,10 +14,14 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import protocol, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.protocols import portforward
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from quebert.state._redis_connect import _Protocol, _SentinelProtocol
 from quebert.state.redis import connect_redis, parse_redis_url
 from tests._redis import REDIS_URL, through_freezable_proxy
 
@@ -70,6 +74,92 @@ class _Front(portforward.ProxyFactory):
         turned = _Turned()
         turned.factory = self
         return turned
+
+
+class _Factory:
+    """What txredisapi's protocol asks of its factory while it sets up."""
+
+    isLazy = True
+    is_master = True
+
+    def __init__(self) -> None:
+        self.stopped = 0
+        self.errors: list = []
+
+    def stopTrying(self) -> None:
+        self.stopped += 1
+
+    def connectionError(self, message: str) -> None:
+        self.errors.append(message)
+
+
+SELECT_3 = b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"
+
+
+class SetUpTests(SynchronousTestCase):
+    """
+    A connection's AUTH and SELECT, on a transport in memory, for both
+    protocols quebert connects with (plain and through Sentinel).
+    """
+
+    def connect(self, protocol_class: Any, password: Any = None) -> tuple:
+        factory = _Factory()
+        protocol = protocol_class(password=password, dbid=3, convertNumbers=False)
+        protocol.factory = factory
+        # txredisapi parses a multi-bulk reply one element per turn
+        clock = Clock()
+        protocol.callLater = clock.callLater
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        if protocol_class is _SentinelProtocol:
+            self.assertIn(b"ROLE", transport.value())
+            transport.clear()
+            protocol.dataReceived(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+            for _ in range(10):
+                clock.advance(0)
+        return factory, protocol, transport
+
+    def test_a_select_lost_with_its_connection_leaves_reconnecting_on(self) -> None:
+        for protocol_class in (_Protocol, _SentinelProtocol):
+            factory, protocol, transport = self.connect(protocol_class)
+            self.assertEqual(transport.value(), SELECT_3, protocol_class)
+            protocol.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(factory.stopped, 0, protocol_class)
+        self.flushLoggedErrors()
+
+    def test_a_passing_refusal_drops_the_connection_only(self) -> None:
+        for protocol_class in (_Protocol, _SentinelProtocol):
+            factory, protocol, transport = self.connect(protocol_class)
+            protocol.dataReceived(b"-ERR max number of clients reached\r\n")
+            self.assertEqual(factory.stopped, 0, protocol_class)
+            self.assertEqual(transport.disconnecting or transport.disconnected, True)
+
+    def test_no_such_database_stops_reconnecting(self) -> None:
+        for protocol_class in (_Protocol, _SentinelProtocol):
+            factory, protocol, transport = self.connect(protocol_class)
+            protocol.dataReceived(b"-ERR DB index is out of range\r\n")
+            self.assertEqual(factory.stopped, 1, protocol_class)
+            self.assertIn("could not set dbid", factory.errors[0])
+
+    def test_wrong_credentials_stop_reconnecting(self) -> None:
+        factory = _Factory()
+        protocol = _Protocol(password="nope", dbid=3, convertNumbers=False)
+        protocol.factory = factory
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+        self.assertEqual(factory.stopped, 1)
+        self.assertIn("could not auth", factory.errors[0])
+
+    def test_a_connection_set_up_is_left_alone(self) -> None:
+        """Once the set-up is done, a SELECT of the user's is txredisapi's own."""
+        factory, protocol, transport = self.connect(_Protocol)
+        protocol.dataReceived(b"+OK\r\n")
+        transport.clear()
+        failures: list = []
+        protocol.select(4).addErrback(failures.append)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(factory.stopped, 0)
 
 
 class ReconnectionTests(TestCase):
