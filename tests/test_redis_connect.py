@@ -13,17 +13,17 @@ import time
 from typing import Any
 
 import txredisapi
-from twisted.internet import protocol, reactor
+from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.protocols import portforward
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from quebert.state._redis_connect import _Protocol, _SentinelProtocol
 from quebert.state.redis import connect_redis, parse_redis_url
 from tests._redis import REDIS_URL, through_freezable_proxy
+from tests.faults._proxy import CuttableProxy
 
 
 async def _sleep(seconds: float) -> None:
@@ -45,35 +45,6 @@ async def _answered_again(testcase: TestCase, redis: Any, within: float, why: st
         except Exception as error:  # not connected yet: txredisapi waits, or says so
             testcase.assertLess(time.monotonic(), deadline, f"{why} ({error!r})")
             await _sleep(0.1)
-
-
-class _Turned(protocol.Protocol):
-    """What the front answers a connection with when it does not forward it."""
-
-    def connectionMade(self) -> None:
-        if self.factory.mode == "full":
-            self.transport.write(b"-ERR max number of clients reached\r\n")
-        self.transport.loseConnection()
-
-
-class _Front(portforward.ProxyFactory):
-    """
-    A TCP front to Redis, as a load balancer or proxy is: it accepts
-    every connection, and forwards it (``mode`` "forward"), closes it at
-    once as when its backend is down ("close"), or closes it with Redis's
-    own refusal of a client too many ("full").
-    """
-
-    mode = "forward"
-    accepted = 0
-
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        self.accepted += 1
-        if self.mode == "forward":
-            return super().buildProtocol(addr)
-        turned = _Turned()
-        turned.factory = self
-        return turned
 
 
 class _Factory:
@@ -165,36 +136,37 @@ class SetUpTests(SynchronousTestCase):
 class ReconnectionTests(TestCase):
     timeout = 60
 
-    def front(self, mode: str) -> tuple[_Front, str]:
-        parsed = parse_redis_url(REDIS_URL)
-        front = _Front(parsed["host"], parsed["port"])
-        front.mode = mode
-        port = reactor.listenTCP(0, front, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return front, f"redis://127.0.0.1:{port.getHost().port}/{parsed['db']}"
-
     async def test_a_front_whose_backend_is_down_is_tried_again(self) -> None:
         """
         A proxy in front of Redis accepts connections and closes them while
         its backend is down: the connections' SELECT is lost, they are
         tried again, and once the backend is back one gets through.
         """
-        await self.tried_until_forwarded("close")
+        await self.tried_until_forwarded()
 
     async def test_a_full_server_is_tried_again(self) -> None:
         """'max number of clients reached' passes: the connection is tried again."""
-        await self.tried_until_forwarded("full")
+        await self.tried_until_forwarded(b"-ERR max number of clients reached\r\n")
 
-    async def tried_until_forwarded(self, mode: str) -> None:
-        front, url = self.front(mode)
-        redis = connect_redis(url)
+    async def tried_until_forwarded(self, greeting: bytes = b"") -> None:
+        """
+        Connect through a :class:`~tests.faults._proxy.CuttableProxy` that
+        accepts and closes connections (after ``greeting``) until it has
+        seen three, then forwards them: Redis must answer.
+        """
+        parsed = parse_redis_url(REDIS_URL)
+        front = CuttableProxy(reactor, parsed["host"], parsed["port"])
+        port = front.start()
+        self.addCleanup(front.stop)
+        await front.cut(refuse=False, greeting=greeting)
+        redis = connect_redis(f"redis://127.0.0.1:{port}/{parsed['db']}")
         self.addCleanup(redis.disconnect)
         deadline = time.monotonic() + 20
         while front.accepted < 3:
             self.assertLess(time.monotonic(), deadline, "gave up reconnecting")
             await _sleep(0.05)
-        front.mode = "forward"
-        await _answered_again(self, redis, 20, f"never connected once forwarded ({mode})")
+        await front.restore()
+        await _answered_again(self, redis, 20, f"never connected once forwarded ({greeting!r})")
         self.flushLoggedErrors()
 
     async def test_a_reconnection_left_unanswered_is_tried_again(self) -> None:

@@ -34,10 +34,15 @@ class _Server(portforward.ProxyServer):
 
 
 class _Closed(protocol.Protocol):
-    """A connection accepted while the server behind is down: closed at once."""
+    """
+    A connection accepted while the server behind is down: sent the
+    factory's ``greeting`` (if any) and closed at once.
+    """
 
     def connectionMade(self) -> None:
         self.factory.accepted += 1
+        if self.factory.greeting:
+            self.transport.write(self.factory.greeting)
         self.transport.loseConnection()
 
 
@@ -50,6 +55,8 @@ class _Factory(portforward.ProxyFactory):
         self.accepted = 0
         #: cut without refusing: new connections are accepted and closed
         self.backend_down = False
+        #: bytes such a connection is sent before it is closed
+        self.greeting = b""
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         if self.backend_down:
@@ -83,15 +90,17 @@ class CuttableProxy:
     def up(self) -> bool:
         return self.listening is not None
 
-    async def cut(self, refuse: bool = True) -> int:
+    async def cut(self, refuse: bool = True, greeting: bytes = b"") -> int:
         """
-        Refuse new connections (``refuse``) or accept and close them, and
-        abort the open ones; return how many were open.
+        Refuse new connections (``refuse``) or accept them, send them
+        ``greeting`` and close them; abort the open ones; return how many
+        were open.
         """
         if refuse and self.listening is not None:
             listening, self.listening = self.listening, None
             await listening.stopListening()
         self.factory.backend_down = not refuse
+        self.factory.greeting = greeting
         open_ = list(self.factory.connections)
         for server in open_:
             server.transport.abortConnection()
